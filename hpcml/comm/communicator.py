@@ -1,0 +1,406 @@
+"""``Communicator``: hpcml's only door to MPI.
+
+It wraps an mpi4py communicator and offers the mpi4py vocabulary: upper-case methods move
+numpy/torch buffers (zero-copy where possible, see :mod:`hpcml.comm.buffers`), lower-case
+methods move small picklable objects. Every call is timed and recorded in a :class:`Ledger`
+shared by all communicators of the process; sub-communicators (``split``, ``cart``,
+``dist_graph``) record under their own name prefix (``data.Allreduce``).
+
+Every method named like an MPI collective is collective over this communicator: all its ranks
+must call it, in the same order. ``Isend``/``Irecv`` and the ``Request`` they return are not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from mpi4py import MPI
+
+from hpcml.comm.buffers import Staged, reduce_op, stage
+from hpcml.comm.ledger import Ledger
+from hpcml.comm.stragglers import DelayModel, StragglerConfig
+
+ANY_SOURCE = MPI.ANY_SOURCE
+ANY_TAG = MPI.ANY_TAG
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """What a completed receive got: sender, tag, and the number of elements and bytes."""
+
+    source: int
+    tag: int
+    count: int
+    nbytes: int
+
+
+def _status(st: MPI.Status, itemsize: int) -> Status:
+    n = st.Get_count(MPI.BYTE)
+    return Status(st.Get_source(), st.Get_tag(), n // max(itemsize, 1), n)
+
+
+class Request:
+    """A pending non-blocking operation. ``wait``/``test`` finish it: the ledger gets the time
+    from posting to completion and staged results are written back to the caller's buffer."""
+
+    def __init__(self, comm: Communicator, op: str, req: MPI.Request, staged: Staged,
+                 sent: int, receives: bool) -> None:
+        self._comm, self._op, self._req, self._staged = comm, op, req, staged
+        self._sent, self._receives = sent, receives
+        self._start = time.perf_counter()
+        self.status: Status | None = None
+
+    def _complete(self, st: MPI.Status) -> Status:
+        itemsize = self._staged.array.itemsize
+        status = _status(st, itemsize)
+        received = 0
+        if self._receives:
+            received = status.nbytes if self._op == "Irecv" else self._staged.nbytes
+            self._staged.finish()
+        self._comm._record(self._op, self._sent, received, time.perf_counter() - self._start)
+        self.status = status
+        return status
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None
+
+    def wait(self) -> Status:
+        """Block until complete; idempotent."""
+        if self.status is None:
+            st = MPI.Status()
+            self._req.Wait(st)
+            self._complete(st)
+        return self.status
+
+    def test(self) -> Status | None:
+        """Complete the request if it has finished; ``None`` if still pending."""
+        if self.status is None:
+            st = MPI.Status()
+            if not self._req.Test(st):
+                return None
+            self._complete(st)
+        return self.status
+
+    def cancel(self) -> None:
+        """Cancel a pending receive (e.g. one no longer needed at the end of a run)."""
+        if self.status is None:
+            self._req.Cancel()
+            self._req.Wait()
+            self.status = Status(ANY_SOURCE, ANY_TAG, 0, 0)
+
+    @staticmethod
+    def waitany(requests: Sequence[Request]) -> tuple[int, Status]:
+        """Wait for whichever pending request completes first; returns its index and status."""
+        pending = [i for i, r in enumerate(requests) if not r.done]
+        if not pending:
+            raise ValueError("waitany: every request is already complete")
+        st = MPI.Status()
+        j = MPI.Request.Waitany([requests[i]._req for i in pending], st)
+        i = pending[j]
+        return i, requests[i]._complete(st)
+
+    @staticmethod
+    def waitall(requests: Sequence[Request]) -> list[Status]:
+        return [r.wait() for r in requests]
+
+
+class Communicator:
+    """A rank's view of one MPI communicator, with ledger and straggler model."""
+
+    def __init__(self, mpi_comm: MPI.Comm, *, name: str = "world", ledger: Ledger | None = None,
+                 delays: DelayModel | None = None) -> None:
+        self.mpi = mpi_comm
+        self.name = name
+        self.rank: int = mpi_comm.Get_rank()
+        self.size: int = mpi_comm.Get_size()
+        self.ledger = ledger if ledger is not None else Ledger()
+        self.delays = delays if delays is not None else DelayModel(StragglerConfig())
+
+    def __repr__(self) -> str:
+        return f"Communicator({self.name!r}, rank={self.rank}, size={self.size})"
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _record(self, op: str, sent: int, received: int, seconds: float) -> None:
+        key = op if self.name == "world" else f"{self.name}.{op}"
+        self.ledger.record(key, sent, received, seconds)
+
+    def _timed(self, op: str, sent: int, received: int, call: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = call()
+        self._record(op, sent, received, time.perf_counter() - start)
+        return result
+
+    def _derive(self, mpi_comm: MPI.Comm, name: str) -> Communicator:
+        return Communicator(mpi_comm, name=name, ledger=self.ledger, delays=self.delays)
+
+    # -- reductions ----------------------------------------------------------------------------
+    def Allreduce(self, buf: Any, out: Any = None, op: str = "sum") -> Any:
+        """Reduce ``buf`` over all ranks. In place when ``out`` is None; returns the result."""
+        mop = reduce_op(op)
+        src = stage(buf, reduce=True)
+        if out is None:
+            self._timed("Allreduce", src.nbytes, src.nbytes,
+                        lambda: self.mpi.Allreduce(MPI.IN_PLACE, src.spec, mop))
+            src.finish()
+            return buf
+        dst = stage(out, reduce=True)
+        self._check_count("Allreduce", src, dst, 1)
+        self._timed("Allreduce", src.nbytes, dst.nbytes,
+                    lambda: self.mpi.Allreduce(src.spec, dst.spec, mop))
+        dst.finish()
+        return out
+
+    def Iallreduce(self, buf: Any, op: str = "sum") -> Request:
+        """Start an in-place allreduce of ``buf``; the result is in ``buf`` after ``wait()``."""
+        src = stage(buf, reduce=True)
+        req = self.mpi.Iallreduce(MPI.IN_PLACE, src.spec, reduce_op(op))
+        return Request(self, "Iallreduce", req, src, src.nbytes, receives=True)
+
+    def Reduce_scatter(self, send: Any, recv: Any, counts: Sequence[int] | None = None,
+                       op: str = "sum") -> Any:
+        """Reduce ``send`` (all ranks' blocks, concatenated) and leave block ``rank`` in ``recv``.
+        ``counts`` gives each rank's block length in elements; equal blocks when None."""
+        src, dst = stage(send, reduce=True), stage(recv, reduce=True)
+        mop = reduce_op(op)
+        if counts is None:
+            self._check_count("Reduce_scatter", src, dst, self.size)
+            call = lambda: self.mpi.Reduce_scatter_block(src.spec, dst.spec, mop)  # noqa: E731
+        else:
+            counts = self._check_counts("Reduce_scatter", counts, src.array.size)
+            call = lambda: self.mpi.Reduce_scatter(src.spec, dst.spec, counts, mop)  # noqa: E731
+        self._timed("Reduce_scatter", src.nbytes, dst.nbytes, call)
+        dst.finish()
+        return recv
+
+    # -- data movement ---------------------------------------------------------------------------
+    def Bcast(self, buf: Any, root: int = 0) -> Any:
+        """Broadcast ``buf`` from ``root`` into every rank's ``buf``; returns ``buf``."""
+        b = stage(buf)
+        is_root = self.rank == root
+        self._timed("Bcast", b.nbytes if is_root else 0, 0 if is_root else b.nbytes,
+                    lambda: self.mpi.Bcast(b.spec, root=root))
+        if not is_root:
+            b.finish()
+        return buf
+
+    def Allgather(self, send: Any, recv: Any) -> Any:
+        """Concatenate every rank's ``send`` (same size everywhere) into ``recv`` in rank order."""
+        src, dst = stage(send), stage(recv)
+        self._check_count("Allgather", dst, src, self.size)
+        self._timed("Allgather", src.nbytes, dst.nbytes,
+                    lambda: self.mpi.Allgather(src.spec, dst.spec))
+        dst.finish()
+        return recv
+
+    def Allgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Any:
+        """Like ``Allgather`` with rank r contributing ``counts[r]`` elements."""
+        src, dst = stage(send), stage(recv)
+        counts = self._check_counts("Allgatherv", counts, dst.array.size)
+        if counts[self.rank] != src.array.size:
+            raise ValueError(f"Allgatherv: counts[{self.rank}] = {counts[self.rank]} but this "
+                             f"rank sends {src.array.size} elements")
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        self._timed("Allgatherv", src.nbytes, dst.nbytes,
+                    lambda: self.mpi.Allgatherv(src.spec, [dst.array, (counts, displs)]))
+        dst.finish()
+        return recv
+
+    def Alltoall(self, send: Any, recv: Any) -> Any:
+        """Block j of ``send`` goes to rank j; block i of ``recv`` comes from rank i."""
+        src, dst = stage(send), stage(recv)
+        self._check_count("Alltoall", src, dst, 1)
+        self._timed("Alltoall", src.nbytes, dst.nbytes,
+                    lambda: self.mpi.Alltoall(src.spec, dst.spec))
+        dst.finish()
+        return recv
+
+    def Alltoallv(self, send: Any, recv: Any, send_counts: Sequence[int],
+                  recv_counts: Sequence[int]) -> Any:
+        """``Alltoall`` with per-destination/per-source element counts."""
+        src, dst = stage(send), stage(recv)
+        sc = self._check_counts("Alltoallv", send_counts, src.array.size)
+        rc = self._check_counts("Alltoallv", recv_counts, dst.array.size)
+        sd = np.concatenate([[0], np.cumsum(sc)[:-1]]).tolist()
+        rd = np.concatenate([[0], np.cumsum(rc)[:-1]]).tolist()
+        self._timed("Alltoallv", src.nbytes, dst.nbytes, lambda: self.mpi.Alltoallv(
+            [src.array, (sc, sd)], [dst.array, (rc, rd)]))
+        dst.finish()
+        return recv
+
+    # -- point to point ------------------------------------------------------------------------
+    def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
+        b = stage(buf)
+        self._timed("Send", b.nbytes, 0, lambda: self.mpi.Send(b.spec, dest=dest, tag=tag))
+
+    def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Status:
+        b = stage(buf)
+        st = MPI.Status()
+        start = time.perf_counter()
+        self.mpi.Recv(b.spec, source=source, tag=tag, status=st)
+        status = _status(st, b.array.itemsize)
+        self._record("Recv", 0, status.nbytes, time.perf_counter() - start)
+        b.finish()
+        return status
+
+    def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
+        """Start sending ``buf``; do not modify it until the request completes."""
+        b = stage(buf)
+        return Request(self, "Isend", self.mpi.Isend(b.spec, dest=dest, tag=tag), b, b.nbytes,
+                       receives=False)
+
+    def Irecv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
+        """Start receiving into ``buf``; its contents are valid after the request completes."""
+        b = stage(buf)
+        return Request(self, "Irecv", self.mpi.Irecv(b.spec, source=source, tag=tag), b, 0,
+                       receives=True)
+
+    def Iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
+               itemsize: int = 1) -> Status | None:
+        """Status of a message waiting to be received, or None; does not receive it."""
+        st = MPI.Status()
+        if self.mpi.Iprobe(source=source, tag=tag, status=st):
+            return _status(st, itemsize)
+        return None
+
+    # -- neighbourhood collectives (graph / Cartesian communicators) ---------------------------
+    def Neighbor_allgather(self, send: Any, recv: Any) -> Any:
+        """Receive every in-neighbour's ``send`` into ``recv``, in ``neighbors()[0]`` order."""
+        src, dst = stage(send), stage(recv)
+        indegree = len(self.neighbors()[0])
+        self._check_count("Neighbor_allgather", dst, src, indegree)
+        self._timed("Neighbor_allgather", src.nbytes, dst.nbytes,
+                    lambda: self.mpi.Neighbor_allgather(src.spec, dst.spec))
+        dst.finish()
+        return recv
+
+    def Neighbor_alltoall(self, send: Any, recv: Any) -> Any:
+        """Block j of ``send`` goes to out-neighbour j; block i of ``recv`` comes from
+        in-neighbour i."""
+        src, dst = stage(send), stage(recv)
+        self._timed("Neighbor_alltoall", src.nbytes, dst.nbytes,
+                    lambda: self.mpi.Neighbor_alltoall(src.spec, dst.spec))
+        dst.finish()
+        return recv
+
+    # -- small Python objects (pickled) ----------------------------------------------------------
+    def _obj(self, op: str, obj: Any, call: Callable[[], Any]) -> Any:
+        start = time.perf_counter()
+        result = call()
+        size = lambda x: len(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: E731
+        received = sum(size(r) for r in result) if isinstance(result, list) else size(result)
+        self._record(op, size(obj), received, time.perf_counter() - start)
+        return result
+
+    def bcast(self, obj: Any, root: int = 0) -> Any:
+        return self._obj("bcast", obj if self.rank == root else None,
+                         lambda: self.mpi.bcast(obj, root=root))
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return self._obj("allgather", obj, lambda: self.mpi.allgather(obj))
+
+    def gather(self, obj: Any, root: int = 0) -> list[Any] | None:
+        return self._obj("gather", obj, lambda: self.mpi.gather(obj, root=root))
+
+    def allreduce(self, obj: Any, op: str = "sum") -> Any:
+        return self._obj("allreduce", obj, lambda: self.mpi.allreduce(obj, op=reduce_op(op)))
+
+    def barrier(self) -> None:
+        self._timed("Barrier", 0, 0, self.mpi.Barrier)
+
+    # -- structure -------------------------------------------------------------------------------
+    def split(self, color: int, key: int | None = None, name: str | None = None) -> Communicator:
+        """Collective: ranks with equal ``color`` form a new communicator ordered by ``key``."""
+        sub = self.mpi.Split(color, self.rank if key is None else key)
+        return self._derive(sub, name or f"{self.name}.split{color}")
+
+    def split_shared(self) -> Communicator:
+        """Collective: the ranks that share this node's memory."""
+        return self._derive(self.mpi.Split_type(MPI.COMM_TYPE_SHARED), "node")
+
+    def cart(self, dims: Sequence[int], periods: Sequence[bool] | None = None,
+             name: str = "cart") -> Communicator:
+        """Collective: a Cartesian communicator of shape ``dims`` (product must equal size)."""
+        if int(np.prod(dims)) != self.size:
+            raise ValueError(f"cart: dims {list(dims)} hold {int(np.prod(dims))} ranks, but the "
+                             f"communicator has {self.size}")
+        periods = [False] * len(dims) if periods is None else list(periods)
+        return self._derive(self.mpi.Create_cart(list(dims), periods=periods, reorder=False),
+                            name)
+
+    def cart_sub(self, keep: Sequence[bool], name: str) -> Communicator:
+        """Collective on a Cartesian communicator: the sub-grid that varies along ``keep``."""
+        return self._derive(self.mpi.Sub(list(keep)), name)
+
+    @property
+    def coords(self) -> list[int]:
+        """This rank's coordinates on a Cartesian communicator."""
+        return list(self.mpi.Get_coords(self.rank))
+
+    def dist_graph(self, sources: Sequence[int], destinations: Sequence[int],
+                   name: str = "graph") -> Communicator:
+        """Collective: a distributed-graph communicator where this rank receives from
+        ``sources`` and sends to ``destinations`` (ranks of this communicator)."""
+        graph = self.mpi.Create_dist_graph_adjacent(list(sources), list(destinations),
+                                                    reorder=False)
+        return self._derive(graph, name)
+
+    def neighbors(self) -> tuple[list[int], list[int]]:
+        """(in-neighbours, out-neighbours) of a graph or Cartesian communicator."""
+        topo = self.mpi.Get_topology()
+        if topo == MPI.DIST_GRAPH:
+            sources, destinations, _ = self.mpi.Get_dist_neighbors()
+            return list(sources), list(destinations)
+        if topo == MPI.CART:
+            out: list[int] = []
+            for dim in range(self.mpi.Get_dim()):
+                lo, hi = self.mpi.Shift(dim, 1)
+                out += [lo, hi]
+            return out, out
+        raise ValueError(f"{self.name} has no topology; build it with dist_graph() or cart()")
+
+    # -- stragglers and failure ----------------------------------------------------------------
+    def set_delays(self, delays: DelayModel) -> None:
+        self.delays = delays
+
+    def straggle(self, iteration: int) -> float:
+        """Sleep for this rank's injected delay at ``iteration``; returns the seconds slept.
+        Not collective."""
+        seconds = self.delays.delay(self.rank, iteration)
+        if seconds > 0:
+            self._timed("straggle", 0, 0, lambda: time.sleep(seconds))
+        return seconds
+
+    def abort(self, code: int = 1) -> None:
+        """End every rank of the job now (MPI_Abort on COMM_WORLD)."""
+        MPI.COMM_WORLD.Abort(code)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _check_count(self, op: str, big: Staged, small: Staged, factor: int) -> None:
+        if big.array.size != small.array.size * factor:
+            raise ValueError(f"{op}: buffer sizes {big.array.size} and {small.array.size} "
+                             f"elements do not match for {self.size} ranks")
+
+    def _check_counts(self, op: str, counts: Sequence[int], total: int) -> list[int]:
+        counts = [int(c) for c in counts]
+        if len(counts) != self.size:
+            raise ValueError(f"{op}: {len(counts)} counts for {self.size} ranks")
+        if sum(counts) != total:
+            raise ValueError(f"{op}: counts add up to {sum(counts)} but the buffer holds {total}")
+        return counts
+
+
+_WORLD: Communicator | None = None
+
+
+def world() -> Communicator:
+    """The process-wide communicator over MPI_COMM_WORLD (size 1 without mpiexec)."""
+    global _WORLD
+    if _WORLD is None:
+        _WORLD = Communicator(MPI.COMM_WORLD)
+    return _WORLD

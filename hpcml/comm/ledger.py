@@ -1,0 +1,70 @@
+"""The communication ledger: per-operation calls, bytes and seconds of this rank.
+
+Byte convention (exact, and what the tests check): ``sent`` is the size of the buffer this rank
+hands to MPI as input, ``received`` the size of the buffer MPI fills for it. So for P ranks and an
+n-byte buffer: Allreduce sends n and receives n; Allgather sends n and receives P*n; Bcast sends n
+at the root and receives n elsewhere; Isend sends its buffer; a receive counts the bytes that
+actually arrived. Staged 16-bit reductions count the float32 bytes actually moved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+
+@dataclasses.dataclass
+class OpTotals:
+    calls: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+
+    def add(self, sent: int, received: int, seconds: float) -> None:
+        self.calls += 1
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self.seconds += seconds
+
+
+class Ledger:
+    """Accumulates :class:`OpTotals` per operation name for one rank. Not thread-safe."""
+
+    def __init__(self) -> None:
+        self.ops: dict[str, OpTotals] = {}
+
+    def record(self, op: str, sent: int, received: int, seconds: float) -> None:
+        self.ops.setdefault(op, OpTotals()).add(sent, received, seconds)
+
+    def reset(self) -> None:
+        self.ops.clear()
+
+    def totals(self) -> dict[str, dict[str, Any]]:
+        """``{op: {calls, bytes_sent, bytes_received, seconds}}``, sorted by op name."""
+        return {op: dataclasses.asdict(t) for op, t in sorted(self.ops.items())}
+
+    def bytes_sent(self) -> int:
+        return sum(t.bytes_sent for t in self.ops.values())
+
+    def bytes_received(self) -> int:
+        return sum(t.bytes_received for t in self.ops.values())
+
+
+def format_table(per_rank: list[dict[str, dict[str, Any]]]) -> str:
+    """A plain-text table of per-op totals summed over ranks (``per_rank[r]`` = rank r's
+    :meth:`Ledger.totals`), with the slowest rank's seconds."""
+    ops = sorted({op for totals in per_rank for op in totals})
+    lines = [f"{'op':<28}{'calls':>10}{'MiB sent':>14}{'MiB recv':>14}{'max s/rank':>12}"]
+    for op in ops:
+        rows = [t[op] for t in per_rank if op in t]
+        calls = sum(r["calls"] for r in rows)
+        sent = sum(r["bytes_sent"] for r in rows) / 2**20
+        recv = sum(r["bytes_received"] for r in rows) / 2**20
+        secs = max(r["seconds"] for r in rows)
+        lines.append(f"{op:<28}{calls:>10}{sent:>14.3f}{recv:>14.3f}{secs:>12.4f}")
+    return "\n".join(lines)
+
+
+def to_json(per_rank: list[dict[str, dict[str, Any]]]) -> str:
+    return json.dumps({"ranks": per_rank}, indent=1)

@@ -1,0 +1,77 @@
+"""Process-level settings every hpcml run makes deliberately: torch threads and the environment
+report (MPI library, ranks per node, threads, versions)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from typing import Any
+
+from mpi4py import MPI
+
+from hpcml.comm import Communicator
+
+
+def cores_available() -> int:
+    """Cores this process may run on (respects cgroup/affinity masks)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def configure_threads(comm: Communicator, requested: int) -> int:
+    """Set torch's intra-op threads: ``requested`` if > 0, else the node's cores divided by the
+    ranks on this node (at least 1). Collective over ``comm``. Returns the number set."""
+    local = comm.split_shared()
+    threads = requested if requested > 0 else max(1, cores_available() // local.size)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    return threads
+
+
+def environment(comm: Communicator) -> dict[str, Any]:
+    """What a reader of a result needs to know about where it ran (collective: gathers hosts)."""
+    hosts = comm.allgather(platform.node())
+    try:
+        import torch
+
+        torch_info = {"version": torch.__version__, "threads": torch.get_num_threads(),
+                      "cuda": torch.cuda.is_available()}
+    except ImportError:
+        torch_info = {}
+    import mpi4py
+    import numpy
+
+    return {
+        "ranks": comm.size,
+        "hosts": sorted(set(hosts)),
+        "ranks_per_host": {h: hosts.count(h) for h in sorted(set(hosts))},
+        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
+        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
+        "mpi4py": mpi4py.__version__,
+        "python": sys.version.split()[0],
+        "numpy": numpy.__version__,
+        "torch": torch_info,
+        "machine": platform.machine(),
+        "processor": _cpu_model(),
+        "cores": cores_available(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()

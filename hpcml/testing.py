@@ -1,0 +1,111 @@
+"""Test harness: real MPI ranks from plain ``pytest``, failing (never hanging) on timeouts.
+
+``@mpi_test(ranks=[1, 2, 4])`` turns ``def test_x(comm): ...`` into a pytest test parametrized by
+the number of ranks. Each case launches ``mpiexec -n N python -m hpcml.testing FILE FUNC`` (one
+rank runs plain ``python``, without mpiexec, which also tests singleton MPI), runs the body on
+every rank with the world communicator under abort-on-error, and fails with the output of every
+rank when any rank raises or the job outlives ``timeout``.
+
+The launcher is ``mpiexec`` beside the interpreter (the wheel MPI in ``.venv``), else the one on
+PATH; ``HPCML_MPIEXEC`` overrides it (e.g. ``"srun --mpi=pmi2"``). Oversubscription (4 ranks on
+2 cores) needs no flag with MPICH's Hydra.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def mpiexec() -> list[str]:
+    """The launcher command (without ``-n``)."""
+    if os.environ.get("HPCML_MPIEXEC"):
+        return shlex.split(os.environ["HPCML_MPIEXEC"])
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise RuntimeError("no mpiexec found: install the mpich wheel (make dev) or set "
+                           "HPCML_MPIEXEC")
+    return [found]
+
+
+def launch(nranks: int, argv: Sequence[str], *, timeout: float = 120,
+           cwd: str | Path | None = None, env: dict[str, str] | None = None,
+           ) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` on ``nranks`` ranks (plain process when 1) and return the finished process.
+
+    On timeout the whole process group is killed and ``TimeoutError`` raised with the output."""
+    cmd = list(argv) if nranks == 1 else [*mpiexec(), "-n", str(nranks), *argv]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise TimeoutError(f"{shlex.join(cmd)} did not finish in {timeout}s (hang?)\n"
+                           f"--- stdout ---\n{out[-4000:]}\n"
+                           f"--- stderr ---\n{err[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def hpcml_cli(nranks: int, *args: str, timeout: float = 120, cwd: str | Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``hpcml ARGS`` on ``nranks`` ranks."""
+    return launch(nranks, [sys.executable, "-m", "hpcml", *args], timeout=timeout, cwd=cwd,
+                  env=env)
+
+
+def mpi_test(ranks: Sequence[int] = (1, 2, 4), timeout: float = 120) -> Callable[..., Any]:
+    """Decorator: run ``body(comm)`` on each rank count in ``ranks`` (see module docstring)."""
+    import pytest
+
+    def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
+        file = body.__code__.co_filename
+
+        @pytest.mark.parametrize("nranks", list(ranks))
+        def test(nranks: int) -> None:
+            try:
+                res = launch(nranks, [sys.executable, "-m", "hpcml.testing", file,
+                                      body.__name__], timeout=timeout)
+            except TimeoutError as exc:
+                pytest.fail(str(exc), pytrace=False)
+            if res.returncode != 0:
+                pytest.fail(f"{body.__name__} failed on {nranks} ranks (exit {res.returncode})"
+                            f"\n--- stdout ---\n{res.stdout[-6000:]}\n--- stderr ---\n"
+                            f"{res.stderr[-6000:]}", pytrace=False)
+
+        test.__name__ = body.__name__
+        test.__doc__ = body.__doc__
+        test.body = body
+        return test
+
+    return decorate
+
+
+def _run_body(file: str, name: str) -> None:
+    from hpcml.comm import abort_on_error, world
+
+    spec = importlib.util.spec_from_file_location(f"_mpi_test_{Path(file).stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(Path(file).parent))
+    with abort_on_error():
+        spec.loader.exec_module(module)
+        comm = world()
+        getattr(module, name).body(comm)
+        comm.barrier()
+
+
+if __name__ == "__main__":
+    _run_body(sys.argv[1], sys.argv[2])
