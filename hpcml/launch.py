@@ -39,7 +39,10 @@ def _validate(comm: Communicator, job_path: str | None, kind: str | None,
         data["kind"] = kind
     if not data.get("kind"):
         raise UsageError(f"{source}: kind: missing; add e.g. kind = \"bench-collectives\"")
-    job = job_kind(data["kind"])
+    try:
+        job = job_kind(data["kind"])
+    except UsageError as exc:
+        raise UsageError(f"{source}: {exc}") from None
     config = load_job_file(job.config, data, source, comm.size)
     if hasattr(config, "stragglers"):
         try:

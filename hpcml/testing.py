@@ -68,7 +68,9 @@ def hpcml_cli(nranks: int, *args: str, timeout: float = 120, cwd: str | Path | N
 
 
 def mpi_test(ranks: Sequence[int] = (1, 2, 4), timeout: float = 120) -> Callable[..., Any]:
-    """Decorator: run ``body(comm)`` on each rank count in ``ranks`` (see module docstring)."""
+    """Decorator: run ``body(comm)`` on each rank count in ``ranks`` (see module docstring).
+    A plain (undecorated) function ``f(comm)`` can be launched the same way with
+    ``launch(n, [sys.executable, "-m", "hpcml.testing", FILE, "f"])``."""
     import pytest
 
     def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,7 +105,8 @@ def _run_body(file: str, name: str) -> None:
     with abort_on_error():
         spec.loader.exec_module(module)
         comm = world()
-        getattr(module, name).body(comm)
+        func = getattr(module, name)
+        getattr(func, "body", func)(comm)
         comm.barrier()
 
 
