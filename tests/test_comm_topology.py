@@ -12,7 +12,7 @@ from hpcml.testing import mpi_test
 def test_chunks_cover_exactly_once_and_balance(n, size):
     bounds = [chunk_bounds(n, size, r) for r in range(size)]
     assert bounds[0][0] == 0 and bounds[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
     counts = chunk_counts(n, size)
     assert sum(counts) == n and max(counts) - min(counts) <= 1
 
