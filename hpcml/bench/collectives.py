@@ -1,7 +1,7 @@
 """``hpcml bench collectives``: hpcml.comm against raw mpi4py on the same buffers, same run.
 
-For each operation and message size the two paths alternate call by call (so drift in machine
-load hits both alike); each rank takes the median time per path and the slowest rank's median is
+For each operation and message size the two paths alternate call by call, each going first every
+other call (so drift in machine load and cache warmth hit both alike); each rank takes the median time per path and the slowest rank's median is
 reported. Sizes follow the nccl-tests convention: Allreduce = vector size, Allgather = gathered
 (output) size, Reduce_scatter = input size. Bus bandwidth = size / time x (2(P-1)/P for
 Allreduce, (P-1)/P for Allgather and Reduce_scatter), which is comparable across P; at P = 1 it is
@@ -90,8 +90,9 @@ def _time_pair(comm: Communicator, hp: Any, raw: Any, calls: int,
         raw()
     t_hp, t_raw = [], []
     comm.barrier()
-    for _ in range(calls):
-        for fn, out in ((raw, t_raw), (hp, t_hp)):
+    pairs = ((raw, t_raw), (hp, t_hp))
+    for i in range(calls):
+        for fn, out in pairs[:: 1 if i % 2 else -1]:
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)

@@ -85,8 +85,9 @@ def _stage_tensor(t: Any, reduce: bool) -> Staged:
     if not t.is_contiguous():
         raise ValueError("non-contiguous tensor: MPI needs one contiguous buffer; pass "
                          "t.contiguous() and copy results back with t.copy_(...)")
-    t = t.detach()
-    if t.device.type != "cpu":
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_cpu:
         host = t.cpu()
         inner = _stage_tensor(host, reduce)
 
