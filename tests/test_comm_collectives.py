@@ -105,3 +105,33 @@ def test_object_collectives(comm):
     assert comm.allgather({"r": comm.rank}) == [{"r": q} for q in range(comm.size)]
     assert comm.bcast("hello" if comm.rank == 0 else None) == "hello"
     assert comm.allreduce(comm.rank + 1) == comm.size * (comm.size + 1) // 2
+
+
+@mpi_test()
+def test_waitany_iprobe_and_cancel(comm):
+    from hpcml.comm import Request
+
+    p, r = comm.size, comm.rank
+    if r == 0:
+        bufs = [np.zeros(2) for _ in range(1, p)]
+        reqs = [comm.Irecv(b, source=q, tag=5) for q, b in zip(range(1, p), bufs, strict=True)]
+        seen = set()
+        while len(seen) < p - 1:
+            i, status = Request.waitany(reqs)
+            assert status.source == i + 1 and bufs[i].tolist() == [i + 1.0, i + 1.0]
+            seen.add(i)
+        late = comm.Irecv(np.zeros(1), source=0, tag=99)
+        assert late.test() is None
+        late.cancel()
+        assert late.done
+    else:
+        comm.Send(np.full(2, float(r)), dest=0, tag=5)
+    comm.barrier()
+    if p > 1 and r == 1:
+        comm.Send(np.zeros(3), dest=0, tag=11)
+    if p > 1 and r == 0:
+        status = None
+        while status is None:
+            status = comm.Iprobe(source=1, tag=11, itemsize=8)
+        assert (status.count, status.nbytes) == (3, 24)
+        comm.Recv(np.zeros(3), source=1, tag=11)

@@ -1,12 +1,12 @@
 """``hpcml bench collectives``: hpcml.comm against raw mpi4py on the same buffers, same run.
 
 For each operation and message size the two paths alternate call by call, each going first every
-other call (so drift in machine load and cache warmth hit both alike); each rank takes the median time per path and the slowest rank's median is
-reported. Sizes follow the nccl-tests convention: Allreduce = vector size, Allgather = gathered
-(output) size, Reduce_scatter = input size. Bus bandwidth = size / time x (2(P-1)/P for
-Allreduce, (P-1)/P for Allgather and Reduce_scatter), which is comparable across P; at P = 1 it is
-0 and only the algorithm bandwidth (size / time) is meaningful. A memcpy of the same size on one
-core is the local reference.
+other call (so drift in machine load and cache warmth hit both alike); each rank takes the median
+time per path and the slowest rank's median is reported. Sizes follow the nccl-tests convention:
+Allreduce = vector size, Allgather = gathered (output) size, Reduce_scatter = input size. Bus
+bandwidth = size / time x (2(P-1)/P for Allreduce, (P-1)/P for Allgather and Reduce_scatter),
+which is comparable across P; at P = 1 it is 0 and only the algorithm bandwidth (size / time) is
+meaningful. A memcpy of the same size on one core is the local reference.
 """
 
 from __future__ import annotations
