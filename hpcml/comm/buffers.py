@@ -14,19 +14,14 @@ be zero-copy and are handled explicitly, never silently:
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-try:
-    import torch
-except ImportError:  # torch is optional for pure-numpy use of the comm layer
-    torch = None
-
 REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
-_HALF_TORCH = () if torch is None else (torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass
@@ -52,6 +47,9 @@ class Staged:
 
 
 def is_tensor(obj: Any) -> bool:
+    """True for a torch tensor. torch is never imported here: if the program has not imported
+    it, ``obj`` cannot be a tensor (this keeps numpy-only ranks free of torch's start-up cost)."""
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.Tensor)
 
 
@@ -96,7 +94,8 @@ def _stage_tensor(t: Any, reduce: bool) -> Staged:
             t.copy_(host)
 
         return Staged(inner.array, back)
-    if t.dtype in _HALF_TORCH:
+    torch = sys.modules["torch"]
+    if t.dtype in (torch.bfloat16, torch.float16):
         return _stage_half(t, reduce, lambda x: x.view(torch.int16).numpy(),
                            lambda f32: t.copy_(torch.from_numpy(f32)))
     return Staged(t.numpy())
