@@ -8,8 +8,15 @@ Job kinds: ``qsparse`` (:mod:`hpcml.qsparse.train`) and ``bench-qsparse``
 (:mod:`hpcml.qsparse.bench`).
 """
 
-from hpcml.qsparse.compressors import NAMES, Compressor, Payload, Quantizer, Sparsifier, \
-    make_compressor, qsgd_beta
+from hpcml.qsparse.compressors import (
+    NAMES,
+    Compressor,
+    Payload,
+    Quantizer,
+    Sparsifier,
+    make_compressor,
+    qsgd_beta,
+)
 from hpcml.qsparse.error_feedback import compensate, learning_rate
 from hpcml.qsparse.exchange import AllgatherExchange, Server, ServerExchange
 from hpcml.qsparse.optimizer import QsparseLocalSGD

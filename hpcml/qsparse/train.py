@@ -26,10 +26,17 @@ from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.qsparse.compressors import NAMES, Compressor, make_compressor
-from hpcml.qsparse.data import Split, accuracy, batch_indices, load_digits_h5, mlp, \
-    mlp_dimension, shard
+from hpcml.qsparse.data import (
+    Split,
+    accuracy,
+    batch_indices,
+    load_digits_h5,
+    mlp,
+    mlp_dimension,
+    shard,
+)
 from hpcml.qsparse.error_feedback import learning_rate
-from hpcml.qsparse.exchange import ServerExchange, Server
+from hpcml.qsparse.exchange import Server, ServerExchange
 from hpcml.qsparse.optimizer import QsparseLocalSGD
 
 
