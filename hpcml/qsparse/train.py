@@ -163,7 +163,9 @@ def _local_training(cfg: QsparseConfig, comm: Communicator, split: Split, worker
 def train(cfg: QsparseConfig, comm: Communicator, split: Split,
           log: Callable[[dict[str, float]], None] = lambda point: None) -> Result | None:
     """Run one Qsparse-local-SGD training (collective). Returns the result on rank 0, None
-    elsewhere. ``log`` is called on rank 0 with each evaluation point."""
+    elsewhere. ``log`` is called on rank 0 with each evaluation point. The clock starts
+    after a barrier, so the ranks' start-up skew is not counted."""
+    comm.barrier()
     if cfg.mode == "sync":
         return _train_sync(cfg, comm, split, log)
     return _train_async(cfg, comm, split, log)
