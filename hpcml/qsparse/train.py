@@ -1,10 +1,11 @@
 """Job kind ``qsparse``: synchronous or asynchronous Qsparse-local-SGD on the digits data.
 
 ``mode = "sync"``: every rank is a worker with its own shard (Algorithm 1 of arXiv 1906.02367);
-``mode = "async"``: rank 0 is the server holding the global model and ranks 1..P-1 are workers,
-worker ``w`` synchronizing every ``train.periods[w]`` local steps (all ``<= train.H``, the
-bounded gap of Algorithm 2). ``comm.straggle(t)`` runs before every local step, so a
-``[stragglers]`` section makes workers run at different speeds.
+``mode = "allreduce"``: vanilla distributed SGD (dense gradient ``Allreduce`` every step), the
+baseline. ``mode = "async"``: rank 0 is the server holding the global model and ranks 1..P-1
+are workers, worker ``w`` synchronizing every ``train.periods[w]`` local steps (all
+``<= train.H``, the bounded gap of Algorithm 2). ``comm.straggle(t)`` runs before every local
+step, so a ``[stragglers]`` section makes workers run at different speeds.
 
 Accounting: ``bits`` is the exact uplink payload size per worker (sum of
 :meth:`Compressor.bits` over this worker's syncs; in async mode the mean over workers);
@@ -37,7 +38,7 @@ from hpcml.qsparse.data import (
 )
 from hpcml.qsparse.error_feedback import learning_rate
 from hpcml.qsparse.exchange import Server, ServerExchange
-from hpcml.qsparse.optimizer import QsparseLocalSGD
+from hpcml.qsparse.optimizer import AllreduceSGD, QsparseLocalSGD
 
 
 @dataclasses.dataclass
@@ -74,8 +75,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class QsparseConfig(JobConfig):
-    mode: str = option("sync", choices=("sync", "async"), help="synchronous (all ranks work) "
-                       "or asynchronous (rank 0 serves)")
+    mode: str = option("sync", choices=("sync", "async", "allreduce"),
+                       help="'sync' (all ranks work), 'async' (rank 0 serves) or 'allreduce' "
+                       "(vanilla distributed SGD baseline; ignores compressor and H)")
     compressor: CompressorConfig = option(CompressorConfig())
     data: DataConfig = option(DataConfig())
     train: TrainConfig = option(TrainConfig())
@@ -139,8 +141,8 @@ class _Evaluator:
 
 
 def _local_training(cfg: QsparseConfig, comm: Communicator, split: Split, worker: int,
-                    workers: int, qs_factory: Callable[..., QsparseLocalSGD],
-                    on_step: Callable[[int, QsparseLocalSGD], None]) -> QsparseLocalSGD:
+                    workers: int, qs_factory: Callable[..., Any],
+                    on_step: Callable[[int, Any], None]) -> Any:
     """Worker ``worker``'s loop: straggle, local SGD step on its shard, sync via ``qs``."""
     tc = cfg.train
     lo, hi = shard(len(split.y_train), workers, worker)
@@ -166,7 +168,7 @@ def train(cfg: QsparseConfig, comm: Communicator, split: Split,
     elsewhere. ``log`` is called on rank 0 with each evaluation point. The clock starts
     after a barrier, so the ranks' start-up skew is not counted."""
     comm.barrier()
-    if cfg.mode == "sync":
+    if cfg.mode != "async":
         return _train_sync(cfg, comm, split, log)
     return _train_async(cfg, comm, split, log)
 
@@ -182,8 +184,12 @@ def _train_sync(cfg: QsparseConfig, comm: Communicator, split: Split,
             seconds = time.perf_counter() - start - evaluate.seconds
             log(evaluate(qs.x_sync, step=t + 1, bits=qs.bits_sent, seconds=seconds))
 
-    qs = _local_training(cfg, comm, split, comm.rank, comm.size, lambda m, o: QsparseLocalSGD(
-        m, o, compressor=comp, H=tc.H, comm=comm, seed=cfg.seed), on_step)
+    def factory(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Any:
+        if cfg.mode == "allreduce":
+            return AllreduceSGD(model, opt, comm)
+        return QsparseLocalSGD(model, opt, compressor=comp, H=tc.H, comm=comm, seed=cfg.seed)
+
+    qs = _local_training(cfg, comm, split, comm.rank, comm.size, factory, on_step)
     bits = comm.allreduce(qs.bits_sent, op="max")
     if evaluate is None:
         return None
