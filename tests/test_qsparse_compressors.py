@@ -34,6 +34,13 @@ def test_pack_unpack_round_trip_and_exact_size():
     out = unpack(buf, [(v.size, w) for v, w in fields])
     for (v, _), got in zip(fields, out, strict=True):
         assert got.tolist() == v.tolist()
+    # a byte-wide field right after bit fields that end on a byte boundary is copied as bytes
+    mixed = [(np.arange(8) % 2, 1), (np.array([2**31 + 5, 7]), 32), (np.array([5]), 3),
+             (np.array([2**40 + 1]), 64)]
+    buf, bits = pack(mixed)
+    assert bits == 8 + 64 + 3 + 64 and buf[1:5].view("<u4")[0] == 2**31 + 5
+    assert [a.tolist() for a in unpack(buf, [(8, 1), (2, 32), (1, 3), (1, 64)])] == \
+        [list(np.arange(8) % 2), [2**31 + 5, 7], [5], [2**40 + 1]]
     x = np.array([1.5, -2.25, np.pi], dtype=np.float32)
     words, w = float_field(x)
     assert w == 32 and unpack(pack([(words, w)])[0], [(3, 32)])[0].astype(np.uint32).view(

@@ -169,8 +169,9 @@ class Compressor:
 
     def _layout(self, d: int, dtype: torch.dtype) -> list[tuple[int, int]]:
         fbits = torch.finfo(dtype).bits
-        return self.sparsifier.index_layout(d) + self.quantizer.layout(self.sparsifier.kept(d),
-                                                                       fbits)
+        # raw floats first (byte-aligned: copied, not bit-packed), indices last
+        return self.quantizer.layout(self.sparsifier.kept(d), fbits) + \
+            self.sparsifier.index_layout(d)
 
     def bits(self, d: int, dtype: torch.dtype = torch.float32) -> int:
         """Exact payload size in bits for a ``d``-vector of ``dtype`` (same for every input)."""
@@ -197,8 +198,10 @@ class Compressor:
         x = x.detach().cpu()
         idx = self.sparsifier.select(x, gen)
         values = (x if idx is None else x[idx]).numpy()
-        fields = [] if idx is None else [(idx.numpy().astype(np.uint64), index_bits(x.numel()))]
-        data, bits = pack(fields + self.quantizer.encode(values, gen))
+        fields = self.quantizer.encode(values, gen)
+        if idx is not None:
+            fields.append((idx.numpy().astype(np.uint64), index_bits(x.numel())))
+        data, bits = pack(fields)
         return Payload(data, bits)
 
     def decode(self, data: np.ndarray, d: int, dtype: torch.dtype = torch.float32
@@ -207,12 +210,12 @@ class Compressor:
         words = unpack(data, self._layout(d, dtype))
         np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         has_idx = self.sparsifier.kind != "dense"
-        values = self.quantizer.decode(words[1:] if has_idx else words, np_dtype)
+        values = self.quantizer.decode(words[:-1] if has_idx else words, np_dtype)
         values = torch.from_numpy(np.ascontiguousarray(values)) * self.scale(d)
         if not has_idx:
             return values.to(dtype)
         out = torch.zeros(d, dtype=dtype)
-        out[torch.from_numpy(words[0].astype(np.int64))] = values.to(dtype)
+        out[torch.from_numpy(words[-1].astype(np.int64))] = values.to(dtype)
         return out
 
     def __call__(self, x: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
