@@ -235,9 +235,13 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
     split = load_digits_h5(cfg.data.path)
     d = mlp_dimension(cfg.data.hidden)
     comp = compressor_of(cfg.compressor)
-    ctx.log(f"qsparse {cfg.mode}: compressor {comp.name} (k={cfg.compressor.k}, "
-            f"s={cfg.compressor.s}), d = {d}, {comp.bits(d)} bits per sync "
-            f"(dense: {32 * d}), H = {cfg.train.H}")
+    if cfg.mode == "allreduce":
+        ctx.log(f"vanilla distributed SGD: dense gradient Allreduce, d = {d}, {32 * d} bits "
+                "per step")
+    else:
+        ctx.log(f"qsparse {cfg.mode}: compressor {comp.name} (k={cfg.compressor.k}, "
+                f"s={cfg.compressor.s}), d = {d}, {comp.bits(d)} bits per sync "
+                f"(dense: {32 * d}), H = {cfg.train.H}")
 
     def log(point: dict[str, float]) -> None:
         ctx.run_dir.log_metrics(**point)
@@ -248,8 +252,9 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
     if result is None:
         return {}
     reached = next((p for p in result.curve if p["accuracy"] >= cfg.train.target), None)
-    summary = {"mode": cfg.mode, "compressor": comp.name, "d": d,
-               "bits_per_sync": comp.bits(d), "bits_per_worker": result.bits_per_worker,
+    per_sync = 32 * d if cfg.mode == "allreduce" else comp.bits(d)
+    summary = {"mode": cfg.mode, "compressor": comp.name, "d": d, "bits_per_sync": per_sync,
+               "bits_per_worker": result.bits_per_worker,
                "bits_down_per_worker": result.bits_down_per_worker,
                "final_accuracy": result.final_accuracy, "train_seconds": result.seconds,
                "syncs": result.syncs, "target": cfg.train.target,
