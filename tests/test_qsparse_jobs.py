@@ -68,6 +68,7 @@ def test_shipped_digits_file_is_the_deterministic_split(tmp_path):
 def test_sync_job_learns_digits_with_exact_bits(tmp_path):
     runs = tmp_path / "runs"
     res = hpcml_cli(2, "run", SYNC, "--set", "train.steps=240", "--set", "train.eval_every=60",
+                    "--set", "train.schedule=decay",
                     "--set", DATA, "--set", f"runs_dir='{runs}'", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     s = summary_of(runs)
