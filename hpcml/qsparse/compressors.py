@@ -17,7 +17,9 @@ qtopk / qrandk            ``k ib + 32 + k (1 + lb)``
 signtopk / signrandk      ``k ib + 32 + k``
 ========================  ===========================================================
 
-No header: ``d``, ``k`` and ``s`` are known to sender and receiver.
+No header: ``d``, ``k`` and ``s`` are known to sender and receiver. Wire order: the float
+fields (values, norm or scale) first, byte-aligned, then sign and level bits, then indices;
+the message is ``ceil(bits / 8)`` bytes.
 
 Guarantees, with the paper's definitions (Section 2):
 
