@@ -20,6 +20,8 @@ from hpcml.rundir import RunDir
 
 KINDS: dict[str, str] = {
     "bench-collectives": "hpcml.bench.collectives",
+    "qsparse": "hpcml.qsparse.train",
+    "bench-qsparse": "hpcml.qsparse.bench",
 }
 
 

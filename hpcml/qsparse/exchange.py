@@ -1,0 +1,122 @@
+"""How a worker's compressed update reaches the others (the only MPI-facing part of qsparse).
+
+- :class:`AllgatherExchange` (synchronous Qsparse-local-SGD, Algorithm 1): every rank of the
+  communicator is a worker; at a synchronization index all ranks exchange their variable-length
+  payloads with ``Allgather`` (byte counts) + ``Allgatherv`` (bytes), decode them in rank order
+  and move from ``x_sync`` by their average. Collective over the communicator.
+- :class:`ServerExchange` + :class:`Server` (asynchronous Qsparse-local-SGD, Algorithm 2): rank
+  ``server`` holds the global model; a worker sends its payload with ``Isend`` and receives the
+  server's current model with ``Irecv`` whenever *its own* schedule says so, so workers never
+  wait for each other. The server polls with ``Iprobe`` and applies ``x <- x - g_r / R`` to
+  whichever update arrives (``R`` = number of workers), then answers that worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from hpcml.comm import ANY_SOURCE, ANY_TAG, Communicator
+from hpcml.qsparse.compressors import Compressor, Payload
+
+UPDATE_TAG, MODEL_TAG, DONE_TAG = 41, 42, 43
+
+
+class AllgatherExchange:
+    """Synchronous exchange; every rank of ``comm`` is a worker (collective methods)."""
+
+    def __init__(self, comm: Communicator) -> None:
+        self.comm = comm
+        self.workers = comm.size
+
+    def initial(self, x: torch.Tensor) -> torch.Tensor:
+        """Collective: rank 0's starting point on every rank."""
+        return self.comm.Bcast(x, root=0)
+
+    def exchange(self, payload: Payload, compressor: Compressor,
+                 x_sync: torch.Tensor) -> torch.Tensor:
+        """Collective: ``x_sync - (1/P) sum_r decode(payload_r)``, identical on every rank."""
+        comm = self.comm
+        sizes = np.empty(comm.size, dtype=np.int64)
+        comm.Allgather(np.array([payload.data.size], dtype=np.int64), sizes)
+        gathered = np.empty(int(sizes.sum()), dtype=np.uint8)
+        comm.Allgatherv(payload.data, gathered, sizes.tolist())
+        total = torch.zeros_like(x_sync)
+        offset = 0
+        for n in sizes.tolist():
+            total += compressor.decode(gathered[offset: offset + n], x_sync.numel(), x_sync.dtype)
+            offset += n
+        return x_sync - total / comm.size
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class ServerExchange:
+    """Worker side of the asynchronous variant (not collective except :meth:`initial`)."""
+
+    def __init__(self, comm: Communicator, server: int = 0) -> None:
+        if comm.size < 2:
+            raise ValueError("asynchronous Qsparse-local-SGD needs >= 2 ranks (a server and a "
+                             "worker)")
+        self.comm, self.server = comm, server
+        self.workers = comm.size - 1
+
+    def initial(self, x: torch.Tensor) -> torch.Tensor:
+        """Collective (with :class:`Server`): the server's starting point."""
+        return self.comm.Bcast(x, root=self.server)
+
+    def exchange(self, payload: Payload, compressor: Compressor,
+                 x_sync: torch.Tensor) -> torch.Tensor:
+        """Send this worker's update; return the server's model after applying it."""
+        model = torch.empty_like(x_sync)
+        reply = self.comm.Irecv(model, source=self.server, tag=MODEL_TAG)
+        self.comm.Isend(payload.data, dest=self.server, tag=UPDATE_TAG).wait()
+        reply.wait()
+        return model
+
+    def close(self) -> None:
+        """Tell the server this worker has finished."""
+        self.comm.Send(np.zeros(0, dtype=np.uint8), dest=self.server, tag=DONE_TAG)
+
+
+class Server:
+    """The global model of asynchronous Qsparse-local-SGD, on rank ``server``."""
+
+    def __init__(self, comm: Communicator, x: torch.Tensor, compressor: Compressor,
+                 server: int = 0, poll_seconds: float = 2e-4) -> None:
+        self.comm, self.compressor, self.server = comm, compressor, server
+        self.workers = comm.size - 1
+        self.x = comm.Bcast(x.detach().clone(), root=server)
+        self.poll_seconds = poll_seconds
+        self.updates = 0
+        self.bits_up = {r: 0 for r in range(comm.size) if r != server}
+        self.bits_down = 0
+
+    def serve(self, on_update: Callable[[Server], None] | None = None) -> torch.Tensor:
+        """Apply updates as they arrive until every worker has sent DONE; returns the model.
+        ``on_update(self)`` runs after each applied update (e.g. to evaluate)."""
+        finished = 0
+        d, dtype = self.x.numel(), self.x.dtype
+        update_bits = self.compressor.bits(d, dtype)
+        while finished < self.workers:
+            status = self.comm.Iprobe(ANY_SOURCE, ANY_TAG)
+            if status is None:
+                time.sleep(self.poll_seconds)
+                continue
+            buf = np.empty(status.nbytes, dtype=np.uint8)
+            self.comm.Recv(buf, source=status.source, tag=status.tag)
+            if status.tag == DONE_TAG:
+                finished += 1
+                continue
+            self.x -= self.compressor.decode(buf, d, dtype) / self.workers
+            self.comm.Send(self.x, dest=status.source, tag=MODEL_TAG)
+            self.updates += 1
+            self.bits_up[status.source] += update_bits
+            self.bits_down += d * torch.finfo(dtype).bits
+            if on_update is not None:
+                on_update(self)
+        return self.x

@@ -1,0 +1,268 @@
+"""Job kind ``qsparse``: synchronous or asynchronous Qsparse-local-SGD on the digits data.
+
+``mode = "sync"``: every rank is a worker with its own shard (Algorithm 1 of arXiv 1906.02367);
+``mode = "allreduce"``: vanilla distributed SGD (dense gradient ``Allreduce`` every step), the
+baseline. ``mode = "async"``: rank 0 is the server holding the global model and ranks 1..P-1
+are workers, worker ``w`` synchronizing every ``train.periods[w]`` local steps (all
+``<= train.H``, the bounded gap of Algorithm 2). ``comm.straggle(t)`` runs before every local
+step, so a ``[stragglers]`` section makes workers run at different speeds.
+
+Accounting: ``bits`` is the exact uplink payload size per worker (sum of
+:meth:`Compressor.bits` over this worker's syncs; in async mode the mean over workers);
+``seconds`` is training wall time on rank 0 excluding evaluation; accuracy is measured on the
+360 held-out test images with the synchronized model (``x_sync`` / the server's model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hpcml.comm import Communicator, StragglerConfig
+from hpcml.config import JobConfig, option
+from hpcml.errors import ConfigError
+from hpcml.jobs import JobKind, RunContext
+from hpcml.qsparse.compressors import NAMES, Compressor, make_compressor
+from hpcml.qsparse.data import (
+    Split,
+    accuracy,
+    batch_indices,
+    load_digits_h5,
+    mlp,
+    mlp_dimension,
+    shard,
+)
+from hpcml.qsparse.error_feedback import learning_rate
+from hpcml.qsparse.exchange import Server, ServerExchange
+from hpcml.qsparse.optimizer import AllreduceSGD, QsparseLocalSGD
+
+
+@dataclasses.dataclass
+class CompressorConfig:
+    name: str = option("qtopk", choices=NAMES, help="Q(S(x)): identity, topk, randk, qsgd, "
+                       "sign, qtopk, qrandk, signtopk, signrandk")
+    k: int = option(48, min=1, help="coordinates kept by top-k / rand-k (k <= d)")
+    s: int = option(15, min=1, help="QSGD quantization levels (>= 1)")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    path: str = option("data/qsparse/digits.h5", help="digits HDF5 file (python -m "
+                       "hpcml.qsparse.data PATH writes it)")
+    hidden: list[int] = option([64], min=1, help="hidden layer widths of the MLP")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = option(600, min=1, help="local iterations per worker")
+    batch: int = option(16, min=1, help="minibatch per worker and local step")
+    lr: float = option(0.2, gt=0.0, help="learning rate eta (eta_0 for 'decay')")
+    schedule: str = option("constant", choices=("constant", "decay"),
+                           help="'constant' eta, or 'decay' eta_t = eta a / (a + t)")
+    decay_a: float = option(200.0, gt=0.0, help="a of the 'decay' schedule")
+    H: int = option(4, min=1, help="local steps between synchronizations (>= 1)")
+    periods: list[int] = option([], min=1, help="async: each worker's sync period (<= H); "
+                                "empty = H for all")
+    eval_every: int = option(20, min=1, help="evaluate every N local steps (async: N server "
+                             "updates)")
+    target: float = option(0.9, gt=0.0, max=1.0, help="test accuracy whose first crossing "
+                           "gives bits-to-target")
+
+
+@dataclasses.dataclass
+class QsparseConfig(JobConfig):
+    mode: str = option("sync", choices=("sync", "async", "allreduce"),
+                       help="'sync' (all ranks work), 'async' (rank 0 serves) or 'allreduce' "
+                       "(vanilla distributed SGD baseline; ignores compressor and H)")
+    compressor: CompressorConfig = option(CompressorConfig())
+    data: DataConfig = option(DataConfig())
+    train: TrainConfig = option(TrainConfig())
+    stragglers: StragglerConfig = option(StragglerConfig())
+
+    def check(self, size: int) -> None:
+        check_setup(self.mode, self.compressor, self.data, self.train, size)
+
+
+def check_setup(mode: str, comp: CompressorConfig, data: DataConfig, train: TrainConfig,
+                size: int, prefix: str = "") -> None:
+    """Cross-field rules of a Qsparse run on ``size`` ranks; raises ``ConfigError``."""
+    d = mlp_dimension(data.hidden)
+    if comp.name.endswith(("topk", "randk")) and comp.k > d:
+        raise ConfigError(f"{prefix}compressor.k", f"k = {comp.k} exceeds the model dimension "
+                          f"d = {d}", f"use 1 <= k <= {d}")
+    if mode == "async":
+        if size < 2:
+            raise ConfigError(f"{prefix}mode", "'async' needs >= 2 ranks (rank 0 serves)",
+                              "run under mpiexec -n 2 or more, or use mode = 'sync'")
+        if train.periods and len(train.periods) != size - 1:
+            raise ConfigError(f"{prefix}train.periods", f"{len(train.periods)} periods for "
+                              f"{size - 1} workers", "give one per worker or none")
+    if any(p > train.H for p in train.periods):
+        raise ConfigError(f"{prefix}train.periods", f"{train.periods} exceed H = {train.H}",
+                          "keep every period <= H (bounded gap)")
+
+
+def compressor_of(cfg: CompressorConfig) -> Compressor:
+    return make_compressor(cfg.name, k=cfg.k, s=cfg.s)
+
+
+@dataclasses.dataclass
+class Result:
+    """A training run seen from rank 0: the evaluation curve and the totals."""
+
+    curve: list[dict[str, float]]
+    bits_per_worker: int
+    bits_down_per_worker: int
+    final_accuracy: float
+    seconds: float
+    syncs: int
+
+
+class _Evaluator:
+    """Rank 0's test-set evaluation of flat parameter vectors, timed separately."""
+
+    def __init__(self, hidden: list[int], split: Split) -> None:
+        self.model, self.split = mlp(hidden, 0), split
+        self.params = list(self.model.parameters())
+        self.curve: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def __call__(self, x: torch.Tensor, **point: float) -> dict[str, float]:
+        start = time.perf_counter()
+        torch.nn.utils.vector_to_parameters(x.clone(), self.params)
+        acc, loss = accuracy(self.model, self.split.x_test, self.split.y_test)
+        self.seconds += time.perf_counter() - start
+        self.curve.append({**point, "accuracy": acc, "loss": loss})
+        return self.curve[-1]
+
+
+def _local_training(cfg: QsparseConfig, comm: Communicator, split: Split, worker: int,
+                    workers: int, qs_factory: Callable[..., Any],
+                    on_step: Callable[[int, Any], None]) -> Any:
+    """Worker ``worker``'s loop: straggle, local SGD step on its shard, sync via ``qs``."""
+    tc = cfg.train
+    lo, hi = shard(len(split.y_train), workers, worker)
+    xs, ys = split.x_train[lo:hi], split.y_train[lo:hi]
+    model = mlp(cfg.data.hidden, cfg.seed)
+    qs = qs_factory(model, torch.optim.SGD(model.parameters(), lr=tc.lr))
+    for t in range(tc.steps):
+        comm.straggle(t)
+        for group in qs.param_groups:
+            group["lr"] = learning_rate(t, tc.lr, tc.schedule, tc.decay_a)
+        idx = torch.from_numpy(batch_indices(cfg.seed, worker, t, hi - lo, tc.batch))
+        loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
+        qs.zero_grad()
+        loss.backward()
+        qs.step()
+        on_step(t, qs)
+    return qs
+
+
+def train(cfg: QsparseConfig, comm: Communicator, split: Split,
+          log: Callable[[dict[str, float]], None] = lambda point: None) -> Result | None:
+    """Run one Qsparse-local-SGD training (collective). Returns the result on rank 0, None
+    elsewhere. ``log`` is called on rank 0 with each evaluation point. The clock starts
+    after a barrier, so the ranks' start-up skew is not counted."""
+    comm.barrier()
+    if cfg.mode != "async":
+        return _train_sync(cfg, comm, split, log)
+    return _train_async(cfg, comm, split, log)
+
+
+def _train_sync(cfg: QsparseConfig, comm: Communicator, split: Split,
+                log: Callable[[dict[str, float]], None]) -> Result | None:
+    tc, comp = cfg.train, compressor_of(cfg.compressor)
+    evaluate = _Evaluator(cfg.data.hidden, split) if comm.rank == 0 else None
+    start = time.perf_counter()
+
+    def on_step(t: int, qs: QsparseLocalSGD) -> None:
+        if evaluate is not None and ((t + 1) % tc.eval_every == 0 or t + 1 == tc.steps):
+            seconds = time.perf_counter() - start - evaluate.seconds
+            log(evaluate(qs.x_sync, step=t + 1, bits=qs.bits_sent, seconds=seconds))
+
+    def factory(model: torch.nn.Module, opt: torch.optim.Optimizer) -> Any:
+        if cfg.mode == "allreduce":
+            return AllreduceSGD(model, opt, comm)
+        return QsparseLocalSGD(model, opt, compressor=comp, H=tc.H, comm=comm, seed=cfg.seed)
+
+    qs = _local_training(cfg, comm, split, comm.rank, comm.size, factory, on_step)
+    bits = comm.allreduce(qs.bits_sent, op="max")
+    if evaluate is None:
+        return None
+    seconds = time.perf_counter() - start - evaluate.seconds
+    return Result(evaluate.curve, bits, 0, evaluate.curve[-1]["accuracy"], seconds, qs.syncs)
+
+
+def _train_async(cfg: QsparseConfig, comm: Communicator, split: Split,
+                 log: Callable[[dict[str, float]], None]) -> Result | None:
+    tc, comp = cfg.train, compressor_of(cfg.compressor)
+    workers = comm.size - 1
+    if comm.rank == 0:
+        evaluate = _Evaluator(cfg.data.hidden, split)
+        start = time.perf_counter()
+
+        def on_update(server: Server) -> None:
+            if server.updates % tc.eval_every == 0:
+                seconds = time.perf_counter() - start - evaluate.seconds
+                log(evaluate(server.x, step=server.updates, seconds=seconds,
+                             bits=sum(server.bits_up.values()) / workers))
+
+        x0 = torch.nn.utils.parameters_to_vector(mlp(cfg.data.hidden, cfg.seed).parameters())
+        server = Server(comm, x0.detach(), comp)
+        server.serve(on_update)
+        x = comm.Bcast(server.x.clone())
+        seconds = time.perf_counter() - start - evaluate.seconds
+        bits = sum(server.bits_up.values()) / workers
+        evaluate(x, step=server.updates, seconds=seconds, bits=bits)
+        log(evaluate.curve[-1])
+        return Result(evaluate.curve, round(bits), round(server.bits_down / workers),
+                      evaluate.curve[-1]["accuracy"], seconds, server.updates)
+    worker = comm.rank - 1
+    period = tc.periods[worker] if tc.periods else tc.H
+    qs = _local_training(cfg, comm, split, worker, workers, lambda m, o: QsparseLocalSGD(
+        m, o, compressor=comp, H=period, exchange=ServerExchange(comm), seed=cfg.seed),
+        lambda t, qs: None)
+    qs.close()
+    comm.Bcast(torch.empty_like(qs.x_sync))
+    return None
+
+
+def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
+    split = load_digits_h5(cfg.data.path)
+    d = mlp_dimension(cfg.data.hidden)
+    comp = compressor_of(cfg.compressor)
+    if cfg.mode == "allreduce":
+        ctx.log(f"vanilla distributed SGD: dense gradient Allreduce, d = {d}, {32 * d} bits "
+                "per step")
+    else:
+        ctx.log(f"qsparse {cfg.mode}: compressor {comp.name} (k={cfg.compressor.k}, "
+                f"s={cfg.compressor.s}), d = {d}, {comp.bits(d)} bits per sync "
+                f"(dense: {32 * d}), H = {cfg.train.H}")
+
+    def log(point: dict[str, float]) -> None:
+        ctx.run_dir.log_metrics(**point)
+        print(f"  step {point['step']:>6.0f}  bits/worker {point['bits']:>12.0f}  "
+              f"acc {point['accuracy']:.4f}  loss {point['loss']:.4f}", flush=True)
+
+    result = train(cfg, ctx.comm, split, log)
+    if result is None:
+        return {}
+    reached = next((p for p in result.curve if p["accuracy"] >= cfg.train.target), None)
+    per_sync = 32 * d if cfg.mode == "allreduce" else comp.bits(d)
+    summary = {"mode": cfg.mode, "compressor": comp.name, "d": d, "bits_per_sync": per_sync,
+               "bits_per_worker": result.bits_per_worker,
+               "bits_down_per_worker": result.bits_down_per_worker,
+               "final_accuracy": result.final_accuracy, "train_seconds": result.seconds,
+               "syncs": result.syncs, "target": cfg.train.target,
+               "bits_to_target": reached["bits"] if reached else None}
+    ctx.log(f"final accuracy {result.final_accuracy:.4f}; {result.bits_per_worker} bits per "
+            f"worker; bits to {cfg.train.target:.2f}: {summary['bits_to_target']}")
+    return summary
+
+
+JOB = JobKind(config=QsparseConfig, run=run,
+              description="Qsparse-local-SGD (sync or async) on digits with exact bit counts")
