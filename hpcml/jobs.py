@@ -20,6 +20,9 @@ from hpcml.rundir import RunDir
 
 KINDS: dict[str, str] = {
     "bench-collectives": "hpcml.bench.collectives",
+    "consensus": "hpcml.consensus.job",
+    "bench-consensus": "hpcml.consensus.bench",
+    "bench-privacy": "hpcml.privacy.bench",
 }
 
 
