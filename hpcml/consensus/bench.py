@@ -76,7 +76,7 @@ def _measure(ctx: RunContext, cfg: ConsensusBenchConfig, kind: str) -> list[dict
             seed = cfg.seed + 1000 * trial
             curve: list[float] = []
             x, rel = run_node(graph, task, w, plan, steps, cfg.privacy.clip, seed,
-                              observe=lambda t, x: curve.append(
+                              observe=lambda t, x, out=curve: out.append(
                                   mse(gather_states(comm, x), task.optimum)))
             final, released = gather_states(comm, x), gather_states(comm, rel)
             curves.append(curve)
