@@ -35,7 +35,8 @@ def test_reported_epsilon_matches_formula(mechanism, eps):
         rho = (math.sqrt(math.log(1e6) + eps) - math.sqrt(math.log(1e6))) ** 2
         np.testing.assert_allclose(plan.scale[1:], sens * math.sqrt(30 / (2 * rho)), rtol=1e-12)
         assert spent["rho"] == pytest.approx(sum(s**2 / (2 * b**2) for s, b in
-                                                 zip(sens, plan.scale[1:])), rel=1e-12)
+                                                 zip(sens, plan.scale[1:], strict=True)),
+                                             rel=1e-12)
         assert spent["epsilon"] == pytest.approx(
             spent["rho"] + 2 * math.sqrt(spent["rho"] * math.log(1e6)), rel=1e-12)
     else:

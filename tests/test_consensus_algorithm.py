@@ -5,6 +5,7 @@ import pytest
 
 from hpcml.consensus import accounting, algorithm, mixing, tasks, theory, topology
 
+
 def no_noise(rounds):
     return accounting.plan_noise("none", 0.0, 0.0, [0.0] * rounds, 1.0, 1)
 

@@ -21,8 +21,13 @@ from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.privacy import midp
-from hpcml.privacy.release import (least_squares, records, relative_objective_error,
-                                   release_additive, release_projection)
+from hpcml.privacy.release import (
+    least_squares,
+    records,
+    relative_objective_error,
+    release_additive,
+    release_projection,
+)
 
 
 @dataclasses.dataclass
