@@ -34,7 +34,7 @@ def test_distributed_equals_simulation(comm):
 
 
 def test_job_runs_and_writes_privacy_ledger(tmp_path):
-    res = hpcml_cli(2, "run", "jobs/consensus.toml", "--set", f"runs_dir={tmp_path}",
+    res = hpcml_cli(2, "run", "jobs/consensus-mean.toml", "--set", f"runs_dir={tmp_path}",
                     "--set", "optim.rounds=8", "--set", "privacy.epsilon=3.0",
                     cwd=_root())
     assert res.returncode == 0, res.stderr
@@ -50,7 +50,7 @@ def test_job_runs_and_writes_privacy_ledger(tmp_path):
 def test_bad_input_exits_2_without_output(tmp_path):
     for setting, needle in (("privacy.epsilon=0", "privacy.epsilon"),
                             ("privacy.delta=1.5", "privacy.delta")):
-        res = hpcml_cli(1, "run", "jobs/consensus.toml", "--set", f"runs_dir={tmp_path}/runs",
+        res = hpcml_cli(1, "run", "jobs/consensus-mean.toml", "--set", f"runs_dir={tmp_path}/runs",
                         "--set", setting, cwd=_root())
         assert res.returncode == 2, (setting, res.stderr)
         lines = res.stderr.strip().splitlines()
@@ -61,7 +61,7 @@ def test_bad_input_exits_2_without_output(tmp_path):
 def test_disconnected_graph_at_four_ranks_exits_2(tmp_path):
     edges = tmp_path / "split.txt"
     edges.write_text("0 1\n2 3\n")
-    res = hpcml_cli(4, "run", "jobs/consensus.toml", "--set", f"runs_dir={tmp_path}/runs",
+    res = hpcml_cli(4, "run", "jobs/consensus-mean.toml", "--set", f"runs_dir={tmp_path}/runs",
                     "--set", "graph.kind=\"file\"", "--set", f"graph.edges=\"{edges}\"",
                     cwd=_root())
     lines = res.stderr.strip().splitlines()

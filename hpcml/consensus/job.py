@@ -61,6 +61,10 @@ def gather_states(comm: Any, x: np.ndarray) -> np.ndarray:
     return out.reshape(comm.size, x.size)
 
 
+def _gap(task: Any, x: np.ndarray) -> float:
+    return task.objective(x) - task.objective(task.optimum)
+
+
 def run(cfg: ConsensusConfig, ctx: RunContext) -> dict[str, Any]:
     comm = ctx.comm
     adj, w, task, steps, plan = setup(cfg, comm.size)
@@ -78,8 +82,7 @@ def run(cfg: ConsensusConfig, ctx: RunContext) -> dict[str, Any]:
         history.append(mse(states, task.optimum))
         if ctx.is_root:
             ctx.run_dir.log_metrics(round=t, mse=history[-1],
-                                    objective_gap=task.objective(states.mean(axis=0))
-                                    - task.objective(task.optimum))
+                                    objective_gap=_gap(task, states.mean(axis=0)))
 
     x, released = run_node(graph, task, w, plan, steps, cfg.privacy.clip, cfg.seed,
                            observe=observe, straggle=comm.straggle)
@@ -87,6 +90,8 @@ def run(cfg: ConsensusConfig, ctx: RunContext) -> dict[str, Any]:
     summary = {"nodes": comm.size, "graph": cfg.graph.kind, "spectral_gap": gap,
                "task": task.name, "mse_final": mse(final, task.optimum),
                "mse_released": mse(out, task.optimum), "mse_start": history[0],
+               "objective_gap_start": _gap(task, np.zeros(task.dim)),
+               "objective_gap_released": _gap(task, out.mean(axis=0)),
                "privacy": plan.spent()}
     if cfg.verify and ctx.is_root:
         ref = simulate(task, w, plan, steps, cfg.privacy.clip, cfg.seed)
@@ -99,8 +104,9 @@ def run(cfg: ConsensusConfig, ctx: RunContext) -> dict[str, Any]:
                                               "mixing": w})
         spent = plan.spent()
         ctx.log(f"  MSE start {history[0]:.4g} -> iterates {summary['mse_final']:.4g}, released "
-                f"{summary['mse_released']:.4g}; epsilon spent {spent['epsilon']:.4g} "
-                f"(delta {spent['delta']:g})")
+                f"{summary['mse_released']:.4g}; objective gap f(mean released) - f* "
+                f"{summary['objective_gap_start']:.4g} -> {summary['objective_gap_released']:.4g}"
+                f"; epsilon spent {spent['epsilon']:.4g} (delta {spent['delta']:g})")
     return summary
 
 
