@@ -79,7 +79,8 @@ def test_bench_consensus_small(tmp_path):
     assert (run / "consensus.png").stat().st_size > 0
     assert "MPI = simulation" in (run / "table.md").read_text()
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["mpi_equals_simulation"] is True and len(summary["rows"]) == 4
+    assert summary["mpi_equals_simulation"] is True and len(summary["rows"]) == 8
+    assert {r["nodes"] for r in summary["rows"]} == {2, 4}
 
 
 def _root():
