@@ -167,6 +167,7 @@ def _plot(rows: list[dict[str, Any]], cfg: ConsensusBenchConfig, ctx: RunContext
         for ax in (left, right):
             ax.legend(fontsize=7)
             ax.grid(alpha=0.3)
+    fig.tight_layout()
     save_figure(fig, ctx.run_dir.path / "consensus.png")
     plt.close(fig)
 
