@@ -22,6 +22,9 @@ KINDS: dict[str, str] = {
     "bench-collectives": "hpcml.bench.collectives",
     "qsparse": "hpcml.qsparse.train",
     "bench-qsparse": "hpcml.qsparse.bench",
+    "consensus": "hpcml.consensus.job",
+    "bench-consensus": "hpcml.consensus.bench",
+    "bench-privacy": "hpcml.privacy.bench",
 }
 
 
