@@ -20,6 +20,7 @@ from hpcml.rundir import RunDir
 
 KINDS: dict[str, str] = {
     "bench-collectives": "hpcml.bench.collectives",
+    "scaling": "hpcml.slurm.scaling",
 }
 
 
