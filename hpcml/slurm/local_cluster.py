@@ -75,6 +75,7 @@ def slurm_conf(root: Path, ports: tuple[int, int], cpus: int, host: str) -> str:
         "AccountingStorageType=accounting_storage/none",
         "SlurmdParameters=config_overrides",
         "ReturnToService=2",
+        "EnforcePartLimits=ALL",
         "MinJobAge=3600",
         "KillWait=5",
         "SchedulerParameters=sched_interval=2",

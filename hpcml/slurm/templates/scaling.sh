@@ -8,7 +8,8 @@ PB={{pmax}}
 [ "$PB" -lt 2 ] && PB=2
 if [ ! -f "$SERIES/bench.done" ]; then
   run_ranks "$PB" "${HPCML[@]}" bench collectives --set "runs_dir=\"$SERIES/bench\"" \
-    --set 'ops=["Allreduce"]' --set 'buffers=["numpy"]' --set max_bytes=4194304 \
+    --set 'ops=["Allreduce"]' --set 'buffers=["numpy"]' --set max_bytes=1048576 \
+    --set iterations=20 \
     && touch "$SERIES/bench.done"
 fi
 for P in {{ranks}}; do
