@@ -95,7 +95,8 @@ def test_weak_scaling_series_and_report(tmp_path):
     assert sources[:3] == [(1, "measured"), (2, "measured"), (4, "measured")]
     assert sources[-1] == (1200, "projection")
     assert (series / "report" / "scaling.png").stat().st_size > 1000
-    assert "Measurement ends at P = 4" in (series / "report" / "table.md").read_text()
+    text = (series / "report" / "table.md").read_text()
+    assert "Measurement ends at P = 4" in text and "Model check at P = 4" in text
 
 
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path):

@@ -125,6 +125,7 @@ def test_sweep_renders_one_case_per_point(tmp_path):
     ("[sweep]\nbogus = [1, 2]\n", "bogus: unknown key"),
     ("[sweep]\nlr = [0.1, -1.0]\n", "lr: must be > 0"),
     ("[sweep]\nlr = []\n", "sweep.lr: must be a non-empty list"),
+    ("[sweep.train]\nlr = [0.1]\n", "train: unknown key"),
     ("[slurm]\ntime = \"ten minutes\"\n", "slurm.time"),
     ("[slurm]\ntemplate = \"scaling\"\n", "scaling.ranks"),
     ("[slurm]\nntasks_per_node = 2\n[scaling]\nranks = [1, 4]\n", "exceed the 2 tasks"),

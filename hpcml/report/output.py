@@ -41,9 +41,22 @@ def markdown(series: Sequence[Measurement], model: AlphaBeta | None,
                      f"{series[0].ranks} ({'divided by P' if mode == 'strong' else 'constant'})"
                      f" + {series[0].allreduce_calls:g} x Allreduce of "
                      f"{series[0].allreduce_bytes:.0f} B per unit.")
+        lines.append(_model_check(rows))
     else:
         lines.append("No projection: pass --bench RUN_DIR of `hpcml bench collectives`.")
     return "\n".join(lines) + "\n"
+
+
+def _model_check(rows: list[dict[str, Any]]) -> str:
+    """How far the model is from the largest measured P: the projection's credibility."""
+    last = [r for r in rows if r["source"] == "measured"][-1]
+    gap = last["model_efficiency"] - last["efficiency"]
+    text = (f"Model check at P = {last['P']} (largest measured): model efficiency "
+            f"{last['model_efficiency']:.3f} vs measured {last['efficiency']:.3f}.")
+    if gap > 0.1:
+        text += (" The model counts only message latency and bandwidth, not ranks sharing "
+                 "cores or waiting for slower ranks, so read the projection as an upper bound.")
+    return text
 
 
 def plot(rows: list[dict[str, Any]], mode: str, measured_up_to: int, path: Path) -> None:

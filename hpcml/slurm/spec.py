@@ -4,7 +4,8 @@ A submission file is TOML (``jobs/slurm-*.toml``)::
 
     job = "scaling.toml"          # the hpcml job file, relative to this file
     set = ["steps=40"]            # --set overrides for every run
-    [slurm]                        # resources and template (all optional)
+    [slurm]                        # resources and template (all optional; relative paths
+                                   # are relative to the directory you submit from)
     nodes = 1
     ntasks_per_node = 2
     time = "00:10:00"
@@ -29,7 +30,7 @@ from typing import Any
 from hpcml.config import apply_overrides, build, load_job_file, option, read_toml
 from hpcml.errors import ConfigError, UsageError
 from hpcml.jobs import job_kind
-from hpcml.slurm.sweep import grid_points, point_overrides
+from hpcml.slurm.sweep import flatten_grid, grid_points, point_overrides
 
 TEMPLATES = ("single", "multi-node", "array", "scaling")
 TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
@@ -137,7 +138,7 @@ def load(path: str | Path, resources: dict[str, Any] | None = None) -> Spec:
             raise ConfigError("job", "missing", "add job = \"path/to/job.toml\"")
         template = _template(sub)
         _check(sub, template)
-        sweep = {k: v for k, v in sub.sweep.items()}
+        sweep = flatten_grid(sub.sweep)
         for key, values in sweep.items():
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"sweep.{key}", f"must be a non-empty list, got {values!r}",
