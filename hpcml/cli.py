@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import click
 
 from hpcml.errors import UsageError
+
+if TYPE_CHECKING:
+    from hpcml.slurm.spec import Spec
 
 SET_HELP = "Override a job-file value, e.g. --set train.lr=0.1 (repeatable)."
 
@@ -77,14 +83,14 @@ RESOURCE_OPTIONS = [
 ]
 
 
-def _resource_options(fn):  # type: ignore[no-untyped-def]
+def _resource_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(RESOURCE_OPTIONS):
         fn = opt(fn)
     return fn
 
 
 def _spec(job_file: str, nodes: int | None, ntasks_per_node: int | None, time_: str | None,
-          partition: str | None, account: str | None, template: str | None):  # type: ignore
+          partition: str | None, account: str | None, template: str | None) -> Spec:
     from hpcml.slurm.spec import load
 
     return load(job_file, {"nodes": nodes, "ntasks_per_node": ntasks_per_node, "time": time_,
