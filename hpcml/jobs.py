@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "consensus": "hpcml.consensus.job",
     "bench-consensus": "hpcml.consensus.bench",
     "bench-privacy": "hpcml.privacy.bench",
+    "scaling": "hpcml.slurm.scaling",
 }
 
 

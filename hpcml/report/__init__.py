@@ -1,0 +1,1 @@
+"""Reports built from finished run directories (no MPI)."""

@@ -1,0 +1,164 @@
+"""``hpcml report scaling RUNS...``: weak/strong scaling efficiency, measured and projected.
+
+Definitions (P0 = smallest measured rank count, T(P) = time per unit of work at P):
+
+* strong scaling (fixed total work): speed-up S(P) = T(P0) / T(P), efficiency
+  E(P) = S(P) * P0 / P;
+* weak scaling (fixed work per rank): efficiency E(P) = T(P0) / T(P), scaled speed-up
+  S(P) = E(P) * P / P0.
+
+T is the time per step when the run reports ``compute_s_per_step`` and ``allreduce_s_per_step``
+(kind ``scaling``), else the run's wall time (``summary.json`` ``seconds``) with communication
+time from ``ledger.json``. The projection keeps P0's compute time (divided by P / P0 for strong
+scaling: one rank per core, perfectly divided work) and adds the Allreduce cost of the fitted
+alpha-beta model (:mod:`hpcml.report.alphabeta`) for the run's message size and Allreduce count:
+``T_model(P) = compute(P) + calls * T_allreduce(n, P)``. Rows beyond the largest measured P are
+marked ``projection``; the model is also shown next to every measured row so its error is
+visible.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hpcml.errors import UsageError
+from hpcml.report.alphabeta import AlphaBeta, fit
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One run of a series, reduced to what the report needs."""
+
+    run_dir: str
+    ranks: int
+    time: float            # seconds per unit (step or run)
+    compute: float         # of which computation
+    comm: float            # of which communication
+    allreduce_bytes: float
+    allreduce_calls: float  # per unit
+    mode: str | None
+    hosts: int
+    ranks_per_host: int
+    cores: int
+    unit: str
+
+
+def _read(path: Path, name: str) -> dict[str, Any]:
+    file = path / name
+    if not file.is_file():
+        raise UsageError(f"{path}: no {name} (give run directories of finished runs)")
+    return json.loads(file.read_text())
+
+
+def measure(run_dir: str | Path) -> Measurement:
+    """Read one run directory (``summary.json``, ``env.json``, ``ledger.json``)."""
+    path = Path(run_dir)
+    summary, env, ledger = (_read(path, n) for n in ("summary.json", "env.json", "ledger.json"))
+    if summary.get("status", "complete") != "complete":
+        raise UsageError(f"{path}: run status is {summary['status']!r}, not complete (resume it "
+                         "or leave it out)")
+    ranks = int(summary["ranks"])
+    per_host = env.get("ranks_per_host") or {"?": ranks}
+    common = {"run_dir": str(path), "ranks": ranks, "mode": summary.get("mode"),
+              "hosts": len(per_host), "ranks_per_host": max(per_host.values()),
+              "cores": int(env.get("cores") or 0)}
+    if "compute_s_per_step" in summary:
+        compute, comm = summary["compute_s_per_step"], summary["allreduce_s_per_step"]
+        return Measurement(time=compute + comm, compute=compute, comm=comm,
+                           allreduce_bytes=summary["allreduce_bytes"], allreduce_calls=1.0,
+                           unit="s/step", **common)
+    per_rank = ledger["ranks"]
+    comm = max(sum(op["seconds"] for op in r.values()) for r in per_rank)
+    ar = per_rank[0].get("Allreduce", {"calls": 0, "bytes_sent": 0})
+    calls = ar["calls"]
+    return Measurement(time=summary["seconds"], compute=summary["seconds"] - comm, comm=comm,
+                       allreduce_bytes=ar["bytes_sent"] / calls if calls else 0.0,
+                       allreduce_calls=float(calls), unit="s/run", **common)
+
+
+def efficiency(mode: str, p0: int, t0: float, p: int, t: float) -> tuple[float, float]:
+    """(speed-up, efficiency) of time ``t`` on ``p`` ranks against ``t0`` on ``p0`` (pure)."""
+    if mode == "strong":
+        speedup = t0 / t
+        return speedup, speedup * p0 / p
+    eff = t0 / t
+    return eff * p / p0, eff
+
+
+def model_time(base: Measurement, mode: str, model: AlphaBeta, p: int) -> float:
+    """Projected time per unit at ``p`` ranks from the baseline run ``base`` (pure)."""
+    compute = base.compute * (base.ranks / p if mode == "strong" else 1.0)
+    return compute + base.allreduce_calls * model.allreduce_seconds(base.allreduce_bytes, p)
+
+
+def projection_ranks(p_max: int, max_ranks: int) -> list[int]:
+    """Powers of two above ``p_max`` and below ``max_ranks``, then ``max_ranks`` (pure)."""
+    out, p = [], 1
+    while p < max_ranks:
+        if p > p_max:
+            out.append(p)
+        p *= 2
+    return out + ([max_ranks] if max_ranks > p_max else [])
+
+
+def fit_bench(bench_dir: str | Path) -> AlphaBeta:
+    """Fit alpha-beta to the Allreduce rows of a ``hpcml bench collectives`` run directory."""
+    summary = _read(Path(bench_dir), "summary.json")
+    rows = [r for r in summary.get("rows", []) if r.get("op") == "Allreduce"]
+    p = int(summary.get("ranks", 1))
+    if p < 2 or not rows:
+        raise UsageError(f"--bench {bench_dir}: needs Allreduce rows measured on >= 2 ranks (run "
+                         "`mpiexec -n 4 hpcml bench collectives --set 'ops=[\"Allreduce\"]'`)")
+    return fit([r["bytes"] for r in rows], [r["hpcml_us"] * 1e-6 for r in rows], p)
+
+
+def build_table(series: Sequence[Measurement], mode: str, model: AlphaBeta | None,
+                max_ranks: int) -> list[dict[str, Any]]:
+    """Measured rows then projected rows (pure)."""
+    series = sorted(series, key=lambda m: m.ranks)
+    base = series[0]
+    t_model0 = model_time(base, mode, model, base.ranks) if model else None
+    rows = []
+    for m in series:
+        speedup, eff = efficiency(mode, base.ranks, base.time, m.ranks, m.time)
+        row = {"P": m.ranks, "source": "measured", "time": m.time, "compute": m.compute,
+               "comm": m.comm, "speedup": speedup, "efficiency": eff,
+               "oversubscribed": m.ranks_per_host > m.cores > 0, "model_efficiency": None}
+        if model:
+            row["model_efficiency"] = efficiency(mode, base.ranks, t_model0, m.ranks,
+                                                 model_time(base, mode, model, m.ranks))[1]
+        rows.append(row)
+    if model:
+        for p in projection_ranks(series[-1].ranks, max_ranks):
+            t = model_time(base, mode, model, p)
+            speedup, eff = efficiency(mode, base.ranks, t_model0, p, t)
+            rows.append({"P": p, "source": "projection", "time": t,
+                         "compute": t - base.allreduce_calls * model.allreduce_seconds(
+                             base.allreduce_bytes, p),
+                         "comm": base.allreduce_calls * model.allreduce_seconds(
+                             base.allreduce_bytes, p),
+                         "speedup": speedup, "efficiency": eff, "oversubscribed": False,
+                         "model_efficiency": eff})
+    return rows
+
+
+def series_mode(series: Sequence[Measurement], mode: str | None) -> str:
+    """The scaling mode: ``mode`` if given, else the one every run reports."""
+    if mode:
+        return mode
+    modes = {m.mode for m in series}
+    if len(modes) != 1 or None in modes:
+        raise UsageError("--mode: the runs do not all say weak or strong; pass --mode weak or "
+                         "--mode strong")
+    return modes.pop()
+
+
+def to_json(series: Sequence[Measurement], model: AlphaBeta | None,
+            rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    return {"mode": mode, "runs": [asdict(m) for m in series],
+            "alpha_beta": asdict(model) if model else None, "rows": rows,
+            "measured_up_to": max(m.ranks for m in series)}

@@ -1,0 +1,1 @@
+"""Slurm integration: local test cluster, templates, submission, sweeps, preemption."""

@@ -1,0 +1,164 @@
+"""Submission files: which hpcml job to run under Slurm, on what resources, over which grid.
+
+A submission file is TOML (``jobs/slurm-*.toml``)::
+
+    job = "scaling.toml"          # the hpcml job file, relative to this file
+    set = ["steps=40"]            # --set overrides for every run
+    [slurm]                        # resources and template (all optional; relative paths
+                                   # are relative to the directory you submit from)
+    nodes = 1
+    ntasks_per_node = 2
+    time = "00:10:00"
+    [sweep]                        # optional grid: key -> list of values (any job key)
+    lr = [0.1, 0.5]
+    [scaling]                      # optional series of rank counts (template "scaling")
+    ranks = [1, 2, 4]
+
+A plain hpcml job file (one with a top-level ``kind``) is accepted too and means "this job with
+default resources". :func:`load` validates everything before anything is submitted: the
+resources, and the job file under every sweep point and every rank count with the job kind's own
+schema, so an unknown sweep key or a bad value exits 2 with the usual one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+from hpcml.config import apply_overrides, build, load_job_file, option, read_toml
+from hpcml.errors import ConfigError, UsageError
+from hpcml.jobs import job_kind
+from hpcml.slurm.sweep import flatten_grid, grid_points, point_overrides
+
+TEMPLATES = ("single", "multi-node", "array", "scaling")
+TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")
+
+
+@dataclasses.dataclass
+class SlurmOptions:
+    template: str = option("auto", choices=("auto", *TEMPLATES),
+                           help="auto: array with [sweep], scaling with [scaling], multi-node "
+                                "with nodes > 1, else single")
+    nodes: int = option(1, min=1, help="#SBATCH --nodes")
+    ntasks_per_node: int = option(1, min=1, help="#SBATCH --ntasks-per-node (MPI ranks)")
+    cpus_per_task: int = option(1, min=1, help="#SBATCH --cpus-per-task (torch threads/rank)")
+    time: str = option("00:30:00", help="#SBATCH --time, e.g. 00:30:00 or 1-00:00:00")
+    partition: str = option("", help="#SBATCH --partition; empty = the cluster default")
+    account: str = option("", help="#SBATCH --account; empty = your default account")
+    launcher: str = option("mpiexec", choices=("mpiexec", "srun"),
+                           help="mpiexec (Hydra, from the mpich wheel) or srun --mpi=pmi2")
+    signal_seconds: int = option(120, min=0,
+                                 help="SIGUSR1 this many seconds before the time limit; 0 = off")
+    requeue: bool = option(True, help="requeue after a checkpoint on SIGUSR1/SIGTERM")
+    overcommit: bool = option(False, help="#SBATCH --overcommit (more ranks than CPUs)")
+    runs_dir: str = option("runs/slurm", help="root of run directories and Slurm output files")
+    job_name: str = option("", help="#SBATCH --job-name; empty = the job's name or kind")
+    extra: list[str] = option([], help="extra #SBATCH lines, e.g. [\"--qos=debug\"]")
+
+
+@dataclasses.dataclass
+class ScalingSeries:
+    ranks: list[int] = option([], min=1, help="rank counts of a scaling series, e.g. [1, 2, 4]")
+
+
+@dataclasses.dataclass
+class SubmitFile:
+    job: str = option("", help="the hpcml job file (relative to this file)")
+    set: list[str] = option([], help="--set KEY=VALUE overrides for every run")
+    slurm: SlurmOptions = option(SlurmOptions())
+    sweep: dict[str, Any] = option({}, help="grid: job key -> list of values")
+    scaling: ScalingSeries = option(ScalingSeries())
+
+
+@dataclasses.dataclass
+class Spec:
+    """A validated submission: resolved paths, resources, and the sweep points."""
+
+    source: Path
+    job: Path
+    kind: str
+    name: str
+    sets: list[str]
+    slurm: SlurmOptions
+    template: str
+    sweep: dict[str, list[Any]]
+    points: list[dict[str, Any]]
+    ranks: list[int]
+
+    @property
+    def ntasks(self) -> int:
+        return self.slurm.nodes * self.slurm.ntasks_per_node
+
+
+def _template(sub: SubmitFile) -> str:
+    if sub.slurm.template != "auto":
+        return sub.slurm.template
+    if sub.sweep:
+        return "array"
+    if sub.scaling.ranks:
+        return "scaling"
+    return "multi-node" if sub.slurm.nodes > 1 else "single"
+
+
+def _check(sub: SubmitFile, template: str) -> None:
+    if not TIME_RE.match(sub.slurm.time):
+        raise ConfigError("slurm.time", f"{sub.slurm.time!r} is not a Slurm time",
+                          "use MM, HH:MM:SS or D-HH:MM:SS")
+    if sub.sweep and template != "array":
+        raise ConfigError("slurm.template", f"[sweep] needs the array template, not {template!r}",
+                          "remove slurm.template or set it to \"array\"")
+    if template == "array" and not sub.sweep:
+        raise ConfigError("sweep", "the array template needs a [sweep] grid",
+                          "add [sweep] key = [values], or choose another template")
+    if template == "scaling" and not sub.scaling.ranks:
+        raise ConfigError("scaling.ranks", "the scaling template needs rank counts",
+                          "add [scaling] ranks = [1, 2, 4]")
+    slots = sub.slurm.nodes * sub.slurm.ntasks_per_node
+    if template == "scaling" and max(sub.scaling.ranks) > slots and not sub.slurm.overcommit:
+        raise ConfigError("scaling.ranks", f"{max(sub.scaling.ranks)} ranks exceed the "
+                          f"{slots} tasks requested", "raise slurm.ntasks_per_node or nodes")
+
+
+def load(path: str | Path, resources: dict[str, Any] | None = None) -> Spec:
+    """Read and validate a submission (or plain job) file; ``resources`` are command-line
+    overrides of ``[slurm]`` keys (None values ignored). Raises ``UsageError`` (exit 2)."""
+    path = Path(path)
+    data = read_toml(path)
+    if "kind" in data:
+        data = {"job": path.name}
+    data = dict(data)
+    slurm = dict(data.get("slurm", {}))
+    slurm.update({k: v for k, v in (resources or {}).items() if v is not None})
+    data["slurm"] = slurm
+    try:
+        sub = build(SubmitFile, data)
+        if not sub.job:
+            raise ConfigError("job", "missing", "add job = \"path/to/job.toml\"")
+        template = _template(sub)
+        _check(sub, template)
+        sweep = flatten_grid(sub.sweep)
+        for key, values in sweep.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.{key}", f"must be a non-empty list, got {values!r}",
+                                  f"e.g. {key} = [1, 2]")
+    except ConfigError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+    job_path = (path.parent / sub.job).resolve()
+    job_data = apply_overrides(read_toml(job_path), sub.set)
+    if not job_data.get("kind"):
+        raise UsageError(f"{job_path}: kind: missing; add e.g. kind = \"scaling\"")
+    schema = job_kind(job_data["kind"]).config
+    points = grid_points(sweep)
+    sizes = sub.scaling.ranks if template == "scaling" else [sub.slurm.nodes
+                                                             * sub.slurm.ntasks_per_node]
+    for point in points:
+        point_data = apply_overrides(job_data, point_overrides(point))
+        for size in sizes:
+            where = f"{path} [sweep] {point}" if point else str(job_path)
+            load_job_file(schema, point_data, where, size)
+    name = sub.slurm.job_name or job_data.get("name") or job_data["kind"]
+    return Spec(source=path.resolve(), job=job_path, kind=job_data["kind"], name=name,
+                sets=list(sub.set), slurm=sub.slurm, template=template, sweep=sweep,
+                points=points, ranks=list(sub.scaling.ranks))

@@ -1,0 +1,143 @@
+"""Against a real Slurm (munged + slurmctld + slurmd started by the ``slurm_cluster`` fixture):
+a rendered template sbatch'ed and run under MPI, an ``srun --mpi=pmi2`` step, a 4-task array
+sweep collected into one table, a weak-scaling series and its report, preemption + requeue +
+resume, and Slurm's own refusals with hpcml's hint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_fixture import slurm_cluster, states, wait_for  # noqa: F401 (the fixture)
+
+from hpcml.rundir import read_metrics
+from hpcml.testing import hpcml_cli
+
+LSQ = str(Path(__file__).resolve().parents[1] / "jobs" / "slurm-lsq.toml")
+pytestmark = pytest.mark.usefixtures("slurm_cluster")
+TINY = '"rows=512", "features=16", "checkpoint_every=0"'
+
+
+def _submission(tmp_path: Path, sets: str, slurm: str, extra: str = "") -> Path:
+    path = tmp_path / "sub.toml"
+    path.write_text(f'job = "{LSQ}"\nset = [{TINY}, {sets}]\n[slurm]\n'
+                    f'runs_dir = "{tmp_path / "runs"}"\ntime = "5"\n{slurm}\n{extra}')
+    return path
+
+
+def _submit(path: Path, *args: str) -> str:
+    res = hpcml_cli(1, "slurm", "submit", str(path), *args, cwd=path.parent)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def _finished(job_id: str, tmp_path: Path) -> None:
+    final = wait_for(job_id)
+    outputs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "runs").glob("*.out"))
+    assert set(final) == {"COMPLETED"}, f"job {job_id}: {final}\n{outputs}"
+
+
+def _summaries(where: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(where.rglob("summary.json"))]
+
+
+def test_sbatch_rendered_template_runs_mpi_job(tmp_path):
+    path = _submission(tmp_path, '"steps=10"', 'ntasks_per_node = 2\nlauncher = "mpiexec"')
+    job_id = _submit(path)
+    _finished(job_id, tmp_path)
+    (summary,) = _summaries(tmp_path / "runs" / f"lsq-{job_id}")
+    assert (summary["status"], summary["ranks"], summary["steps_done"]) == ("complete", 2, 10)
+    (env,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("env.json")]
+    assert env["slurm_job_id"] == job_id and env["ranks"] == 2
+
+
+def test_srun_pmi2_step_runs_hpcml_under_mpi(tmp_path):
+    res = subprocess.run(["srun", "--mpi=pmi2", "-n", "2", sys.executable, "-m", "hpcml",
+                          "info"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert info["ranks"] == 2 and info["slurm_job_id"]
+
+
+def test_array_sweep_of_4_tasks_collects_into_one_table(tmp_path):
+    path = _submission(tmp_path, '"steps=8"', 'job_name = "sw"',
+                       '[sweep]\nlr = [0.1, 0.5]\nfeatures = [8, 16]\n')
+    job_id = _submit(path)
+    _finished(job_id, tmp_path)
+    assert len(states(job_id)) == 4
+    sweep_dir = tmp_path / "runs" / f"sw-{job_id}"
+    res = hpcml_cli(1, "sweep", "collect", str(sweep_dir))
+    assert res.returncode == 0, res.stderr
+    lines = (sweep_dir / "sweep.csv").read_text().splitlines()
+    assert lines[0].startswith("index,lr,features,state,")
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r[:4] for r in rows] == [["0", "0.1", "8", "complete"], ["1", "0.1", "16", "complete"],
+                                     ["2", "0.5", "8", "complete"],
+                                     ["3", "0.5", "16", "complete"]]
+    assert "| index | lr | features | state |" in (sweep_dir / "sweep.md").read_text()
+
+
+def test_weak_scaling_series_and_report(tmp_path):
+    path = _submission(tmp_path, '"steps=10"', 'template = "scaling"\nntasks_per_node = 4\n'
+                       'overcommit = true\njob_name = "weak"', "[scaling]\nranks = [1, 2, 4]\n")
+    job_id = _submit(path)
+    _finished(job_id, tmp_path)
+    series = tmp_path / "runs" / f"weak-{job_id}"
+    ranks = sorted(s["ranks"] for s in _summaries(series) if s["kind"] == "scaling")
+    assert ranks == [1, 2, 4]
+    report = json.loads((series / "report" / "report.json").read_text())
+    assert report["measured_up_to"] == 4 and report["alpha_beta"]["alpha"] >= 0
+    sources = [(r["P"], r["source"]) for r in report["rows"]]
+    assert sources[:3] == [(1, "measured"), (2, "measured"), (4, "measured")]
+    assert sources[-1] == (1200, "projection")
+    assert (series / "report" / "scaling.png").stat().st_size > 1000
+    text = (series / "report" / "table.md").read_text()
+    assert "Measurement ends at P = 4" in text and "Model check at P = 4" in text
+
+
+def test_usr1_checkpoints_requeues_and_resumes(tmp_path):
+    path = _submission(tmp_path, '"steps=80", "step_sleep=0.02", \'mode="strong"\'',
+                       'ntasks_per_node = 2\nlauncher = "srun"\njob_name = "pre"')
+    job_id = _submit(path)
+    run_root = tmp_path / "runs" / f"pre-{job_id}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        metrics = list(run_root.glob("*/metrics.jsonl"))
+        if metrics and len(read_metrics(metrics[0])) >= 5:
+            break
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    while time.monotonic() < deadline and states(job_id) != ["PENDING"]:
+        time.sleep(0.3)
+    # A requeued job waits for a begin time Slurm sets; start it now.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+    _finished(job_id, tmp_path)
+    (summary,) = _summaries(run_root)
+    assert (summary["status"], summary["steps_done"], summary["restarts"]) == ("complete", 80, 1)
+    assert 0 < summary["steps_this_run"] < 80
+    records = read_metrics(metrics[0])
+    assert [r["step"] for r in records] == list(range(1, 81))
+    assert {r["restart"] for r in records} == {0, 1}
+
+
+def test_unknown_partition_shows_slurm_message_and_hint(tmp_path):
+    path = _submission(tmp_path, '"steps=1"', "")
+    res = hpcml_cli(1, "slurm", "submit", str(path), "--partition", "nope", cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("sbatch: error:") and "partition" in lines[0].lower()
+    assert lines[-1].startswith("hpcml: hint:") and "sinfo -s" in lines[-1]
+    assert not list((tmp_path / "runs").glob("*.sbatch"))
+
+
+def test_impossible_resources_show_slurm_message_and_hint(tmp_path):
+    path = _submission(tmp_path, '"steps=1"', "")
+    res = hpcml_cli(1, "slurm", "submit", str(path), "--ntasks-per-node", "512", cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert lines[0].startswith("sbatch: error:") and "More processors requested" in lines[0]
+    assert lines[-1].startswith("hpcml: hint:") and "--ntasks-per-node" in lines[-1]
