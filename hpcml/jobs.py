@@ -20,6 +20,8 @@ from hpcml.rundir import RunDir
 
 KINDS: dict[str, str] = {
     "bench-collectives": "hpcml.bench.collectives",
+    "bench-reduction": "hpcml.nmt.bench",
+    "transformer-nmt": "hpcml.nmt.train",
 }
 
 
