@@ -110,7 +110,7 @@ def _time_method(cfg: ReductionConfig, ctx: RunContext, method: str, stream: Tra
         net = model
 
         def synchronize() -> None:
-            optimizer.synchronize()
+            """Horovod's ``step()`` waits for its own allreduces."""
 
         def memory() -> None:
             return None

@@ -93,8 +93,9 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                 record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
                                                        t.label_smoothing)
                 history.append({"step": step, "valid_loss": record["valid_loss"]})
-                bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
-                          f"{record['valid_loss']:.4f}") if ctx.is_root else None
+                if ctx.is_root:
+                    bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
+                              f"{record['valid_loss']:.4f}")
             if ctx.is_root:
                 ctx.run_dir.log_metrics(**record)
             if stop:
