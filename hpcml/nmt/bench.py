@@ -1,7 +1,8 @@
 """``hpcml bench reduction``: gradient exchange of the transformer at the P it is launched with.
 
 On the same model (seed), data (each rank's shard of the corpus, ``batch_per_rank`` sentences
-per rank per step: weak scaling, as in the paper's Fig. 6) and optimizer, in the same run, each
+per rank per step: weak scaling, like the paper's
+weak-scaling runs) and optimizer, in the same run, each
 method trains ``warmup`` untimed then ``steps`` timed steps:
 
 - ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: hpcml's exchanges

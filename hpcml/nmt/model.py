@@ -7,10 +7,11 @@ gradient is *sparse*, as in the frameworks of arXiv 1905.04035.
 - With ``sparse=True`` the embedding lookups give sparse COO gradients, and the output projection
   :class:`SparseTiedProjection` returns its (dense) weight gradient as a COO tensor covering all
   ``vocab`` rows. That is what TensorFlow did when it summed the projection's dense gradient with
-  the embeddings' ``IndexedSlices`` (paper §3: the result is "assumed sparse" although it covers
-  the whole vocabulary), so the tied weight's ``.grad`` is an uncoalesced sparse tensor with
-  ``src tokens + tgt tokens + vocab`` rows, and a sparse allgather of it moves more than a dense
-  allreduce would. With ``sparse=False`` every gradient is dense (the torch-DDP peer).
+  the embeddings' ``IndexedSlices`` (the paper's account of TensorFlow's tensor accumulation:
+  the result is "assumed sparse" although it covers the whole vocabulary), so the tied weight's
+  ``.grad`` is an uncoalesced sparse tensor with more rows than the vocabulary (all ``vocab``
+  projection rows plus rows for the looked-up tokens), and a sparse allgather of it moves more
+  than a dense allreduce would. With ``sparse=False`` every gradient is dense (the torch-DDP peer).
 - Loss: label-smoothed cross entropy (Szegedy et al. 2016, Vaswani §5.4) summed over non-PAD
   target tokens; learning rate: Vaswani Eq. (3), :func:`noam_lr`.
 """

@@ -1,8 +1,8 @@
 """``auto``: per-tensor choice between sparse allgather and dense allreduce from a cost model.
 
 For a gradient of ``rows`` rows of ``b`` bytes whose largest per-rank sparse payload has ``n``
-rows, on P ranks, with ring algorithms (the bandwidth terms of the analysis in arXiv 1905.04035
-§4, after Thakur et al. 2005):
+rows, on P ranks (bandwidth terms of the ring algorithms of Thakur, Rabenseifner & Gropp 2005,
+the argument arXiv 1905.04035 makes for replacing the gather):
 
 - allgather receives ``(P - 1) n (b + 8)`` bytes per rank (each of the other ranks' rows plus an
   int64 index) and needs ``P n (b + 8)`` bytes of receive buffer;

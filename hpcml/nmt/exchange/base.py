@@ -1,4 +1,4 @@
-"""The one gradient-exchange mechanism every strategy shares (arXiv 1905.04035, §3-4).
+"""The one gradient-exchange mechanism every strategy shares (arXiv 1905.04035).
 
 :class:`GradientExchange` averages the gradients of a model over the ranks of a communicator
 after ``loss.backward()``; :meth:`GradientExchange.synchronize` leaves on every rank the mean of

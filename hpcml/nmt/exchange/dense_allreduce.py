@@ -1,5 +1,6 @@
-"""Dense allreduce of assumed-sparse gradients: the fix of arXiv 1905.04035 (§4, "sparse as
-dense"). Every gradient, the sparse embedding's included, is densified into the fused buckets of
+"""Dense allreduce of assumed-sparse gradients: the fix of arXiv 1905.04035 (the Horovod
+modification that converts assumed-sparse tensors to dense, ``sparse_as_dense``). Every gradient,
+the sparse embedding's included, is densified into the fused buckets of
 :class:`~hpcml.nmt.exchange.base.GradientExchange` and reduced by non-blocking allreduce from the
 gradient hooks, so the exchange buffers are the model's size on every rank, independent of P.
 """

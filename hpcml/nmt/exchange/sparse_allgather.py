@@ -1,4 +1,5 @@
-"""Sparse allgather of assumed-sparse gradients: the baseline of arXiv 1905.04035 (§3, Fig. 2).
+"""Sparse allgather of assumed-sparse gradients: the baseline that arXiv 1905.04035
+replaced (Horovod's gather of TensorFlow ``IndexedSlices``).
 
 Each rank contributes its gradient's row indices and rows as they are (uncoalesced, as
 Horovod's allgather of ``IndexedSlices`` did); every rank receives all P payloads
