@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,6 +179,8 @@ def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
             ("exchange_peak_KiB", "exchange peak KiB/rank", ".1f"),
             ("recv_KiB_per_step", "received KiB/step/rank", ".1f")])
         notes = "".join(f"\n{m}: skipped ({why})" for m, why in skipped.items())
+        notes += (f"\nP={comm.size} run on {platform.node()}: {os.cpu_count()} cores, load "
+                  f"average {os.getloadavg()[0]:.1f} at the end")
         ctx.run_dir.write_text("table.md", table + "\n" + notes + "\n")
         print(table + notes)
         _plot(everything, ctx)
