@@ -1,9 +1,10 @@
 """``hpcml bench reduction``: gradient exchange of the transformer at the P it is launched with.
 
 On the same model (seed), data (each rank's shard of the corpus, ``batch_per_rank`` sentences
-per rank per step: weak scaling, like the paper's
-weak-scaling runs) and optimizer, in the same run, each
-method trains ``warmup`` untimed then ``steps`` timed steps:
+per rank per step: weak scaling, like the paper's weak-scaling runs) and optimizer, in the same
+run, every method takes ``warmup`` untimed then ``steps`` timed steps; the methods alternate
+step by step on the same batch (in an order rotated every step), so that drift in machine load
+hits them alike:
 
 - ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: hpcml's exchanges
   (:mod:`hpcml.nmt.exchange`); exchange memory is their measured peak of exchange buffers
@@ -79,60 +80,82 @@ def _model(cfg: ReductionConfig, vocab: int, sparse: bool) -> Transformer:
     return Transformer(vocab, m.d_model, m.heads, m.layers, m.ff, m.dropout, sparse=sparse)
 
 
-def _time_method(cfg: ReductionConfig, ctx: RunContext, method: str, stream: TrainStream,
-                 vocab: int) -> dict[str, Any]:
+@dataclasses.dataclass
+class _Runner:
+    """One method ready to step: its network, optimizer, exchange and measurements."""
+
+    method: str
+    net: torch.nn.Module
+    optimizer: Any
+    synchronize: Callable[[], None]
+    memory: Callable[[], int | None]
+    exchanged: int = 0
+    times: list[float] = dataclasses.field(default_factory=list)
+    tokens: list[int] = dataclasses.field(default_factory=list)
+
+
+def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _Runner:
+    """Model (same seed for every method), optimizer and exchange of ``method``. Collective."""
     comm, bucket = ctx.comm, cfg.bucket_kib * 1024
     model = _model(cfg, vocab, sparse=method in STRATEGIES)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     broadcast_state(comm, model, optimizer)
-    torch.manual_seed(1 + comm.rank)
-    memory: Callable[[], int | None]
-    exchanged = [0]
     if method in STRATEGIES:
         exchange = make_exchange(method, comm, model, bucket)
+        runner = _Runner(method, model, optimizer, exchange.synchronize,
+                         lambda: exchange.memory.peak)
 
         def synchronize() -> None:
             before = comm.ledger.bytes_received()
             exchange.synchronize()
-            exchanged[0] += comm.ledger.bytes_received() - before
+            runner.exchanged += comm.ledger.bytes_received() - before
 
-        def memory() -> int:
-            return exchange.memory.peak
-
-        net = model
-    elif method == "ddp":
+        runner.synchronize = synchronize
+        return runner
+    if method == "ddp":
         net = peers.ddp(comm, model, bucket)
+        runner = _Runner(method, net, optimizer, lambda: None,
+                         lambda: peers.ddp_bucket_bytes(net))
 
-        def synchronize() -> None:
-            exchanged[0] += peers.ddp_bucket_bytes(net) or 0
+        def counted() -> None:
+            runner.exchanged += peers.ddp_bucket_bytes(net) or 0
 
-        def memory() -> int | None:
-            return peers.ddp_bucket_bytes(net)
-    else:
-        optimizer = peers.horovod_optimizer(model, optimizer)
-        net = model
+        runner.synchronize = counted
+        return runner
+    # Horovod's step() waits for its own allreduces; it reports no exchange memory.
+    return _Runner(method, model, peers.horovod_optimizer(model, optimizer), lambda: None,
+                   lambda: None)
 
-        def synchronize() -> None:
-            """Horovod's ``step()`` waits for its own allreduces."""
 
-        def memory() -> None:
-            return None
-    times, tokens = [], []
+def _measure(cfg: ReductionConfig, ctx: RunContext, runners: list[_Runner],
+             stream: TrainStream) -> None:
+    """Step every method on the same batch, in an order rotated each step, so that changes of
+    machine load hit all methods alike; time the steps after ``warmup``. Collective."""
+    comm = ctx.comm
+    torch.manual_seed(1 + comm.rank)
     for step in range(cfg.warmup + cfg.steps):
         if step == cfg.warmup:
-            exchanged[0] = 0
+            for r in runners:
+                r.exchanged = 0
             comm.barrier()
-        start = time.perf_counter()
-        _, n, _ = train_step(comm, net, stream.batch(step), optimizer, synchronize, 0.1, cfg.lr)
-        if step >= cfg.warmup:
-            times.append(time.perf_counter() - start)
-            tokens.append(n)
-    step_s = comm.allreduce(median(times), op="max")
-    peak = memory()
+        batch = stream.batch(step)
+        shift = step % len(runners)
+        for r in runners[shift:] + runners[:shift]:
+            start = time.perf_counter()
+            _, n, _ = train_step(comm, r.net, batch, r.optimizer, r.synchronize, 0.1, cfg.lr)
+            if step >= cfg.warmup:
+                r.times.append(time.perf_counter() - start)
+                r.tokens.append(n)
+
+
+def _row(cfg: ReductionConfig, comm: Any, r: _Runner) -> dict[str, Any]:
+    """The table row of one measured method (collective: slowest rank's values)."""
+    step_s = comm.allreduce(median(r.times), op="max")
+    peak = r.memory()
     peak = comm.allreduce(peak, op="max") if peak is not None else None
-    moved = comm.allreduce(exchanged[0] / cfg.steps, op="max") if method != "horovod" else None
-    return {"P": comm.size, "method": method, "step_ms": step_s * 1e3,
-            "tokens_per_s": float(np.mean(tokens)) / step_s, "exchange_peak_bytes": peak,
+    moved = comm.allreduce(r.exchanged / cfg.steps, op="max") if r.method != "horovod" else None
+    return {"P": comm.size, "method": r.method, "step_ms": step_s * 1e3,
+            "tokens_per_s": float(np.mean(r.tokens)) / step_s, "exchange_peak_bytes": peak,
             "exchange_peak_KiB": peak / 1024 if peak is not None else None,
             "recv_KiB_per_step": moved / 1024 if moved is not None else None}
 
@@ -158,7 +181,7 @@ def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
     shard = read_shard(cfg.data.path, "train", comm.rank, comm.size)
     stream = TrainStream(shard, cfg.batch_per_rank, comm.size, cfg.seed, comm.rank)
     skipped: dict[str, str] = {}
-    rows = []
+    runners = []
     for method in cfg.methods:
         if method == "horovod":
             reason = comm.allgather(peers.horovod_unavailable())
@@ -167,8 +190,11 @@ def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
                 ctx.log(f"  horovod: skipped ({skipped[method]}); install it with "
                         "pip install 'hpcml[horovod]' where it builds")
                 continue
-        rows.append(_time_method(cfg, ctx, method, stream, vocab))
-        ctx.log(f"  {method:<17} P={comm.size}: {rows[-1]['step_ms']:.1f} ms/step")
+        runners.append(_setup(cfg, ctx, method, vocab))
+    _measure(cfg, ctx, runners, stream)
+    rows = [_row(cfg, comm, r) for r in runners]
+    for row in rows:
+        ctx.log(f"  {row['method']:<17} P={comm.size}: {row['step_ms']:.1f} ms/step")
     comm.ledger.reset()
     summary: dict[str, Any] = {"rows": rows, "skipped": skipped}
     if ctx.is_root:
