@@ -26,6 +26,8 @@ KINDS: dict[str, str] = {
     "bench-consensus": "hpcml.consensus.bench",
     "bench-privacy": "hpcml.privacy.bench",
     "scaling": "hpcml.slurm.scaling",
+    "bench-reduction": "hpcml.nmt.bench",
+    "transformer-nmt": "hpcml.nmt.train",
 }
 
 

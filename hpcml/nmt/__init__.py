@@ -1,0 +1,9 @@
+"""Data-parallel transformer NMT with sparse-allgather vs dense-allreduce gradient exchange
+(arXiv 1905.04035; see shared/PAPERS.md §1).
+
+Modules: :mod:`vocab` (tokenizer, vocabulary), :mod:`corpus` (deterministic parallel corpus ->
+HDF5), :mod:`data` (rank-sharded HDF5 loader), :mod:`model` (encoder-decoder transformer with
+tied, sparse-gradient embeddings), :mod:`exchange` (the gradient-exchange strategies),
+:mod:`state` (broadcast, checkpoints), :mod:`decode` (greedy decoding + BLEU), :mod:`train`
+(job kind ``transformer-nmt``), :mod:`bench` (job kind ``bench-reduction``).
+"""

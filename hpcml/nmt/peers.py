@@ -1,0 +1,72 @@
+"""The reference implementations the reduction benchmark runs beside hpcml's exchanges.
+
+- torch DDP over gloo: ``torch.distributed`` is initialised once per process with rank and size
+  from the hpcml communicator and a TCP rendezvous on rank 0 (127.0.0.1 when all ranks share a
+  node, else rank 0's host name) at a free port that rank 0 picks and broadcasts. DDP gets the
+  all-dense model (``sparse=False``): its buckets are allreduced during backward, the dense
+  path of the paper.
+- Horovod (``hvd.DistributedOptimizer(..., sparse_as_dense=True)``), only where
+  ``horovod.torch`` imports; :func:`horovod_unavailable` says why not otherwise.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpcml.comm import Communicator
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+def init_gloo(comm: Communicator) -> None:
+    """Initialise the default torch.distributed process group (gloo) once. Collective."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    single_node = comm.split_shared().size == comm.size
+    host = "127.0.0.1" if single_node else socket.gethostname()
+    addr = comm.bcast((host, _free_port()) if comm.rank == 0 else None)
+    dist.init_process_group("gloo", init_method=f"tcp://{addr[0]}:{addr[1]}",
+                            rank=comm.rank, world_size=comm.size)
+
+
+def ddp(comm: Communicator, model: nn.Module, bucket_bytes: int) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel (gloo). Collective."""
+    init_gloo(comm)
+    return nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_bytes / 2**20)
+
+
+def ddp_bucket_bytes(model: nn.Module) -> int | None:
+    """Bytes of DDP's gradient buckets as its reducer reports them (after one backward)."""
+    sizes = str(model._get_ddp_logging_data().get("bucket_sizes", ""))
+    values = [int(s) for s in sizes.split(",") if s.strip()]
+    return sum(values) if values else None
+
+
+def horovod_unavailable() -> str | None:
+    """``None`` when ``horovod.torch`` imports, else the reason (first line of the error)."""
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "skip Horovod"
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def horovod_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
+    """Horovod's DistributedOptimizer with ``sparse_as_dense=True`` (the paper's fix), after
+    broadcasting rank 0's parameters; only call when :func:`horovod_unavailable` is None."""
+    import horovod.torch as hvd
+
+    hvd.init()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                    sparse_as_dense=True)

@@ -1,0 +1,129 @@
+"""Job kind ``transformer-nmt``: data-parallel training of :class:`~hpcml.nmt.model.Transformer`
+on the numbers corpus with a chosen gradient exchange (arXiv 1905.04035).
+
+Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
+broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's
+dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
+``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
+SIGUSR1 on any rank, checkpoint after the current step and stop; finally greedy-decode the test
+split and report corpus BLEU. A run resumed from a checkpoint takes exactly the steps the
+uninterrupted run would (same batches, dropout masks, optimizer state and learning rates).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from hpcml.jobs import JobKind, RunContext
+from hpcml.nmt.config import NMTConfig
+from hpcml.nmt.data import TrainStream, read_shard, read_vocab
+from hpcml.nmt.decode import corpus_bleu, validation_loss
+from hpcml.nmt.exchange import make_exchange
+from hpcml.nmt.model import Transformer, noam_lr
+from hpcml.nmt.signals import StopFlag
+from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
+from hpcml.nmt.step import train_step
+
+
+def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transformer:
+    """The model of ``cfg``, initialised from ``cfg.seed`` (identical on every rank)."""
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    return Transformer(vocab_size, m.d_model, m.heads, m.layers, m.ff, m.dropout, sparse=sparse)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam with Vaswani §5.3's betas and epsilon; the learning rate is set every step."""
+    return torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+
+
+def seed_rank(seed: int, rank: int) -> None:
+    """This rank's own dropout stream (distinct per rank, fixed by the job seed)."""
+    torch.manual_seed(np.random.SeedSequence([seed, rank, 1]).generate_state(1)[0])
+
+
+def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
+    comm, t = ctx.comm, cfg.train
+    vocab = read_vocab(cfg.data.path)
+    model = build_model(cfg, len(vocab))
+    optimizer = make_optimizer(model)
+    exchange = make_exchange(t.grad_reduction, comm, model, t.bucket_kib * 1024,
+                             on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
+    start, history = 0, []
+    if ctx.resume is not None:
+        record = load_checkpoint(comm, ctx.run_dir.path, model, optimizer)
+        start, history = record["step"], record["history"]
+        ctx.log(f"resumed from step {start}")
+    else:
+        broadcast_state(comm, model, optimizer)
+        seed_rank(cfg.seed, comm.rank)
+    train = read_shard(cfg.data.path, "train", comm.rank, comm.size)
+    valid = read_shard(cfg.data.path, "valid", comm.rank, comm.size)
+    stream = TrainStream(train, t.batch_size // comm.size, comm.size, cfg.seed, comm.rank)
+    ctx.log(f"{train.total} training pairs, vocabulary {len(vocab)}, "
+            f"{sum(p.numel() for p in model.parameters())} parameters, "
+            f"{stream.steps_per_epoch} steps/epoch, exchange {t.grad_reduction}")
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(comm, ctx.run_dir.path, model, optimizer, step,
+                        {"history": history, "epoch": step // stream.steps_per_epoch})
+
+    stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
+    bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",
+               dynamic_ncols=True)
+    with StopFlag() as flag:
+        for step in range(start + 1, t.steps + 1):
+            comm.straggle(step)
+            tick = time.perf_counter()
+            lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
+            loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), optimizer,
+                                            exchange.synchronize, t.label_smoothing, lr,
+                                            stop=flag.requested is not None)
+            busy += time.perf_counter() - tick
+            tokens_total += tokens
+            record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}")
+            if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
+                record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
+                                                       t.label_smoothing)
+                history.append({"step": step, "valid_loss": record["valid_loss"]})
+                if ctx.is_root:
+                    bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
+                              f"{record['valid_loss']:.4f}")
+            if ctx.is_root:
+                ctx.run_dir.log_metrics(**record)
+            if stop:
+                stopped = flag.requested or "signal on another rank"
+                checkpoint(step)
+                break
+            if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \
+                    or step == t.steps:
+                checkpoint(step)
+    bar.close()
+    summary: dict[str, Any] = {
+        "steps": step, "train_loss": loss, "grad_reduction": t.grad_reduction,
+        "exchange_peak_bytes": exchange.memory.peak, "auto_choices": exchange.choices,
+        "tokens_per_s": tokens_total / busy if busy else None, "stopped_by": stopped,
+        "valid_loss": validation_loss(comm, model, valid, cfg.eval.batch_size,
+                                      t.label_smoothing)}
+    if stopped is None and cfg.eval.bleu:
+        test = read_shard(cfg.data.path, "test", comm.rank, comm.size)
+        bleu, hyps = corpus_bleu(comm, model, test, cfg.eval.batch_size, vocab)
+        summary["test_bleu"] = bleu
+        if ctx.is_root:
+            ctx.run_dir.write_text("test-hypotheses.txt", "\n".join(hyps) + "\n")
+    ctx.log(f"done: step {step}, valid loss {summary['valid_loss']:.4f}"
+            + (f", test BLEU {summary['test_bleu']:.2f}" if "test_bleu" in summary else "")
+            + (f" (stopped by {stopped}; resume with --resume {ctx.run_dir.path})"
+               if stopped else ""))
+    return summary
+
+
+JOB = JobKind(config=NMTConfig, run=run,
+              description="data-parallel transformer NMT, sparse allgather vs dense allreduce")

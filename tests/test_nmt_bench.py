@@ -1,0 +1,57 @@
+"""``hpcml bench reduction`` end to end on 2 ranks with a tiny model: rows for every method,
+the memory facts the paper predicts, accumulation over runs, and bad input exits 2."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hpcml.nmt.corpus import generate
+from hpcml.testing import hpcml_cli
+
+JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "bench-reduction.toml")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return generate(tmp_path_factory.mktemp("nmtbench") / "c.h5", pairs=120, max_number=999)
+
+
+def args(tmp_path, corpus, *extra):
+    out = []
+    for kv in ["model.d_model=16", "model.heads=2", "model.layers=1", "model.ff=32",
+               "batch_per_rank=4", "steps=2", "warmup=1", f"data.path={corpus}",
+               f"runs_dir={tmp_path / 'runs'}", f"results={tmp_path / 'rows.jsonl'}", *extra]:
+        out += ["--set", kv]
+    return out
+
+
+def test_bench_reduction_two_ranks(tmp_path, corpus):
+    res = hpcml_cli(2, "bench", "reduction", JOB, *args(tmp_path, corpus), cwd=tmp_path,
+                    timeout=180)
+    assert res.returncode == 0, res.stderr
+    rows = {r["method"]: r for r in map(json.loads, (tmp_path / "rows.jsonl").read_text()
+                                        .splitlines())}
+    assert {"sparse_allgather", "dense_allreduce", "ddp"} <= set(rows)
+    assert all(r["P"] == 2 and r["step_ms"] > 0 for r in rows.values())
+    dense, sparse = rows["dense_allreduce"], rows["sparse_allgather"]
+    assert dense["exchange_peak_bytes"] == rows["ddp"]["exchange_peak_bytes"]  # model size
+    assert sparse["exchange_peak_bytes"] > dense["exchange_peak_bytes"]
+    assert sparse["recv_KiB_per_step"] > dense["recv_KiB_per_step"]
+    if "horovod" not in rows:
+        assert "horovod: skipped (" in res.stdout
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "reduction.png").stat().st_size > 0
+    assert "| 2 | dense_allreduce |" in (run / "table.md").read_text()
+    res = hpcml_cli(1, "bench", "reduction", JOB, *args(tmp_path, corpus, "methods=['ddp']"),
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    merged = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert sorted({r["P"] for r in merged}) == [1, 2] and len(merged) == len(rows) + 1
+
+
+def test_bench_reduction_bad_methods_exit_2(tmp_path, corpus):
+    res = hpcml_cli(1, "bench", "reduction", JOB,
+                    *args(tmp_path, corpus, "methods=['ddp', 'ddp']"), cwd=tmp_path)
+    assert res.returncode == 2 and "methods:" in res.stderr, res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,140 @@
+"""Distributed behaviour of the gradient exchanges at 1, 2 and 4 ranks: reduced gradients equal
+the single-process gradient of the concatenated global batch, all strategies give the same update,
+parameters stay identical across ranks, and the sparse payload grows with P as the paper says."""
+
+import numpy as np
+import torch
+
+from hpcml.comm import chunk_bounds
+from hpcml.nmt.data import collate
+from hpcml.nmt.exchange import STRATEGIES, ExchangeMemory, allgather_sparse, make_exchange
+from hpcml.nmt.model import Transformer, smoothed_loss_sum
+from hpcml.nmt.state import broadcast_state
+from hpcml.nmt.step import backward, global_counts, train_step
+from hpcml.testing import mpi_test
+
+VOCAB, GLOBAL_BATCH = 24, 8
+
+
+def global_sentences(step=0):
+    rng = np.random.default_rng(42 + step)
+    src = [rng.integers(4, VOCAB, int(rng.integers(2, 7))) for _ in range(GLOBAL_BATCH)]
+    tgt = [rng.integers(4, VOCAB, int(rng.integers(1, 6))) for _ in range(GLOBAL_BATCH)]
+    return src, tgt
+
+
+def rank_batch(comm, step=0):
+    src, tgt = global_sentences(step)
+    lo, hi = chunk_bounds(GLOBAL_BATCH, comm.size, comm.rank)
+    return collate(src[lo:hi], tgt[lo:hi])
+
+
+def tiny(sparse=True, dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(VOCAB, d_model=16, heads=2, layers=1, ff=32, dropout=dropout,
+                       sparse=sparse)
+
+
+def reference_grads():
+    """Single process, whole global batch, global mean loss."""
+    model = tiny()
+    b = collate(*global_sentences())
+    (smoothed_loss_sum(model(b.src, b.tgt_in), b.tgt_out, 0.1) / b.tokens).backward()
+    return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad)
+            for n, p in model.named_parameters()}
+
+
+@mpi_test()
+def test_reduced_gradients_equal_global_batch_gradient(comm):
+    ref = reference_grads()
+    batch = rank_batch(comm)
+    for name in STRATEGIES:
+        model = tiny()
+        exchange = make_exchange(name, comm, model, bucket_bytes=4096)
+        tokens, _ = global_counts(comm, batch.tokens)
+        backward(model, batch, 0.1, tokens, comm.size)
+        exchange.synchronize()
+        for pname, p in model.named_parameters():
+            assert not p.grad.is_sparse, (name, pname)
+            torch.testing.assert_close(p.grad, ref[pname], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=name, q=pname: f"{n} {q}: {m}")
+        if name == "auto":  # tied embedding: the rows cover the vocabulary, dense is cheaper
+            assert exchange.choices == {"embed.weight": "allreduce"}
+        exchange.remove_hooks()
+    check_exchange_memory(comm)
+
+
+def run_steps(comm, strategy, steps=3, adam=False):
+    """Parameters after ``steps`` steps of SGD with momentum (linear in the gradient, so float
+    rounding differences between exchanges stay at rounding size; Adam's first steps are
+    sign(g) x lr and would amplify them for near-zero gradients) or of Adam."""
+    model = tiny(dropout=0.1, seed=comm.rank)  # different init per rank: broadcast fixes it
+    opt = (torch.optim.Adam(model.parameters(), lr=0.0) if adam
+           else torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9))
+    broadcast_state(comm, model, opt)
+    torch.manual_seed(1000 + comm.rank)
+    exchange = make_exchange(strategy, comm, model, bucket_bytes=2048)
+    for step in range(steps):
+        train_step(comm, model, rank_batch(comm, step), opt, exchange.synchronize, 0.1, 0.5)
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@mpi_test()
+def test_strategies_same_update_and_params_identical_across_ranks(comm):
+    results = {name: run_steps(comm, name) for name in STRATEGIES}
+    adam = run_steps(comm, "sparse_allgather", adam=True)
+    for name, flat in [*results.items(), ("adam", adam)]:
+        everyone = torch.empty(comm.size * flat.numel())
+        comm.Allgather(flat, everyone)
+        for r in range(comm.size):
+            assert torch.equal(everyone.view(comm.size, -1)[r], flat), (name, r)
+        if name != "adam":
+            torch.testing.assert_close(flat, results["dense_allreduce"], rtol=1e-5, atol=1e-6)
+    start = tiny(seed=0)
+    moved = torch.cat([p.detach().reshape(-1) for p in start.parameters()])
+    assert not torch.allclose(moved, results["dense_allreduce"])
+    check_sparse_allgather_payload_and_traffic(comm)
+
+
+def check_sparse_allgather_payload_and_traffic(comm):
+    p, r = comm.size, comm.rank
+    rows, d = 10, 3
+    nnz = r + 2
+    idx = torch.tensor([[(r + k) % rows for k in range(nnz)]])
+    vals = torch.full((nnz, d), float(r + 1))
+    grad = torch.sparse_coo_tensor(idx, vals, (rows, d), check_invariants=False)
+    before = comm.ledger.totals().get("Allgatherv", {"bytes_received": 0})["bytes_received"]
+    memory = ExchangeMemory()
+    total = allgather_sparse(comm, grad, memory)
+    expected = torch.zeros(rows, d)
+    for q in range(p):
+        for k in range(q + 2):
+            expected[(q + k) % rows] += q + 1
+    assert torch.equal(total.to_dense(), expected)
+    gathered_rows = sum(q + 2 for q in range(p))
+    received = comm.ledger.totals()["Allgatherv"]["bytes_received"] - before
+    assert received == gathered_rows * (8 + 4 * d)
+    coalesced = total._nnz() * (8 + 4 * d)
+    assert memory.peak == gathered_rows * (8 + 4 * d) + 8 * p + coalesced
+    assert memory.current == 0
+
+
+def check_exchange_memory(comm):
+    """Dense: the model's size at any P; sparse: the dense rest + P payloads + the sum."""
+    batch = rank_batch(comm)
+    peaks = {}
+    for name in ("dense_allreduce", "sparse_allgather"):
+        model = tiny()
+        exchange = make_exchange(name, comm, model, bucket_bytes=4096)
+        tokens, _ = global_counts(comm, batch.tokens)
+        backward(model, batch, 0.1, tokens, comm.size)
+        nnz = model.embed.weight.grad._nnz()
+        exchange.synchronize()
+        peaks[name] = exchange.memory.peak
+        exchange.remove_hooks()
+    n_params = sum(q.numel() for q in tiny().parameters())
+    assert peaks["dense_allreduce"] == 4 * n_params  # the model's size, whatever P
+    all_nnz = comm.allgather(nnz)
+    emb = VOCAB * 16
+    payload = sum(all_nnz) * (8 + 4 * 16) + 8 * comm.size
+    assert peaks["sparse_allgather"] == 4 * (n_params - emb) + payload + emb * 4 + VOCAB * 8
