@@ -16,8 +16,8 @@ from hpcml.nmt.exchange import ExchangeMemory, plan_buckets
 from hpcml.nmt.exchange.auto import allgather_bytes, allgather_cheaper, allreduce_bytes
 from hpcml.nmt.exchange.base import densify_into
 from hpcml.nmt.model import Transformer, noam_lr, smoothed_loss_sum
-from hpcml.nmt.signals import StopFlag
 from hpcml.nmt.vocab import BOS, EOS, PAD, UNK, build_vocab, decode, detokenize, encode, tokenize
+from hpcml.preemption import Preemption
 
 
 @pytest.fixture(scope="module")
@@ -167,12 +167,12 @@ def test_greedy_stops_and_pads():
 
 def test_stop_flag_catches_sigusr1_and_sigterm():
     before = signal.getsignal(signal.SIGUSR1)
-    with StopFlag() as flag:
-        assert flag.requested is None
+    with Preemption() as flag:
+        assert flag.received is None
         os.kill(os.getpid(), signal.SIGUSR1)
-        assert flag.requested == "SIGUSR1"
+        assert flag.received == "SIGUSR1"
         os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested == "SIGTERM"
+        assert flag.received == "SIGTERM"
     assert signal.getsignal(signal.SIGUSR1) == before
 
 

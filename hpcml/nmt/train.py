@@ -25,9 +25,9 @@ from hpcml.nmt.data import TrainStream, read_shard, read_vocab
 from hpcml.nmt.decode import corpus_bleu, validation_loss
 from hpcml.nmt.exchange import make_exchange
 from hpcml.nmt.model import Transformer, noam_lr
-from hpcml.nmt.signals import StopFlag
 from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
 from hpcml.nmt.step import train_step
+from hpcml.preemption import Preemption
 
 
 def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transformer:
@@ -76,14 +76,14 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
     bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",
                dynamic_ncols=True)
-    with StopFlag() as flag:
+    with Preemption() as flag:
         for step in range(start + 1, t.steps + 1):
             comm.straggle(step)
             tick = time.perf_counter()
             lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
             loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), optimizer,
                                             exchange.synchronize, t.label_smoothing, lr,
-                                            stop=flag.requested is not None)
+                                            stop=flag.local)
             busy += time.perf_counter() - tick
             tokens_total += tokens
             record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
@@ -99,7 +99,7 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
             if ctx.is_root:
                 ctx.run_dir.log_metrics(**record)
             if stop:
-                stopped = flag.requested or "signal on another rank"
+                stopped = flag.received or "signal on another rank"
                 checkpoint(step)
                 break
             if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \

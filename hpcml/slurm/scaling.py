@@ -12,7 +12,7 @@ computation/communication pattern whose weak and strong scaling the Sparse Allre
   total is fixed. Row ``i`` of the data depends only on ``seed`` and ``i``, hence a strong-scaling
   run computes the same iterates on any number of ranks (up to summation order).
 
-Preemption: SIGUSR1/SIGTERM (see :mod:`hpcml.slurm.signals`) make every rank stop at the same
+Preemption: SIGUSR1/SIGTERM (see :mod:`hpcml.preemption`) make every rank stop at the same
 step; rank 0 saves ``checkpoint.npz`` (w, step) atomically and the summary says
 ``status = "preempted"``. ``--resume RUN_DIR`` continues from that step. The run also checkpoints
 every ``checkpoint_every`` steps, so a hard kill loses at most that many steps.
@@ -31,8 +31,8 @@ from hpcml.comm import Communicator, chunk_bounds
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError, UsageError
 from hpcml.jobs import JobKind, RunContext
+from hpcml.preemption import Preemption, restart_count
 from hpcml.rundir import atomic_write
-from hpcml.slurm.signals import Preemption, restart_count
 
 BLOCK = 256  # rows generated per seeded block, so row i never depends on the rank count
 

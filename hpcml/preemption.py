@@ -1,0 +1,70 @@
+"""Preemption: SIGUSR1 (Slurm's ``--signal`` pre-timeout warning) and SIGTERM become a flag that
+a job reads at its next step boundary, so it can checkpoint and stop instead of dying mid-step.
+
+The Slurm templates ask for ``--signal=B:USR1@<seconds>`` and ``--requeue``; the batch shell
+forwards the signal to the launcher (Hydra's ``mpiexec`` and ``srun`` both pass SIGUSR1 and
+SIGTERM on to every rank), waits for hpcml to exit and requeues the job, whose next run passes
+``--resume`` to the run directory it left. A job uses it like this::
+
+    with Preemption() as stop:                  # every rank, around the loop
+        for step in range(start, cfg.steps):
+            ...work...
+            if stop.requested(comm):            # collective: all ranks agree
+                save_checkpoint(...); return {"status": "preempted", ...}
+
+Signals reach ranks at different moments, so the decision must be collective: ``requested`` is
+one small allreduce, or a job may fold ``stop.local`` into an allreduce it already makes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from types import FrameType
+
+from hpcml.comm import Communicator
+
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class Preemption:
+    """A flag set by SIGUSR1/SIGTERM while the context is active (previous handlers are restored
+    on exit). ``install()`` activates it for the rest of the process instead."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._old: dict[int, object] = {}
+
+    @classmethod
+    def install(cls) -> Preemption:
+        """Activate a flag for the rest of the process (not collective)."""
+        return cls().__enter__()
+
+    def __enter__(self) -> Preemption:
+        for sig in SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum).name
+
+    @property
+    def local(self) -> bool:
+        """Whether this rank has received a signal (no communication)."""
+        return self.received is not None
+
+    def requested(self, comm: Communicator) -> bool:
+        """True on every rank when any rank has received a signal. Collective over ``comm``."""
+        return bool(comm.allreduce(int(self.local), op="max"))
+
+
+def restart_count() -> int:
+    """How many times Slurm has requeued this job (``SLURM_RESTART_COUNT``; 0 outside Slurm)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
