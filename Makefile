@@ -13,7 +13,7 @@ VENV ?= .venv
 MPI ?= wheel
 TORCH ?= torch==2.13.0
 NP ?= 4
-DEMO_JOB ?= jobs/bench-collectives.toml
+DEMO_JOB ?= jobs/transformer-nmt.toml
 
 BIN := $(VENV)/bin
 MPIEXEC ?= $(BIN)/mpiexec

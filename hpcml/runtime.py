@@ -8,9 +8,8 @@ import platform
 import sys
 from typing import Any
 
-from mpi4py import MPI
-
 from hpcml.comm import Communicator
+from hpcml.comm.info import mpi_info
 
 
 def cores_available() -> int:
@@ -46,16 +45,13 @@ def environment(comm: Communicator) -> dict[str, Any]:
                       "cuda": torch.cuda.is_available()}
     except ImportError:
         torch_info = {}
-    import mpi4py
     import numpy
 
     return {
         "ranks": comm.size,
         "hosts": sorted(set(hosts)),
         "ranks_per_host": {h: hosts.count(h) for h in sorted(set(hosts))},
-        "mpi_library": MPI.Get_library_version().splitlines()[0].strip(),
-        "mpi_standard": "{}.{}".format(*MPI.Get_version()),
-        "mpi4py": mpi4py.__version__,
+        **mpi_info(),
         "python": sys.version.split()[0],
         "numpy": numpy.__version__,
         "torch": torch_info,
