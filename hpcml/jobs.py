@@ -20,6 +20,8 @@ from hpcml.rundir import RunDir
 
 KINDS: dict[str, str] = {
     "bench-collectives": "hpcml.bench.collectives",
+    "bench-coded": "hpcml.coded.bench",
+    "coded": "hpcml.coded.job",
 }
 
 
