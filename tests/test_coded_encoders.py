@@ -11,7 +11,7 @@ from hpcml.coded.etf import coherence, is_prime, paley_conference, paley_etf, we
 from hpcml.coded.fwht import fwht, next_power_of_two
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 64])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 64, 256])
 def test_fwht_equals_scipy_hadamard(n):
     x = np.random.default_rng(n).standard_normal((n, 3))
     np.testing.assert_allclose(fwht(x), scipy.linalg.hadamard(n) @ x, atol=1e-10)

@@ -27,6 +27,11 @@ class ProblemConfig:
     n: int = option(2048, min=2, help="synthetic: samples")
     p: int = option(64, min=1, help="synthetic: features")
     noise: float = option(0.5, min=0.0, help="synthetic: noise standard deviation")
+    spread: float = option(0.2, gt=0.0, max=1.0, help="synthetic: smallest/largest singular "
+                           "value of the feature covariance")
+    order: str = option("given", choices=("given", "by_target"),
+                        help="row order before sharding: as loaded, or sorted by target "
+                        "(non-i.i.d. worker partitions, like data stored in time order)")
     lam: float = option(1e-3, min=0.0, help="l2 regularization (ridge, logistic)")
     l1: float = option(1e-2, min=0.0, help="l1 regularization (lasso)")
 

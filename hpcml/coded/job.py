@@ -10,11 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
 from hpcml.coded.problems import Problem, load_data
+from hpcml.coded.shards import open_input
 from hpcml.coded.solver import solve
 from hpcml.comm import StragglerConfig
 from hpcml.config import JobConfig, option
+from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 
 
@@ -28,16 +32,28 @@ class CodedConfig(JobConfig):
     def check(self, size: int) -> None:
         self.code.check(size)
         self.solver.check(self.problem.kind)
-        if self.problem.data == "hdf5" and not self.problem.path:
-            from hpcml.errors import ConfigError
+        check_hdf5(self.problem)
 
-            raise ConfigError("problem.path", "data = 'hdf5' needs a file", "set problem.path")
+
+def check_hdf5(cfg: ProblemConfig) -> None:
+    """For ``data = 'hdf5'``: the file and both datasets exist (raises a one-line
+    ``UsageError`` naming the field otherwise), checked before any work starts."""
+    if cfg.data != "hdf5":
+        return
+    if not cfg.path:
+        raise ConfigError("problem.path", "data = 'hdf5' needs a file", "set problem.path")
+    fh, _, _ = open_input(cfg.path, cfg.x_key, cfg.y_key)
+    fh.close()
 
 
 def make_problem(cfg: ProblemConfig, seed: int) -> Problem:
     """The problem a ``[problem]`` section describes (loads the data)."""
-    x, y = load_data(cfg.data, kind=cfg.kind, n=cfg.n, p=cfg.p, noise=cfg.noise, seed=seed,
-                     path=cfg.path, x_key=cfg.x_key, y_key=cfg.y_key)
+    x, y = load_data(cfg.data, kind=cfg.kind, n=cfg.n, p=cfg.p, noise=cfg.noise,
+                     spread=cfg.spread, seed=seed, path=cfg.path, x_key=cfg.x_key,
+                     y_key=cfg.y_key)
+    if cfg.order == "by_target":
+        rows = np.argsort(y, kind="stable")
+        x, y = x[rows], y[rows]
     return Problem(cfg.kind, x, y, lam=cfg.lam, l1=cfg.l1)
 
 

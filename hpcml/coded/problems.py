@@ -74,9 +74,12 @@ class Problem:
 
 
 def load_data(source: str, *, kind: str, n: int = 2048, p: int = 64, noise: float = 0.5,
-              seed: int = 0, path: str = "", x_key: str = "X",
+              spread: float = 0.2, seed: int = 0, path: str = "", x_key: str = "X",
               y_key: str = "y") -> tuple[np.ndarray, np.ndarray]:
-    """(X, y) with standardized columns; labels in {-1, +1} for logistic regression."""
+    """(X, y) with standardized columns; labels in {-1, +1} for logistic regression.
+    Synthetic: correlated Gaussian features whose covariance has singular values from 1 down
+    to ``spread`` in a random basis (condition number about spread^-2), a half-sparse true w
+    and Gaussian noise."""
     if source == "hdf5":
         from hpcml.coded.shards import open_input
 
@@ -85,7 +88,8 @@ def load_data(source: str, *, kind: str, n: int = 2048, p: int = 64, noise: floa
             x, y = np.asarray(xd[...], dtype=np.float64), np.asarray(yd[...], dtype=np.float64)
     elif source == "synthetic":
         rng = np.random.default_rng([seed, 11])
-        x = rng.standard_normal((n, p)) @ np.diag(np.linspace(1.0, 0.2, p))
+        rotation = np.linalg.qr(rng.standard_normal((p, p)))[0]
+        x = rng.standard_normal((n, p)) * np.linspace(1.0, spread, p) @ rotation
         w = rng.standard_normal(p) * (rng.random(p) < 0.5)
         z = x @ w + noise * rng.standard_normal(n)
         y = np.sign(z) if kind == "logistic" else z
