@@ -52,6 +52,8 @@ class BenchCodedConfig(JobConfig):
     shape: float = option(1.1, gt=0.0, help="pareto: tail index")
     slow_delay: float = option(0.05, min=0.0, help="fixed: delay of rank 1 (s)")
     max_delay: float = option(0.3, gt=0.0, help="cap on one injected delay (s)")
+    async_step: float = option(0.5, gt=0.0, help="async: step in units of 1 / L (each reply "
+                               "applies one worker's share, 1/m of the gradient)")
     eps: float = option(1e-2, gt=0.0, help="target suboptimality (f - f*) / f*")
     fwht_log2: list[int] = option([12, 16, 20], min=1, max=26,
                                   help="FWHT throughput: log2 of the transform lengths")
@@ -102,7 +104,7 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
         for name in cfg.strategies:
             code, forced = strategy_code(name, m, k)
             solver = dataclasses.replace(cfg.solver, algorithm=forced or cfg.solver.algorithm,
-                                         step=0.1 if forced else cfg.solver.step)
+                                         step=cfg.async_step if forced else cfg.solver.step)
             res = solve(comm, problem, code, solver, ctx.run_dir.path / "shards", cfg.seed,
                         w_star)
             comm.barrier()
