@@ -42,12 +42,12 @@ def test_k_equals_m_without_stragglers_reproduces_uncoded(comm):
 
 @mpi_test(ranks=[1, 3, 5])
 def test_always_late_worker_is_an_erasure_and_never_applied(comm):
-    """Worker 0 (rank 1) is 0.5 s slow every iteration and the master waits for k = m - 1:
+    """Worker 0 (rank 1) is 2 s slow every iteration and the master waits for k = m - 1:
     its answers arrive late and are discarded, so GD converges to the minimizer of the
     encoded objective restricted to the other workers' rows (computed here in closed form),
     which differs from w*: any late answer applied to a later iteration would break this."""
     m = 4 if comm.size == 1 else comm.size - 1
-    comm.set_delays(make_delay_model(StragglerConfig(kind="fixed", slow_ranks=[1], delay=0.5),
+    comm.set_delays(make_delay_model(StragglerConfig(kind="fixed", slow_ranks=[1], delay=2.0),
                                      max(comm.size, 2)))
     prob = problem(comm)
     code = CodeConfig(encoder="etf", wait_for=m - 1)

@@ -1,20 +1,21 @@
 """Encoded optimization on the master, oblivious to the encoding (Karakus et al., JMLR 2019).
 
-Data parallelism (Sec. 3.1): worker i stores (S_i X, S_i y) and answers an iterate w with
+Data parallelism: worker i stores (S_i X, S_i y) and answers an iterate w with
 (X_i.T (X_i w - y_i), ||X_i w - y_i||^2). With A_t the k workers that answered first and
 eta = k / m, the master forms the gradient of the encoded objective restricted to A_t,
-    g_t = 1 / (eta beta n) sum_{i in A_t} X_i.T (X_i w - y_i)            (JMLR eq. (3))
+    g_t = 1 / (eta beta n) sum_{i in A_t} X_i.T (X_i w - y_i)
 and takes a step of
-* ``gd``: w <- w - alpha (g_t + lam w)                                   (Algorithm 1, GD)
+* ``gd``: w <- w - alpha (g_t + lam w)                   (encoded gradient descent)
 * ``lbfgs``: the two-loop L-BFGS direction with curvature pairs from the workers in
   A_t and A_{t-1} only: r_t = sum_{i in A_t & A_{t-1}} (grad_i(w_t) - grad_i(w_{t-1})) /
-  (eta' beta n) + lam s_t, eta' = |A_t & A_{t-1}| / m, and a constant step (Sec. 3.1.2);
-* ``prox``: proximal gradient for LASSO, w <- soft(w - alpha g_t, alpha l1)       (Sec. 3.1.3)
+  (eta' beta n) + lam s_t, eta' = |A_t & A_{t-1}| / m, and a constant step (the paper's
+  encoded L-BFGS);
+* ``prox``: proximal gradient for LASSO, w <- soft(w - alpha g_t, alpha l1)
 * ``fista``: the accelerated proximal gradient (Beck and Teboulle) on the same oracle;
 * ``async``: the asynchronous baseline: each reply updates w at once with that worker's share,
   w <- w - alpha (grad_i / (beta n) + lam w / m), and the worker gets the new w back.
 
-Model parallelism (Sec. 3.2, encoded block coordinate descent): features are encoded, worker i
+Model parallelism (the paper's encoded block coordinate descent): features are encoded, worker i
 stores X S_i.T and its coordinate block v_i of v, w = S.T v. The master holds z = X S.T v and
 sends grad phi(z) with v_i; worker i returns dv_i = -alpha (X_i.T grad phi(z) + lam beta v_i)
 and X_i dv_i; the master applies the blocks of the first k workers. For a tight frame,

@@ -1,6 +1,6 @@
 """Encoding matrices S ((N x n), N ~ beta n) and their per-worker row blocks S_i.
 
-Karakus et al. (NeurIPS 2017, Sec. 2; JMLR 2019, Sec. 2 and 4) encode the data X, y as SX, Sy and
+Karakus et al. (NeurIPS 2017; JMLR 2019, arXiv 1803.05397) encode the data X, y as SX, Sy and
 give worker i of m the rows ``blocks[i]`` of the result. Every encoder here is a tight frame or
 close to one: S.T @ S = beta I exactly (uncoded, replication, Hadamard when N = L * 2^j, ETF) or
 in expectation (Gaussian, sparse, subsampled Hadamard). ``beta`` is that frame constant.
@@ -221,7 +221,8 @@ def make_encoder(kind: str, n: int, m: int, beta: float, seed: int = 0, *, etf_q
 def subset_spectrum(s: np.ndarray, blocks: list[np.ndarray], subset: list[int],
                     beta: float) -> tuple[float, float]:
     """Extreme eigenvalues of S_A.T S_A / (eta beta), eta = |A| / m, for the workers in
-    ``subset``: the quantities 1 - eps and 1 + eps of the paper's condition (JMLR eq. (5))."""
+    ``subset``: the quantities 1 - eps and 1 + eps of the paper's
+    subset condition (1 - eps) I <= S_A.T S_A / (eta beta) <= (1 + eps) I."""
     rows = np.concatenate([blocks[i] for i in subset])
     eta = len(subset) / len(blocks)
     sa = s[rows]

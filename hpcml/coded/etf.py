@@ -5,7 +5,7 @@ diagonal, +-1 elsewhere and C @ C = q I. Then P = (I + C / sqrt(q)) / 2 is an or
 projection of rank d = N / 2 whose Gram entries have equal magnitude off the diagonal, so the N
 columns of any F (d x N) with F.T @ F = P form an equiangular tight frame: F @ F.T = I_d, every
 column has squared norm 1/2 and every pair has coherence 1/sqrt(q), which meets the Welch bound
-sqrt((N - d) / (d (N - 1))) with equality. Karakus et al. (JMLR 2019, Sec. 4.2) show ETFs are
+sqrt((N - d) / (d (N - 1))) with equality. Karakus et al. (JMLR 2019) show ETFs are
 near-optimal encoders: subsets of their rows stay well conditioned.
 """
 

@@ -3,7 +3,7 @@
 ``H`` is the unnormalized Sylvester-ordered Hadamard matrix (``H_1 = [1]``,
 ``H_2n = [[H_n, H_n], [H_n, -H_n]]``), the same matrix as ``scipy.linalg.hadamard(n)``; it is
 symmetric and ``H @ H = n I``. Used by the subsampled randomized Hadamard encoder
-(Karakus et al., JMLR 2019, Sec. 5: fast transforms make encoding O(n log n) per column).
+(Karakus et al., JMLR 2019: fast transforms make encoding O(n log n) per column).
 """
 
 from __future__ import annotations

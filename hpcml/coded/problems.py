@@ -1,7 +1,7 @@
-"""The problems of Karakus et al. (JMLR 2019, Sec. 6): ridge regression, LASSO and l2-regularized
-logistic regression, on scikit-learn's bundled data sets, seeded synthetic data or an HDF5 file,
-with their exact solutions computed on the full, unencoded data (the reference for relative
-error and suboptimality).
+"""The problems of Karakus et al.'s experiments (JMLR 2019): ridge regression, LASSO and
+l2-regularized logistic regression, on scikit-learn's bundled data sets, seeded synthetic data
+or an HDF5 file, with their exact solutions computed on the full, unencoded data (the reference
+for relative error and suboptimality).
 
 Objectives (n samples, all scaled by 1/n):
   ridge     f(w) = 1/(2n) ||Xw - y||^2 + lam/2 ||w||^2          (closed form)

@@ -1,4 +1,4 @@
-"""Master/worker runtime that treats stragglers as erasures (Karakus et al., JMLR 2019, Sec. 2).
+"""Master/worker runtime that treats stragglers as erasures (Karakus et al., JMLR 2019).
 
 Layout: world rank 0 is the master, ranks 1..m (m = size - 1) are the workers; worker i of m is
 rank i + 1. With one rank, :class:`SimulatedMaster` runs the same protocol in-process with a
