@@ -85,3 +85,13 @@ def test_bench_simulated_writes_table_and_plot(tmp_path):
     assert len(rows) == 16
     base = [r for r in rows if r["strategy"] == "uncoded-all"]
     assert all(r["speedup"] == pytest.approx(1.0) for r in base)
+
+
+def test_matrix_factorization_job_with_five_ranks(tmp_path):
+    res = hpcml_cli(5, "run", str(ROOT / "jobs" / "coded-mf.toml"), "--set",
+                    "solver.iterations=4", "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["workers"] == 4 and summary["final_suboptimality"] < 0.5
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4 * 2 * 10

@@ -11,9 +11,9 @@ from hpcml.coded.problems import DATASETS, PROBLEMS
 from hpcml.config import option
 from hpcml.errors import ConfigError
 
-ALGORITHMS = (*DATA_PARALLEL, "bcd")
+ALGORITHMS = (*DATA_PARALLEL, "bcd", "als")
 ALLOWED = {"ridge": ("gd", "lbfgs", "async", "bcd"), "lasso": ("prox", "fista"),
-           "logistic": ("bcd",)}
+           "logistic": ("bcd",), "mf": ("als",)}
 
 
 @dataclasses.dataclass
@@ -32,7 +32,8 @@ class ProblemConfig:
     order: str = option("given", choices=("given", "by_target"),
                         help="row order before sharding: as loaded, or sorted by target "
                         "(non-i.i.d. worker partitions, like data stored in time order)")
-    lam: float = option(1e-3, min=0.0, help="l2 regularization (ridge, logistic)")
+    lam: float = option(1e-3, min=0.0, help="l2 regularization (ridge, logistic, mf)")
+    rank: int = option(5, min=1, help="mf: factorization rank")
     l1: float = option(1e-2, min=0.0, help="l1 regularization (lasso)")
 
 
@@ -84,6 +85,8 @@ class SolverConfig:
     step: float = option(1.0, gt=0.0, help="step size in units of 1 / L (L from the encoded "
                          "data); L-BFGS uses it as its constant step")
     history: int = option(10, min=1, help="lbfgs: curvature pairs kept")
+    inner: int = option(10, min=1, help="als: encoded gradient steps per half step "
+                        "(iterations = ALS sweeps)")
 
     def check(self, problem: str, prefix: str = "solver") -> None:
         if self.algorithm not in ALLOWED[problem]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
+from hpcml.coded.mf import solve_mf
 from hpcml.coded.problems import Problem, load_data
 from hpcml.coded.shards import open_input
 from hpcml.coded.solver import solve
@@ -64,6 +65,8 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"coded: {cfg.problem.kind} on {cfg.problem.data}, {cfg.code.encoder} beta="
             f"{cfg.code.beta}, {cfg.solver.algorithm}, wait for k={k} of m={m} workers"
             + (" (simulated)" if comm.size == 1 else ""))
+    if cfg.problem.kind == "mf":
+        return _run_mf(cfg, ctx, problem, m, k)
     result = solve(comm, problem, cfg.code, cfg.solver, ctx.run_dir.path / "shards", cfg.seed)
     if result is None:
         return {}
@@ -75,6 +78,24 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e}, relative error "
             f"{summary['final_relative_error']:.3e}, {summary['seconds']:.2f} s, "
             f"{result.discarded} late replies discarded")
+    return summary
+
+
+def _run_mf(cfg: CodedConfig, ctx: RunContext, problem: Problem | None, m: int,
+            k: int) -> dict[str, Any]:
+    out = solve_mf(ctx.comm, None if problem is None else problem.x, cfg.code, cfg.problem.rank,
+                   cfg.problem.lam, cfg.solver.iterations, cfg.solver.inner,
+                   ctx.run_dir.path / "shards", cfg.seed)
+    if out is None:
+        return {}
+    for t, (sec, sub) in enumerate(zip(out["seconds"], out["suboptimality"], strict=True)):
+        ctx.run_dir.log_metrics(round=t, seconds=sec, suboptimality=sub)
+    summary = {"workers": m, "wait_for": k, "simulated": ctx.comm.size == 1,
+               "final_suboptimality": out["suboptimality"][-1],
+               "final_relative_error": out["relative_error"], "seconds": out["seconds"][-1],
+               "discarded_late_replies": out["discarded"]}
+    ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e}, relative error of U V.T "
+            f"{summary['final_relative_error']:.3e}, {summary['seconds']:.2f} s")
     return summary
 
 
