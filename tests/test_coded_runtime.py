@@ -45,16 +45,22 @@ def test_simulated_master_waits_for_k_and_discards_late():
 
 @mpi_test(ranks=[2, 3, 5])
 def test_mpi_master_late_answers_never_applied_to_wrong_iteration(comm):
+    """Rank 1 is 0.3 s slow, the master waits for k = m - 1: every answer rank 1 manages to
+    send is late and discarded (exact accounting), every round gets k answers to its own
+    iteration, and ``close`` leaves nothing in flight."""
     comm.set_delays(slow_rank_one(comm.size))
     m = comm.size - 1
     k = max(1, m - 1)
+    answered = None
     if comm.rank == 0:
         rt = MPIMaster(comm, reply_len=2)
         check_rounds(rt, m, k)
         rt.close()
-        if m > 1:
-            assert rt.discarded > 0, "rank 1 is slow: its answers must arrive late"
-            assert rt.answered == ROUNDS * k
     else:
         answered = serve(comm, echo(comm.rank - 1), message_len=2)
-        assert 1 <= answered <= ROUNDS
+        assert answered <= ROUNDS
+    counts = comm.allgather(answered)
+    if comm.rank == 0:
+        assert rt.answered == ROUNDS * k
+        if m > 1:
+            assert rt.discarded == counts[1], (rt.discarded, counts)
