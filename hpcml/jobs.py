@@ -28,6 +28,8 @@ KINDS: dict[str, str] = {
     "scaling": "hpcml.slurm.scaling",
     "bench-reduction": "hpcml.nmt.bench",
     "transformer-nmt": "hpcml.nmt.train",
+    "bench-coded": "hpcml.coded.bench",
+    "coded": "hpcml.coded.job",
 }
 
 

@@ -1,0 +1,110 @@
+"""Streaming encoding from HDF5 (or any sliceable array) into one encoded HDF5 shard per worker.
+
+:func:`encode_to_shards` reads ``chunk`` columns of the (n, p) input at a time, encodes them
+(``S @ X[:, cols]``), and writes each worker's rows ``S_i X[:, cols]`` into ``shard-<i>.h5``;
+the label vector is encoded the same way. Peak memory is O(rows x chunk), so an input larger
+than memory is encoded as long as one column chunk fits. Shards are written to temporary names
+and renamed when complete, so a failed encoding leaves no partial shard.
+For model parallelism (features encoded) pass ``transpose=True``: X S.T is formed as
+(S X.T).T from row chunks of X, and worker i's shard holds X S_i.T (n x |block i|).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from hpcml.coded.encoders import Encoder
+from hpcml.errors import UsageError
+
+
+def open_input(path: str, x_key: str, y_key: str) -> tuple[h5py.File, Any, Any]:
+    """Open an HDF5 input and its X (n, p) and y (n,) datasets; a missing file or dataset is a
+    one-line ``UsageError`` naming the field."""
+    if not Path(path).is_file():
+        raise UsageError(f"problem.path: HDF5 file {path!r} not found (give an existing .h5 file)")
+    fh = h5py.File(path, "r")
+    for field, key in (("problem.x_key", x_key), ("problem.y_key", y_key)):
+        if key not in fh:
+            names = ", ".join(sorted(fh.keys())) or "none"
+            fh.close()
+            raise UsageError(f"{field}: dataset {key!r} not in {path} (datasets there: {names})")
+    x, y = fh[x_key], fh[y_key]
+    if x.ndim != 2 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+        fh.close()
+        raise UsageError(f"problem.x_key: {path} needs X of shape (n, p) and y of shape (n,), "
+                         f"got {x.shape} and {y.shape}")
+    return fh, x, y
+
+
+def shard_path(out_dir: str | Path, worker: int) -> Path:
+    return Path(out_dir) / f"shard-{worker}.h5"
+
+
+def encode_to_shards(x: Any, y: Any, encoder: Encoder, out_dir: str | Path, chunk: int = 64,
+                     transpose: bool = False) -> list[Path]:
+    """Encode (x, y) for ``encoder.m`` workers; returns the shard paths (not collective: call
+    on one rank). Data parallel: shard i holds X = S_i x (rows_i, p) and y = S_i y. Model
+    parallel (``transpose``): shard i holds X = x S_i.T (n, rows_i) and y = y unchanged."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n, p = x.shape
+    tmp = [out / f".shard-{i}.h5.tmp" for i in range(encoder.m)]
+    files = [h5py.File(t, "w") for t in tmp]
+    try:
+        for i, fh in enumerate(files):
+            rows = len(encoder.blocks[i])
+            shape = (n, rows) if transpose else (rows, p)
+            fh.create_dataset("X", shape=shape, dtype="f8",
+                              chunks=(min(shape[0], 1024), max(1, min(shape[1], chunk))))
+            fh.attrs.update(encoder=encoder.kind, beta=encoder.beta, m=encoder.m, worker=i,
+                            transpose=transpose)
+        if transpose:
+            _encode_features(x, encoder, files, chunk)
+            for fh in files:
+                fh.create_dataset("y", data=np.asarray(y[:], dtype=np.float64))
+        else:
+            _encode_rows(x, encoder, files, chunk)
+            ey = encoder.apply(np.asarray(y[:], dtype=np.float64)[:, None])[:, 0]
+            for i, fh in enumerate(files):
+                fh.create_dataset("y", data=ey[encoder.blocks[i]])
+    except BaseException:
+        for fh, t in zip(files, tmp, strict=True):
+            fh.close()
+            t.unlink(missing_ok=True)
+        raise
+    paths = []
+    for i, (fh, t) in enumerate(zip(files, tmp, strict=True)):
+        fh.close()
+        os.replace(t, shard_path(out, i))
+        paths.append(shard_path(out, i))
+    return paths
+
+
+def _encode_rows(x: Any, encoder: Encoder, files: list[h5py.File], chunk: int) -> None:
+    for start in range(0, x.shape[1], chunk):
+        stop = min(start + chunk, x.shape[1])
+        enc = encoder.apply(np.asarray(x[:, start:stop], dtype=np.float64))
+        for i, fh in enumerate(files):
+            fh["X"][:, start:stop] = enc[encoder.blocks[i]]
+
+
+def _encode_features(x: Any, encoder: Encoder, files: list[h5py.File], chunk: int) -> None:
+    for start in range(0, x.shape[0], chunk):
+        stop = min(start + chunk, x.shape[0])
+        enc = encoder.apply(np.asarray(x[start:stop], dtype=np.float64).T)
+        for i, fh in enumerate(files):
+            fh["X"][start:stop, :] = enc[encoder.blocks[i]].T
+
+
+def load_shard(out_dir: str | Path, worker: int) -> tuple[np.ndarray, np.ndarray]:
+    """(X_i, y_i) of worker ``worker``'s shard."""
+    path = shard_path(out_dir, worker)
+    if not path.is_file():
+        raise UsageError(f"shard {path} not found (encode the data first)")
+    with h5py.File(path, "r") as fh:
+        return fh["X"][...], fh["y"][...]

@@ -1,0 +1,97 @@
+"""``hpcml run jobs/coded.toml`` and ``hpcml bench coded`` end to end; bad input exits 2."""
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from hpcml.testing import hpcml_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = str(ROOT / "jobs" / "coded.toml")
+
+
+def runs(tmp_path):
+    return f"runs_dir={tmp_path / 'runs'}"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("code.wait_for=5", "code.wait_for: k = 5 > m = 4 workers"),
+    ("code.beta=0.5", "code.beta: redundancy beta = 0.5 < 1"),
+    ("solver.algorithm=fista", "solver.algorithm: 'fista' does not solve ridge"),
+    ("code.etf_q=7", "code.etf_q: 7 is not a prime = 1 (mod 4)"),
+])
+def test_bad_values_exit_2_before_any_output(tmp_path, override, message):
+    res = hpcml_cli(1, "run", JOB, "--set", override, "--set", runs(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_hdf5_dataset_exits_2(tmp_path):
+    with h5py.File(tmp_path / "data.h5", "w") as fh:
+        fh["X"] = np.zeros((8, 2))
+    res = hpcml_cli(1, "run", JOB, "--set", "problem.data=hdf5", "--set",
+                    f"problem.path={tmp_path / 'data.h5'}", "--set", "problem.y_key=labels",
+                    "--set", runs(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "problem.y_key: dataset 'labels' not in" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_wait_for_more_workers_than_ranks_exit_2_under_mpi(tmp_path):
+    res = hpcml_cli(3, "run", JOB, "--set", "code.wait_for=3", "--set", runs(tmp_path),
+                    cwd=tmp_path)
+    assert res.returncode == 2
+    assert "code.wait_for: k = 3 > m = 2 workers" in res.stderr
+
+
+def test_job_on_hdf5_input_with_five_ranks(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    with h5py.File(tmp_path / "diabetes.h5", "w") as fh:
+        fh["features"], fh["target"] = x, y
+    res = hpcml_cli(5, "run", JOB, "--set", "problem.data=hdf5", "--set",
+                    f"problem.path={tmp_path / 'diabetes.h5'}", "--set", "problem.x_key=features",
+                    "--set", "problem.y_key=target", "--set", "solver.algorithm=lbfgs",
+                    "--set", "solver.iterations=60", "--set", "code.chunk=3",
+                    "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["workers"] == 4 and summary["wait_for"] == 3
+    assert summary["final_relative_error"] < 0.3
+    assert not (run_dir / "shards").exists()
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 60
+
+
+def test_bench_simulated_writes_table_and_plot(tmp_path):
+    res = hpcml_cli(1, "bench", "coded", str(ROOT / "jobs" / "bench-coded.toml"),
+                    "--set", "solver.iterations=15", "--set", "problem.n=256",
+                    "--set", "problem.p=8", "--set", "fwht_log2=[8]", "--set", "eps=0.5",
+                    "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    table = (run_dir / "table.md").read_text()
+    for name in ("uncoded-all", "uncoded-k", "replication", "gaussian", "hadamard", "etf",
+                 "sparse", "async", "exponential", "pareto", "FWHT"):
+        assert name in table
+    assert (run_dir / "coded.png").stat().st_size > 1000
+    rows = json.loads((run_dir / "summary.json").read_text())["rows"]
+    assert len(rows) == 16
+    base = [r for r in rows if r["strategy"] == "uncoded-all"]
+    assert all(r["speedup"] == pytest.approx(1.0) for r in base)
+
+
+def test_matrix_factorization_job_with_five_ranks(tmp_path):
+    res = hpcml_cli(5, "run", str(ROOT / "jobs" / "coded-mf.toml"), "--set",
+                    "solver.iterations=4", "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["workers"] == 4 and summary["final_suboptimality"] < 0.5
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4 * 2 * 10
