@@ -9,6 +9,7 @@ from hpcml.comm import StragglerConfig
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.nmt.exchange import STRATEGIES
+from hpcml.qsparse.nmt import QsparseSection, transformer_dimension
 
 
 @dataclasses.dataclass
@@ -69,6 +70,9 @@ class NMTConfig(JobConfig):
     train: TrainConfig = option(TrainConfig())
     eval: EvalConfig = option(EvalConfig())
     stragglers: StragglerConfig = option(StragglerConfig())
+    qsparse: QsparseSection = option(QsparseSection())
 
     def check(self, size: int) -> None:
         check_model_data(self.model, self.data, self.train.batch_size, size, "train.batch_size")
+        self.qsparse.check(self.train.steps, self.eval.valid_every,
+                           lambda: transformer_dimension(self.model, self.data.path))

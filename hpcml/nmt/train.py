@@ -6,8 +6,10 @@ broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed 
 dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
 SIGUSR1 on any rank, checkpoint after the current step and stop; finally greedy-decode the test
-split and report corpus BLEU. A run resumed from a checkpoint takes exactly the steps the
-uninterrupted run would (same batches, dropout masks, optimizer state and learning rates).
+split and report corpus BLEU. With ``[qsparse] enabled`` the gradient exchange is replaced by
+synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such runs are not resumable). A run
+resumed from a checkpoint takes exactly the steps the uninterrupted run would (same batches,
+dropout masks, optimizer state and learning rates).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.config import NMTConfig
 from hpcml.nmt.data import TrainStream, read_shard, read_vocab
@@ -28,6 +31,7 @@ from hpcml.nmt.model import Transformer, noam_lr
 from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
 from hpcml.nmt.step import train_step
 from hpcml.preemption import Preemption
+from hpcml.qsparse.nmt import QsparseExchange
 
 
 def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transformer:
@@ -52,8 +56,16 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     vocab = read_vocab(cfg.data.path)
     model = build_model(cfg, len(vocab))
     optimizer = make_optimizer(model)
-    exchange = make_exchange(t.grad_reduction, comm, model, t.bucket_kib * 1024,
-                             on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
+    if cfg.qsparse.enabled:
+        if ctx.resume is not None:
+            raise UsageError("--resume: a qsparse run keeps per-rank local models and error "
+                             "memories that checkpoints do not hold (start a new run)")
+        qsparse = QsparseExchange(comm, model, optimizer, cfg.qsparse, cfg.seed)
+        synchronize, stepper = qsparse.synchronize, qsparse.optimizer
+    else:
+        exchange = make_exchange(t.grad_reduction, comm, model, t.bucket_kib * 1024,
+                                 on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
+        synchronize, stepper = exchange.synchronize, optimizer
     start, history = 0, []
     if ctx.resume is not None:
         record = load_checkpoint(comm, ctx.run_dir.path, model, optimizer)
@@ -67,7 +79,9 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     stream = TrainStream(train, t.batch_size // comm.size, comm.size, cfg.seed, comm.rank)
     ctx.log(f"{train.total} training pairs, vocabulary {len(vocab)}, "
             f"{sum(p.numel() for p in model.parameters())} parameters, "
-            f"{stream.steps_per_epoch} steps/epoch, exchange {t.grad_reduction}")
+            f"{stream.steps_per_epoch} steps/epoch, exchange "
+            + (f"qsparse {qsparse.compressor.name} H={cfg.qsparse.H}" if cfg.qsparse.enabled
+               else t.grad_reduction))
 
     def checkpoint(step: int) -> None:
         save_checkpoint(comm, ctx.run_dir.path, model, optimizer, step,
@@ -81,8 +95,8 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
             comm.straggle(step)
             tick = time.perf_counter()
             lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
-            loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), optimizer,
-                                            exchange.synchronize, t.label_smoothing, lr,
+            loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
+                                            synchronize, t.label_smoothing, lr,
                                             stop=flag.local)
             busy += time.perf_counter() - tick
             tokens_total += tokens
@@ -107,11 +121,19 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                 checkpoint(step)
     bar.close()
     summary: dict[str, Any] = {
-        "steps": step, "train_loss": loss, "grad_reduction": t.grad_reduction,
-        "exchange_peak_bytes": exchange.memory.peak, "auto_choices": exchange.choices,
+        "steps": step, "train_loss": loss,
         "tokens_per_s": tokens_total / busy if busy else None, "stopped_by": stopped,
         "valid_loss": validation_loss(comm, model, valid, cfg.eval.batch_size,
                                       t.label_smoothing)}
+    if cfg.qsparse.enabled:
+        bits = summary["qsparse"] = qsparse.accounting(step)
+        ctx.log(f"qsparse: {bits['bits_per_worker']} bits per worker; dense allreduce of the "
+                f"same steps: {bits['dense_allreduce_bits_per_worker']} (ratio "
+                f"{bits['dense_over_qsparse']})")
+    else:
+        summary.update({"grad_reduction": t.grad_reduction,
+                        "exchange_peak_bytes": exchange.memory.peak,
+                        "auto_choices": exchange.choices})
     if stopped is None and cfg.eval.bleu:
         test = read_shard(cfg.data.path, "test", comm.rank, comm.size)
         bleu, hyps = corpus_bleu(comm, model, test, cfg.eval.batch_size, vocab)

@@ -5,7 +5,8 @@
 Public surface: :class:`QsparseLocalSGD` (wraps any torch model + optimizer), the compressors
 (:func:`make_compressor`, :class:`Compressor`), :func:`compensate` and :func:`learning_rate`.
 Job kinds: ``qsparse`` (:mod:`hpcml.qsparse.train`) and ``bench-qsparse``
-(:mod:`hpcml.qsparse.bench`).
+(:mod:`hpcml.qsparse.bench`); the ``[qsparse]`` section of ``transformer-nmt`` jobs
+(:mod:`hpcml.qsparse.nmt`) trains the hpcml.nmt transformer with the same wrapper.
 """
 
 from hpcml.qsparse.compressors import (
