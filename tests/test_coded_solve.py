@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcml.coded.bench import plan
+from hpcml.coded.bench import plan, strategy_code
 from hpcml.coded.config import CodeConfig, SolverConfig
 from hpcml.coded.encoders import make_encoder, subset_spectrum
 from hpcml.coded.problems import Problem, load_data
@@ -142,3 +142,10 @@ def test_bench_plan_runs_k_free_strategies_once_and_the_others_per_k():
     assert plan(strategies, [2, 3]) == [("uncoded-all", 0), ("etf", 2), ("replication", 2),
                                         ("etf", 3), ("replication", 3), ("async", 0)]
     assert plan(["etf"], [3]) == [("etf", 3)]
+
+
+@pytest.mark.parametrize("name", ["uncoded-all", "uncoded-k", "etf", "async"])
+def test_bench_strategy_keeps_the_worker_count_when_simulated(name):
+    code, _ = strategy_code(name, 8, 6)
+    assert code.workers_for(1) == 8
+    assert code.wait_for_k(1) == (8 if name == "uncoded-all" else 6)

@@ -86,13 +86,14 @@ class BenchCodedConfig(JobConfig):
 
 
 def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
-    """The code section of a strategy, and the solver algorithm it forces (async)."""
+    """The code section of a strategy for m workers, and the solver algorithm it forces
+    (async)."""
     if name == "uncoded-all":
-        return CodeConfig(encoder="uncoded", beta=1.0, wait_for=m), None
+        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=m), None
     if name in ("uncoded-k", "async"):
-        return CodeConfig(encoder="uncoded", beta=1.0, wait_for=k), (
+        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=k), (
             "async" if name == "async" else None)
-    return CodeConfig(encoder=name, beta=2.0, wait_for=k), None
+    return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k), None
 
 
 def delay_config(cfg: BenchCodedConfig, kind: str) -> StragglerConfig:
