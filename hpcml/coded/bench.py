@@ -164,7 +164,7 @@ def regime(cfg: BenchCodedConfig) -> str:
              "pareto": f"pareto: i.i.d. per worker and round, P(D > x) = (x_m / x)^alpha, "
                        f"x_m {cfg.scale * 1e3:g} ms, alpha {cfg.shape:g} (infinite variance "
                        f"when alpha < 2)",
-             "fixed": f"fixed: worker 1 (rank 1) {cfg.slow_delay * 1e3:g} ms every round"}
+             "fixed": f"fixed: rank 1 (the first worker) {cfg.slow_delay * 1e3:g} ms every round"}
     return "; ".join(words[d] for d in cfg.delay_models) + \
         f"; every delay capped at {cfg.max_delay:g} s"
 
