@@ -81,10 +81,26 @@ def test_bench_simulated_writes_table_and_plot(tmp_path):
                  "sparse", "async", "exponential", "pareto", "FWHT"):
         assert name in table
     assert (run_dir / "coded.png").stat().st_size > 1000
-    rows = json.loads((run_dir / "summary.json").read_text())["rows"]
-    assert len(rows) == 16
+    assert "x_m 5 ms, alpha 1.1" in table and "load average" in table
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = summary["rows"]
+    # 'none' is skipped when simulated; per model: uncoded-all, 6 strategies x k in (2, 3), async
+    assert {r["delays"] for r in rows} == {"exponential", "pareto"}
+    assert len(rows) == 2 * (1 + 6 * 2 + 1)
+    assert {(r["strategy"], r["k"]) for r in rows if r["strategy"] == "etf"} == {("etf", 2),
+                                                                               ("etf", 3)}
     base = [r for r in rows if r["strategy"] == "uncoded-all"]
     assert all(r["speedup"] == pytest.approx(1.0) for r in base)
+    for r in rows:
+        assert r["round_s"] == pytest.approx(r["seconds"] / 15)
+
+
+def test_bench_wait_for_above_m_exits_2(tmp_path):
+    res = hpcml_cli(1, "bench", "coded", str(ROOT / "jobs" / "bench-coded.toml"),
+                    "--set", "wait_for=[2, 5]", "--set", runs(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "wait_for: k values [2, 5] with m = 4 workers" in res.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_matrix_factorization_job_with_five_ranks(tmp_path):

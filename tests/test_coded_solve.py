@@ -7,11 +7,12 @@ import h5py
 import numpy as np
 import pytest
 
+from hpcml.coded.bench import plan, strategy_code
 from hpcml.coded.config import CodeConfig, SolverConfig
 from hpcml.coded.encoders import make_encoder, subset_spectrum
 from hpcml.coded.problems import Problem, load_data
 from hpcml.coded.shards import encode_to_shards, load_shard, open_input
-from hpcml.coded.solver import solve
+from hpcml.coded.solver import SolveResult, solve
 from hpcml.comm import StragglerConfig, make_delay_model, world
 from hpcml.errors import UsageError
 
@@ -125,3 +126,26 @@ def test_hdf5_missing_dataset_names_field(tmp_path):
         open_input(str(tmp_path / "in.h5"), "X", "y")
     with pytest.raises(UsageError, match="problem.path"):
         open_input(str(tmp_path / "nope.h5"), "X", "y")
+
+
+def test_time_and_iterations_to_eps_take_the_first_crossing_even_at_equal_times():
+    res = SolveResult(seconds=[0.0, 0.0, 0.5, 0.5], suboptimality=[0.9, 0.2, 0.05, 0.2],
+                      relative_error=[0.0] * 4, discarded=0, encode_seconds=0.0,
+                      w=np.zeros(1))
+    assert res.iterations_to(0.1) == 3 and res.time_to(0.1) == 0.5
+    assert res.iterations_to(0.3) == 2 and res.time_to(0.3) == 0.0
+    assert res.iterations_to(0.01) is None and res.time_to(0.01) is None
+
+
+def test_bench_plan_runs_k_free_strategies_once_and_the_others_per_k():
+    strategies = ["async", "etf", "uncoded-all", "replication"]
+    assert plan(strategies, [2, 3]) == [("uncoded-all", 0), ("etf", 2), ("replication", 2),
+                                        ("etf", 3), ("replication", 3), ("async", 0)]
+    assert plan(["etf"], [3]) == [("etf", 3)]
+
+
+@pytest.mark.parametrize("name", ["uncoded-all", "uncoded-k", "etf", "async"])
+def test_bench_strategy_keeps_the_worker_count_when_simulated(name):
+    code, _ = strategy_code(name, 8, 6)
+    assert code.workers_for(1) == 8
+    assert code.wait_for_k(1) == (8 if name == "uncoded-all" else 6)

@@ -1,23 +1,30 @@
 """``hpcml bench coded``: time to epsilon of encoded optimization against the paper's baselines.
 
-For each delay model (default: exponential and Pareto, injected with ``comm.straggle``) and each
-strategy, one solve of the same problem with the same delay realization:
+For each delay model (injected with ``comm.straggle``: a worker sleeps its delay before it
+computes, so a delay costs no CPU and each worker behaves as its own node whatever the core
+count) and each strategy, one solve of the same problem with the same delay realization:
   uncoded-all   uncoded data, wait for all m workers (the synchronous baseline)
   uncoded-k     uncoded data, wait for the first k (ignore stragglers)
   replication   each partition on 2 workers, first k
   gaussian, hadamard, etf, sparse   encoded data (beta = 2), first k
   async         uncoded data, asynchronous updates (each reply applied on arrival)
-Reported per run: time and iterations to reach suboptimality (f - f*) / f* <= eps, final
-suboptimality and relative error ||w - w*|| / ||w*|| against the exact solution of the full
-problem, late replies discarded, and the speedup over uncoded-all. Rank 0 is the master,
-ranks 1..m the workers (``mpiexec -n 5``: m = 4); on one rank the workers are simulated and
-times are virtual (injected delays only). Also reported: the FWHT's encoding throughput against
-memcpy of the same bytes on one core.
+The k-of-m strategies run once per k in ``wait_for``; k = m / beta = 2 of 4 is the most
+stragglers a beta = 2 code tolerates with the k fastest still holding n encoded rows
+(eta beta = 1). Delay model ``none`` measures the round cost without delays (compute and
+messaging), the part the injected delays must dominate to model the paper's stragglers.
+Reported per run: time and iterations to reach suboptimality (f - f*) / f* <= eps, seconds per
+round, final suboptimality and relative error ||w - w*|| / ||w*|| against the exact solution of
+the full problem, late replies discarded, and the speedup over uncoded-all, which is the
+per-round speedup times the ratio of iterations to eps. Rank 0 is the master, ranks 1..m the
+workers (``mpiexec -n 5``: m = 4); on one rank the workers are simulated and times are virtual
+(injected delays only). Also reported: the FWHT's encoding throughput against memcpy of the
+same bytes on one core, and the machine (cores, load average) the run saw.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -35,6 +42,7 @@ from hpcml.jobs import JobKind, RunContext
 
 STRATEGIES = ("uncoded-all", "uncoded-k", "replication", "gaussian", "hadamard", "etf", "sparse",
               "async")
+K_FREE = ("uncoded-all", "async")
 
 
 @dataclasses.dataclass
@@ -42,11 +50,12 @@ class BenchCodedConfig(JobConfig):
     problem: ProblemConfig = option(ProblemConfig(data="synthetic"))
     solver: SolverConfig = option(SolverConfig(iterations=80))
     strategies: list[str] = option(list(STRATEGIES), choices=STRATEGIES, help="runs per model")
-    delay_models: list[str] = option(["exponential", "pareto"],
-                                     choices=("exponential", "pareto", "fixed"),
+    delay_models: list[str] = option(["none", "exponential", "pareto"],
+                                     choices=("none", "exponential", "pareto", "fixed"),
                                      help="straggler models to compare under")
     workers: int = option(0, min=0, help="m; 0 = ranks - 1 (4 on one rank, simulated)")
-    wait_for: int = option(0, min=0, help="k for the k-of-m strategies; 0 = m - 1")
+    wait_for: list[int] = option([0], min=0, help="k values for the k-of-m strategies "
+                                 "(each one run); 0 = m - 1")
     mean: float = option(0.02, min=0.0, help="exponential: mean delay (s)")
     scale: float = option(0.005, min=0.0, help="pareto: minimum delay x_m (s)")
     shape: float = option(1.1, gt=0.0, help="pareto: tail index")
@@ -64,9 +73,9 @@ class BenchCodedConfig(JobConfig):
         base = CodeConfig(workers=self.workers)
         base.check(size, prefix="workers")
         m = base.workers_for(size)
-        if self.wait_for > m:
-            raise ConfigError("wait_for", f"k = {self.wait_for} > m = {m} workers",
-                              "choose k <= m (m = ranks - 1)")
+        if not self.wait_for or max(self.wait_for) > m:
+            raise ConfigError("wait_for", f"k values {self.wait_for} with m = {m} workers",
+                              "give a list of k <= m (m = ranks - 1), e.g. [2, 3]")
         if "replication" in self.strategies and m % 2:
             raise ConfigError("strategies", f"replication needs an even number of workers, "
                               f"m = {m}", "run with an odd number of ranks or drop it")
@@ -77,13 +86,14 @@ class BenchCodedConfig(JobConfig):
 
 
 def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
-    """The code section of a strategy, and the solver algorithm it forces (async)."""
+    """The code section of a strategy for m workers, and the solver algorithm it forces
+    (async)."""
     if name == "uncoded-all":
-        return CodeConfig(encoder="uncoded", beta=1.0, wait_for=m), None
+        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=m), None
     if name in ("uncoded-k", "async"):
-        return CodeConfig(encoder="uncoded", beta=1.0, wait_for=k), (
+        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=k), (
             "async" if name == "async" else None)
-    return CodeConfig(encoder=name, beta=2.0, wait_for=k), None
+    return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k), None
 
 
 def delay_config(cfg: BenchCodedConfig, kind: str) -> StragglerConfig:
@@ -92,17 +102,31 @@ def delay_config(cfg: BenchCodedConfig, kind: str) -> StragglerConfig:
                            seed=cfg.seed)
 
 
+def plan(strategies: list[str], ks: list[int]) -> list[tuple[str, int]]:
+    """(strategy, k) runs per delay model: uncoded-all first, then every k-of-m strategy per
+    k, then async (neither depends on k)."""
+    first = [(s, 0) for s in strategies if s == "uncoded-all"]
+    last = [(s, 0) for s in strategies if s == "async"]
+    return first + [(s, k) for k in ks for s in strategies if s not in K_FREE] + last
+
+
 def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
     comm = ctx.comm
     m = CodeConfig(workers=cfg.workers).workers_for(comm.size)
-    k = cfg.wait_for or max(1, m - 1)
+    ks = list(dict.fromkeys(k or max(1, m - 1) for k in cfg.wait_for))
+    load = os.getloadavg()[0]
     problem = make_problem(cfg.problem, cfg.seed) if comm.rank == 0 else None
     w_star = problem.exact() if problem is not None else None
     rows, curves = [], {}
-    for model in cfg.delay_models:
+    simulated = comm.size == 1
+    models = [d for d in cfg.delay_models if not (simulated and d == "none")]
+    if len(models) < len(cfg.delay_models):
+        ctx.log("bench coded: delay model 'none' skipped: simulated rounds without delays "
+                "take no virtual time")
+    for model in models:
         comm.set_delays(make_delay_model(delay_config(cfg, model), max(comm.size, m + 1)))
-        for name in cfg.strategies:
-            code, forced = strategy_code(name, m, k)
+        for name, k in plan(cfg.strategies, ks):
+            code, forced = strategy_code(name, m, k or m)
             solver = dataclasses.replace(cfg.solver, algorithm=forced or cfg.solver.algorithm,
                                          step=cfg.async_step if forced else cfg.solver.step)
             res = solve(comm, problem, code, solver, ctx.run_dir.path / "shards", cfg.seed,
@@ -110,18 +134,21 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
             comm.barrier()
             if res is None:
                 continue
-            t_eps = res.time_to(cfg.eps)
-            it_eps = None if t_eps is None else res.seconds.index(t_eps) + 1
-            rows.append({"delays": model, "strategy": name, "k": code.wait_for or m, "m": m,
-                         "time_to_eps": t_eps, "iters_to_eps": it_eps,
+            t_eps, it_eps = res.time_to(cfg.eps), res.iterations_to(cfg.eps)
+            rows.append({"delays": model, "strategy": name, "k": None if forced else code.wait_for,
+                         "m": m, "time_to_eps": t_eps, "iters_to_eps": it_eps,
+                         "round_s": res.seconds[-1] / len(res.seconds),
                          "final_subopt": res.suboptimality[-1],
                          "final_rel_err": res.relative_error[-1], "seconds": res.seconds[-1],
                          "discarded": res.discarded, "encode_s": res.encode_seconds})
-            curves[(model, name)] = (res.seconds, res.suboptimality)
-            ctx.log(f"  {model:<11} {name:<12} time to eps {_fmt(t_eps)} s, final subopt "
-                    f"{res.suboptimality[-1]:.2e}, rel err {res.relative_error[-1]:.2e}")
-    summary: dict[str, Any] = {"rows": rows, "eps": cfg.eps, "workers": m, "wait_for": k,
-                               "simulated": comm.size == 1}
+            curves[(model, f"{name} k={k}" if k else name)] = (res.seconds, res.suboptimality)
+            ctx.log(f"  {model:<11} {name:<12} k={k or '-'} time to eps {_fmt(t_eps)} s, "
+                    f"final subopt {res.suboptimality[-1]:.2e}, rel err "
+                    f"{res.relative_error[-1]:.2e}")
+    summary: dict[str, Any] = {"rows": rows, "eps": cfg.eps, "workers": m, "wait_for": ks,
+                               "simulated": simulated, "ranks": comm.size,
+                               "cores": os.cpu_count(), "load_average_1min": load,
+                               "regime": regime(cfg)}
     if ctx.is_root:
         _speedups(rows)
         summary["fwht"] = fwht_throughput(cfg.fwht_log2, cfg.fwht_columns)
@@ -129,15 +156,30 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
     return comm.bcast(summary)
 
 
+def regime(cfg: BenchCodedConfig) -> str:
+    """The delay models of the table, in words."""
+    words = {"none": "none: no injected delay (the cost of a round itself)",
+             "exponential": f"exponential: i.i.d. per worker and round, mean "
+                            f"{cfg.mean * 1e3:g} ms",
+             "pareto": f"pareto: i.i.d. per worker and round, P(D > x) = (x_m / x)^alpha, "
+                       f"x_m {cfg.scale * 1e3:g} ms, alpha {cfg.shape:g} (infinite variance "
+                       f"when alpha < 2)",
+             "fixed": f"fixed: rank 1 (the first worker) {cfg.slow_delay * 1e3:g} ms every round"}
+    return "; ".join(words[d] for d in cfg.delay_models) + \
+        f"; every delay capped at {cfg.max_delay:g} s"
+
+
 def _fmt(x: float | None) -> str:
     return "never" if x is None else f"{x:.3f}"
 
 
 def _speedups(rows: list[dict[str, Any]]) -> None:
+    """Speedup of time to eps over uncoded-all under the same delays (None where either never
+    reached eps or took no time: virtual time without delays)."""
     for row in rows:
         base = [r["time_to_eps"] for r in rows
                 if r["delays"] == row["delays"] and r["strategy"] == "uncoded-all"]
-        ok = base and base[0] is not None and row["time_to_eps"] is not None
+        ok = base and base[0] is not None and bool(row["time_to_eps"])
         row["speedup"] = base[0] / row["time_to_eps"] if ok else None
 
 
@@ -167,7 +209,8 @@ def _report(cfg: BenchCodedConfig, ctx: RunContext, rows: list[dict[str, Any]],
     table = markdown_table(rows, [
         ("delays", "delays", ""), ("strategy", "strategy", ""), ("k", "k", "d"),
         ("m", "m", "d"), ("time_to_eps", f"time to eps={cfg.eps:g} (s)", ".3f"),
-        ("iters_to_eps", "iters", "d"), ("speedup", "speedup vs uncoded-all", ".2f"),
+        ("iters_to_eps", "iters", "d"), ("round_s", "s/round", ".4f"),
+        ("speedup", "speedup vs uncoded-all", ".2f"),
         ("final_subopt", "final subopt", ".2e"), ("final_rel_err", "final rel err", ".2e"),
         ("seconds", "run s", ".2f"), ("discarded", "late replies", "d")])
     fw = markdown_table(summary["fwht"], [
@@ -175,9 +218,12 @@ def _report(cfg: BenchCodedConfig, ctx: RunContext, rows: list[dict[str, Any]],
         ("memcpy_GBs", "memcpy GB/s", ".2f"), ("ratio", "FWHT / memcpy", ".3f"),
         ("passes", "log2 n passes", "d")])
     where = "simulated workers, virtual time" if summary["simulated"] else \
-        f"1 master + {summary['workers']} workers"
+        f"1 master + {summary['workers']} workers on {summary['ranks']} ranks"
+    head = (f"hpcml bench coded ({where}; machine: {summary['cores']} cores, load average "
+            f"{summary['load_average_1min']:.1f} at start)\n\ndelays: {summary['regime']}\n")
     text = f"{table}\n\nFWHT encoding throughput (one core, {cfg.fwht_columns} columns):\n\n{fw}\n"
-    ctx.run_dir.write_text("table.md", f"hpcml bench coded ({where})\n\n{text}")
+    ctx.run_dir.write_text("table.md", f"{head}\n{text}")
+    print(head, flush=True)
     print(text, flush=True)
     _plot(cfg, ctx, curves)
 

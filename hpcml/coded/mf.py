@@ -83,11 +83,14 @@ def solve_mf(comm: Communicator, r: np.ndarray | None, code: CodeConfig, rank: i
         return lambda t, msg: side_u[int(msg[0])](t, msg[1:])
 
     if comm.rank > 0:
-        serve(comm, task(comm.rank - 1), message_len + 1)
+        compute = task(comm.rank - 1)
+        comm.barrier()
+        serve(comm, compute, message_len + 1)
         comm.barrier()
         return None
-    rt = (SimulatedMaster([task(i) for i in range(m)], comm.delays) if comm.size == 1
-          else MPIMaster(comm, reply_len))
+    computes = [task(i) for i in range(m)] if comm.size == 1 else []
+    comm.barrier()
+    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else MPIMaster(comm, reply_len)
     rng = np.random.default_rng([seed, 7])
     u, v = rng.standard_normal((n, rank)) * 0.1, rng.standard_normal((d, rank)) * 0.1
     z_star, f_star = mf_exact(r, rank, lam)
