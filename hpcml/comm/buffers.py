@@ -13,7 +13,6 @@ be zero-copy and are handled explicitly, never silently:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +23,16 @@ from mpi4py import MPI
 REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 
 
-@dataclasses.dataclass
 class Staged:
     """A contiguous numpy array MPI can use, and how to write results back to the caller's
-    object (``None`` when the array *is* the caller's memory)."""
+    object (``None`` when the array *is* the caller's memory). A plain slotted class: it is
+    built twice per collective, so its construction cost is on the hot path."""
 
-    array: np.ndarray
-    write_back: Callable[[], None] | None = None
+    __slots__ = ("array", "write_back")
+
+    def __init__(self, array: np.ndarray, write_back: Callable[[], None] | None = None) -> None:
+        self.array = array
+        self.write_back = write_back
 
     @property
     def spec(self) -> np.ndarray:
@@ -39,7 +41,7 @@ class Staged:
 
     @property
     def nbytes(self) -> int:
-        return int(self.array.nbytes)
+        return self.array.nbytes
 
     def finish(self) -> None:
         if self.write_back is not None:
@@ -65,6 +67,8 @@ def stage(obj: Any, *, reduce: bool = False) -> Staged:
 
     ``reduce=True`` means MPI will do arithmetic on it (Allreduce, Reduce_scatter), which forces
     16-bit floats through float32."""
+    if type(obj) is np.ndarray and obj.flags.c_contiguous and obj.dtype.char != "e":
+        return Staged(obj)
     if is_tensor(obj):
         return _stage_tensor(obj, reduce)
     if not isinstance(obj, np.ndarray):
@@ -80,6 +84,8 @@ def stage(obj: Any, *, reduce: bool = False) -> Staged:
 
 
 def _stage_tensor(t: Any, reduce: bool) -> Staged:
+    if t.is_cpu and not t.requires_grad and t.is_contiguous() and t.element_size() != 2:
+        return Staged(t.numpy())
     if not t.is_contiguous():
         raise ValueError("non-contiguous tensor: MPI needs one contiguous buffer; pass "
                          "t.contiguous() and copy results back with t.copy_(...)")
