@@ -23,7 +23,21 @@ from hpcml.qsparse.error_feedback import compensate
 from hpcml.qsparse.exchange import AllgatherExchange, ServerExchange
 
 
-class QsparseLocalSGD:
+class WrappedOptimizer:
+    """The torch-optimizer surface both wrappers expose by delegating to ``self.optimizer``,
+    so schedulers and training loops treat them as the optimizer they wrap."""
+
+    optimizer: torch.optim.Optimizer
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+class QsparseLocalSGD(WrappedOptimizer):
     """Wrap ``optimizer`` (over ``model``'s parameters) with Qsparse-local-SGD.
 
     Construction is collective over the exchange's communicator (it broadcasts the starting
@@ -55,13 +69,6 @@ class QsparseLocalSGD:
         self.local_steps = 0
         self.syncs = 0
         self.bits_sent = 0
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self, closure: Any = None) -> Any:
         """One local optimizer step; synchronizes after every ``H``-th."""
@@ -99,7 +106,7 @@ def load_flat(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         offset += p.numel()
 
 
-class AllreduceSGD:
+class AllreduceSGD(WrappedOptimizer):
     """Vanilla distributed SGD, the baseline Qsparse is measured against: every step the
     gradients are averaged with one dense ``Allreduce`` before the wrapped optimizer steps.
 
@@ -116,13 +123,6 @@ class AllreduceSGD:
         self.bits_per_step = x0.numel() * torch.finfo(x0.dtype).bits
         self.syncs = 0
         self.bits_sent = 0
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     @property
     def x_sync(self) -> torch.Tensor:
