@@ -59,7 +59,10 @@ def slurm_conf(root: Path, ports: tuple[int, int], cpus: int, host: str) -> str:
         "SlurmdUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
-        f"AuthInfo=socket={munge_socket}",
+        # cred_expire is also how long Slurm holds a requeued job before restarting it (an
+        # earlier start fails with "Job credential revoked"); 10 s instead of 120 s keeps the
+        # preemption/requeue round trip short on a test node.
+        f"AuthInfo=socket={munge_socket},cred_expire=10",
         f"StateSaveLocation={root}/state",
         f"SlurmdSpoolDir={root}/spool/%n",
         f"SlurmctldPidFile={root}/slurmctld.pid",
