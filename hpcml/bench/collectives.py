@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcml.bench.report import human_bytes, markdown_table, median, save_figure
+from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save_figure
 from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
@@ -153,10 +153,7 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict[str, Any]], ranks: int, ctx: RunContext) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ops = sorted({r["op"] for r in rows})
     fig, axes = plt.subplots(1, len(ops), figsize=(5 * len(ops), 4), squeeze=False)

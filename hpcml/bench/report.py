@@ -28,6 +28,17 @@ def human_bytes(n: float) -> str:
     return f"{n} B"
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the non-interactive Agg backend (ranks have no display); imported
+    on first use so that jobs which never plot do not pay for it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig: Any, path: Any) -> None:
     """Save a matplotlib figure atomically (PNG)."""
     import io

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcml.bench.report import human_bytes, markdown_table, median, save_figure
+from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save_figure
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
 from hpcml.coded.fwht import fwht
 from hpcml.coded.job import check_hdf5, make_problem
@@ -229,10 +229,7 @@ def _report(cfg: BenchCodedConfig, ctx: RunContext, rows: list[dict[str, Any]],
 
 
 def _plot(cfg: BenchCodedConfig, ctx: RunContext, curves: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     models = list(dict.fromkeys(model for model, _ in curves))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4.5), squeeze=False)

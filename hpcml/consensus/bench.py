@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcml.bench.report import markdown_table, save_figure
+from hpcml.bench.report import markdown_table, pyplot, save_figure
 from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
 from hpcml.consensus.accounting import plan_noise
@@ -140,10 +140,7 @@ def run(cfg: ConsensusBenchConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict[str, Any]], cfg: ConsensusBenchConfig, ctx: RunContext) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     sizes = list(dict.fromkeys(r["nodes"] for r in rows))
     fig, axes = plt.subplots(len(sizes), 2, figsize=(11, 4.2 * len(sizes)), squeeze=False)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpcml.bench.report import markdown_table, median, save_figure
+from hpcml.bench.report import markdown_table, median, pyplot, save_figure
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
@@ -214,10 +214,7 @@ def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict[str, Any]], ctx: RunContext) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = [("exchange_peak_KiB", "exchange peak memory per rank (KiB)"),
               ("recv_KiB_per_step", "received per step per rank (KiB)"),

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hpcml.bench.report import markdown_table, save_figure
+from hpcml.bench.report import markdown_table, pyplot, save_figure
 from hpcml.comm import chunk_bounds
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
@@ -107,10 +107,7 @@ def run(cfg: PrivacyBenchConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def _plot(points: list[dict[str, Any]], ctx: RunContext) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for label in dict.fromkeys(p["label"] for p in points):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from hpcml.bench.report import markdown_table, save_figure
+from hpcml.bench.report import markdown_table, pyplot, save_figure
 from hpcml.comm import StragglerConfig
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
@@ -148,10 +148,7 @@ def run(cfg: BenchQsparseConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 def _plot(rows: list[dict[str, Any]], target: float, ranks: int, ctx: RunContext) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in rows:

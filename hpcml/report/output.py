@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpcml.bench.report import markdown_table, save_figure
+from hpcml.bench.report import markdown_table, pyplot, save_figure
 from hpcml.report.alphabeta import AlphaBeta
 from hpcml.report.scaling import Measurement, to_json
 from hpcml.rundir import atomic_write, dumps
@@ -60,10 +60,7 @@ def _model_check(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], mode: str, measured_up_to: int, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     meas = [r for r in rows if r["source"] == "measured"]
     fig, (ax_e, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
