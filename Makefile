@@ -7,11 +7,13 @@
 #   make test TORCH=            keep the torch that the interpreter already sees (venv made with
 #                               --system-site-packages), e.g. a site CUDA build from `module load`
 #   make demo MPIEXEC="srun"    launch with the site launcher
+#   make demo TORCH_PIP="--index-url URL"   extra pip options for torch (e.g. a CPU-only index)
 
 PYTHON ?= python3.11
 VENV ?= .venv
 MPI ?= wheel
 TORCH ?= torch==2.13.0
+TORCH_PIP ?=
 NP ?= 4
 DEMO_JOB ?= jobs/transformer-nmt.toml
 
@@ -27,7 +29,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(if $(TORCH),$(BIN)/python -m pip install -q $(TORCH_PIP) "$(TORCH)")
 	$(BIN)/python -m pip install -q $(MPI_PKGS)
 	$(BIN)/python -m pip install -q -e .
 	touch $@
