@@ -173,7 +173,6 @@ def _plot(rows: list[dict[str, Any]], ranks: int, ctx: RunContext) -> None:
         ax.set_title(f"{op}, {ranks} ranks")
         ax.legend(fontsize=7)
     save_figure(fig, ctx.run_dir.path / "collectives.png")
-    plt.close(fig)
 
 
 JOB = JobKind(config=CollectivesConfig, run=run,

@@ -40,7 +40,7 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Any) -> None:
-    """Save a matplotlib figure atomically (PNG)."""
+    """Save a matplotlib figure atomically (PNG) and close it (frees its memory)."""
     import io
 
     from hpcml.rundir import atomic_write
@@ -48,3 +48,4 @@ def save_figure(fig: Any, path: Any) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     atomic_write(path, buf.getvalue())
+    pyplot().close(fig)

@@ -245,7 +245,6 @@ def _plot(cfg: BenchCodedConfig, ctx: RunContext, curves: dict) -> None:
         ax.set_title(f"{model} delays")
         ax.legend(fontsize=7)
     save_figure(fig, ctx.run_dir.path / "coded.png")
-    plt.close(fig)
 
 
 JOB = JobKind(config=BenchCodedConfig, run=run,

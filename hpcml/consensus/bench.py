@@ -166,7 +166,6 @@ def _plot(rows: list[dict[str, Any]], cfg: ConsensusBenchConfig, ctx: RunContext
             ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, ctx.run_dir.path / "consensus.png")
-    plt.close(fig)
 
 
 JOB = JobKind(config=ConsensusBenchConfig, run=run,

@@ -230,7 +230,6 @@ def _plot(rows: list[dict[str, Any]], ctx: RunContext) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("gradient exchange of the transformer (weak scaling)")
     save_figure(fig, ctx.run_dir.path / "reduction.png")
-    plt.close(fig)
 
 
 JOB = JobKind(config=ReductionConfig, run=run,

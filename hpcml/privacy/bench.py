@@ -120,7 +120,6 @@ def _plot(points: list[dict[str, Any]], ctx: RunContext) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, ctx.run_dir.path / "privacy.png")
-    plt.close(fig)
 
 
 JOB = JobKind(config=PrivacyBenchConfig, run=run,

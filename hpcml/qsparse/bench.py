@@ -166,7 +166,6 @@ def _plot(rows: list[dict[str, Any]], target: float, ranks: int, ctx: RunContext
     axes[0].set_xscale("log")
     axes[0].set_title(f"Qsparse-local-SGD vs baselines, digits MLP, {ranks} ranks")
     save_figure(fig, ctx.run_dir.path / "qsparse.png")
-    plt.close(fig)
 
 
 JOB = JobKind(config=BenchQsparseConfig, run=run,

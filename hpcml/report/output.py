@@ -84,7 +84,6 @@ def plot(rows: list[dict[str, Any]], mode: str, measured_up_to: int, path: Path)
     ax_t.set_yscale("log")
     ax_t.set_ylabel("time per unit (s)")
     save_figure(fig, path)
-    plt.close(fig)
 
 
 def write(out: Path, series: Sequence[Measurement], model: AlphaBeta | None,
