@@ -73,7 +73,7 @@ def test_bench_simulated_writes_table_and_plot(tmp_path):
     res = hpcml_cli(1, "bench", "coded", str(ROOT / "jobs" / "bench-coded.toml"),
                     "--set", "solver.iterations=15", "--set", "problem.n=256",
                     "--set", "problem.p=8", "--set", "fwht_log2=[8]", "--set", "eps=0.5",
-                    "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+                    "--set", "repeats=2", "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
     assert res.returncode == 0, res.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     table = (run_dir / "table.md").read_text()
@@ -90,9 +90,19 @@ def test_bench_simulated_writes_table_and_plot(tmp_path):
     assert {(r["strategy"], r["k"]) for r in rows if r["strategy"] == "etf"} == {("etf", 2),
                                                                                ("etf", 3)}
     base = [r for r in rows if r["strategy"] == "uncoded-all"]
-    assert all(r["speedup"] == pytest.approx(1.0) for r in base)
+    assert all(r["speedup"] == pytest.approx(1.0) and r["reached"] == "2/2" for r in base)
+    assert all(r["reached"].endswith("/2") for r in rows)
+    assert "medians over 2 delay realizations" in table and "delay seeds 0 .. 1" in table
     for r in rows:
         assert r["round_s"] == pytest.approx(r["seconds"] / 15)
+
+
+def test_bench_without_its_baseline_exits_2(tmp_path):
+    res = hpcml_cli(1, "bench", "coded", str(ROOT / "jobs" / "bench-coded.toml"),
+                    "--set", "strategies=['etf']", "--set", runs(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "strategies: no 'uncoded-all'" in res.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def test_bench_wait_for_above_m_exits_2(tmp_path):

@@ -1,8 +1,10 @@
 """``hpcml bench coded``: time to epsilon of encoded optimization against the paper's baselines.
 
-For each delay model (injected with ``comm.straggle``: a worker sleeps its delay before it
-computes, so a delay costs no CPU and each worker behaves as its own node whatever the core
-count) and each strategy, one solve of the same problem with the same delay realization:
+Each strategy's data are encoded and loaded by the workers once; then, for each delay model
+(injected with ``comm.straggle``: a worker sleeps its delay before it computes, so a delay costs
+no CPU and each worker behaves as its own node whatever the core count) and each of ``repeats``
+delay realizations (seeds seed, seed + 1, ...), every strategy solves the same problem under the
+same realization:
   uncoded-all   uncoded data, wait for all m workers (the synchronous baseline)
   uncoded-k     uncoded data, wait for the first k (ignore stragglers)
   replication   each partition on 2 workers, first k
@@ -12,18 +14,21 @@ The k-of-m strategies run once per k in ``wait_for``; k = m / beta = 2 of 4 is t
 stragglers a beta = 2 code tolerates with the k fastest still holding n encoded rows
 (eta beta = 1). Delay model ``none`` measures the round cost without delays (compute and
 messaging), the part the injected delays must dominate to model the paper's stragglers.
-Reported per run: time and iterations to reach suboptimality (f - f*) / f* <= eps, seconds per
-round, final suboptimality and relative error ||w - w*|| / ||w*|| against the exact solution of
-the full problem, late replies discarded, and the speedup over uncoded-all, which is the
-per-round speedup times the ratio of iterations to eps. Rank 0 is the master, ranks 1..m the
-workers (``mpiexec -n 5``: m = 4); on one rank the workers are simulated and times are virtual
-(injected delays only). Also reported: the FWHT's encoding throughput against memcpy of the
-same bytes on one core, and the machine (cores, load average) the run saw.
+Reported per strategy, as medians over the realizations: time and iterations to reach
+suboptimality (f - f*) / f* <= eps, seconds per round, final suboptimality and relative error
+||w - w*|| / ||w*|| against the exact solution of the full problem, late replies discarded;
+how many realizations reached eps; and the speedup over uncoded-all (per realization: the
+per-round speedup times the ratio of iterations to eps), its median and range. Rank 0 is the
+master, ranks 1..m the workers (``mpiexec -n 5``: m = 4); on one rank the workers are
+simulated and times are virtual (injected delays only). Also reported: the FWHT's encoding
+throughput against memcpy of the same bytes on one core, and the machine (cores, load average)
+the run saw.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -34,7 +39,7 @@ from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
 from hpcml.coded.fwht import fwht
 from hpcml.coded.job import check_hdf5, make_problem
-from hpcml.coded.solver import solve
+from hpcml.coded.solver import encode, optimize
 from hpcml.comm import StragglerConfig, make_delay_model
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
@@ -64,6 +69,8 @@ class BenchCodedConfig(JobConfig):
     async_step: float = option(0.5, gt=0.0, help="async: step in units of 1 / L (each reply "
                                "applies one worker's share, 1/m of the gradient)")
     eps: float = option(1e-2, gt=0.0, help="target suboptimality (f - f*) / f*")
+    repeats: int = option(3, min=1, help="delay realizations (seeds seed, seed + 1, ...) per "
+                          "model; every strategy sees the same ones; the table shows medians")
     fwht_log2: list[int] = option([12, 16, 20], min=1, max=26,
                                   help="FWHT throughput: log2 of the transform lengths")
     fwht_columns: int = option(8, min=1, help="FWHT throughput: columns transformed at once")
@@ -76,6 +83,9 @@ class BenchCodedConfig(JobConfig):
         if not self.wait_for or max(self.wait_for) > m:
             raise ConfigError("wait_for", f"k values {self.wait_for} with m = {m} workers",
                               "give a list of k <= m (m = ranks - 1), e.g. [2, 3]")
+        if "uncoded-all" not in self.strategies:
+            raise ConfigError("strategies", "no 'uncoded-all': the baseline every speedup is "
+                              "measured against", "add 'uncoded-all' to strategies")
         if "replication" in self.strategies and m % 2:
             raise ConfigError("strategies", f"replication needs an even number of workers, "
                               f"m = {m}", "run with an odd number of ranks or drop it")
@@ -96,10 +106,10 @@ def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
     return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k), None
 
 
-def delay_config(cfg: BenchCodedConfig, kind: str) -> StragglerConfig:
+def delay_config(cfg: BenchCodedConfig, kind: str, seed: int) -> StragglerConfig:
     return StragglerConfig(kind=kind, mean=cfg.mean, scale=cfg.scale, shape=cfg.shape,
                            slow_ranks=[1], delay=cfg.slow_delay, max_delay=cfg.max_delay,
-                           seed=cfg.seed)
+                           seed=seed)
 
 
 def plan(strategies: list[str], ks: list[int]) -> list[tuple[str, int]]:
@@ -117,43 +127,95 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
     load = os.getloadavg()[0]
     problem = make_problem(cfg.problem, cfg.seed) if comm.rank == 0 else None
     w_star = problem.exact() if problem is not None else None
-    rows, curves = [], {}
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    curves = {}
     simulated = comm.size == 1
     models = [d for d in cfg.delay_models if not (simulated and d == "none")]
     if len(models) < len(cfg.delay_models):
         ctx.log("bench coded: delay model 'none' skipped: simulated rounds without delays "
                 "take no virtual time")
-    for model in models:
-        comm.set_delays(make_delay_model(delay_config(cfg, model), max(comm.size, m + 1)))
-        for name, k in plan(cfg.strategies, ks):
-            code, forced = strategy_code(name, m, k or m)
-            solver = dataclasses.replace(cfg.solver, algorithm=forced or cfg.solver.algorithm,
-                                         step=cfg.async_step if forced else cfg.solver.step)
-            res = solve(comm, problem, code, solver, ctx.run_dir.path / "shards", cfg.seed,
-                        w_star)
-            comm.barrier()
-            if res is None:
-                continue
-            t_eps, it_eps = res.time_to(cfg.eps), res.iterations_to(cfg.eps)
-            rows.append({"delays": model, "strategy": name, "k": None if forced else code.wait_for,
-                         "m": m, "time_to_eps": t_eps, "iters_to_eps": it_eps,
-                         "round_s": res.seconds[-1] / len(res.seconds),
-                         "final_subopt": res.suboptimality[-1],
-                         "final_rel_err": res.relative_error[-1], "seconds": res.seconds[-1],
-                         "discarded": res.discarded, "encode_s": res.encode_seconds})
-            curves[(model, f"{name} k={k}" if k else name)] = (res.seconds, res.suboptimality)
-            ctx.log(f"  {model:<11} {name:<12} k={k or '-'} time to eps {_fmt(t_eps)} s, "
-                    f"final subopt {res.suboptimality[-1]:.2e}, rel err "
-                    f"{res.relative_error[-1]:.2e}")
+    runs_plan = plan(cfg.strategies, ks)
+    codes = {name: strategy_code(name, m, m) for name, _ in runs_plan}
+    for encoder in dict.fromkeys(code.encoder for code, _ in codes.values()):
+        enc = encode(comm, problem, next(c for c, _ in codes.values() if c.encoder == encoder),
+                     False, ctx.run_dir.path / "shards", cfg.seed)
+        for model in models:
+            for rep in range(cfg.repeats):
+                comm.set_delays(make_delay_model(delay_config(cfg, model, cfg.seed + rep),
+                                                 max(comm.size, m + 1)))
+                for name, k in runs_plan:
+                    code, forced = codes[name]
+                    if code.encoder != encoder:
+                        continue
+                    solver = dataclasses.replace(cfg.solver,
+                                                 algorithm=forced or cfg.solver.algorithm,
+                                                 step=cfg.async_step if forced else
+                                                 cfg.solver.step)
+                    res = optimize(comm, enc, solver, k or m, w_star)
+                    comm.barrier()
+                    if res is None:
+                        continue
+                    runs.setdefault((model, name, k), []).append(_record(res, cfg.eps))
+                    if rep == 0:
+                        curves[(model, f"{name} k={k}" if k else name)] = (res.seconds,
+                                                                           res.suboptimality)
+                    ctx.log(f"  {model:<11} {name:<12} k={k or '-'} delay seed "
+                            f"{cfg.seed + rep}: time to eps {_fmt(res.time_to(cfg.eps))} s, "
+                            f"final subopt {res.suboptimality[-1]:.2e}")
+    order = {key: i for i, key in enumerate((model, name, k) for model in models
+                                            for name, k in runs_plan)}
+    runs = dict(sorted(runs.items(), key=lambda item: order[item[0]]))
+    curves = dict(sorted(curves.items(), key=lambda item: models.index(item[0][0])))
+    rows = [_aggregate(model, name, None if name == "async" else (k or m), m, recs,
+                       runs[(model, "uncoded-all", 0)])
+            for (model, name, k), recs in runs.items()]
     summary: dict[str, Any] = {"rows": rows, "eps": cfg.eps, "workers": m, "wait_for": ks,
-                               "simulated": simulated, "ranks": comm.size,
-                               "cores": os.cpu_count(), "load_average_1min": load,
-                               "regime": regime(cfg)}
+                               "repeats": cfg.repeats, "simulated": simulated,
+                               "ranks": comm.size, "cores": os.cpu_count(),
+                               "load_average_1min": load, "regime": regime(cfg)}
     if ctx.is_root:
-        _speedups(rows)
         summary["fwht"] = fwht_throughput(cfg.fwht_log2, cfg.fwht_columns)
         _report(cfg, ctx, rows, curves, summary)
     return comm.bcast(summary)
+
+
+def _record(res: Any, eps: float) -> dict[str, Any]:
+    """One solve's numbers; time and iterations to eps are inf when eps is never reached."""
+    t_eps, it_eps = res.time_to(eps), res.iterations_to(eps)
+    return {"time_to_eps": math.inf if t_eps is None else t_eps,
+            "iters_to_eps": math.inf if it_eps is None else it_eps,
+            "round_s": res.seconds[-1] / len(res.seconds), "seconds": res.seconds[-1],
+            "final_subopt": res.suboptimality[-1], "final_rel_err": res.relative_error[-1],
+            "discarded": res.discarded}
+
+
+def paired_speedups(base: list[float], times: list[float]) -> list[float]:
+    """Per delay realization, time to eps of the baseline over that of the strategy (0 where
+    the strategy never reached eps, inf where only the baseline never did)."""
+    return [b / t if math.isfinite(t) else 0.0 for b, t in zip(base, times, strict=True)]
+
+
+def _aggregate(model: str, name: str, k: int | None, m: int, recs: list[dict[str, Any]],
+               base: list[dict[str, Any]]) -> dict[str, Any]:
+    """A table row: medians over the delay realizations (None where the median run never
+    reached eps), how many reached eps, and the median and range of the speedup over
+    uncoded-all paired by delay realization (None unless the baseline always reached eps and
+    the strategy did in most realizations)."""
+    def med(key: str) -> float | None:
+        value = median([r[key] for r in recs])
+        return value if math.isfinite(value) else None
+
+    speed = paired_speedups([b["time_to_eps"] for b in base], [r["time_to_eps"] for r in recs])
+    finite = [s for s in speed if math.isfinite(s)]
+    ok = finite and median(speed) > 0 and all(math.isfinite(b["time_to_eps"]) for b in base)
+    row = {"delays": model, "strategy": name, "k": k, "m": m,
+           "reached": f"{sum(math.isfinite(r['time_to_eps']) for r in recs)}/{len(recs)}",
+           "speedup": median(speed) if ok else None,
+           "speedup_range": f"{min(finite):.2f}-{max(finite):.2f}" if ok else None}
+    for key in ("time_to_eps", "iters_to_eps", "round_s", "final_subopt", "final_rel_err",
+                "seconds", "discarded"):
+        row[key] = med(key)
+    return row
 
 
 def regime(cfg: BenchCodedConfig) -> str:
@@ -166,21 +228,12 @@ def regime(cfg: BenchCodedConfig) -> str:
                        f"when alpha < 2)",
              "fixed": f"fixed: rank 1 (the first worker) {cfg.slow_delay * 1e3:g} ms every round"}
     return "; ".join(words[d] for d in cfg.delay_models) + \
-        f"; every delay capped at {cfg.max_delay:g} s"
+        f"; every delay capped at {cfg.max_delay:g} s; delay seeds {cfg.seed} .. " \
+        f"{cfg.seed + cfg.repeats - 1} (one realization per repeat, the same for every strategy)"
 
 
 def _fmt(x: float | None) -> str:
     return "never" if x is None else f"{x:.3f}"
-
-
-def _speedups(rows: list[dict[str, Any]]) -> None:
-    """Speedup of time to eps over uncoded-all under the same delays (None where either never
-    reached eps or took no time: virtual time without delays)."""
-    for row in rows:
-        base = [r["time_to_eps"] for r in rows
-                if r["delays"] == row["delays"] and r["strategy"] == "uncoded-all"]
-        ok = base and base[0] is not None and bool(row["time_to_eps"])
-        row["speedup"] = base[0] / row["time_to_eps"] if ok else None
 
 
 def fwht_throughput(log2_sizes: list[int], columns: int, repeats: int = 5) -> list[dict]:
@@ -208,11 +261,12 @@ def _report(cfg: BenchCodedConfig, ctx: RunContext, rows: list[dict[str, Any]],
             curves: dict, summary: dict[str, Any]) -> None:
     table = markdown_table(rows, [
         ("delays", "delays", ""), ("strategy", "strategy", ""), ("k", "k", "d"),
-        ("m", "m", "d"), ("time_to_eps", f"time to eps={cfg.eps:g} (s)", ".3f"),
-        ("iters_to_eps", "iters", "d"), ("round_s", "s/round", ".4f"),
-        ("speedup", "speedup vs uncoded-all", ".2f"),
+        ("m", "m", "d"), ("reached", "reached eps", ""),
+        ("time_to_eps", f"time to eps={cfg.eps:g} (s)", ".3f"),
+        ("iters_to_eps", "iters", "g"), ("round_s", "s/round", ".4f"),
+        ("speedup", "speedup vs uncoded-all", ".2f"), ("speedup_range", "range", ""),
         ("final_subopt", "final subopt", ".2e"), ("final_rel_err", "final rel err", ".2e"),
-        ("seconds", "run s", ".2f"), ("discarded", "late replies", "d")])
+        ("seconds", "run s", ".2f"), ("discarded", "late replies", "g")])
     fw = markdown_table(summary["fwht"], [
         ("n", "n", "d"), ("size", "size", ""), ("fwht_GBs", "FWHT GB/s", ".3f"),
         ("memcpy_GBs", "memcpy GB/s", ".2f"), ("ratio", "FWHT / memcpy", ".3f"),
@@ -220,7 +274,10 @@ def _report(cfg: BenchCodedConfig, ctx: RunContext, rows: list[dict[str, Any]],
     where = "simulated workers, virtual time" if summary["simulated"] else \
         f"1 master + {summary['workers']} workers on {summary['ranks']} ranks"
     head = (f"hpcml bench coded ({where}; machine: {summary['cores']} cores, load average "
-            f"{summary['load_average_1min']:.1f} at start)\n\ndelays: {summary['regime']}\n")
+            f"{summary['load_average_1min']:.1f} at start)\n\ndelays: {summary['regime']}\n"
+            f"\nEach row: medians over {summary['repeats']} delay realizations; speedup = median "
+            f"over realizations of uncoded-all's time to eps over the strategy's, range = its "
+            f"min-max.\n")
     text = f"{table}\n\nFWHT encoding throughput (one core, {cfg.fwht_columns} columns):\n\n{fw}\n"
     ctx.run_dir.write_text("table.md", f"{head}\n{text}")
     print(head, flush=True)

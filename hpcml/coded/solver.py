@@ -1,7 +1,8 @@
 """One encoded solve, collective over the world communicator: encode, distribute, optimize,
 evaluate. Rank 0 encodes the data into per-worker HDF5 shards (streaming, see
-:mod:`hpcml.coded.shards`), the workers load their shard and :func:`~hpcml.coded.runtime.serve`,
-and rank 0 runs the master side of the algorithm; on one rank the workers are simulated
+:mod:`hpcml.coded.shards`), the workers load their shard (:func:`encode`, once per problem and
+code), then for each solve (:func:`optimize`) the workers :func:`~hpcml.coded.runtime.serve` and
+rank 0 runs the master side of the algorithm; on one rank the workers are simulated
 (:class:`~hpcml.coded.runtime.SimulatedMaster`). The clock starts after a barrier that every
 worker reaches holding its shard, so shard loading is not counted as straggling. The reference
 solution and every reported error are computed on rank 0 from the full, unencoded data after
@@ -25,7 +26,7 @@ from hpcml.coded.algorithms import (
     least_squares_worker,
 )
 from hpcml.coded.config import CodeConfig, SolverConfig
-from hpcml.coded.encoders import make_encoder
+from hpcml.coded.encoders import Encoder, make_encoder
 from hpcml.coded.problems import Problem
 from hpcml.coded.runtime import MPIMaster, SimulatedMaster, serve
 from hpcml.coded.shards import encode_to_shards, load_shard
@@ -60,15 +61,37 @@ class SolveResult:
                 "encode_seconds": self.encode_seconds}
 
 
-def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver: SolverConfig,
-          shard_dir: Path, seed: int, w_star: np.ndarray | None = None) -> SolveResult | None:
-    """Collective. ``problem`` is needed on rank 0 only (others may pass None). Returns the
-    result on rank 0 and None elsewhere. ``w_star`` (rank 0) is the reference solution,
-    computed here when None. The shards are deleted once every rank is done."""
-    m, k = code.workers_for(comm.size), code.wait_for_k(comm.size)
-    model_parallel = solver.algorithm == "bcd"
-    n, p = problem.x.shape if comm.rank == 0 else (0, 0)
-    n, p = comm.bcast((n, p))
+@dataclasses.dataclass
+class Encoded:
+    """An encoded problem spread over the workers, ready for any number of solves (each under
+    the delays the communicator has then). Built collectively by :func:`encode`; every rank
+    holds one: rank 0 the problem and the encoder, each worker rank its own shard (X_i, y_i)
+    in ``shards`` (one rank: all m simulated workers' shards; the master of an MPI run: none).
+    ``smoothness`` is L of the encoded objective (see :func:`encode`)."""
+
+    n: int
+    p: int
+    m: int
+    beta: float
+    lam: float
+    smoothness: float
+    blocks: list[int]
+    model_parallel: bool
+    encode_seconds: float
+    shards: list[tuple[np.ndarray, np.ndarray]]
+    problem: Problem | None = None
+    encoder: Encoder | None = None
+
+
+def encode(comm: Communicator, problem: Problem | None, code: CodeConfig, model_parallel: bool,
+           shard_dir: Path, seed: int) -> Encoded:
+    """Collective. Rank 0 encodes ``problem`` (needed there only) into one HDF5 shard per
+    worker under ``shard_dir``; the workers load theirs and the directory is removed. L of the
+    encoded objective: data parallel, lambda_max(sum_i X_i.T X_i) / (beta n) + lam from the
+    workers' Gram matrices (one Allreduce of p x p); model parallel, c_phi sigma_max(X S.T)^2
+    + lam beta, computed on rank 0."""
+    m = code.workers_for(comm.size)
+    n, p = comm.bcast(problem.x.shape if comm.rank == 0 else None)
     encoder = None
     header: dict[str, Any] | None = None
     if comm.rank == 0:
@@ -77,67 +100,91 @@ def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver:
         start = time.perf_counter()
         encode_to_shards(problem.x, problem.y, encoder, shard_dir, code.chunk,
                          transpose=model_parallel)
-        header = {"encode_seconds": time.perf_counter() - start,
-                  "step": solver.step / _smoothness(problem, encoder, model_parallel),
-                  "blocks": [len(b) for b in encoder.blocks], "beta": encoder.beta,
-                  "lam": problem_lam(problem)}
+        header = {"encode_seconds": time.perf_counter() - start, "beta": encoder.beta,
+                  "blocks": [len(b) for b in encoder.blocks], "lam": problem_lam(problem),
+                  "smoothness": _model_parallel_smoothness(problem, encoder)
+                  if model_parallel else 0.0}
     header = comm.bcast(header)
-    step, blocks, beta, lam = header["step"], header["blocks"], header["beta"], header["lam"]
+    mine = range(m) if comm.size == 1 else [comm.rank - 1] if comm.rank > 0 else []
+    shards = [load_shard(shard_dir, i) for i in mine]
+    comm.barrier()
+    if comm.rank == 0:
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    beta, lam, smoothness = header["beta"], header["lam"], header["smoothness"]
+    if not model_parallel:
+        gram = sum((x.T @ x for x, _ in shards), np.zeros((p, p)))
+        comm.Allreduce(gram)
+        smoothness = float(np.linalg.eigvalsh(gram)[-1]) / (beta * n) + lam
+    return Encoded(n, p, m, beta, lam, smoothness, header["blocks"], model_parallel,
+                   header["encode_seconds"], shards, problem, encoder)
 
-    def task(worker: int) -> Any:
-        x, y = load_shard(shard_dir, worker)
-        if model_parallel:
-            return bcd_worker(x, step, lam * beta)
+
+def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
+             w_star: np.ndarray | None = None) -> SolveResult | None:
+    """Collective: one solve of ``enc`` waiting for the first k of its m workers per round,
+    under the communicator's current delay model. Returns the result on rank 0 (errors against
+    ``w_star``, the exact solution, computed when None) and None elsewhere. The clock starts
+    after a barrier that every worker reaches ready to answer."""
+    step = solver.step / enc.smoothness
+    n, p, blocks = enc.n, enc.p, enc.blocks
+
+    def task(shard: tuple[np.ndarray, np.ndarray]) -> Any:
+        x, y = shard
+        if enc.model_parallel:
+            return bcd_worker(x, step, enc.lam * enc.beta)
         return least_squares_worker(x, y)
 
-    message_len = n + max(blocks) if model_parallel else p
-    reply_len = max(blocks) + n if model_parallel else p + 1
+    message_len = n + max(blocks) if enc.model_parallel else p
+    reply_len = max(blocks) + n if enc.model_parallel else p + 1
     if comm.rank > 0:
-        compute = task(comm.rank - 1)
+        compute = task(enc.shards[0])
         comm.barrier()
         serve(comm, compute, message_len)
         comm.barrier()
         return None
-    computes = [task(i) for i in range(m)] if comm.size == 1 else []
+    problem = enc.problem
+    computes = [task(shard) for shard in enc.shards]
     comm.barrier()
     rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else MPIMaster(comm, reply_len)
-    if model_parallel:
+    if enc.model_parallel:
         trace, _ = block_coordinate_descent(rt, problem.loss_grad, blocks, n, k=k,
                                             iterations=solver.iterations)
-        s_t = encoder.matrix().T
-        order = np.concatenate(encoder.blocks)
+        s_t = enc.encoder.matrix().T
+        order = np.concatenate(enc.encoder.blocks)
         iterates = []
         for sec, v in trace:
-            full = np.zeros(encoder.rows)
+            full = np.zeros(enc.encoder.rows)
             full[order] = v
             iterates.append((sec, s_t @ full))
     else:
-        iterates = data_parallel(rt, solver.algorithm, p, n=n, beta=beta, k=k, step=step,
-                                 iterations=solver.iterations, lam=lam,
+        iterates = data_parallel(rt, solver.algorithm, p, n=n, beta=enc.beta, k=k, step=step,
+                                 iterations=solver.iterations, lam=enc.lam,
                                  l1=problem.l1, history=solver.history)
     rt.close()
     comm.barrier()
-    shutil.rmtree(shard_dir, ignore_errors=True)
     w_star = problem.exact() if w_star is None else w_star
     f_star = problem.objective(w_star)
     seconds = [s for s, _ in iterates]
     sub = [(problem.objective(w) - f_star) / max(abs(f_star), 1e-300) for _, w in iterates]
     rel = [float(np.linalg.norm(w - w_star) / max(np.linalg.norm(w_star), 1e-300))
            for _, w in iterates]
-    return SolveResult(seconds, sub, rel, rt.discarded, header["encode_seconds"],
-                       iterates[-1][1])
+    return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, iterates[-1][1])
+
+
+def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver: SolverConfig,
+          shard_dir: Path, seed: int, w_star: np.ndarray | None = None) -> SolveResult | None:
+    """Collective: :func:`encode` then one :func:`optimize` with k = ``code``'s wait_for.
+    ``problem`` is needed on rank 0 only (others may pass None); the result is on rank 0."""
+    enc = encode(comm, problem, code, solver.algorithm == "bcd", shard_dir, seed)
+    return optimize(comm, enc, solver, code.wait_for_k(comm.size), w_star)
 
 
 def problem_lam(problem: Problem) -> float:
     return 0.0 if problem.kind == "lasso" else problem.lam
 
 
-def _smoothness(problem: Problem, encoder: Any, model_parallel: bool) -> float:
-    """L of the encoded objective: sigma_max(S X)^2 / (beta n) + lam (data parallel) or
-    c_phi sigma_max(X S.T)^2 + lam beta (model parallel), from the encoded data."""
-    lam = problem_lam(problem)
-    if model_parallel:
-        enc = encoder.apply(problem.x.T)
-        return problem.curvature() * np.linalg.norm(enc, 2) ** 2 + lam * encoder.beta
-    enc = encoder.apply(problem.x)
-    return np.linalg.norm(enc, 2) ** 2 / (encoder.beta * problem.n) + lam
+def _model_parallel_smoothness(problem: Problem, encoder: Encoder) -> float:
+    """L of the encoded model-parallel objective: c_phi sigma_max(X S.T)^2 + lam beta."""
+    enc = encoder.apply(problem.x.T)
+    return problem.curvature() * np.linalg.norm(enc, 2) ** 2 + problem_lam(problem) * \
+        encoder.beta
