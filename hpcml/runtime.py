@@ -1,5 +1,5 @@
-"""Process-level settings every hpcml run makes deliberately: torch threads and the environment
-report (MPI library, ranks per node, threads, versions)."""
+"""Process-level settings every hpcml run makes deliberately: torch and BLAS threads and the
+environment report (MPI library, ranks per node, threads, versions)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import platform
 import sys
 from typing import Any
 
+import threadpoolctl
+
 from hpcml.comm import Communicator
 from hpcml.comm.info import mpi_info
+
+# the BLAS thread limits set by configure_threads, held for the life of the process
+_POOL_LIMITS: list[threadpoolctl.threadpool_limits] = []
 
 
 def cores_available() -> int:
@@ -21,8 +26,11 @@ def cores_available() -> int:
 
 
 def configure_threads(comm: Communicator, requested: int) -> int:
-    """Set torch's intra-op threads: ``requested`` if > 0, else the node's cores divided by the
-    ranks on this node (at least 1). Collective over ``comm``. Returns the number set."""
+    """Set torch's intra-op threads and the BLAS/OpenMP thread pools numpy and scipy already
+    loaded (through threadpoolctl: OpenBLAS reads OMP_NUM_THREADS only when it loads, and its
+    idle threads spin, so ranks sharing a node would oversubscribe it): ``requested`` if > 0,
+    else the node's cores divided by the ranks on this node (at least 1). Collective over
+    ``comm``. Returns the number set."""
     local = comm.split_shared()
     threads = requested if requested > 0 else max(1, cores_available() // local.size)
     try:
@@ -32,6 +40,7 @@ def configure_threads(comm: Communicator, requested: int) -> int:
     except ImportError:
         pass
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    _POOL_LIMITS.append(threadpoolctl.threadpool_limits(limits=threads))
     return threads
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from hpcml.config import JobConfig, apply_overrides, build, option
 from hpcml.errors import ConfigError
-from hpcml.testing import hpcml_cli
+from hpcml.runtime import configure_threads, cores_available
+from hpcml.testing import hpcml_cli, mpi_test
 
 
 @dataclasses.dataclass
@@ -116,3 +117,20 @@ def test_info_runs_without_mpiexec():
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["ranks"] == 1 and info["torch"]["threads"] >= 1
+
+
+@mpi_test(ranks=[1, 2])
+def test_configure_threads_bounds_torch_and_the_loaded_blas_pools(comm):
+    """Each rank gets cores // ranks-per-node threads (or what it asks for) in torch and in the
+    BLAS pools numpy already loaded, so ranks sharing a node never oversubscribe it."""
+    import threadpoolctl
+    import torch
+
+    expected = max(1, cores_available() // comm.split_shared().size)
+    assert configure_threads(comm, 0) == expected
+    blas = [p for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    assert blas and all(p["num_threads"] == expected for p in blas)
+    assert torch.get_num_threads() == expected
+    configure_threads(comm, 1)
+    assert all(p["num_threads"] == 1 for p in threadpoolctl.threadpool_info()
+               if p["user_api"] == "blas")
