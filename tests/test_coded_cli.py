@@ -148,3 +148,28 @@ def test_bad_collaborative_filtering_values_exit_2(tmp_path, override, message):
     assert message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+def test_bench_cf_simulated_writes_table_and_plot(tmp_path):
+    res = hpcml_cli(1, "bench", "cf", str(ROOT / "jobs" / "bench-cf.toml"), *SMALL_MF,
+                    "--set", 'delay_models=["pareto"]', "--set", "eps=[0.5, 0.2]",
+                    "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    table = (run_dir / "table.md").read_text()
+    for name in ("uncoded-all", "uncoded-k", "etf", "hadamard", "time to 0.5", "load average"):
+        assert name in table
+    assert (run_dir / "cf.png").stat().st_size > 1000
+    rows = json.loads((run_dir / "summary.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["uncoded-all", "uncoded-k", "etf", "hadamard"]
+    assert rows[0]["speedup_0.5"] == pytest.approx(1.0)
+    assert {r["k"] for r in rows[1:]} == {3} and rows[0]["k"] == 4
+    assert len({r["ref_test_rmse"] for r in rows}) == 1
+
+
+def test_bench_cf_rejects_a_non_mf_problem(tmp_path):
+    res = hpcml_cli(1, "bench", "cf", str(ROOT / "jobs" / "bench-cf.toml"), "--set",
+                    "problem.kind=ridge", "--set", runs(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "problem.kind: bench cf runs collaborative filtering" in res.stderr
+    assert not (tmp_path / "runs").exists()

@@ -135,13 +135,23 @@ def initial_factors(n: int, d: int, rank: int, seed: int) -> tuple[np.ndarray, n
     return rng.standard_normal((n, rank)) * 0.3, rng.standard_normal((d, rank)) * 0.3
 
 
+def reference(train: Ratings, test: Ratings, rank: int, lam: float,
+              seed: int) -> dict[str, float]:
+    """Exact ALS on the full training data from :func:`initial_factors`, to convergence:
+    its objective f_ref, sweeps, train and test RMSE."""
+    u, v, history = als(train, *initial_factors(train.n, train.d, rank, seed), lam)
+    return {"objective": history[-1], "sweeps": len(history) - 1,
+            "train_rmse": rmse(train, u, v), "test_rmse": rmse(test, u, v)}
+
+
 def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, code: CodeConfig,
              rank: int, lam: float, outer: int, inner: int, step: float, shard_dir: Path,
-             seed: int) -> CFResult | None:
+             seed: int, ref: dict[str, float] | None = None) -> CFResult | None:
     """Collective. ``train``/``test`` (centered ratings) are needed on rank 0 only. Runs
     ``outer`` sweeps of (U-step, V-step), each ``inner`` encoded gradient steps of size
-    ``step`` / L_i per owner, with the first k of m workers per step. Returns the result on
-    rank 0 and None elsewhere; the shards are deleted once every rank is done."""
+    ``step`` / L_i per owner, with the first k of m workers per step. ``ref`` (rank 0) is
+    :func:`reference`, computed here when None. Returns the result on rank 0 and None
+    elsewhere; the shards are deleted once every rank is done."""
     m, k = code.workers_for(comm.size), code.wait_for_k(comm.size)
     n, d = comm.bcast((train.n, train.d) if comm.rank == 0 else None)
     encoded: list[tuple[Side, sp.csr_matrix]] = []
@@ -181,12 +191,10 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
     rt.close()
     comm.barrier()
     shutil.rmtree(shard_dir, ignore_errors=True)
-    u_ref, v_ref, history = als(train, u0, v0, lam)
-    f_ref = history[-1]
-    reference = {"objective": f_ref, "sweeps": len(history) - 1,
-                 "train_rmse": rmse(train, u_ref, v_ref), "test_rmse": rmse(test, u_ref, v_ref)}
+    ref = reference(train, test, rank, lam, seed) if ref is None else ref
+    f_ref = ref["objective"]
     return CFResult([s for s, _, _ in trace],
                     [(objective(train, u, v, lam) - f_ref) / f_ref for _, u, v in trace],
                     [rmse(train, u, v) for _, u, v in trace],
                     [rmse(test, u, v) for _, u, v in trace],
-                    rt.discarded, encode_seconds, reference, factors[0], factors[1])
+                    rt.discarded, encode_seconds, ref, factors[0], factors[1])
