@@ -41,7 +41,7 @@ from hpcml.coded.cf import (
 )
 from hpcml.coded.config import CodeConfig, ProblemConfig
 from hpcml.coded.ratings import Ratings, digits_ratings, split, synthetic_ratings
-from hpcml.coded.runtime import MPIMaster, SimulatedMaster, serve
+from hpcml.coded.runtime import Compute, MPIMaster, SimulatedMaster, serve
 from hpcml.coded.shards import load_sparse_shard, write_sparse_shards
 from hpcml.comm import Communicator
 
@@ -105,9 +105,9 @@ def _encode(train: Ratings, code: CodeConfig, m: int, seed: int,
             shard_dir: Path) -> list[tuple[Side, sp.csr_matrix]]:
     """Encode both sides, write the shards; returns each side and its S.T S (for the steps)."""
     out, shards = [], [{} for _ in range(m)]
-    for name, side in zip(("u", "v"), sides(train), strict=True):
-        cs = encode_side(side, code.encoder, m, code.beta, seed * 2 + len(out),
-                         chunk=code.chunk, etf_q=code.etf_q, sparse_nnz=code.sparse_nnz)
+    for index, (name, side) in enumerate(zip(("u", "v"), sides(train), strict=True)):
+        cs = encode_side(side, code.encoder, m, code.beta, seed * 2 + index, chunk=code.chunk,
+                         etf_q=code.etf_q, sparse_nnz=code.sparse_nnz)
         for worker, c in enumerate(cs):
             shards[worker][name] = _shard_arrays(WorkerSide.from_encoded(c, side))
         out.append((side, sum(c.T @ c for c in cs).tocsr()))
@@ -115,7 +115,8 @@ def _encode(train: Ratings, code: CodeConfig, m: int, seed: int,
     return out
 
 
-def _task(shard_dir: Path, worker: int, n: int, rank: int):
+def _task(shard_dir: Path, worker: int, n: int, rank: int) -> Compute:
+    """Worker ``worker``'s reply to (side, U, V): that side's summed gradient and ||e||^2."""
     data = load_sparse_shard(shard_dir, worker)
     halves = [_worker_side(data["u"]), _worker_side(data["v"])]
 
