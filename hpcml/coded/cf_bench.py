@@ -164,10 +164,10 @@ def _report(cfg: BenchCFConfig, ctx: RunContext, rows: list[dict[str, Any]], cur
     ctx.run_dir.write_text("table.md", f"{head}\n{table}\n")
     print(head, flush=True)
     print(table, flush=True)
-    _plot(cfg, ctx, curves)
+    _plot(cfg, ctx, curves, summary["simulated"])
 
 
-def _plot(cfg: BenchCFConfig, ctx: RunContext, curves: dict) -> None:
+def _plot(cfg: BenchCFConfig, ctx: RunContext, curves: dict, simulated: bool) -> None:
     plt = pyplot()
     models = list(dict.fromkeys(model for model, _ in curves))
     fig, axes = plt.subplots(2, len(models), figsize=(6 * len(models), 8), squeeze=False)
@@ -184,7 +184,7 @@ def _plot(cfg: BenchCFConfig, ctx: RunContext, curves: dict) -> None:
         top.set_ylabel("|f - f_ref| / f_ref")
         top.set_title(f"{model} delays")
         bottom.set_ylabel("test RMSE")
-        bottom.set_xlabel("wall time (s)")
+        bottom.set_xlabel("virtual time (s, injected delays)" if simulated else "wall time (s)")
         top.legend(fontsize=7)
     save_figure(fig, ctx.run_dir.path / "cf.png")
 
