@@ -38,7 +38,7 @@ class ProblemConfig:
     true_rank: int = option(0, min=0, help="mf synthetic: latent rank of the generated "
                             "ratings; 0 = rank")
     density: float = option(0.05, gt=0.0, max=1.0, help="mf synthetic: fraction of the "
-                            "user x item entries rated")
+                            "user x item entries rated (no user rates more than half the items)")
     observed: float = option(0.5, gt=0.0, max=1.0, help="mf digits: fraction of the pixels "
                              "observed (matrix completion)")
     test_fraction: float = option(0.1, gt=0.0, max=1.0, help="mf: fraction of the observed "

@@ -9,7 +9,8 @@ activity rank a rates about total * (a + 10)^-0.7 / sum items (capped at d / 2),
 probability proportional to the item's popularity (its rank + 10)^-1 (Gumbel top-k sampling,
 without replacement); then every item with fewer than ``MIN_RATINGS`` ratings gets more from
 random users. Every user and item ends with at least ``MIN_RATINGS`` ratings, and the density
-is ``density`` up to the cap and the top-ups.
+is ``density`` up to the cap and the top-ups. Users are drawn ``USER_CHUNK`` at a time, so
+memory is O(USER_CHUNK x d + ratings), never the dense n x d matrix.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 
 MIN_RATINGS = 5
 USER_EXPONENT, ITEM_EXPONENT, OFFSET = 0.7, 1.0, 10.0
+USER_CHUNK = 1024
 
 
 @dataclasses.dataclass
@@ -57,15 +59,22 @@ def synthetic_ratings(n: int, d: int, rank: int, density: float, noise: float,
     popularity = (rng.permutation(d) + OFFSET) ** -ITEM_EXPONENT
     per_user = np.rint(density * n * d * activity / activity.sum()).astype(int)
     per_user = np.clip(per_user, MIN_RATINGS, d // 2)
-    keys = np.log(popularity)[None, :] + rng.gumbel(size=(n, d))
-    order = np.argsort(-keys, axis=1)
-    mask = np.zeros((n, d), dtype=bool)
-    mask[np.arange(n).repeat(per_user), order[np.arange(d)[None, :] < per_user[:, None]]] = True
-    for j in np.flatnonzero(mask.sum(axis=0) < MIN_RATINGS):
-        missing = np.flatnonzero(~mask[:, j])
-        need = MIN_RATINGS - int(mask[:, j].sum())
-        mask[rng.choice(missing, size=need, replace=False), j] = True
-    users, items = np.nonzero(mask)
+    users, items = [], []
+    for start in range(0, n, USER_CHUNK):
+        stop = min(n, start + USER_CHUNK)
+        keys = np.log(popularity)[None, :] + rng.gumbel(size=(stop - start, d))
+        chosen = np.arange(d)[None, :] < per_user[start:stop, None]
+        users.append(np.arange(start, stop).repeat(per_user[start:stop]))
+        items.append(np.argsort(-keys, axis=1)[chosen])
+    users, items = np.concatenate(users), np.concatenate(items)
+    per_item = np.bincount(items, minlength=d)
+    for j in np.flatnonzero(per_item < MIN_RATINGS):
+        missing = np.setdiff1d(np.arange(n), users[items == j])
+        extra = rng.choice(missing, size=MIN_RATINGS - per_item[j], replace=False)
+        users = np.concatenate([users, extra])
+        items = np.concatenate([items, np.full_like(extra, j)])
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
     scores = np.einsum("or,or->o", u[users], v[items])
     values = np.clip(np.rint(3.0 + scores + noise * rng.standard_normal(len(users))), 1, 5)
     return Ratings(n, d, users, items, values)
