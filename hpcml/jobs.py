@@ -30,6 +30,7 @@ KINDS: dict[str, str] = {
     "transformer-nmt": "hpcml.nmt.train",
     "bench-coded": "hpcml.coded.bench",
     "coded": "hpcml.coded.job",
+    "bench-cf": "hpcml.coded.cf_bench",
 }
 
 

@@ -113,11 +113,73 @@ def test_bench_wait_for_above_m_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_matrix_factorization_job_with_five_ranks(tmp_path):
-    res = hpcml_cli(5, "run", str(ROOT / "jobs" / "coded-mf.toml"), "--set",
-                    "solver.iterations=4", "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+MF_JOB = str(ROOT / "jobs" / "coded-mf.toml")
+SMALL_MF = ["--set", "problem.n=300", "--set", "problem.p=80", "--set", "problem.density=0.1",
+            "--set", "problem.lam=1e-3", "--set", "solver.iterations=4", "--set",
+            "solver.inner=5"]
+
+
+def test_collaborative_filtering_job_with_five_ranks(tmp_path):
+    res = hpcml_cli(5, "run", MF_JOB, *SMALL_MF, "--set", runs(tmp_path), cwd=tmp_path,
+                    timeout=180)
     assert res.returncode == 0, res.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["workers"] == 4 and summary["final_suboptimality"] < 0.5
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 4 * 2 * 10
+    assert summary["workers"] == 4 and summary["wait_for"] == 3
+    assert abs(summary["final_suboptimality"]) < 0.5
+    assert summary["final_test_rmse"] < 1.5 * summary["reference"]["test_rmse"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 4 * 2 * 5
+    assert {"seconds", "suboptimality", "train_rmse", "test_rmse"} <= set(records[-1])
+    assert not (run_dir / "shards").exists()
+
+
+def test_collaborative_filtering_on_digits_simulated(tmp_path):
+    res = hpcml_cli(1, "run", MF_JOB, "--set", "problem.data=digits", "--set",
+                    "problem.observed=0.3", "--set", "problem.lam=1e-4", "--set",
+                    "solver.iterations=4", "--set",
+                    runs(tmp_path), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["simulated"] and summary["reference"]["test_rmse"] < 0.9
+    assert summary["final_test_rmse"] < 1.25 * summary["reference"]["test_rmse"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("problem.rank=0", "problem.rank: must be >= 1"),
+    ("problem.density=1.5", "problem.density"),
+    ("problem.test_fraction=1", "problem.test_fraction: 1.0 leaves no training entries"),
+    ("problem.data=diabetes", "problem.data: mf runs on ratings, not 'diabetes'"),
+])
+def test_bad_collaborative_filtering_values_exit_2(tmp_path, override, message):
+    res = hpcml_cli(1, "run", MF_JOB, "--set", override, "--set", runs(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bench_cf_simulated_writes_table_and_plot(tmp_path):
+    res = hpcml_cli(1, "bench", "cf", str(ROOT / "jobs" / "bench-cf.toml"), *SMALL_MF,
+                    "--set", 'delay_models=["pareto"]', "--set", "eps=[0.5, 0.2]",
+                    "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+    assert res.returncode == 0, res.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    table = (run_dir / "table.md").read_text()
+    for name in ("uncoded-all", "uncoded-k", "etf", "hadamard", "time to 0.5", "load average"):
+        assert name in table
+    assert (run_dir / "cf.png").stat().st_size > 1000
+    rows = json.loads((run_dir / "summary.json").read_text())["rows"]
+    assert [r["strategy"] for r in rows] == ["uncoded-all", "uncoded-k", "etf", "hadamard"]
+    assert rows[0]["speedup_0.5"] == pytest.approx(1.0)
+    assert {r["k"] for r in rows[1:]} == {3} and rows[0]["k"] == 4
+    assert len({r["ref_test_rmse"] for r in rows}) == 1
+
+
+def test_bench_cf_rejects_a_non_mf_problem(tmp_path):
+    res = hpcml_cli(1, "bench", "cf", str(ROOT / "jobs" / "bench-cf.toml"), "--set",
+                    "problem.kind=ridge", "--set", runs(tmp_path), cwd=tmp_path)
+    assert res.returncode == 2
+    assert "problem.kind: bench cf runs collaborative filtering" in res.stderr
+    assert not (tmp_path / "runs").exists()

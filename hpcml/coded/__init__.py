@@ -10,8 +10,12 @@ Modules, one job each:
   encoders    S and its worker row blocks: uncoded, replication, Gaussian, SRHT, ETF, sparse
   shards      streaming HDF5 -> one encoded HDF5 shard per worker
   problems    ridge / LASSO / logistic objectives, data sets, exact solutions
+  ratings     collaborative-filtering data: MovieLens-like generator, digits, train/test split
+  cf          per-user / per-item encoding, worker gradient, exact ALS (pure)
   runtime     master (rank 0) + workers (ranks 1..m): first k of m, late answers discarded
   algorithms  encoded GD, L-BFGS, proximal gradient, FISTA, asynchronous, encoded BCD
   solver      one collective solve: encode, distribute, optimize, evaluate
+  mf          one collective collaborative-filtering solve on encoded data
   job, bench  job kinds ``coded`` and ``bench-coded``
+  cf_bench    job kind ``bench-cf``
 """

@@ -24,9 +24,10 @@ class ProblemConfig:
     path: str = option("", help="hdf5: input file")
     x_key: str = option("X", help="hdf5: dataset of the (n, p) features")
     y_key: str = option("y", help="hdf5: dataset of the (n,) targets")
-    n: int = option(2048, min=2, help="synthetic: samples")
-    p: int = option(64, min=1, help="synthetic: features")
-    noise: float = option(0.5, min=0.0, help="synthetic: noise standard deviation")
+    n: int = option(2048, min=2, help="synthetic: samples (mf: users)")
+    p: int = option(64, min=1, help="synthetic: features (mf: items)")
+    noise: float = option(0.5, min=0.0, help="synthetic: noise standard deviation (mf: of "
+                          "the ratings before rounding)")
     spread: float = option(0.2, gt=0.0, max=1.0, help="synthetic: smallest/largest singular "
                            "value of the feature covariance")
     order: str = option("given", choices=("given", "by_target"),
@@ -34,7 +35,34 @@ class ProblemConfig:
                         "(non-i.i.d. worker partitions, like data stored in time order)")
     lam: float = option(1e-3, min=0.0, help="l2 regularization (ridge, logistic, mf)")
     rank: int = option(5, min=1, help="mf: factorization rank")
+    true_rank: int = option(0, min=0, help="mf synthetic: latent rank of the generated "
+                            "ratings; 0 = rank")
+    density: float = option(0.05, gt=0.0, max=1.0, help="mf synthetic: fraction of the "
+                            "user x item entries rated (no user rates more than half the items)")
+    observed: float = option(0.5, gt=0.0, max=1.0, help="mf digits: fraction of the pixels "
+                             "observed (matrix completion)")
+    test_fraction: float = option(0.1, gt=0.0, max=1.0, help="mf: fraction of the observed "
+                                  "entries held out for the test RMSE, in (0, 1)")
     l1: float = option(1e-2, min=0.0, help="l1 regularization (lasso)")
+
+
+MF_DATA = ("synthetic", "digits")
+
+
+def check_problem(cfg: ProblemConfig) -> None:
+    """Rules the field ranges cannot express (collaborative filtering only)."""
+    if cfg.kind != "mf":
+        return
+    if cfg.data not in MF_DATA:
+        raise ConfigError("problem.data", f"mf runs on ratings, not {cfg.data!r}",
+                          f"use one of {', '.join(MF_DATA)}")
+    if cfg.test_fraction >= 1:
+        raise ConfigError("problem.test_fraction", f"{cfg.test_fraction} leaves no training "
+                          "entries", "use a fraction in (0, 1), e.g. 0.1")
+    if cfg.data == "synthetic" and (cfg.p < 10 or cfg.n < 5):
+        raise ConfigError("problem.p" if cfg.p < 10 else "problem.n", f"{cfg.n} users x "
+                          f"{cfg.p} items is too small for >= 5 ratings per user and item",
+                          "use n >= 5 users and p >= 10 items")
 
 
 @dataclasses.dataclass
@@ -45,7 +73,8 @@ class CodeConfig:
     wait_for: int = option(0, min=0, help="k: workers the master waits for; 0 = all m")
     etf_q: int = option(13, min=5, help="etf: Paley prime q = 1 mod 4 (blocks of (q+1)/2 rows)")
     sparse_nnz: int = option(2, min=1, help="sparse: nonzeros per column, on distinct workers")
-    chunk: int = option(64, min=1, help="columns encoded per streaming chunk")
+    chunk: int = option(64, min=1, help="columns encoded per streaming chunk (mf: most "
+                        "observations of one user or item encoded by one code)")
 
     def workers_for(self, size: int) -> int:
         return size - 1 if size > 1 else (self.workers or 4)

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
-from hpcml.coded.mf import solve_mf
+from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig, check_problem
+from hpcml.coded.mf import load_ratings, solve_cf
 from hpcml.coded.problems import Problem, load_data
 from hpcml.coded.shards import open_input
 from hpcml.coded.solver import solve
@@ -33,6 +33,7 @@ class CodedConfig(JobConfig):
     def check(self, size: int) -> None:
         self.code.check(size)
         self.solver.check(self.problem.kind)
+        check_problem(self.problem)
         check_hdf5(self.problem)
 
 
@@ -60,13 +61,13 @@ def make_problem(cfg: ProblemConfig, seed: int) -> Problem:
 
 def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     comm = ctx.comm
-    problem = make_problem(cfg.problem, cfg.seed) if comm.rank == 0 else None
     m, k = cfg.code.workers_for(comm.size), cfg.code.wait_for_k(comm.size)
     ctx.log(f"coded: {cfg.problem.kind} on {cfg.problem.data}, {cfg.code.encoder} beta="
             f"{cfg.code.beta}, {cfg.solver.algorithm}, wait for k={k} of m={m} workers"
             + (" (simulated)" if comm.size == 1 else ""))
     if cfg.problem.kind == "mf":
-        return _run_mf(cfg, ctx, problem, m, k)
+        return _run_mf(cfg, ctx, m, k)
+    problem = make_problem(cfg.problem, cfg.seed) if comm.rank == 0 else None
     result = solve(comm, problem, cfg.code, cfg.solver, ctx.run_dir.path / "shards", cfg.seed)
     if result is None:
         return {}
@@ -81,21 +82,25 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
-def _run_mf(cfg: CodedConfig, ctx: RunContext, problem: Problem | None, m: int,
-            k: int) -> dict[str, Any]:
-    out = solve_mf(ctx.comm, None if problem is None else problem.x, cfg.code, cfg.problem.rank,
-                   cfg.problem.lam, cfg.solver.iterations, cfg.solver.inner,
+def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]:
+    train, test = load_ratings(cfg.problem, cfg.seed) if ctx.comm.rank == 0 else (None, None)
+    if train is not None:
+        ctx.log(f"coded: {train.n} users x {train.d} items, {len(train)} training and "
+                f"{len(test)} test ratings")
+    out = solve_cf(ctx.comm, train, test, cfg.code, cfg.problem.rank, cfg.problem.lam,
+                   cfg.solver.iterations, cfg.solver.inner, cfg.solver.step,
                    ctx.run_dir.path / "shards", cfg.seed)
     if out is None:
         return {}
-    for t, (sec, sub) in enumerate(zip(out["seconds"], out["suboptimality"], strict=True)):
-        ctx.run_dir.log_metrics(round=t, seconds=sec, suboptimality=sub)
-    summary = {"workers": m, "wait_for": k, "simulated": ctx.comm.size == 1,
-               "final_suboptimality": out["suboptimality"][-1],
-               "final_relative_error": out["relative_error"], "seconds": out["seconds"][-1],
-               "discarded_late_replies": out["discarded"]}
-    ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e}, relative error of U V.T "
-            f"{summary['final_relative_error']:.3e}, {summary['seconds']:.2f} s")
+    for t, (sec, sub, train_rmse, test_rmse) in enumerate(zip(
+            out.seconds, out.suboptimality, out.train_rmse, out.test_rmse, strict=True)):
+        ctx.run_dir.log_metrics(round=t, seconds=sec, suboptimality=sub, train_rmse=train_rmse,
+                                test_rmse=test_rmse)
+    summary = {"workers": m, "wait_for": k, "simulated": ctx.comm.size == 1, **out.summary()}
+    ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e} (signed, vs exact ALS), "
+            f"test RMSE {summary['final_test_rmse']:.4f} (exact ALS "
+            f"{out.reference['test_rmse']:.4f}), {summary['seconds']:.2f} s, "
+            f"{out.discarded} late replies discarded")
     return summary
 
 

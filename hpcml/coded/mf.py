@@ -1,123 +1,201 @@
-"""Encoded matrix factorization (collaborative filtering) by alternating least squares.
+"""Encoded collaborative filtering with stragglers as erasures: one collective solve.
 
-Problem (n users x d items, rank r):
-    f(U, V) = 1/(2 n d) ||R - U V.T||_F^2 + lam/2 (||U||_F^2 + ||V||_F^2).
-Its minimum has a closed form: min over U V.T = Z of (||U||^2 + ||V||^2)/2 is ||Z||_* (nuclear
-norm), so f* = min_{rank Z <= r} 1/(2nd) ||R - Z||^2 + lam ||Z||_*, attained by soft-thresholding
-R's top r singular values by lam n d (:func:`mf_exact`): the reference for the errors.
+Karakus et al. (JMLR 2019, matrix-factorization experiment): alternating minimization of
+f(U, V) on the observed ratings (see :mod:`hpcml.coded.cf`), each half step a collection of
+per-user (per-item) least-squares problems solved on encoded data by ``inner`` gradient steps,
+each step using the first k of m workers to answer (the rest are erasures). The master is
+oblivious to the encoding: it sums the replies it got and scales by 1 / (eta beta N).
 
-Encoding (as in Karakus et al.'s matrix-factorization experiment, alternating minimization
-with each half step a least-squares problem solved on encoded data): the large, fixed data R
-are encoded once, S1 R.T over items for the U-step and S2 R over users for the V-step, and
-sharded; each half step minimizes the encoded least squares
-    U-step: 1/(2 eta beta n d) sum_{i in A_t} ||(S1_i V) U.T - S1_i R.T||^2 + lam/2 ||U||^2
-by ``inner`` gradient steps with the first k of m workers per round. The small factor is
-encoded on the fly by the master (S1 V is d x r) and worker i receives its rows S1_i V with
-the iterate. With S a tight frame and k = m this is plain ALS-by-gradient on R.
+Layout as in :mod:`hpcml.coded.solver`: rank 0 encodes both sides once (each user's and each
+item's observations with their own code) and writes one HDF5 shard per worker
+(:func:`~hpcml.coded.shards.write_sparse_shards`); ranks 1..m load theirs and serve; with one
+rank the workers are simulated with a virtual clock. Every message is (side, U, V), every reply
+a side's summed gradient and ||e||^2. The clock starts after a barrier that every worker
+reaches holding its shard; the iterates are stored and every metric (suboptimality against
+exact ALS from the same initialization, train and test RMSE) is computed after the timed loop.
+Suboptimality (f - f_ref) / f_ref is signed: the problem is non-convex, so a run may end at a
+different (lower or higher) stationary point than the reference ALS.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
-from hpcml.coded.config import CodeConfig
-from hpcml.coded.encoders import make_encoder
-from hpcml.coded.runtime import MPIMaster, SimulatedMaster, serve
-from hpcml.coded.shards import encode_to_shards, load_shard
+from hpcml.coded.cf import (
+    Side,
+    WorkerSide,
+    als,
+    encode_side,
+    objective,
+    rmse,
+    side_gradient,
+    sides,
+    step_sizes,
+)
+from hpcml.coded.config import CodeConfig, ProblemConfig
+from hpcml.coded.ratings import Ratings, digits_ratings, split, synthetic_ratings
+from hpcml.coded.runtime import Compute, MPIMaster, SimulatedMaster, serve
+from hpcml.coded.shards import load_sparse_shard, write_sparse_shards
 from hpcml.comm import Communicator
 
-
-def mf_objective(r: np.ndarray, u: np.ndarray, v: np.ndarray, lam: float) -> float:
-    n, d = r.shape
-    return float(0.5 * np.sum((r - u @ v.T) ** 2) / (n * d)
-                 + 0.5 * lam * (np.sum(u**2) + np.sum(v**2)))
+EPS = (1e-1, 1e-2, 1e-3)
 
 
-def mf_exact(r: np.ndarray, rank: int, lam: float) -> tuple[np.ndarray, float]:
-    """(Z*, f*): the optimal product U V.T and the optimal objective value."""
-    n, d = r.shape
-    left, sv, right = np.linalg.svd(r, full_matrices=False)
-    shrunk = np.maximum(sv[:rank] - lam * n * d, 0.0)
-    z = (left[:, :rank] * shrunk) @ right[:rank]
-    return z, float(0.5 * np.sum((r - z) ** 2) / (n * d) + lam * shrunk.sum())
+def load_ratings(cfg: ProblemConfig, seed: int) -> tuple[Ratings, Ratings]:
+    """(train, test) for ``problem.kind = 'mf'``, both centered by the training mean (so the
+    model predicts mean + u_i . v_j)."""
+    if cfg.data == "synthetic":
+        ratings = synthetic_ratings(cfg.n, cfg.p, cfg.true_rank or cfg.rank, cfg.density,
+                                    cfg.noise, seed)
+    else:
+        ratings = digits_ratings(cfg.observed, seed)
+    train, test = split(ratings, cfg.test_fraction, seed)
+    mean = train.values.mean()
+    train.values, test.values = train.values - mean, test.values - mean
+    return train, test
 
 
-def _worker(a: np.ndarray, rank: int):
-    """Half-step task on encoded data a = S_i R.T (or S_i R): message (S_i F, W) with F the
-    fixed factor and W the iterate (columns x rank) -> ((S_i F).T residual).T and loss."""
-    rows, cols = a.shape
+@dataclasses.dataclass
+class CFResult:
+    """Rank 0's record of one solve, per round (one encoded gradient step on one side)."""
+
+    seconds: list[float]
+    suboptimality: list[float]
+    train_rmse: list[float]
+    test_rmse: list[float]
+    discarded: int
+    encode_seconds: float
+    reference: dict[str, float]
+    u: np.ndarray
+    v: np.ndarray
+
+    def time_to(self, eps: float) -> float | None:
+        """Seconds at the first round with suboptimality <= eps (None if never)."""
+        return next((s for s, f in zip(self.seconds, self.suboptimality, strict=True)
+                     if f <= eps), None)
+
+    def summary(self) -> dict[str, Any]:
+        return {"final_suboptimality": self.suboptimality[-1],
+                "final_train_rmse": self.train_rmse[-1], "final_test_rmse": self.test_rmse[-1],
+                "reference": self.reference, "seconds": self.seconds[-1],
+                "seconds_to_suboptimality": {str(e): self.time_to(e) for e in EPS},
+                "discarded_late_replies": self.discarded, "encode_seconds": self.encode_seconds}
+
+
+def _shard_arrays(data: WorkerSide) -> dict[str, np.ndarray]:
+    return {"data": data.c.data, "indices": data.c.indices, "indptr": data.c.indptr,
+            "shape": np.array(data.c.shape), "b": data.b, "owner": data.owner,
+            "other": data.other, "n_owner": np.array(data.n_owner)}
+
+
+def _worker_side(arrays: dict[str, np.ndarray]) -> WorkerSide:
+    c = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
+                      shape=tuple(arrays["shape"]))
+    return WorkerSide(c, arrays["b"], arrays["owner"], arrays["other"], int(arrays["n_owner"]))
+
+
+def _encode(train: Ratings, code: CodeConfig, m: int, seed: int,
+            shard_dir: Path) -> list[tuple[Side, sp.csr_matrix]]:
+    """Encode both sides, write the shards; returns each side and its S.T S (for the steps)."""
+    out, shards = [], [{} for _ in range(m)]
+    for index, (name, side) in enumerate(zip(("u", "v"), sides(train), strict=True)):
+        cs = encode_side(side, code.encoder, m, code.beta, seed * 2 + index, chunk=code.chunk,
+                         etf_q=code.etf_q, sparse_nnz=code.sparse_nnz)
+        for worker, c in enumerate(cs):
+            shards[worker][name] = _shard_arrays(WorkerSide.from_encoded(c, side))
+        out.append((side, sum(c.T @ c for c in cs).tocsr()))
+    write_sparse_shards(shards, shard_dir, {"encoder": code.encoder, "beta": code.beta, "m": m})
+    return out
+
+
+def _task(shard_dir: Path, worker: int, n: int, rank: int) -> Compute:
+    """Worker ``worker``'s reply to (side, U, V): that side's summed gradient and ||e||^2."""
+    data = load_sparse_shard(shard_dir, worker)
+    halves = [_worker_side(data["u"]), _worker_side(data["v"])]
 
     def compute(t: int, msg: np.ndarray) -> np.ndarray:
-        sf = msg[: rows * rank].reshape(rows, rank)
-        w = msg[rows * rank: rows * rank + cols * rank].reshape(cols, rank)
-        res = sf @ w.T - a
-        return np.concatenate([(res.T @ sf).ravel(), [np.sum(res**2)]])
+        u = msg[1: 1 + n * rank].reshape(n, rank)
+        v = msg[1 + n * rank:].reshape(-1, rank)
+        w, f = (u, v) if msg[0] == 0 else (v, u)
+        grad, loss = side_gradient(halves[int(msg[0])], w, f)
+        return np.concatenate([grad.ravel(), [loss]])
 
     return compute
 
 
-def solve_mf(comm: Communicator, r: np.ndarray | None, code: CodeConfig, rank: int, lam: float,
-             outer: int, inner: int, shard_dir: Path, seed: int) -> dict | None:
-    """Collective encoded ALS. ``r`` is needed on rank 0 only. Returns, on rank 0, per-round
-    seconds and relative suboptimality (f - f*) / f*, and the final relative error of U V.T
-    against Z*; None elsewhere."""
+def initial_factors(n: int, d: int, rank: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The seeded starting point shared by the encoded run and the reference ALS."""
+    rng = np.random.default_rng([seed, 7])
+    return rng.standard_normal((n, rank)) * 0.3, rng.standard_normal((d, rank)) * 0.3
+
+
+def reference(train: Ratings, test: Ratings, rank: int, lam: float,
+              seed: int) -> dict[str, float]:
+    """Exact ALS on the full training data from :func:`initial_factors`, to convergence:
+    its objective f_ref, sweeps, train and test RMSE."""
+    u, v, history = als(train, *initial_factors(train.n, train.d, rank, seed), lam)
+    return {"objective": history[-1], "sweeps": len(history) - 1,
+            "train_rmse": rmse(train, u, v), "test_rmse": rmse(test, u, v)}
+
+
+def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, code: CodeConfig,
+             rank: int, lam: float, outer: int, inner: int, step: float, shard_dir: Path,
+             seed: int, ref: dict[str, float] | None = None) -> CFResult | None:
+    """Collective. ``train``/``test`` (centered ratings) are needed on rank 0 only. Runs
+    ``outer`` sweeps of (U-step, V-step), each ``inner`` encoded gradient steps of size
+    ``step`` / L_i per owner, with the first k of m workers per step. ``ref`` (rank 0) is
+    :func:`reference`, computed here when None. Returns the result on rank 0 and None
+    elsewhere; the shards are deleted once every rank is done."""
     m, k = code.workers_for(comm.size), code.wait_for_k(comm.size)
-    shape = comm.bcast(r.shape if comm.rank == 0 else None)
-    n, d = shape
-    encs = [make_encoder(code.encoder, size, m, code.beta, seed + side, etf_q=code.etf_q,
-                         sparse_nnz=code.sparse_nnz) for side, size in enumerate((d, n))]
+    n, d = comm.bcast((train.n, train.d) if comm.rank == 0 else None)
+    encoded: list[tuple[Side, sp.csr_matrix]] = []
+    encode_seconds = 0.0
     if comm.rank == 0:
-        encode_to_shards(r.T, np.zeros(d), encs[0], shard_dir / "u", code.chunk)
-        encode_to_shards(r, np.zeros(n), encs[1], shard_dir / "v", code.chunk)
+        start = time.perf_counter()
+        encoded = _encode(train, code, m, seed, shard_dir)
+        encode_seconds = time.perf_counter() - start
     comm.barrier()
-    widths = [(len(b), n) for b in encs[0].blocks] + [(len(b), d) for b in encs[1].blocks]
-    message_len = max(rows * rank + cols * rank for rows, cols in widths)
-    reply_len = max(n, d) * rank + 1
-
-    def task(worker: int):
-        side_u = [_worker(load_shard(shard_dir / "u", worker)[0], rank),
-                  _worker(load_shard(shard_dir / "v", worker)[0], rank)]
-        return lambda t, msg: side_u[int(msg[0])](t, msg[1:])
-
+    message_len, reply_len = 1 + (n + d) * rank, max(n, d) * rank + 1
     if comm.rank > 0:
-        compute = task(comm.rank - 1)
+        compute = _task(shard_dir, comm.rank - 1, n, rank)
         comm.barrier()
-        serve(comm, compute, message_len + 1)
+        serve(comm, compute, message_len)
         comm.barrier()
         return None
-    computes = [task(i) for i in range(m)] if comm.size == 1 else []
+    computes = [_task(shard_dir, i, n, rank) for i in range(m)] if comm.size == 1 else []
     comm.barrier()
     rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else MPIMaster(comm, reply_len)
-    rng = np.random.default_rng([seed, 7])
-    u, v = rng.standard_normal((n, rank)) * 0.1, rng.standard_normal((d, rank)) * 0.1
-    z_star, f_star = mf_exact(r, rank, lam)
-    seconds, sub = [], []
+    u0, v0 = initial_factors(n, d, rank, seed)
+    factors = [u0, v0]
+    trace: list[tuple[float, np.ndarray, np.ndarray]] = []
     t = 0
     for _ in range(outer):
-        for side in (0, 1):
-            fixed, enc = (v, encs[0]) if side == 0 else (u, encs[1])
-            encoded = enc.apply(fixed)
-            step = 1.0 / (np.linalg.norm(encoded, 2) ** 2 / (enc.beta * n * d) + lam)
+        for which, (side, gram) in enumerate(encoded):
+            w, f = factors[which], factors[1 - which]
+            steps = step * step_sizes(side, f, gram, code.beta, lam, len(train))[:, None]
             for _ in range(inner):
-                w = u if side == 0 else v
-                msgs = [np.concatenate([[side], encoded[b].ravel(), w.ravel()])
-                        for b in enc.blocks]
-                replies = rt.round(t, msgs, k)
+                msg = np.concatenate([[which], factors[0].ravel(), factors[1].ravel()])
+                replies = rt.round(t, [msg] * m, k)
+                total = sum(p[:-1] for p in replies.values()).reshape(w.shape)
                 eta = len(replies) / m
-                grad = sum(p[:-1] for p in replies.values()).reshape(w.shape)
-                w = w - step * (grad / (eta * enc.beta * n * d) + lam * w)
-                if side == 0:
-                    u = w
-                else:
-                    v = w
+                w = w - steps * (total / (eta * code.beta * len(train)) + lam * w)
+                factors[which] = w
                 t += 1
-                seconds.append(rt.elapsed())
-                sub.append((mf_objective(r, u, v, lam) - f_star) / f_star)
+                trace.append((rt.elapsed(), factors[0], factors[1]))
     rt.close()
     comm.barrier()
     shutil.rmtree(shard_dir, ignore_errors=True)
-    return {"seconds": seconds, "suboptimality": sub, "discarded": rt.discarded,
-            "relative_error": float(np.linalg.norm(u @ v.T - z_star) / np.linalg.norm(z_star))}
+    ref = reference(train, test, rank, lam, seed) if ref is None else ref
+    f_ref = ref["objective"]
+    return CFResult([s for s, _, _ in trace],
+                    [(objective(train, u, v, lam) - f_ref) / f_ref for _, u, v in trace],
+                    [rmse(train, u, v) for _, u, v in trace],
+                    [rmse(test, u, v) for _, u, v in trace],
+                    rt.discarded, encode_seconds, ref, factors[0], factors[1])

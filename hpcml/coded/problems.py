@@ -7,7 +7,7 @@ Objectives (n samples, all scaled by 1/n):
   ridge     f(w) = 1/(2n) ||Xw - y||^2 + lam/2 ||w||^2          (closed form)
   lasso     f(w) = 1/(2n) ||Xw - y||^2 + l1 ||w||_1             (scikit-learn Lasso, same scaling)
   logistic  f(w) = 1/n sum log(1 + exp(-y_i x_i.w)) + lam/2 ||w||^2, y in {-1, +1} (scipy L-BFGS)
-  mf        X itself is the matrix to factorize (see :mod:`hpcml.coded.mf`; y is unused)
+  mf        collaborative filtering on observed ratings (see :mod:`hpcml.coded.cf`)
 """
 
 from __future__ import annotations

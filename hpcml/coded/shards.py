@@ -7,6 +7,9 @@ than memory is encoded as long as one column chunk fits. Shards are written to t
 and renamed when complete, so a failed encoding leaves no partial shard.
 For model parallelism (features encoded) pass ``transpose=True``: X S.T is formed as
 (S X.T).T from row chunks of X, and worker i's shard holds X S_i.T (n x |block i|).
+Sparse encoded data (collaborative filtering, :mod:`hpcml.coded.cf`) are written by
+:func:`write_sparse_shards`: one shard per worker, one HDF5 group per half step, CSR matrices
+as ``data``/``indices``/``indptr``/``shape`` datasets.
 """
 
 from __future__ import annotations
@@ -108,3 +111,38 @@ def load_shard(out_dir: str | Path, worker: int) -> tuple[np.ndarray, np.ndarray
         raise UsageError(f"shard {path} not found (encode the data first)")
     with h5py.File(path, "r") as fh:
         return fh["X"][...], fh["y"][...]
+
+
+def write_sparse_shards(sides: list[dict[str, dict[str, np.ndarray]]], out_dir: str | Path,
+                        attrs: dict[str, Any]) -> list[Path]:
+    """Write worker i's encoded sparse data, ``sides[i]`` = {group: {name: array}} (a CSR
+    matrix as its ``data``/``indices``/``indptr``/``shape`` arrays plus any vectors), into
+    ``shard-<i>.h5`` with one HDF5 group per entry (not collective: call on one rank). Each
+    shard is written under a temporary name and renamed when complete."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, groups in enumerate(sides):
+        tmp = out / f".shard-{i}.h5.tmp"
+        try:
+            with h5py.File(tmp, "w") as fh:
+                fh.attrs.update(attrs, worker=i)
+                for name, arrays in groups.items():
+                    grp = fh.create_group(name)
+                    for key, value in arrays.items():
+                        grp.create_dataset(key, data=value)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, shard_path(out, i))
+        paths.append(shard_path(out, i))
+    return paths
+
+
+def load_sparse_shard(out_dir: str | Path, worker: int) -> dict[str, dict[str, np.ndarray]]:
+    """The {group: {name: array}} that :func:`write_sparse_shards` wrote for ``worker``."""
+    path = shard_path(out_dir, worker)
+    if not path.is_file():
+        raise UsageError(f"shard {path} not found (encode the data first)")
+    with h5py.File(path, "r") as fh:
+        return {name: {key: grp[key][...] for key in grp} for name, grp in fh.items()}
