@@ -109,7 +109,7 @@ def test_bench_wait_for_above_m_exits_2(tmp_path):
     res = hpcml_cli(1, "bench", "coded", str(ROOT / "jobs" / "bench-coded.toml"),
                     "--set", "wait_for=[2, 5]", "--set", runs(tmp_path), cwd=tmp_path)
     assert res.returncode == 2, res.stderr
-    assert "wait_for: k values [2, 5] with m = 4 workers" in res.stderr
+    assert "wait_for: k = 5 > m = 4 workers" in res.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -163,11 +163,12 @@ def test_bad_collaborative_filtering_values_exit_2(tmp_path, override, message):
 def test_bench_cf_simulated_writes_table_and_plot(tmp_path):
     res = hpcml_cli(1, "bench", "cf", str(ROOT / "jobs" / "bench-cf.toml"), *SMALL_MF,
                     "--set", 'delay_models=["pareto"]', "--set", "eps=[0.5, 0.2]",
-                    "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+                    "--set", "repeats=2", "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
     assert res.returncode == 0, res.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     table = (run_dir / "table.md").read_text()
-    for name in ("uncoded-all", "uncoded-k", "etf", "hadamard", "time to 0.5", "load average"):
+    for name in ("uncoded-all", "uncoded-k", "etf", "hadamard", "time to 0.5", "load average",
+                 "medians over 2 delay realizations", "delay seeds 0 .. 1"):
         assert name in table
     assert (run_dir / "cf.png").stat().st_size > 1000
     rows = json.loads((run_dir / "summary.json").read_text())["rows"]

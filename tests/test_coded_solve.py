@@ -7,11 +7,12 @@ import h5py
 import numpy as np
 import pytest
 
-from hpcml.coded.bench import paired_speedups, plan, strategy_code
+from hpcml.coded.bench import plan
 from hpcml.coded.bounds import erasure_bound
 from hpcml.coded.config import CodeConfig, SolverConfig
 from hpcml.coded.encoders import make_encoder
 from hpcml.coded.problems import Problem, load_data
+from hpcml.coded.regime import paired_speedups, strategy_code
 from hpcml.coded.shards import encode_to_shards, load_shard, open_input
 from hpcml.coded.solver import SolveResult, solve
 from hpcml.comm import StragglerConfig, make_delay_model, world

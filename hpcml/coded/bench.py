@@ -39,9 +39,15 @@ from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
 from hpcml.coded.fwht import fwht
 from hpcml.coded.job import check_hdf5, make_problem
+from hpcml.coded.regime import (
+    StragglerBenchConfig,
+    finite_median,
+    paired_speedups,
+    strategy_code,
+)
 from hpcml.coded.solver import encode, optimize
-from hpcml.comm import StragglerConfig, make_delay_model
-from hpcml.config import JobConfig, option
+from hpcml.comm import make_delay_model
+from hpcml.config import option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 
@@ -51,65 +57,28 @@ K_FREE = ("uncoded-all", "async")
 
 
 @dataclasses.dataclass
-class BenchCodedConfig(JobConfig):
+class BenchCodedConfig(StragglerBenchConfig):
     problem: ProblemConfig = option(ProblemConfig(data="synthetic"))
     solver: SolverConfig = option(SolverConfig(iterations=80))
     strategies: list[str] = option(list(STRATEGIES), choices=STRATEGIES, help="runs per model")
-    delay_models: list[str] = option(["none", "exponential", "pareto"],
-                                     choices=("none", "exponential", "pareto", "fixed"),
-                                     help="straggler models to compare under")
-    workers: int = option(0, min=0, help="m; 0 = ranks - 1 (4 on one rank, simulated)")
     wait_for: list[int] = option([0], min=0, help="k values for the k-of-m strategies "
                                  "(each one run); 0 = m - 1")
-    mean: float = option(0.02, min=0.0, help="exponential: mean delay (s)")
-    scale: float = option(0.005, min=0.0, help="pareto: minimum delay x_m (s)")
-    shape: float = option(1.1, gt=0.0, help="pareto: tail index")
-    slow_delay: float = option(0.05, min=0.0, help="fixed: delay of rank 1 (s)")
-    max_delay: float = option(0.3, gt=0.0, help="cap on one injected delay (s)")
     async_step: float = option(0.5, gt=0.0, help="async: step in units of 1 / L (each reply "
                                "applies one worker's share, 1/m of the gradient)")
     eps: float = option(1e-2, gt=0.0, help="target suboptimality (f - f*) / f*")
-    repeats: int = option(3, min=1, help="delay realizations (seeds seed, seed + 1, ...) per "
-                          "model; every strategy sees the same ones; the table shows medians")
     fwht_log2: list[int] = option([12, 16, 20], min=1, max=26,
                                   help="FWHT throughput: log2 of the transform lengths")
     fwht_columns: int = option(8, min=1, help="FWHT throughput: columns transformed at once")
 
     def check(self, size: int) -> None:
         check_hdf5(self.problem)
-        base = CodeConfig(workers=self.workers)
-        base.check(size, prefix="workers")
-        m = base.workers_for(size)
-        if not self.wait_for or max(self.wait_for) > m:
-            raise ConfigError("wait_for", f"k values {self.wait_for} with m = {m} workers",
-                              "give a list of k <= m (m = ranks - 1), e.g. [2, 3]")
-        if "uncoded-all" not in self.strategies:
-            raise ConfigError("strategies", "no 'uncoded-all': the baseline every speedup is "
-                              "measured against", "add 'uncoded-all' to strategies")
-        if "replication" in self.strategies and m % 2:
-            raise ConfigError("strategies", f"replication needs an even number of workers, "
-                              f"m = {m}", "run with an odd number of ranks or drop it")
+        if not self.wait_for:
+            raise ConfigError("wait_for", "no k values", "give a list of k <= m, e.g. [2, 3]")
+        self.check_strategies(size, self.strategies, max(self.wait_for))
         if self.problem.kind != "ridge" or self.solver.algorithm not in ("gd", "lbfgs"):
             raise ConfigError("solver.algorithm", "the benchmark compares data-parallel "
                               "solvers on ridge regression", "use problem.kind = 'ridge' and "
                               "solver.algorithm = 'gd' or 'lbfgs'")
-
-
-def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
-    """The code section of a strategy for m workers, and the solver algorithm it forces
-    (async)."""
-    if name == "uncoded-all":
-        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=m), None
-    if name in ("uncoded-k", "async"):
-        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=k), (
-            "async" if name == "async" else None)
-    return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k), None
-
-
-def delay_config(cfg: BenchCodedConfig, kind: str, seed: int) -> StragglerConfig:
-    return StragglerConfig(kind=kind, mean=cfg.mean, scale=cfg.scale, shape=cfg.shape,
-                           slow_ranks=[1], delay=cfg.slow_delay, max_delay=cfg.max_delay,
-                           seed=seed)
 
 
 def plan(strategies: list[str], ks: list[int]) -> list[tuple[str, int]]:
@@ -141,7 +110,7 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
                      False, ctx.run_dir.path / "shards", cfg.seed)
         for model in models:
             for rep in range(cfg.repeats):
-                comm.set_delays(make_delay_model(delay_config(cfg, model, cfg.seed + rep),
+                comm.set_delays(make_delay_model(cfg.delays(model, cfg.seed + rep),
                                                  max(comm.size, m + 1)))
                 for name, k in runs_plan:
                     code, forced = codes[name]
@@ -172,7 +141,7 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
     summary: dict[str, Any] = {"rows": rows, "eps": cfg.eps, "workers": m, "wait_for": ks,
                                "repeats": cfg.repeats, "simulated": simulated,
                                "ranks": comm.size, "cores": os.cpu_count(),
-                               "load_average_1min": load, "regime": regime(cfg)}
+                               "load_average_1min": load, "regime": cfg.regime()}
     if ctx.is_root:
         summary["fwht"] = fwht_throughput(cfg.fwht_log2, cfg.fwht_columns)
         _report(cfg, ctx, rows, curves, summary)
@@ -189,22 +158,12 @@ def _record(res: Any, eps: float) -> dict[str, Any]:
             "discarded": res.discarded}
 
 
-def paired_speedups(base: list[float], times: list[float]) -> list[float]:
-    """Per delay realization, time to eps of the baseline over that of the strategy (0 where
-    the strategy never reached eps, inf where only the baseline never did)."""
-    return [b / t if math.isfinite(t) else 0.0 for b, t in zip(base, times, strict=True)]
-
-
 def _aggregate(model: str, name: str, k: int | None, m: int, recs: list[dict[str, Any]],
                base: list[dict[str, Any]]) -> dict[str, Any]:
     """A table row: medians over the delay realizations (None where the median run never
     reached eps), how many reached eps, and the median and range of the speedup over
     uncoded-all paired by delay realization (None unless the baseline always reached eps and
     the strategy did in most realizations)."""
-    def med(key: str) -> float | None:
-        value = median([r[key] for r in recs])
-        return value if math.isfinite(value) else None
-
     speed = paired_speedups([b["time_to_eps"] for b in base], [r["time_to_eps"] for r in recs])
     finite = [s for s in speed if math.isfinite(s)]
     ok = finite and median(speed) > 0 and all(math.isfinite(b["time_to_eps"]) for b in base)
@@ -214,22 +173,8 @@ def _aggregate(model: str, name: str, k: int | None, m: int, recs: list[dict[str
            "speedup_range": f"{min(finite):.2f}-{max(finite):.2f}" if ok else None}
     for key in ("time_to_eps", "iters_to_eps", "round_s", "final_subopt", "final_rel_err",
                 "seconds", "discarded"):
-        row[key] = med(key)
+        row[key] = finite_median([r[key] for r in recs])
     return row
-
-
-def regime(cfg: BenchCodedConfig) -> str:
-    """The delay models of the table, in words."""
-    words = {"none": "none: no injected delay (the cost of a round itself)",
-             "exponential": f"exponential: i.i.d. per worker and round, mean "
-                            f"{cfg.mean * 1e3:g} ms",
-             "pareto": f"pareto: i.i.d. per worker and round, P(D > x) = (x_m / x)^alpha, "
-                       f"x_m {cfg.scale * 1e3:g} ms, alpha {cfg.shape:g} (infinite variance "
-                       f"when alpha < 2)",
-             "fixed": f"fixed: rank 1 (the first worker) {cfg.slow_delay * 1e3:g} ms every round"}
-    return "; ".join(words[d] for d in cfg.delay_models) + \
-        f"; every delay capped at {cfg.max_delay:g} s; delay seeds {cfg.seed} .. " \
-        f"{cfg.seed + cfg.repeats - 1} (one realization per repeat, the same for every strategy)"
 
 
 def _fmt(x: float | None) -> str:

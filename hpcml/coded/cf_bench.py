@@ -18,6 +18,7 @@ table.md and cf.png (|suboptimality| and test RMSE against time) into the run di
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -26,8 +27,14 @@ import numpy as np
 from hpcml.bench.report import markdown_table, pyplot, save_figure
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig, check_problem
 from hpcml.coded.mf import load_ratings, reference, solve_cf
-from hpcml.comm import StragglerConfig, make_delay_model
-from hpcml.config import JobConfig, option
+from hpcml.coded.regime import (
+    StragglerBenchConfig,
+    finite_median,
+    paired_speedups,
+    strategy_code,
+)
+from hpcml.comm import make_delay_model
+from hpcml.config import option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 
@@ -35,22 +42,13 @@ STRATEGIES = ("uncoded-all", "uncoded-k", "replication", "gaussian", "hadamard",
 
 
 @dataclasses.dataclass
-class BenchCFConfig(JobConfig):
+class BenchCFConfig(StragglerBenchConfig):
     problem: ProblemConfig = option(ProblemConfig(kind="mf", data="synthetic", n=2000, p=500,
                                                   lam=3e-5))
     solver: SolverConfig = option(SolverConfig(algorithm="als", iterations=15, inner=10))
     strategies: list[str] = option(["uncoded-all", "uncoded-k", "etf", "hadamard"],
                                    choices=STRATEGIES, help="runs per delay model")
-    delay_models: list[str] = option(["exponential", "pareto"],
-                                     choices=("none", "exponential", "pareto", "fixed"),
-                                     help="straggler models to compare under")
-    workers: int = option(0, min=0, help="m; 0 = ranks - 1 (4 on one rank, simulated)")
     wait_for: int = option(0, min=0, help="k of the k-of-m strategies; 0 = m - 1")
-    mean: float = option(0.01, min=0.0, help="exponential: mean delay (s)")
-    scale: float = option(0.002, min=0.0, help="pareto: minimum delay x_m (s)")
-    shape: float = option(1.1, gt=0.0, help="pareto: tail index")
-    slow_delay: float = option(0.05, min=0.0, help="fixed: delay of rank 1 (s)")
-    max_delay: float = option(0.2, gt=0.0, help="cap on one injected delay (s)")
     eps: list[float] = option([5e-2, 1e-2], gt=0.0, help="target suboptimalities "
                               "(f - f_ref) / f_ref, each timed")
 
@@ -59,26 +57,9 @@ class BenchCFConfig(JobConfig):
             raise ConfigError("problem.kind", f"bench cf runs collaborative filtering, not "
                               f"{self.problem.kind!r}", "set problem.kind = 'mf'")
         check_problem(self.problem)
-        base = CodeConfig(workers=self.workers)
-        base.check(size, prefix="workers")
-        m = base.workers_for(size)
         if not self.eps:
             raise ConfigError("eps", "no target suboptimality", "give e.g. [0.05, 0.01]")
-        if self.wait_for > m:
-            raise ConfigError("wait_for", f"k = {self.wait_for} > m = {m} workers",
-                              "choose k <= m (m = ranks - 1, or workers on one rank)")
-        if "replication" in self.strategies and m % 2:
-            raise ConfigError("strategies", f"replication needs an even number of workers, "
-                              f"m = {m}", "run with an odd number of ranks or drop it")
-
-
-def strategy_code(name: str, m: int, k: int) -> CodeConfig:
-    """The ``[code]`` section of a strategy for m workers and k awaited."""
-    if name == "uncoded-all":
-        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=m)
-    if name == "uncoded-k":
-        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=k)
-    return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k)
+        self.check_strategies(size, self.strategies, self.wait_for)
 
 
 def run(cfg: BenchCFConfig, ctx: RunContext) -> dict[str, Any]:
@@ -91,53 +72,68 @@ def run(cfg: BenchCFConfig, ctx: RunContext) -> dict[str, Any]:
     ref = reference(train, test, rank, lam, cfg.seed) if train is not None else None
     simulated = comm.size == 1
     models = [d for d in cfg.delay_models if not (simulated and d == "none")]
-    rows, curves = [], {}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    curves = {}
     for model in models:
-        delays = StragglerConfig(kind=model, mean=cfg.mean, scale=cfg.scale, shape=cfg.shape,
-                                 slow_ranks=[1], delay=cfg.slow_delay, max_delay=cfg.max_delay,
-                                 seed=cfg.seed)
-        comm.set_delays(make_delay_model(delays, max(comm.size, m + 1)))
-        for name in cfg.strategies:
-            code = strategy_code(name, m, k)
-            res = solve_cf(comm, train, test, code, rank, lam, cfg.solver.iterations,
-                           cfg.solver.inner, cfg.solver.step, ctx.run_dir.path / "shards",
-                           cfg.seed, ref)
-            comm.barrier()
-            if res is None:
-                continue
-            rows.append({"delays": model, "strategy": name, "k": code.wait_for, "m": m,
-                         **{f"time_to_{e:g}": res.time_to(e) for e in cfg.eps},
-                         "round_s": res.seconds[-1] / len(res.seconds),
-                         "final_subopt": res.suboptimality[-1],
-                         "test_rmse": res.test_rmse[-1], "ref_test_rmse": ref["test_rmse"],
-                         "seconds": res.seconds[-1], "discarded": res.discarded})
-            curves[(model, name)] = (res.seconds, res.suboptimality, res.test_rmse)
-            times = ", ".join(f"{_fmt(rows[-1][f'time_to_{e:g}'])} s to {e:g}" for e in cfg.eps)
-            ctx.log(f"  {model:<11} {name:<12} k={code.wait_for} {times}, final subopt "
-                    f"{res.suboptimality[-1]:+.2e}, test RMSE {res.test_rmse[-1]:.4f}")
+        for rep in range(cfg.repeats):
+            comm.set_delays(make_delay_model(cfg.delays(model, cfg.seed + rep),
+                                             max(comm.size, m + 1)))
+            for name in cfg.strategies:
+                code, _ = strategy_code(name, m, k)
+                res = solve_cf(comm, train, test, code, rank, lam, cfg.solver.iterations,
+                               cfg.solver.inner, cfg.solver.step, ctx.run_dir.path / "shards",
+                               cfg.seed, ref)
+                comm.barrier()
+                if res is None:
+                    continue
+                record = {**{e: _inf(res.time_to(e)) for e in cfg.eps},
+                          "round_s": res.seconds[-1] / len(res.seconds),
+                          "final_subopt": res.suboptimality[-1], "test_rmse": res.test_rmse[-1],
+                          "seconds": res.seconds[-1], "discarded": res.discarded}
+                runs.setdefault((model, name), []).append(record)
+                if rep == 0:
+                    curves[(model, name)] = (res.seconds, res.suboptimality, res.test_rmse)
+                times = ", ".join(f"{_fmt(res.time_to(e))} s to {e:g}" for e in cfg.eps)
+                ctx.log(f"  {model:<11} {name:<12} k={code.wait_for} delay seed "
+                        f"{cfg.seed + rep}: {times}, final subopt "
+                        f"{res.suboptimality[-1]:+.2e}, test RMSE {res.test_rmse[-1]:.4f}")
+    rows = [_row(cfg, model, name, m, m if name == "uncoded-all" else k, recs,
+                 runs[(model, "uncoded-all")], ref)
+            for (model, name), recs in runs.items()]
     summary: dict[str, Any] = {"rows": rows, "eps": cfg.eps, "workers": m, "wait_for": k,
-                               "simulated": simulated, "ranks": comm.size,
-                               "cores": os.cpu_count(), "load_average_1min": load,
+                               "repeats": cfg.repeats, "simulated": simulated,
+                               "ranks": comm.size, "cores": os.cpu_count(),
+                               "load_average_1min": load, "regime": cfg.regime(),
                                "reference": ref}
     if ctx.is_root:
-        _speedups(rows, cfg.eps)
         _report(cfg, ctx, rows, curves, summary)
     return comm.bcast(summary)
+
+
+def _inf(seconds: float | None) -> float:
+    return math.inf if seconds is None else seconds
 
 
 def _fmt(x: float | None) -> str:
     return "never" if x is None else f"{x:.3f}"
 
 
-def _speedups(rows: list[dict[str, Any]], eps: list[float]) -> None:
-    """speedup_<eps> = uncoded-all's time to eps / the strategy's (None where either never
-    got there)."""
-    for e in eps:
-        key = f"time_to_{e:g}"
-        base = {r["delays"]: r[key] for r in rows if r["strategy"] == "uncoded-all"}
-        for r in rows:
-            b, t = base.get(r["delays"]), r[key]
-            r[f"speedup_{e:g}"] = None if b is None or t is None else b / t
+def _row(cfg: BenchCFConfig, model: str, name: str, m: int, k: int,
+         recs: list[dict[str, Any]], base: list[dict[str, Any]],
+         ref: dict[str, Any] | None) -> dict[str, Any]:
+    """Medians over the delay realizations; speedup_<eps> = median over realizations of
+    uncoded-all's time to eps over the strategy's (None unless uncoded-all always got there
+    and the strategy did in most realizations)."""
+    row: dict[str, Any] = {"delays": model, "strategy": name, "k": k, "m": m,
+                           "ref_test_rmse": ref["test_rmse"] if ref else None}
+    for e in cfg.eps:
+        row[f"time_to_{e:g}"] = finite_median([r[e] for r in recs])
+        speed = paired_speedups([b[e] for b in base], [r[e] for r in recs])
+        ok = all(math.isfinite(b[e]) for b in base) and float(np.median(speed)) > 0
+        row[f"speedup_{e:g}"] = float(np.median(speed)) if ok else None
+    for key in ("round_s", "final_subopt", "test_rmse", "seconds", "discarded"):
+        row[key] = float(np.median([r[key] for r in recs]))
+    return row
 
 
 def _report(cfg: BenchCFConfig, ctx: RunContext, rows: list[dict[str, Any]], curves: dict,
@@ -150,7 +146,7 @@ def _report(cfg: BenchCFConfig, ctx: RunContext, rows: list[dict[str, Any]], cur
         ("round_s", "s/round", ".4f"),
         ("final_subopt", "final subopt", "+.2e"), ("test_rmse", "test RMSE", ".4f"),
         ("ref_test_rmse", "exact ALS test RMSE", ".4f"), ("seconds", "run s", ".2f"),
-        ("discarded", "late replies", "d")])
+        ("discarded", "late replies", "g")])
     where = "simulated workers, virtual time" if summary["simulated"] else \
         f"1 master + {summary['workers']} workers on {summary['ranks']} ranks"
     p = cfg.problem
@@ -160,7 +156,9 @@ def _report(cfg: BenchCFConfig, ctx: RunContext, rows: list[dict[str, Any]], cur
             f"{summary['load_average_1min']:.1f} at start)\n\n{data}, rank {p.rank}, lam "
             f"{p.lam:g}, {cfg.solver.iterations} sweeps x {cfg.solver.inner} steps per half "
             f"step; suboptimality is signed (non-convex: a run may stop at another stationary "
-            f"point than exact ALS)\n")
+            f"point than exact ALS)\n\ndelays: {summary['regime']}\n\nEach row: medians over "
+            f"{summary['repeats']} delay realizations; speedup = median over realizations of "
+            f"uncoded-all's time to eps over the strategy's.\n")
     ctx.run_dir.write_text("table.md", f"{head}\n{table}\n")
     print(head, flush=True)
     print(table, flush=True)

@@ -1,0 +1,98 @@
+"""What the coded benchmarks (``hpcml bench coded``, ``hpcml bench cf``) share: the straggler
+regime they compare under (job-file keys, the delay model per kind and seed, its description)
+and the code section each strategy stands for."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from hpcml.coded.config import CodeConfig
+from hpcml.comm import StragglerConfig
+from hpcml.config import JobConfig, option
+from hpcml.errors import ConfigError
+
+DELAY_MODELS = ("none", "exponential", "pareto", "fixed")
+
+
+@dataclasses.dataclass
+class StragglerBenchConfig(JobConfig):
+    """Job-file keys of a straggler benchmark: the delay models to compare under and their
+    parameters, m, and how many delay realizations each strategy meets."""
+
+    delay_models: list[str] = option(["none", "exponential", "pareto"], choices=DELAY_MODELS,
+                                     help="straggler models to compare under")
+    workers: int = option(0, min=0, help="m; 0 = ranks - 1 (4 on one rank, simulated)")
+    mean: float = option(0.02, min=0.0, help="exponential: mean delay (s)")
+    scale: float = option(0.005, min=0.0, help="pareto: minimum delay x_m (s)")
+    shape: float = option(1.1, gt=0.0, help="pareto: tail index")
+    slow_delay: float = option(0.05, min=0.0, help="fixed: delay of rank 1 (s)")
+    max_delay: float = option(0.3, gt=0.0, help="cap on one injected delay (s)")
+    repeats: int = option(3, min=1, help="delay realizations (seeds seed, seed + 1, ...) per "
+                          "model; every strategy sees the same ones; the table shows medians")
+
+    def check_strategies(self, size: int, strategies: list[str], largest_k: int) -> int:
+        """Validate m, k and the strategy list for ``size`` ranks; returns m."""
+        base = CodeConfig(workers=self.workers)
+        base.check(size, prefix="workers")
+        m = base.workers_for(size)
+        if largest_k > m:
+            raise ConfigError("wait_for", f"k = {largest_k} > m = {m} workers",
+                              "choose k <= m (m = ranks - 1, or workers on one rank)")
+        if "uncoded-all" not in strategies:
+            raise ConfigError("strategies", "no 'uncoded-all': the baseline every speedup is "
+                              "measured against", "add 'uncoded-all' to strategies")
+        if "replication" in strategies and m % 2:
+            raise ConfigError("strategies", f"replication needs an even number of workers, "
+                              f"m = {m}", "run with an odd number of ranks or drop it")
+        return m
+
+    def delays(self, kind: str, seed: int) -> StragglerConfig:
+        """The ``[stragglers]`` section of delay model ``kind`` with seed ``seed``."""
+        return StragglerConfig(kind=kind, mean=self.mean, scale=self.scale, shape=self.shape,
+                               slow_ranks=[1], delay=self.slow_delay, max_delay=self.max_delay,
+                               seed=seed)
+
+    def regime(self) -> str:
+        """The delay models, in words, for a report's header."""
+        words = {"none": "none: no injected delay (the cost of a round itself)",
+                 "exponential": f"exponential: i.i.d. per worker and round, mean "
+                                f"{self.mean * 1e3:g} ms",
+                 "pareto": f"pareto: i.i.d. per worker and round, P(D > x) = (x_m / x)^alpha, "
+                           f"x_m {self.scale * 1e3:g} ms, alpha {self.shape:g} (infinite "
+                           f"variance when alpha < 2)",
+                 "fixed": f"fixed: rank 1 (the first worker) {self.slow_delay * 1e3:g} ms "
+                          f"every round"}
+        return "; ".join(words[d] for d in self.delay_models) + \
+            f"; every delay capped at {self.max_delay:g} s; delay seeds {self.seed} .. " \
+            f"{self.seed + self.repeats - 1} (one realization per repeat, the same for every " \
+            f"strategy)"
+
+
+def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
+    """The code section of a strategy for m workers and k awaited, and the solver algorithm
+    it forces (async):
+      uncoded-all   uncoded data, wait for all m workers (the synchronous baseline)
+      uncoded-k     uncoded data, wait for the first k (ignore stragglers)
+      async         uncoded data, each reply applied on arrival
+      replication, gaussian, hadamard, etf, sparse   encoded data (beta = 2), first k"""
+    if name == "uncoded-all":
+        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=m), None
+    if name in ("uncoded-k", "async"):
+        return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=k), (
+            "async" if name == "async" else None)
+    return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k), None
+
+
+def paired_speedups(base: list[float], times: list[float]) -> list[float]:
+    """Per delay realization, time to eps of the baseline over that of the strategy (0 where
+    the strategy never reached eps, inf where only the baseline never did)."""
+    return [b / t if math.isfinite(t) else 0.0 for b, t in zip(base, times, strict=True)]
+
+
+def finite_median(values: list[float]) -> float | None:
+    """The median, None where it is infinite (most realizations never got there)."""
+    value = float(np.median(values))
+    return value if math.isfinite(value) else None
