@@ -11,20 +11,25 @@ from hpcml.testing import hpcml_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = str(ROOT / "jobs" / "coded.toml")
+MF_JOB = str(ROOT / "jobs" / "coded-mf.toml")
 
 
 def runs(tmp_path):
     return f"runs_dir={tmp_path / 'runs'}"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("code.wait_for=5", "code.wait_for: k = 5 > m = 4 workers"),
-    ("code.beta=0.5", "code.beta: redundancy beta = 0.5 < 1"),
-    ("solver.algorithm=fista", "solver.algorithm: 'fista' does not solve ridge"),
-    ("code.etf_q=7", "code.etf_q: 7 is not a prime = 1 (mod 4)"),
+@pytest.mark.parametrize("job,override,message", [
+    (JOB, "code.wait_for=5", "code.wait_for: k = 5 > m = 4 workers"),
+    (JOB, "code.beta=0.5", "code.beta: redundancy beta = 0.5 < 1"),
+    (JOB, "solver.algorithm=fista", "solver.algorithm: 'fista' does not solve ridge"),
+    (JOB, "code.etf_q=7", "code.etf_q: 7 is not a prime = 1 (mod 4)"),
+    (MF_JOB, "problem.rank=0", "problem.rank: must be >= 1"),
+    (MF_JOB, "problem.density=1.5", "problem.density"),
+    (MF_JOB, "problem.test_fraction=1", "problem.test_fraction: 1.0 leaves no training entries"),
+    (MF_JOB, "problem.data=diabetes", "problem.data: mf runs on ratings, not 'diabetes'"),
 ])
-def test_bad_values_exit_2_before_any_output(tmp_path, override, message):
-    res = hpcml_cli(1, "run", JOB, "--set", override, "--set", runs(tmp_path), cwd=tmp_path)
+def test_bad_values_exit_2_before_any_output(tmp_path, job, override, message):
+    res = hpcml_cli(1, "run", job, "--set", override, "--set", runs(tmp_path), cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert message in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
@@ -113,7 +118,6 @@ def test_bench_wait_for_above_m_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-MF_JOB = str(ROOT / "jobs" / "coded-mf.toml")
 SMALL_MF = ["--set", "problem.n=300", "--set", "problem.p=80", "--set", "problem.density=0.1",
             "--set", "problem.lam=1e-3", "--set", "solver.iterations=4", "--set",
             "solver.inner=5"]
@@ -144,20 +148,6 @@ def test_collaborative_filtering_on_digits_simulated(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["simulated"] and summary["reference"]["test_rmse"] < 0.9
     assert summary["final_test_rmse"] < 1.25 * summary["reference"]["test_rmse"]
-
-
-@pytest.mark.parametrize("override,message", [
-    ("problem.rank=0", "problem.rank: must be >= 1"),
-    ("problem.density=1.5", "problem.density"),
-    ("problem.test_fraction=1", "problem.test_fraction: 1.0 leaves no training entries"),
-    ("problem.data=diabetes", "problem.data: mf runs on ratings, not 'diabetes'"),
-])
-def test_bad_collaborative_filtering_values_exit_2(tmp_path, override, message):
-    res = hpcml_cli(1, "run", MF_JOB, "--set", override, "--set", runs(tmp_path), cwd=tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert message in res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "runs").exists()
 
 
 def test_bench_cf_simulated_writes_table_and_plot(tmp_path):
