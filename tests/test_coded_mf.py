@@ -164,7 +164,7 @@ def shared_dir(comm, name):
     return Path(comm.bcast(path))
 
 
-@mpi_test(ranks=[1, 2, 5])
+@mpi_test(ranks=[1, 2, 4, 5])
 def test_k_equals_m_reproduces_uncoded_trajectory(comm):
     """Every worker awaited and no stragglers: ETF-encoded CF follows the uncoded alternating
     gradient trajectory to 1e-10, whatever the number of workers (1, or m = ranks - 1)."""
