@@ -102,19 +102,16 @@ def test_bench_simulated_writes_table_and_plot(tmp_path):
         assert r["round_s"] == pytest.approx(r["seconds"] / 15)
 
 
-def test_bench_without_its_baseline_exits_2(tmp_path):
-    res = hpcml_cli(1, "bench", "coded", str(ROOT / "jobs" / "bench-coded.toml"),
-                    "--set", "strategies=['etf']", "--set", runs(tmp_path), cwd=tmp_path)
+@pytest.mark.parametrize("bench,override,message", [
+    ("coded", "strategies=['etf']", "strategies: no 'uncoded-all'"),
+    ("coded", "wait_for=[2, 5]", "wait_for: k = 5 > m = 4 workers"),
+    ("cf", "problem.kind=ridge", "problem.kind: bench cf runs collaborative filtering"),
+])
+def test_bench_bad_values_exit_2(tmp_path, bench, override, message):
+    res = hpcml_cli(1, "bench", bench, str(ROOT / "jobs" / f"bench-{bench}.toml"),
+                    "--set", override, "--set", runs(tmp_path), cwd=tmp_path)
     assert res.returncode == 2, res.stderr
-    assert "strategies: no 'uncoded-all'" in res.stderr
-    assert not (tmp_path / "runs").exists()
-
-
-def test_bench_wait_for_above_m_exits_2(tmp_path):
-    res = hpcml_cli(1, "bench", "coded", str(ROOT / "jobs" / "bench-coded.toml"),
-                    "--set", "wait_for=[2, 5]", "--set", runs(tmp_path), cwd=tmp_path)
-    assert res.returncode == 2, res.stderr
-    assert "wait_for: k = 5 > m = 4 workers" in res.stderr
+    assert message in res.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -166,11 +163,3 @@ def test_bench_cf_simulated_writes_table_and_plot(tmp_path):
     assert rows[0]["speedup_0.5"] == pytest.approx(1.0)
     assert {r["k"] for r in rows[1:]} == {3} and rows[0]["k"] == 4
     assert len({r["ref_test_rmse"] for r in rows}) == 1
-
-
-def test_bench_cf_rejects_a_non_mf_problem(tmp_path):
-    res = hpcml_cli(1, "bench", "cf", str(ROOT / "jobs" / "bench-cf.toml"), "--set",
-                    "problem.kind=ridge", "--set", runs(tmp_path), cwd=tmp_path)
-    assert res.returncode == 2
-    assert "problem.kind: bench cf runs collaborative filtering" in res.stderr
-    assert not (tmp_path / "runs").exists()

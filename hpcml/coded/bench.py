@@ -42,6 +42,7 @@ from hpcml.coded.job import check_hdf5, make_problem
 from hpcml.coded.regime import (
     StragglerBenchConfig,
     finite_median,
+    never_as_inf,
     paired_speedups,
     strategy_code,
 )
@@ -151,8 +152,7 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
 def _record(res: Any, eps: float) -> dict[str, Any]:
     """One solve's numbers; time and iterations to eps are inf when eps is never reached."""
     t_eps, it_eps = res.time_to(eps), res.iterations_to(eps)
-    return {"time_to_eps": math.inf if t_eps is None else t_eps,
-            "iters_to_eps": math.inf if it_eps is None else it_eps,
+    return {"time_to_eps": never_as_inf(t_eps), "iters_to_eps": never_as_inf(it_eps),
             "round_s": res.seconds[-1] / len(res.seconds), "seconds": res.seconds[-1],
             "final_subopt": res.suboptimality[-1], "final_rel_err": res.relative_error[-1],
             "discarded": res.discarded}

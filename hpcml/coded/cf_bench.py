@@ -30,6 +30,7 @@ from hpcml.coded.mf import load_ratings, reference, solve_cf
 from hpcml.coded.regime import (
     StragglerBenchConfig,
     finite_median,
+    never_as_inf,
     paired_speedups,
     strategy_code,
 )
@@ -86,7 +87,7 @@ def run(cfg: BenchCFConfig, ctx: RunContext) -> dict[str, Any]:
                 comm.barrier()
                 if res is None:
                     continue
-                record = {**{e: _inf(res.time_to(e)) for e in cfg.eps},
+                record = {**{e: never_as_inf(res.time_to(e)) for e in cfg.eps},
                           "round_s": res.seconds[-1] / len(res.seconds),
                           "final_subopt": res.suboptimality[-1], "test_rmse": res.test_rmse[-1],
                           "seconds": res.seconds[-1], "discarded": res.discarded}
@@ -108,10 +109,6 @@ def run(cfg: BenchCFConfig, ctx: RunContext) -> dict[str, Any]:
     if ctx.is_root:
         _report(cfg, ctx, rows, curves, summary)
     return comm.bcast(summary)
-
-
-def _inf(seconds: float | None) -> float:
-    return math.inf if seconds is None else seconds
 
 
 def _fmt(x: float | None) -> str:

@@ -92,6 +92,11 @@ def paired_speedups(base: list[float], times: list[float]) -> list[float]:
     return [b / t if math.isfinite(t) else 0.0 for b, t in zip(base, times, strict=True)]
 
 
+def never_as_inf(value: float | None) -> float:
+    """A time or count to eps, with "never reached" (None) as inf so medians rank it last."""
+    return math.inf if value is None else value
+
+
 def finite_median(values: list[float]) -> float | None:
     """The median, None where it is infinite (most realizations never got there)."""
     value = float(np.median(values))
