@@ -1,0 +1,178 @@
+"""Pipeline parallelism against the single-process model: loss, every gradient, checkpoints.
+
+The model has uneven layers, a long skip connection, a module called twice (its parameters
+end up on two stages), and a data-dependent sequence length (each microbatch is trimmed to
+its longest sentence), so activation shapes change per microbatch and per step. The reference
+runs the same microbatches of the same global batch in one process.
+"""
+
+import torch
+from torch import nn
+
+import hpcml.parallel as hp
+from hpcml.nmt.model import Transformer, smoothed_loss_sum
+from hpcml.testing import mpi_test
+
+WIDTHS = (16, 64, 32, 128, 16, 48)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, width: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, width), nn.Linear(width, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class SkipNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([Block(16, w) for w in WIDTHS])
+        self.shared = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h0 = torch.tanh(self.embed(x))[:, : int(lengths.max())]
+        h = h0
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == 1:
+                h = self.shared(h)
+        return self.head(self.shared(h) + h0)
+
+
+def skip_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y[:, : out.shape[1]]) ** 2).sum()
+
+
+def batch(seed: int, n: int, length: int) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, length, 8, generator=g)
+    lengths = torch.randint(1, length + 1, (n,), generator=g)
+    return x, lengths, torch.randn(n, length, 4, generator=g)
+
+
+@hp.step
+def train_step(model, x, lengths, y):
+    loss = skip_loss(model(x, lengths), y)
+    model.backward(loss)
+    return loss
+
+
+def reference(model: nn.Module, chunks: list[tuple], data: int) -> tuple[float, dict]:
+    """Loss and gradients of the single-process model over the same microbatches, with the
+    data-parallel average (sum over replicas' microbatches / replicas)."""
+    model.zero_grad()
+    total = 0.0
+    for x, lengths, y in chunks:
+        loss = skip_loss(model(x, lengths), y) / data
+        loss.backward()
+        total += float(loss)
+    return total, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_matches(pmodel: hp.PipelineModel, grads: dict) -> None:
+    for name, p in pmodel.named_parameters():
+        ref = grads[name]
+        err = float((p.grad - ref).abs().max())
+        assert err <= 1e-5 * float(ref.abs().max()) + 1e-12, (name, err)
+
+
+def layouts(size: int) -> list[tuple[int, int, str]]:
+    """(data, pipeline, schedule) at this rank count."""
+    if size == 2:
+        return [(1, 2, "gpipe"), (1, 2, "1f1b")]
+    return [(1, 4, "gpipe"), (1, 4, "1f1b"), (2, 2, "1f1b")]
+
+
+def run_layout(comm, data: int, stages: int, schedule: str, micro: int = 3):
+    torch.manual_seed(0)
+    model = SkipNet()
+    reference_model = SkipNet()
+    reference_model.load_state_dict(model.state_dict())
+    mesh = hp.Mesh(comm, data=data, pipeline=stages)
+    pmodel = hp.PipelineModel(model, mesh, sample=batch(99, 2, 5)[:2], microbatches=micro,
+                              schedule=schedule)
+    replica = mesh.coords["data"]
+    for seed, length in ((1, 7), (2, 4)):
+        x, lengths, y = batch(seed, 6 * data, length)
+        shards = [tuple(t.tensor_split(data)[r] for t in (x, lengths, y)) for r in range(data)]
+        chunks = [tuple(t.tensor_split(micro)[m] for t in shard)
+                  for shard in shards for m in range(micro)]
+        ref_loss, ref_grads = reference(reference_model, chunks, data)
+        pmodel.zero_grad()
+        out = train_step(pmodel, *shards[replica])
+        loss = mesh.data.allreduce(out.reduce_sum()) / data
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
+        assert_matches(pmodel, ref_grads)
+    return pmodel, reference_model
+
+
+@mpi_test(ranks=[2, 4])
+def test_pipeline_schedules_match_single_process(comm):
+    for data, stages, schedule in layouts(comm.size):
+        pmodel, _ = run_layout(comm, data, stages, schedule)
+        held = {n for n, _ in pmodel.named_parameters()}
+        # the module called twice is used on two stages: its gradients were summed
+        if stages == 4:
+            assert any("shared" in n for n in pmodel.plan.shared)
+        assert held, "every stage holds parameters"
+        assert pmodel.stats["in_flight"] == (3 if schedule == "gpipe"
+                                             else min(stages - pmodel.stage, 3))
+        table = pmodel.stage_table()
+        assert "theoretical (S-1)/(M+S-1)" in table
+        assert "pipeline.Isend" in comm.ledger.totals()
+
+
+@mpi_test(ranks=[2, 4])
+def test_checkpoint_loads_in_another_layout_and_in_one_process(comm):
+    import tempfile
+    from pathlib import Path
+
+    stages = comm.size
+    pmodel, reference_model = run_layout(comm, 1, stages, "1f1b")
+    for p in pmodel.parameters():
+        p.data.add_(p.grad, alpha=-0.1)
+    for p in reference_model.parameters():
+        p.data.add_(p.grad, alpha=-0.1)
+    folder = Path(comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None))
+    pmodel.save(folder / "full.pt")
+    # single process: the plain module loads it with its own names
+    plain = SkipNet()
+    hp.load_full_state(plain, folder / "full.pt")
+    for name, tensor in reference_model.state_dict().items():
+        assert torch.allclose(plain.state_dict()[name], tensor, rtol=1e-5, atol=1e-6), name
+    # another layout: fewer stages, data parallel, pinned partition
+    torch.manual_seed(1)
+    other = hp.PipelineModel(SkipNet(), hp.Mesh(comm, pipeline=2), sample=batch(99, 2, 5)[:2],
+                             partition={"blocks.1": 1})
+    hp.load_full_state(other, folder / "full.pt")
+    for name, p in other.named_parameters():
+        assert torch.equal(p.data, plain.state_dict()[name]), name
+
+
+@mpi_test(ranks=[2])
+def test_transformer_pipeline_with_tied_embedding(comm):
+    torch.manual_seed(0)
+    model = Transformer(40, 16, 2, 2, 32, dropout=0.0, sparse=False)
+    reference_model = Transformer(40, 16, 2, 2, 32, dropout=0.0, sparse=False)
+    reference_model.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(3)
+    src, tgt = torch.randint(1, 40, (4, 6), generator=g), torch.randint(1, 40, (4, 5), generator=g)
+
+    @hp.step
+    def nmt_step(m, s, t_in, t_out):
+        loss = smoothed_loss_sum(m(s, t_in), t_out, 0.1)
+        m.backward(loss)
+        return loss
+
+    pmodel = hp.PipelineModel(model, hp.Mesh(comm, pipeline=2), sample=(src[:2], tgt[:2, :-1]),
+                              microbatches=2, checkpoint_stages=[0])
+    assert "embed.weight" in pmodel.plan.shared
+    out = nmt_step(pmodel, src, tgt[:, :-1], tgt[:, 1:])
+    ref = smoothed_loss_sum(reference_model(src, tgt[:, :-1]), tgt[:, 1:], 0.1)
+    ref.backward()
+    assert abs(out.reduce_sum() - float(ref)) <= 1e-5 * float(ref)
+    assert_matches(pmodel, {n: p.grad for n, p in reference_model.named_parameters()})
