@@ -76,8 +76,9 @@ def test_units_open_the_biggest_module_only_when_nothing_is_lost():
         "attn.out": Node("attn.out", (), 10, 10, False),
     }
     # the container `layers` is never called: always opened
-    assert choose_units(tree, 1, units_per_stage=4) == ["embed", "layers.0", "layers.1", "attn"]
-    assert choose_units(tree, 1, units_per_stage=5) == ["embed", "layers.0.a", "layers.0.b",
+    assert choose_units(tree, 1) == ["embed", "layers.0", "layers.1", "attn"]
+    # layers.0 holds more than 1/4 of the parameters: opened; layers.1 (exactly 1/4) is not
+    assert choose_units(tree, 1, units_per_stage=4) == ["embed", "layers.0.a", "layers.0.b",
                                                         "layers.1", "attn"]
     # `attn` is never opened: its children would not account for its parameters
     assert choose_units(tree, 4) == ["embed", "layers.0.a", "layers.0.b", "layers.1.fc", "attn"]
@@ -102,7 +103,8 @@ def test_schedules_run_everything_once_without_deadlock_and_bubble_formula(name,
 def test_trace_and_plan_of_a_skip_connection_and_a_module_called_twice():
     torch.manual_seed(0)
     model = SkipNet()
-    tr = trace(model, batch(0, 2, 5)[:2], {}, stages=4)
+    units = ["embed", *[f"blocks.{i}" for i in range(6)], "shared", "head"]
+    tr = trace(model, batch(0, 2, 5)[:2], {}, stages=4, units=units)
     assert [c.unit for c in tr.calls] == ["embed", "blocks.0", "blocks.1", "shared", "blocks.2",
                                           "blocks.3", "blocks.4", "blocks.5", "shared", "head"]
     assert tr.calls[2].deps == {(1, 0)} and tr.calls[9].deps == {(0, 0), (8, 0)}

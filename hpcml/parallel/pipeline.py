@@ -92,7 +92,8 @@ class StepOutput:
 
     def reduce_sum(self) -> float:
         """Sum over microbatches of the (scalar) return values. Collective over the pipeline."""
-        value = sum(float(o) for o in self.outputs) if self.outputs else None
+        value = sum(float(o.detach() if isinstance(o, torch.Tensor) else o)
+                    for o in self.outputs) if self.outputs else None
         return float(self.comm.bcast(value, root=self.comm.size - 1))
 
     def reduce_mean(self) -> float:
@@ -280,7 +281,9 @@ class PipelineModel:
             micro.inside = True
             try:
                 if k in self._checkpointed:
-                    out = checkpoint(original, *args, use_reentrant=False, **kwargs)
+                    # a closure keeps argument identity (MultiheadAttention takes another
+                    # path when key is value) for the recomputation
+                    out = checkpoint(lambda: original(*args, **kwargs), use_reentrant=False)
                 else:
                     out = original(*args, **kwargs)
             finally:

@@ -3,7 +3,8 @@ partition's atoms ("units"), how much each unit call costs, and the contiguous s
 call sequence into stages that minimizes the costliest stage.
 
 - :func:`choose_units` starts from the root's children and *opens* (replaces by its children)
-  the unit with the most parameters, until there are ``units_per_stage * stages`` units. A
+  the unit with the most parameters, until there are ``units_per_stage * stages`` units and
+  none holds more than that fraction of the parameters. A
   module can be opened only if that loses nothing: it has no parameters of its own and every
   child that holds parameters is called during the trace (``nn.MultiheadAttention`` reads its
   ``out_proj.weight`` without calling ``out_proj``, so it stays one unit). Containers
@@ -53,7 +54,8 @@ def choose_units(tree: Mapping[str, Node], stages: int, units_per_stage: int = 2
                  root: str = "") -> list[str]:
     """Module names that become units, in tree order: the root's children, then repeatedly
     the called unit with the most parameters that can be opened is replaced by its children,
-    until there are ``units_per_stage * stages`` units or none can be opened. Uncalled
+    while there are fewer than ``target = units_per_stage * stages`` units or that unit holds
+    more than ``1 / target`` of the parameters, and some unit can be opened. Uncalled
     modules without parameters are dropped; an uncalled child of the root that holds
     parameters is left to the root's own code (its parameters are used outside any unit)."""
     if stages < 1 or units_per_stage < 1:
@@ -69,16 +71,19 @@ def choose_units(tree: Mapping[str, Node], stages: int, units_per_stage: int = 2
                 out += expand(child)
         return out
 
+    target = units_per_stage * stages
+    share = tree[root].params / target
     units = expand(root)
-    while len(units) < units_per_stage * stages:
+    while True:
         candidates = [u for u in units if tree[u].children and _openable(tree, u)
                       and expand(u)]
         if not candidates:
-            break
+            return units
         biggest = max(candidates, key=lambda u: tree[u].params)
+        if len(units) >= target and tree[biggest].params <= share:
+            return units
         i = units.index(biggest)
         units[i:i + 1] = expand(biggest)
-    return units
 
 
 def call_costs(seconds: Sequence[float], memory: Sequence[float],

@@ -12,7 +12,8 @@ Eager forward passes on the sample, in one process, no MPI:
    which earlier unit outputs and which parameters each call and the model's output depend
    on. Parameters a unit reads that belong to another module (tied weights) are recorded too.
 3. *Timing*: ``repeats`` more forwards time each call without the tagging overhead; the
-   fastest repeat counts (the machine may be shared).
+   fastest repeat counts, and alike calls (same module class, parameters, activation bytes)
+   get their median, so that a preempted repeat on a shared machine does not skew balance.
 
 Eager tracing (not ``torch.fx``) is what lets *any* Python forward through: masks built with
 ``torch.triu(torch.ones(t, t))``, ``if mask is not None``, data-dependent slicing, a module
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -197,8 +199,25 @@ def _patched(modules: dict[str, nn.Module],
             del mod.forward
 
 
+def _smooth_times(calls: list[Call], modules: dict[str, nn.Module]) -> None:
+    """Give calls of alike modules (same class, parameter count, output shapes and activation
+    bytes) their median time: identical layers then cost the same even when another process
+    preempted one of them during every repeat."""
+    groups: dict[tuple, list[Call]] = {}
+    for call in calls:
+        mod = modules[call.unit]
+        key = (type(mod).__name__, sum(p.numel() for p in mod.parameters()),
+               call.activation_bytes, tuple(leaf.ndim for leaf in call.leaves
+                                            if isinstance(leaf, Leaf)))
+        groups.setdefault(key, []).append(call)
+    for group in groups.values():
+        seconds = statistics.median(c.seconds for c in group)
+        for call in group:
+            call.seconds = seconds
+
+
 def trace(model: nn.Module, args: tuple, kwargs: dict, stages: int,
-          units_per_stage: int = 2, units: list[str] | None = None, repeats: int = 2) -> Trace:
+          units_per_stage: int = 2, units: list[str] | None = None, repeats: int = 3) -> Trace:
     """Trace ``model(*args, **kwargs)`` (see the module docstring): one forward to find the
     called modules, one to record calls and dependencies, ``repeats`` to time the units (the
     fastest of them counts). ``units`` overrides the automatic choice."""
@@ -267,5 +286,6 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, stages: int,
     with _patched(unit_modules, timed), torch.enable_grad():
         for _ in range(repeats):
             model(*args, **kwargs)
+    _smooth_times(calls, modules)
     return Trace(units, calls, frozenset((t[1], t[2]) for t in final if t[0] == "c"),
                  frozenset(t[1] for t in final if t[0] == "p"), unit_params, tree)
