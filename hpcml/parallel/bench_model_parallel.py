@@ -297,10 +297,10 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
     table = markdown_table(shown, COLUMNS)
     ctx.run_dir.write_text("table.md", table + "\n" + notes + "\n")
     print(table + notes, flush=True)
-    _plot(rows, ctx)
+    _plot(cfg, rows, ctx)
 
 
-def _plot(rows: list[dict], ctx: RunContext) -> None:
+def _plot(cfg: ModelParallelConfig, rows: list[dict], ctx: RunContext) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
     layouts = list(dict.fromkeys(r["layout"] for r in rows))
@@ -315,6 +315,9 @@ def _plot(rows: list[dict], ctx: RunContext) -> None:
             ax.bar([x + i * width for x in range(len(layouts))], values, width, label=model)
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(layouts))], layouts,
                       rotation=30)
+        if key.endswith("rank"):
+            ax.axhline(cfg.budget_mib, color="k", linestyle="--", linewidth=1,
+                       label=f"budget {cfg.budget_mib:g} MiB")
         ax.set_ylabel(label)
         ax.legend()
     fig.suptitle("model parallelism of the hpcml transformer")
