@@ -1,7 +1,7 @@
 """Identical state on every rank, checkpoints and exact resumption.
 
-- :func:`broadcast_state`: rank 0's parameters and optimizer state are broadcast (``Bcast`` of
-  every tensor, in a fixed order) so all ranks start identical; collective.
+- :func:`broadcast_state`: rank 0's parameters and optimizer state are broadcast
+  (:mod:`hpcml.parallel.broadcast`) so all ranks start identical; collective.
 - :func:`save_checkpoint`: rank 0 writes ``checkpoint/model.pt`` (parameters, optimizer, step,
   data position, history) and every rank writes ``checkpoint/rng-<rank>.pt`` (its torch, numpy
   and Python RNG states); each file is written atomically and a ``checkpoint/step`` marker is
@@ -23,25 +23,17 @@ from torch import nn
 
 from hpcml.comm import Communicator
 from hpcml.errors import UsageError
+from hpcml.parallel import broadcast_optimizer_state, broadcast_parameters
 from hpcml.rundir import atomic_write
 
 CHECKPOINT = "checkpoint"
 
 
-def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    tensors = [p.data for p in model.parameters()]
-    for p in model.parameters():
-        state = optimizer.state.get(p, {})
-        tensors += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
-    return tensors
-
-
 def broadcast_state(comm: Communicator, model: nn.Module,
                     optimizer: torch.optim.Optimizer) -> None:
-    """Make every rank's parameters and optimizer state equal to rank 0's. Collective; all
-    ranks must have the same optimizer-state structure (both empty, or both loaded)."""
-    for t in _state_tensors(model, optimizer):
-        comm.Bcast(t)
+    """Make every rank's parameters and optimizer state equal to rank 0's. Collective."""
+    broadcast_parameters(model, comm)
+    broadcast_optimizer_state(optimizer, comm)
 
 
 def rng_state() -> dict[str, Any]:
