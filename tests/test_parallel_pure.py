@@ -96,6 +96,8 @@ def test_distributed_optimizer_is_a_torch_optimizer_with_exact_state_round_trip(
     opt2.load_state_dict(saved["opt"])
     sched2.load_state_dict(saved["sched"])
     assert opt2.state is opt2.optimizer.state and opt2.param_groups[0]["lr"] == 0.05
+    opt2.optimizer.load_state_dict(saved["opt"])  # loading the wrapped one keeps them shared
+    assert opt2.param_groups is opt2.optimizer.param_groups and opt2.state is opt2.optimizer.state
     _train(fresh, opt2, sched2, 3, start=3)
     for a, b in zip(net.parameters(), fresh.parameters(), strict=True):
         assert torch.equal(a, b)

@@ -45,7 +45,7 @@ def train_step(comm: Communicator, model: nn.Module, batch: Batch,
 
     Returns (global mean loss per token, global tokens, stop requested on any rank)."""
     tokens, stop_any = global_counts(comm, batch.tokens, stop)
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     local = backward(model, batch, smoothing, tokens, comm.size)
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -9,7 +9,8 @@ dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, val
 SIGUSR1 on any rank, checkpoint after the current step and stop; finally greedy-decode the test
 split and report corpus BLEU. The optimizer is a :class:`~hpcml.parallel.DistributedOptimizer`
 around Adam; with ``[qsparse] enabled`` it is synchronous Qsparse-local-SGD instead
-(:mod:`hpcml.nmt.qsparse`; such runs are not resumable yet). A run
+(:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every rank's own model, optimizer state
+and error memory. A run
 resumed from a checkpoint takes exactly the steps the uninterrupted run would (same batches,
 dropout masks, optimizer state and learning rates).
 """
@@ -59,9 +60,6 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     model = build_model(cfg, len(vocab), sparse=not cfg.qsparse.enabled)
     optimizer = make_optimizer(model)
     if cfg.qsparse.enabled:
-        if ctx.resume is not None:
-            raise UsageError("--resume: a qsparse run keeps per-rank local models and error "
-                             "memories that checkpoints do not hold (start a new run)")
         stepper = qsparse_optimizer(comm, model, optimizer, cfg.qsparse, cfg.seed)
     else:
         stepper = DistributedOptimizer(optimizer, model, comm=comm, reduction=t.grad_reduction,
@@ -71,6 +69,14 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     if ctx.resume is not None:
         record = load_checkpoint(comm, ctx.run_dir.path, model, optimizer)
         start, history = record["step"], record["history"]
+        if cfg.qsparse.enabled:
+            own = record["rank_state"]
+            if own is None:
+                raise UsageError(f"--resume {ctx.run_dir.path}: the checkpoint has no per-rank "
+                                 "qsparse state (it was written without [qsparse]); start a "
+                                 "new run")
+            model.load_state_dict(own["model"])
+            stepper.load_state_dict(own["optimizer"])
         ctx.log(f"resumed from step {start}")
     else:
         broadcast_state(comm, model, optimizer)
@@ -85,8 +91,10 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                else t.grad_reduction))
 
     def checkpoint(step: int) -> None:
+        own = ({"model": model.state_dict(), "optimizer": stepper.state_dict()}
+               if cfg.qsparse.enabled else None)
         save_checkpoint(comm, ctx.run_dir.path, model, optimizer, step,
-                        {"history": history, "epoch": step // stream.steps_per_epoch})
+                        {"history": history, "epoch": step // stream.steps_per_epoch}, own)
 
     stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
     bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",

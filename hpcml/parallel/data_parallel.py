@@ -113,6 +113,7 @@ class GradientReducer:
                 raise RuntimeError(f"backward inside no_sync() after the exchange of this step "
                                    f"began (parameter {name!r} already reduced); run the "
                                    "no_sync() passes before the last counted pass")
+            self.synchronized = False  # a step() now reduces what accumulated
             return
         count = self._count[id(p)] + 1
         if count > self.passes:

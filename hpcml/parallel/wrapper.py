@@ -2,8 +2,10 @@
 
 The distributed optimizers of hpcml (:class:`~hpcml.parallel.DistributedOptimizer`, Qsparse's
 :class:`~hpcml.qsparse.QsparseLocalSGD` and :class:`~hpcml.qsparse.optimizer.AllreduceSGD`) are
-*instances* of ``torch.optim.Optimizer`` that share the wrapped optimizer's ``param_groups``,
-``state`` and ``defaults`` objects, so everything written for torch optimizers works unchanged:
+*instances* of ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and ``defaults`` *are*
+the wrapped optimizer's (properties reading its current attributes, so they stay shared even
+after the wrapped optimizer's own ``load_state_dict`` replaces them), so everything written for
+torch optimizers works unchanged:
 LR schedulers (they pass the ``isinstance`` check and edit the shared groups), ``zero_grad``,
 ``state_dict`` / ``load_state_dict`` (delegated to the wrapped optimizer, which knows how to
 cast its own state; a subclass adds its own entries under :attr:`WrappedOptimizer.extra_key`),
@@ -32,15 +34,36 @@ class WrappedOptimizer(torch.optim.Optimizer):
                             f"{type(optimizer).__name__}; build it first, e.g. "
                             "torch.optim.SGD(model.parameters(), lr=0.1)")
         self.optimizer = optimizer
-        self._wrapping = True
+        self._wrapping = True  # Optimizer.__init__ must not touch the wrapped optimizer
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self._wrapping = False
-        self._share()
 
-    def _share(self) -> None:
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
-        self.defaults = self.optimizer.defaults
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        if not self._wrapping:
+            self.optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if not self._wrapping:
+            self.optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        if not self._wrapping:
+            self.optimizer.defaults = value
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.optimizer!r})"
@@ -50,7 +73,6 @@ class WrappedOptimizer(torch.optim.Optimizer):
         if self._wrapping:  # torch.optim.Optimizer.__init__ replaying the existing groups
             return
         self.optimizer.add_param_group(param_group)
-        self._share()
         self._added(self.param_groups[-1]["params"])
 
     def _added(self, params: list[torch.Tensor]) -> None:
@@ -73,7 +95,6 @@ class WrappedOptimizer(torch.optim.Optimizer):
         state = dict(state_dict)
         extra = state.pop(self.extra_key, None)
         self.optimizer.load_state_dict(state)
-        self._share()
         if extra is not None:
             self.load_extra_state(extra)
 
