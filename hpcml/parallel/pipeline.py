@@ -24,8 +24,9 @@ where it is needed. Forward activations go to the next stage, gradients to the p
 ``Isend``/``Irecv`` on ``mesh.pipeline`` (every byte in the ledger); each message is preceded by
 a header with the shapes of all earlier unit outputs, so shapes may change per microbatch.
 
-After the schedule (GPipe or 1F1B), gradients of parameters held by several stages (tied
-weights) are summed over the pipeline, then every gradient is averaged over ``mesh.data``.
+Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.GradientReducer`
+(its buckets launch during the last microbatch's backward); after the schedule, gradients of
+parameters held by several stages (tied weights) are summed over the pipeline.
 Gradients of one step are the *sum* over microbatches of ``model.backward(loss)``: to average,
 divide the loss by ``model.microbatches``. One ``model(...)`` call per step; training steps only.
 """
@@ -47,6 +48,8 @@ from torch.utils.checkpoint import checkpoint
 
 from hpcml.comm import Communicator, Request
 from hpcml.errors import UsageError
+from hpcml.parallel.broadcast import broadcast_parameters
+from hpcml.parallel.data_parallel import GradientReducer
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline_partition import call_costs, partition, stage_costs
 from hpcml.parallel.pipeline_plan import Plan, make_plan
@@ -60,6 +63,7 @@ from hpcml.parallel.pipeline_trace import (
     param_storages,
     trace,
 )
+from hpcml.parallel.reductions import make_reduction
 
 
 class _StageDone(Exception):
@@ -195,6 +199,11 @@ class PipelineModel:
         self._storages = param_storages(module)
         self.stats: dict[str, float] = {}
         self._broadcast_parameters()
+        # data parallelism: hpcml's one gradient reducer, launched on the last microbatch's
+        # backward (overlapping it), over this stage's parameters
+        self._reducer = GradientReducer(
+            mesh.data, list(reversed(self.named_parameters())), make_reduction("dense_allreduce"),
+            passes=microbatches) if mesh.data.size > 1 else None
         modules = dict(module.named_modules())
         for unit in self.trace.units:
             mod = modules[unit]
@@ -221,15 +230,12 @@ class PipelineModel:
 
     def _broadcast_parameters(self) -> None:
         """Held parameters from data replica 0; shared ones from their owner stage."""
-        with torch.no_grad():
-            if self.mesh.data.size > 1:
-                for name in self._held:
-                    self.mesh.data.Bcast(self._params[name].data, root=0)
-            for name in self.plan.shared:
-                p = self._params[name]
-                buf = p.data if name in self._held else torch.empty(self._shapes[name],
-                                                                    dtype=p.dtype)
-                self.comm.Bcast(buf, root=self.plan.owner(name))
+        broadcast_parameters(self.parameters(), comm=self.mesh.data)
+        for name in self.plan.shared:
+            p = self._params[name]
+            buf = p.data if name in self._held else torch.empty(self._shapes[name],
+                                                                dtype=p.dtype)
+            broadcast_parameters([buf], comm=self.comm, root=self.plan.owner(name))
 
     # -- what the user sees ----------------------------------------------------------------
     def parameters(self) -> list[nn.Parameter]:
@@ -417,9 +423,9 @@ class PipelineModel:
 
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, fn: Callable, args: tuple, kwargs: dict) -> StepOutput:
-        """Run ``fn`` over the microbatches of ``args``/``kwargs`` with the schedule, then sum
-        shared gradients over the pipeline and average all over the data group. Collective
-        over the mesh."""
+        """Run ``fn`` over the microbatches of ``args``/``kwargs`` with the schedule, then
+        average all gradients over the data group and sum shared ones over the pipeline.
+        Collective over the mesh."""
         chunks = split_microbatches(args, kwargs, self.microbatches)
         actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage)
         waited = {"F": 0.0, "B": 0.0}
@@ -458,27 +464,22 @@ class PipelineModel:
                           self.comm)
 
     def _reduce_gradients(self) -> None:
-        """Sum shared parameters' gradients over the pipeline, then average every held
-        gradient over the data group (one flat Allreduce each)."""
-        if self.plan.shared:
-            self._allreduce(self.comm, self.plan.shared, average=False)
-        if self.mesh.data.size > 1:
-            self._allreduce(self.mesh.data, self._held, average=True)
-
-    def _allreduce(self, comm: Communicator, names: Sequence[str], average: bool) -> None:
+        """Average every held gradient over the data group (the reducer), then sum shared
+        parameters' gradients over the pipeline (one flat Allreduce). The two commute."""
+        if self._reducer is not None:
+            self._reducer.synchronize()
+        if not self.plan.shared:
+            return
         parts = []
-        for name in names:
+        for name in self.plan.shared:
             p = self._params[name]
             if name in self._held and p.grad is not None:
                 parts.append(p.grad.reshape(-1).float())
             else:
                 parts.append(torch.zeros(self._shapes[name].numel()))
-        flat = torch.cat(parts)
-        comm.Allreduce(flat)
-        if average:
-            flat /= comm.size
+        flat = self.comm.Allreduce(torch.cat(parts))
         pos = 0
-        for name in names:
+        for name in self.plan.shared:
             n = self._shapes[name].numel()
             if name in self._held:
                 p = self._params[name]
