@@ -7,37 +7,42 @@ loop averages its gradients over the ranks, overlapping the reduction with backw
 :func:`broadcast_parameters` and :func:`broadcast_optimizer_state` start every rank from the
 same state. Pipeline parallelism (:mod:`.pipeline`): :class:`PipelineModel` splits any
 ``nn.Module`` into stages and :func:`step` runs the user's step over microbatches. One module
-per parallelism; this file only re-exports them.
+per parallelism; this file only re-exports them, each on first use (PEP 562), so that
+``from hpcml.parallel import Mesh`` does not pay for importing torch.
 """
 
-from hpcml.parallel.broadcast import broadcast_optimizer_state, broadcast_parameters
-from hpcml.parallel.buckets import plan_buckets
-from hpcml.parallel.data_parallel import GradientReducer
-from hpcml.parallel.memory import ExchangeMemory
-from hpcml.parallel.mesh import Mesh
-from hpcml.parallel.optimizer import DistributedOptimizer
-from hpcml.parallel.pipeline import PipelineModel, StepOutput, load_full_state, step
-from hpcml.parallel.reductions import REDUCTIONS, Reduction, make_reduction
-from hpcml.parallel.sparse import allgather_sparse, allgatherv, gather_counts
-from hpcml.parallel.wrapper import WrappedOptimizer
+import importlib
+from typing import Any
 
-__all__ = [
-    "REDUCTIONS",
-    "DistributedOptimizer",
-    "ExchangeMemory",
-    "GradientReducer",
-    "Mesh",
-    "PipelineModel",
-    "Reduction",
-    "StepOutput",
-    "WrappedOptimizer",
-    "allgather_sparse",
-    "allgatherv",
-    "broadcast_optimizer_state",
-    "broadcast_parameters",
-    "gather_counts",
-    "load_full_state",
-    "make_reduction",
-    "plan_buckets",
-    "step",
-]
+_EXPORTS = {
+    "REDUCTIONS": "reductions",
+    "DistributedOptimizer": "optimizer",
+    "ExchangeMemory": "memory",
+    "GradientReducer": "data_parallel",
+    "Mesh": "mesh",
+    "PipelineModel": "pipeline",
+    "Reduction": "reductions",
+    "StepOutput": "pipeline",
+    "WrappedOptimizer": "wrapper",
+    "allgather_sparse": "sparse",
+    "allgatherv": "sparse",
+    "broadcast_optimizer_state": "broadcast",
+    "broadcast_parameters": "broadcast",
+    "gather_counts": "sparse",
+    "load_full_state": "pipeline",
+    "make_reduction": "reductions",
+    "plan_buckets": "buckets",
+    "step": "pipeline",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hpcml.parallel' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"hpcml.parallel.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
