@@ -110,6 +110,26 @@ def run_layout(comm, data: int, stages: int, schedule: str, micro: int = 3):
     return pmodel, reference_model
 
 
+@hp.step
+def predict(model, x, lengths):
+    return model(x, lengths)
+
+
+def check_forward_only(pmodel: hp.PipelineModel, reference_model: nn.Module) -> None:
+    """Under no_grad a step runs the forwards only; the last stage gets each microbatch's
+    output, equal to the single-process model's."""
+    x, lengths, _ = batch(7, 6, 5)
+    with torch.no_grad():
+        out = predict(pmodel, x, lengths)
+        if pmodel.stage == pmodel.stages - 1:
+            for got, xs, ls in zip(out.outputs, x.tensor_split(3), lengths.tensor_split(3),
+                                   strict=True):
+                assert torch.allclose(got, reference_model(xs, ls), rtol=1e-5, atol=1e-6)
+        else:
+            assert out.outputs == []
+    assert all(p.grad is not None for p in pmodel.parameters())  # untouched by evaluation
+
+
 def check_checkpoint(comm, pmodel: hp.PipelineModel, reference_model: nn.Module) -> None:
     """After one SGD step on both, the pipelined model's full checkpoint equals the reference
     in one process, and loads into another layout (pure data parallel, or 4 pinned stages)."""
@@ -171,6 +191,7 @@ def test_pipeline_matches_single_process_and_checkpoints_load_anywhere(comm):
         assert pmodel.stats["in_flight"] == (3 if schedule == "gpipe"
                                              else min(stages - pmodel.stage, 3))
         assert "theoretical (S-1)/(M+S-1)" in pmodel.stage_table()
+        check_forward_only(pmodel, reference_model)
     assert "pipeline.Isend" in comm.ledger.totals()
     check_checkpoint(comm, pmodel, reference_model)
     if comm.size == 2:

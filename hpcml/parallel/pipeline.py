@@ -28,7 +28,10 @@ Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.Gradien
 (its buckets launch during the last microbatch's backward); after the schedule, gradients of
 parameters held by several stages (tied weights) are summed over the pipeline.
 Gradients of one step are the *sum* over microbatches of ``model.backward(loss)``: to average,
-divide the loss by ``model.microbatches``. One ``model(...)`` call per step; training steps only.
+divide the loss by ``model.microbatches``. One ``model(...)`` call per step. Under
+``torch.no_grad()`` a step runs the forwards only (evaluation); the module calls must still
+follow the traced sequence (``nn.TransformerEncoderLayer`` takes a fused path without grad, so
+keep such layers whole units there).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class _Micro:
     activation_bytes: int = 0
     next_call: int = 0
     inside: bool = False
+    training: bool = True
 
 
 @dataclasses.dataclass
@@ -263,6 +267,9 @@ class PipelineModel:
                              "function")
         if micro.loss is not None:
             raise UsageError("model.backward was called twice in one step function")
+        if not micro.training:
+            raise UsageError("model.backward(loss) under torch.no_grad(): a forward-only step "
+                             "must not call it")
         micro.loss = loss
 
     # -- one unit call -------------------------------------------------------------------------
@@ -337,7 +344,7 @@ class PipelineModel:
             micro.received[dep] = buf
         Request.waitall(requests)
         for dep, buf in micro.received.items():
-            if self._leaf(dep).requires_grad:
+            if self._leaf(dep).requires_grad and micro.training:
                 buf.requires_grad_()
             micro.activation_bytes += buf.numel() * buf.element_size()
 
@@ -359,7 +366,7 @@ class PipelineModel:
 
     def _forward(self, m: int, fn: Callable, args: tuple, kwargs: dict) -> float:
         """Forward of microbatch ``m``; returns seconds spent waiting for messages."""
-        micro = _Micro()
+        micro = _Micro(training=torch.is_grad_enabled())
         self._micro[m] = micro
         start = time.perf_counter()
         if self.stage > 0:
@@ -368,7 +375,7 @@ class PipelineModel:
         self._current = micro
         finished = False
         try:
-            with torch.enable_grad(), ActivationCounter(self._storages) as counter:
+            with ActivationCounter(self._storages) as counter:
                 micro.result = fn(*args, **kwargs)
                 finished = True
         except _StageDone:
@@ -381,7 +388,7 @@ class PipelineModel:
             where = "returned before the next stage's modules" if finished else "stopped early"
             raise RuntimeError(f"pipeline stage {self.stage}: the step function {where}; the "
                                "module calls must follow the traced sequence")
-        if last and micro.loss is None:
+        if last and micro.training and micro.loss is None:
             raise UsageError("the @hpcml.parallel.step function must call model.backward(loss) "
                              "once per microbatch")
         if not last:
@@ -425,9 +432,12 @@ class PipelineModel:
     def run_step(self, fn: Callable, args: tuple, kwargs: dict) -> StepOutput:
         """Run ``fn`` over the microbatches of ``args``/``kwargs`` with the schedule, then
         average all gradients over the data group and sum shared ones over the pipeline.
-        Collective over the mesh."""
+        Under ``torch.no_grad()`` only the forwards run (evaluation; ``fn`` must not call
+        ``model.backward``). Collective over the mesh."""
         chunks = split_microbatches(args, kwargs, self.microbatches)
-        actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage)
+        training = torch.is_grad_enabled()
+        actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage) \
+            if training else [("F", m) for m in range(self.microbatches)]
         waited = {"F": 0.0, "B": 0.0}
         busy = {"F": 0.0, "B": 0.0}
         live_bytes, peak_bytes = 0, 0
@@ -440,6 +450,8 @@ class PipelineModel:
                 w = self._forward(m, fn, *chunks[m])
                 act[m] = self._micro[m].activation_bytes
                 results[m] = self._micro[m].result
+                if not training:
+                    del self._micro[m]
                 live_bytes += act[m]
                 peak_bytes = max(peak_bytes, live_bytes)
             else:
@@ -452,7 +464,8 @@ class PipelineModel:
         self._sends = []
         wall = time.perf_counter() - start
         waited["B"] += time.perf_counter() - start_wait
-        self._reduce_gradients()
+        if training:
+            self._reduce_gradients()
         self.stats = {"forward_ms": busy["F"] * 1e3, "backward_ms": busy["B"] * 1e3,
                       "wait_ms": (waited["F"] + waited["B"]) * 1e3, "wall_ms": wall * 1e3,
                       "bubble": max(0.0, 1.0 - (busy["F"] + busy["B"]) / wall),
