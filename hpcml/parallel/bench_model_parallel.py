@@ -10,8 +10,9 @@ distribution each step). Per layout:
   ``grad_max_abs_diff`` (largest over parameters and ranks), ``grad_max_rel_diff`` (that
   difference over the parameter's largest reference gradient);
 - memory per rank (largest over the layout's ranks): parameters, gradients and Adam state that
-  the rank holds, and the peak bytes of activations saved for backward (in-flight microbatches
-  of the schedule); ``peak_bytes_per_rank`` is their sum;
+  the rank holds, the peak bytes of activations saved for backward (in-flight microbatches of
+  the schedule) and of the data-parallel reduction buffers; ``peak_bytes_per_rank`` is their
+  sum;
 - time: median step (forward, backward, gradient reductions, optimizer) over ``steps`` after
   ``warmup``, slowest rank; tokens/s = global target tokens / step time; the measured bubble
   (mean over stages of 1 - busy / step time) beside the theoretical (S-1)/(M+S-1).
@@ -211,7 +212,7 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
                       for t in s.values() if isinstance(t, torch.Tensor))
     mine = {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_bytes": state_bytes,
-            "activation_bytes": max(peaks)}
+            "activation_bytes": max(peaks), "exchange_bytes": pmodel.exchange_bytes}
     mine["peak_bytes_per_rank"] = sum(mine.values())
     worst = {k: comm.allreduce(v, op="max") for k, v in mine.items()}
     step_s = comm.allreduce(median(times), op="max")
@@ -250,7 +251,8 @@ def _run_on_first(comm: Communicator, ranks: int, work: Any) -> Any:
 
 COLUMNS = [("model", "model", ""), ("layout", "layout", ""), ("ranks", "ranks", "d"),
            ("param_h", "params/rank", ""), ("optimizer_h", "Adam state/rank", ""),
-           ("activation_h", "activations/rank", ""), ("peak_h", "peak/rank", ""),
+           ("activation_h", "activations/rank", ""), ("exchange_h", "DP buffers/rank", ""),
+           ("peak_h", "peak/rank", ""),
            ("fits", "fits budget", ""), ("ms_per_step", "ms/step", ".1f"),
            ("tokens_per_s", "tokens/s", ".0f"), ("bubble", "bubble", ".3f"),
            ("bubble_theory", "(S-1)/(M+S-1)", ".3f"), ("loss_abs_diff", "loss diff", ".1e"),
@@ -284,11 +286,13 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
     shown = [{**r, "param_h": human_bytes(r["param_bytes"]),
               "optimizer_h": human_bytes(r["optimizer_bytes"]),
               "activation_h": human_bytes(r["activation_bytes"]),
+              "exchange_h": human_bytes(r["exchange_bytes"]),
               "peak_h": human_bytes(r["peak_bytes_per_rank"]),
               "fits": "yes" if r["fits_budget"] else "no"} for r in rows]
-    notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations held "
-             f"by the rank (largest rank); budget {cfg.budget_mib:g} MiB. Global batch "
-             f"{cfg.batch} sentences of {cfg.min_len}-{cfg.max_len} tokens, "
+    notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations + "
+             f"data-parallel reduction buffers held by the rank (largest rank); budget "
+             f"{cfg.budget_mib:g} MiB. Global batch {cfg.batch} sentences of "
+             f"{cfg.min_len}-{cfg.max_len} tokens, "
              f"{cfg.microbatches} microbatches. Diffs: first step vs the single-process model "
              f"on the same global batch.\n{ctx.comm.size} ranks on {platform.node()}: "
              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")

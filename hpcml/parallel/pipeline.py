@@ -249,6 +249,12 @@ class PipelineModel:
     def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, self._params[n]) for n in self._held]
 
+    @property
+    def exchange_bytes(self) -> int:
+        """Peak bytes of the data-parallel reduction buffers on this rank (0 without data
+        parallelism)."""
+        return self._reducer.memory.peak if self._reducer is not None else 0
+
     def zero_grad(self) -> None:
         for p in self.parameters():
             p.grad = None
