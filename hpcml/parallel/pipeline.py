@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -51,6 +50,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hpcml.comm import Communicator, Request
 from hpcml.errors import UsageError
+from hpcml.parallel import pipeline_checkpoint
 from hpcml.parallel.broadcast import broadcast_parameters
 from hpcml.parallel.data_parallel import GradientReducer
 from hpcml.parallel.mesh import Mesh
@@ -192,6 +192,7 @@ class PipelineModel:
             if name not in held:
                 p.data = torch.empty(0, dtype=p.dtype)
         self._held = [n for n in self._params if n in held]
+        self._held_set = set(self._held)
         self._checkpointed = {
             k for k, c in enumerate(self.trace.calls)
             if stage_of[k] in set(checkpoint_stages)
@@ -535,76 +536,26 @@ class PipelineModel:
                      f" (S={self.stages}, M={self.microbatches}, {self.schedule})")
         return "\n".join(lines)
 
-    # -- checkpoints ---------------------------------------------------------------------------
-    def _state_owner(self) -> dict[str, tuple[torch.Tensor, int]]:
-        """Every ``module.state_dict()`` key: its tensor here and the stage that owns it."""
-        names = param_names(self.module)
-        buffer_stage = {}
-        for k, c in enumerate(self.trace.calls):
-            buffer_stage.setdefault(c.unit, self.plan.stage_of[k])
-        out = {}
-        for key, t in self.module.state_dict(keep_vars=True).items():
-            if isinstance(t, nn.Parameter) and id(t) in names:
-                out[key] = (t, self.plan.owner(names[id(t)]))
-            else:
-                owners = [s for u, s in buffer_stage.items() if key.startswith(u + ".")]
-                out[key] = (t, owners[0] if owners else 0)
-        return out
+    # -- checkpoints (hpcml.parallel.pipeline_checkpoint) -------------------------------------
+    def holds(self, name: str) -> bool:
+        """Whether this rank keeps parameter ``name`` (its canonical name)."""
+        return name in self._held_set
+
+    def full_shape(self, name: str) -> torch.Size:
+        """Parameter ``name``'s shape in the unsplit model (also where this rank freed it)."""
+        return self._shapes[name]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The unsharded ``module.state_dict()`` (original names) on the mesh's rank 0, None
-        elsewhere. Collective over the mesh: every rank calls it; the stages of data replica 0
-        send their entries to stage 0."""
-        if self.mesh.coords["data"] != 0 or self.mesh.coords["tensor"] != 0:
-            return None
-        state: dict[str, torch.Tensor] = {}
-        names = param_names(self.module)
-        for i, (key, (t, owner)) in enumerate(self._state_owner().items()):
-            if self.stage == 0:
-                if owner == 0:
-                    state[key] = t.detach().clone()
-                else:
-                    shape = self._shapes[names[id(t)]] if id(t) in names else t.shape
-                    buf = torch.empty(shape, dtype=t.dtype)
-                    self.comm.Recv(buf, source=owner, tag=i)
-                    state[key] = buf
-            elif owner == self.stage:
-                self.comm.Send(t.detach().contiguous(), dest=0, tag=i)
-        return state if self.stage == 0 else None
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.full_state_dict`. Collective."""
+        return pipeline_checkpoint.full_state_dict(self)
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Copy the entries this rank holds from a full state dict (any layout saved it).
-        Not collective."""
-        names = param_names(self.module)
-        with torch.no_grad():
-            for key, (t, _) in self._state_owner().items():
-                if key not in state:
-                    raise UsageError(f"checkpoint lacks {key!r}; it was saved from another model")
-                held = not (id(t) in names and names[id(t)] not in self._held)
-                if held:
-                    t.copy_(state[key])
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.load_full_state_dict`."""
+        pipeline_checkpoint.load_full_state_dict(self, state)
 
     def save(self, path: str | Path) -> None:
-        """Write the full state dict with ``torch.save`` (mesh rank 0, atomically). Collective
-        over the mesh."""
-        from hpcml.rundir import atomic_write
-
-        state = self.full_state_dict()
-        if self.mesh.world.rank == 0:
-            buf = io.BytesIO()
-            torch.save(state, buf)
-            atomic_write(Path(path), buf.getvalue())
-        self.mesh.world.barrier()
-
-
-def load_full_state(target: PipelineModel | nn.Module, path: str | Path) -> None:
-    """Load a full checkpoint written by :meth:`PipelineModel.save` into a pipelined model of
-    any layout, or into the plain module in one process. Reads with ``weights_only=True``."""
-    state = torch.load(Path(path), weights_only=True)
-    if isinstance(target, PipelineModel):
-        target.load_full_state_dict(state)
-    else:
-        target.load_state_dict(state)
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.save`. Collective over the mesh."""
+        pipeline_checkpoint.save(self, path)
 
 
 def split_microbatches(args: tuple, kwargs: dict, micro: int) -> list[tuple[tuple, dict]]:
