@@ -16,12 +16,13 @@ def args(tmp_path, *extra):
     out = []
     for kv in ["models=['base']", "layouts=['dp2', 'pp2-1f1b', 'pp4-1f1b']",
                "vocab=50", "batch=8", "microbatches=2", "min_len=3", "max_len=8", "steps=1",
-               "warmup=0", f"runs_dir={tmp_path / 'runs'}", *extra]:
+               "warmup=0", "checkpoint_stages=[0]", f"runs_dir={tmp_path / 'runs'}", *extra]:
         out += ["--set", kv]
     return out
 
 
 def test_bench_model_parallel_two_ranks(tmp_path):
+    """Stage 0 recomputes its activations (switched on from the job file): still exact."""
     res = hpcml_cli(2, "bench", "model-parallel", JOB, *args(tmp_path), cwd=tmp_path,
                     timeout=240)
     assert res.returncode == 0, res.stderr

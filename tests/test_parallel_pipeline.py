@@ -149,6 +149,9 @@ def check_checkpoint(comm, pmodel: hp.PipelineModel, reference_model: nn.Module)
     stages = 1 if pmodel.mesh.sizes["data"] == 1 else comm.size
     other = hp.PipelineModel(SkipNet(), hp.Mesh(comm, pipeline=stages),
                              sample=batch(99, 2, 5)[:2], partition={"blocks.1": min(1, stages - 1)})
+    pinned = {other.plan.stage_of[k] for k, c in enumerate(other.trace.calls)
+              if c.unit.startswith("blocks.1")}
+    assert pinned == {min(1, stages - 1)}
     hp.load_full_state(other, folder / "full.pt")
     for name, p in other.named_parameters():
         assert torch.equal(p.data, plain.state_dict()[name]), name
