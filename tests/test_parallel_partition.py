@@ -115,8 +115,10 @@ def test_trace_and_plan_of_a_skip_connection_and_a_module_called_twice():
     plan = make_plan(tr, stage_of, 4, list(param_names(model).values()))
     # the skip connection (embed's output) crosses every boundary; `shared` is on 1 and 3
     assert all((0, 0) in plan.live[b] for b in (1, 2, 3))
-    assert plan.holders["shared.weight"] == {1, 3} and plan.shared == ["shared.bias",
-                                                                       "shared.weight"]
+    assert plan.holders["shared.weight"] == {1, 3}
+    # `scale` is read between units after the first call: every stage replays that code
+    assert tr.glue_params == {"scale": 1} and plan.holders["scale"] == {0, 1, 2, 3}
+    assert plan.shared == ["scale", "shared.bias", "shared.weight"]
     assert plan.live[3] == [(0, 0), (7, 0)]
 
 

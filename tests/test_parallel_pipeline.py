@@ -1,7 +1,8 @@
 """Pipeline parallelism against the single-process model: loss, every gradient, checkpoints.
 
 The model has uneven layers, a long skip connection, a module called twice (its parameters
-end up on two stages), and a data-dependent sequence length (each microbatch is trimmed to
+end up on two stages), a parameter read between modules (on every stage that replays that
+code), and a data-dependent sequence length (each microbatch is trimmed to
 its longest sentence), so activation shapes change per microbatch and per step. The reference
 runs the same microbatches of the same global batch in one process.
 """
@@ -32,9 +33,10 @@ class SkipNet(nn.Module):
         self.blocks = nn.ModuleList([Block(16, w) for w in WIDTHS])
         self.shared = nn.Linear(16, 16)
         self.head = nn.Linear(16, 4)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 16))  # read between units
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        h0 = torch.tanh(self.embed(x))[:, : int(lengths.max())]
+        h0 = torch.tanh(self.embed(x))[:, : int(lengths.max())] * self.scale
         h = h0
         for i, block in enumerate(self.blocks):
             h = block(h)
@@ -188,6 +190,7 @@ def test_pipeline_matches_single_process_and_checkpoints_load_anywhere(comm):
     torch.set_num_threads(1)
     for data, stages, schedule in layouts(comm.size):
         pmodel, reference_model = run_layout(comm, data, stages, schedule)
+        assert pmodel.plan.holders["scale"] == frozenset(range(stages))  # summed gradients
         if stages == 4:  # the module called twice runs on two stages: gradients summed
             assert any("shared" in n for n in pmodel.plan.shared)
         assert pmodel.parameters(), "every stage holds parameters"

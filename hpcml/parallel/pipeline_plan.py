@@ -10,8 +10,10 @@ every unit call. Pure: no MPI, identical on every rank.
   shapes vary per batch (sentence length) without knowing them in advance.
 - ``holders[p]``: the stages that keep parameter p: those of the calls of its unit, those whose
   calls or output read it outside its unit (a tied embedding is held by the first and the last
-  stage), stage 0 for a parameter no call uses. Parameters held by more than one stage are
-  *shared*: their gradients are summed over the pipeline after the backward passes.
+  stage), every stage whose replay of the forward runs code between units that reads it (a
+  positional parameter added before the first layer), stage 0 for a parameter no call uses.
+  Parameters held by more than one stage are *shared*: their gradients are summed over the
+  pipeline after the backward passes.
 """
 
 from __future__ import annotations
@@ -70,5 +72,8 @@ def make_plan(trace: Trace, stage_of: list[int], stages: int,
             holders[name].add(stage_of[k])
     for name in trace.output_params:
         holders[name].add(stages - 1)
+    for name, position in trace.glue_params.items():
+        # every stage replays the code between units up to its own last call
+        holders[name] |= {s for s in range(stages) if first[s + 1] >= position}
     return Plan(stages, list(stage_of), first, live, header_len,
                 {n: frozenset(s or {0}) for n, s in holders.items()})

@@ -69,7 +69,8 @@ class Call:
 @dataclasses.dataclass
 class Trace:
     """What the pipeline needs to know about the model: units, calls in order, what the model
-    output depends on, every parameter's (canonical) name, and each unit's parameter names."""
+    output depends on, each unit's parameter names, and the parameters that code between
+    units reads directly, with the number of unit calls before the first such read."""
 
     units: list[str]
     calls: list[Call]
@@ -77,6 +78,7 @@ class Trace:
     output_params: frozenset[str]
     unit_params: dict[str, list[str]]
     tree: dict[str, Node]
+    glue_params: dict[str, int]
 
 
 def tensors(obj: Any) -> list[torch.Tensor]:
@@ -157,6 +159,8 @@ class _Tagger(TorchFunctionMode):
         self.keep: list[torch.Tensor] = []  # ids stay unique while tags refer to them
         self.inside: set[int] | None = None
         self.foreign: set[str] = set()
+        self.calls = 0  # unit calls so far: where the code between units runs
+        self.glue: dict[str, int] = {}
 
     def tag_of(self, t: torch.Tensor) -> frozenset[tuple]:
         if isinstance(t, nn.Parameter) and id(t) in self.names:
@@ -180,6 +184,9 @@ class _Tagger(TorchFunctionMode):
                         self.inside:
                     self.foreign.add(self.names[id(t)])
             return out
+        for t in tensors((args, kwargs)):
+            if isinstance(t, nn.Parameter) and id(t) in self.names:
+                self.glue.setdefault(self.names[id(t)], self.calls)
         tag = self.union((args, kwargs))
         for t in tensors(out):
             self.set_tag(t, tag)
@@ -231,6 +238,7 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, stages: int,
     names = param_names(model)
     unit_params = {u: [names[id(p)] for p in modules[u].parameters()] for u in units}
     unit_ids = {u: {id(p) for p in modules[u].parameters()} for u in units}
+    unit_counts = {u: sum(p.numel() for p in modules[u].parameters()) for u in units}
     storages = param_storages(model)
     tagger = _Tagger(names)
     calls: list[Call] = []
@@ -258,11 +266,12 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, stages: int,
                     metas.append(leaf)
             first = name not in seen_units
             seen_units.add(name)
+            tagger.calls += 1
             calls.append(Call(
                 name, spec, metas, frozenset((t[1], t[2]) for t in tags if t[0] == "c"),
                 frozenset(t[1] for t in tags if t[0] == "p") | frozenset(tagger.foreign),
                 math.inf, counter.bytes + out_bytes,
-                sum(p.numel() for p in modules[name].parameters()) if first else 0))
+                unit_counts[name] if first else 0))
             return out
         return traced
 
@@ -288,4 +297,5 @@ def trace(model: nn.Module, args: tuple, kwargs: dict, stages: int,
             model(*args, **kwargs)
     _smooth_times(calls, modules)
     return Trace(units, calls, frozenset((t[1], t[2]) for t in final if t[0] == "c"),
-                 frozenset(t[1] for t in final if t[0] == "p"), unit_params, tree)
+                 frozenset(t[1] for t in final if t[0] == "p"), unit_params, tree,
+                 dict(tagger.glue))
