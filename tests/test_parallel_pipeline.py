@@ -222,3 +222,43 @@ def test_activation_checkpointing_saves_memory_and_keeps_gradients():
     assert peaks[1] < 0.6 * peaks[0], peaks
     for name, g in grads[0].items():
         assert torch.equal(g, grads[1][name]), name
+
+
+class Branchy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if bool(x.sum() > 0) else self.b(x)
+
+
+def test_bad_use_is_a_one_line_error():
+    """One process: wrong arguments are UsageErrors naming the field; a forward whose module
+    calls depend on the data stops with the call it did not expect."""
+    import pytest
+
+    from hpcml.comm import world
+    from hpcml.errors import UsageError
+
+    mesh = hp.Mesh(world())
+    x = batch(0, 4, 3)[:2]
+    with pytest.raises(UsageError, match="schedule: 'zb' is not one of"):
+        hp.PipelineModel(SkipNet(), mesh, sample=x, schedule="zb")
+    with pytest.raises(UsageError, match=r"partition\['decoder'\]: no module of that name"):
+        hp.PipelineModel(SkipNet(), mesh, sample=x, partition={"decoder": 0})
+    pmodel = hp.PipelineModel(SkipNet(), mesh, sample=x, microbatches=2)
+    with pytest.raises(UsageError, match="2 microbatches need a batch of at least 2"):
+        train_step(pmodel, *batch(0, 1, 3))
+    with pytest.raises(UsageError, match="inside a function decorated"):
+        pmodel(*x)
+    positive = torch.ones(2, 4)
+    branchy = hp.PipelineModel(Branchy(), mesh, sample=(positive,), microbatches=1)
+
+    @hp.step
+    def run(model, inputs):
+        model.backward(model(inputs).sum())
+
+    run(branchy, positive)
+    with pytest.raises(RuntimeError, match="made 0 of the 1 traced module calls"):
+        run(branchy, -positive)

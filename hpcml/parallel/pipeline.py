@@ -395,6 +395,10 @@ class PipelineModel:
             where = "returned before the next stage's modules" if finished else "stopped early"
             raise RuntimeError(f"pipeline stage {self.stage}: the step function {where}; the "
                                "module calls must follow the traced sequence")
+        if last and micro.next_call != len(self.trace.calls):
+            raise RuntimeError(f"pipeline: the forward made {micro.next_call} of the "
+                               f"{len(self.trace.calls)} traced module calls; the sequence of "
+                               "module calls must not depend on the data")
         if last and micro.training and micro.loss is None:
             raise UsageError("the @hpcml.parallel.step function must call model.backward(loss) "
                              "once per microbatch")
