@@ -22,7 +22,8 @@ so that the data-parallel average of the summed microbatch gradients is the grad
 global mean loss, which the reference computes directly.
 
 Layouts are rows of :data:`LAYOUTS` (data, pipeline, tensor sizes and schedule): a new kind of
-parallelism plugs in by adding rows and its case in :func:`_parallelize`.
+parallelism plugs in by adding rows and its case in :func:`_parallelize` (the model) and
+:func:`_optimizer` (e.g. sharded optimizer state).
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
                          checkpoint_modules=cfg.checkpoint_modules)
 
 
+def _optimizer(cfg: ModelParallelConfig, layout: Layout, pmodel: PipelineModel) -> Any:
+    """The optimizer of ``layout`` over the parameters this rank holds."""
+    return torch.optim.Adam(pmodel.parameters(), lr=cfg.lr)
+
+
 def _local_step(cfg: ModelParallelConfig, pmodel: PipelineModel, optimizer: Any,
                 step_index: int) -> tuple[float, int]:
     """One training step on this rank's shard of global batch ``step_index``: the loss
@@ -184,7 +190,7 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
     pmodel = _parallelize(cfg, layout, name, comm)
     if layout.pipeline > 1:
         ctx.log(f"\n{name} / {layout_name}: partition\n{pmodel.partition_table()}")
-    optimizer = torch.optim.Adam(pmodel.parameters(), lr=cfg.lr)
+    optimizer = _optimizer(cfg, layout, pmodel)
     loss, _ = _local_step(cfg, pmodel, optimizer, 0)
     ref_loss, ref_grads = reference
     abs_diff = rel_diff = 0.0
