@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hpcml.comm import Communicator
 from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.config import NMTConfig
-from hpcml.nmt.data import TrainStream, read_shard, read_vocab
+from hpcml.nmt.data import TrainStream, read_shard, read_vocab, steps_per_epoch, validate_corpus
 from hpcml.nmt.decode import corpus_bleu, validation_loss
 from hpcml.nmt.exchange import make_exchange
 from hpcml.nmt.model import Transformer, noam_lr
-from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
+from hpcml.nmt.state import broadcast_state, restore, save
 from hpcml.nmt.step import train_step
-from hpcml.preemption import Preemption
 from hpcml.qsparse.nmt import QsparseExchange
 
 
@@ -57,9 +57,6 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     model = build_model(cfg, len(vocab))
     optimizer = make_optimizer(model)
     if cfg.qsparse.enabled:
-        if ctx.resume is not None:
-            raise UsageError("--resume: a qsparse run keeps per-rank local models and error "
-                             "memories that checkpoints do not hold (start a new run)")
         qsparse = QsparseExchange(comm, model, optimizer, cfg.qsparse, cfg.seed)
         synchronize, stepper = qsparse.synchronize, qsparse.optimizer
     else:
@@ -67,9 +64,9 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                                  on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
         synchronize, stepper = exchange.synchronize, optimizer
     start, history = 0, []
-    if ctx.resume is not None:
-        record = load_checkpoint(comm, ctx.run_dir.path, model, optimizer)
-        start, history = record["step"], record["history"]
+    if ctx.restored is not None:
+        record = restore(comm, ctx.restored, model, optimizer)
+        start, history = ctx.restored.step, record["history"]
         ctx.log(f"resumed from step {start}")
     else:
         broadcast_state(comm, model, optimizer)
@@ -84,41 +81,41 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                else t.grad_reduction))
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(comm, ctx.run_dir.path, model, optimizer, step,
-                        {"history": history, "epoch": step // stream.steps_per_epoch})
+        save(ctx, model, optimizer, step,
+             {"history": history, "epoch": step // stream.steps_per_epoch})
 
     stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
     bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",
                dynamic_ncols=True)
-    with Preemption() as flag:
-        for step in range(start + 1, t.steps + 1):
-            comm.straggle(step)
-            tick = time.perf_counter()
-            lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
-            loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
-                                            synchronize, t.label_smoothing, lr,
-                                            stop=flag.local)
-            busy += time.perf_counter() - tick
-            tokens_total += tokens
-            record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
-                record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
-                                                       t.label_smoothing)
-                history.append({"step": step, "valid_loss": record["valid_loss"]})
-                if ctx.is_root:
-                    bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
-                              f"{record['valid_loss']:.4f}")
+    flag = ctx.preemption
+    for step in range(start + 1, t.steps + 1):
+        comm.straggle(step)
+        tick = time.perf_counter()
+        lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
+        loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
+                                        synchronize, t.label_smoothing, lr,
+                                        stop=flag.local)
+        busy += time.perf_counter() - tick
+        tokens_total += tokens
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
+            record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
+                                                   t.label_smoothing)
+            history.append({"step": step, "valid_loss": record["valid_loss"]})
             if ctx.is_root:
-                ctx.run_dir.log_metrics(**record)
-            if stop:
-                stopped = flag.received or "signal on another rank"
-                checkpoint(step)
-                break
-            if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \
-                    or step == t.steps:
-                checkpoint(step)
+                bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
+                          f"{record['valid_loss']:.4f}")
+        if ctx.is_root:
+            ctx.run_dir.log_metrics(**record)
+        if stop:
+            stopped = flag.reason()
+            checkpoint(step)
+            break
+        if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \
+                or step == t.steps:
+            checkpoint(step)
     bar.close()
     summary: dict[str, Any] = {
         "steps": step, "train_loss": loss,
@@ -147,5 +144,18 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
+def validate_data(cfg: NMTConfig, comm: Communicator) -> None:
+    """The corpus is well formed (each rank checks its block) and one training step fits."""
+    sizes = validate_corpus(cfg.data.path, comm.rank, comm.size)
+    steps_per_epoch(sizes["train"], cfg.train.batch_size // comm.size, comm.size)
+
+
+def check_resume(cfg: NMTConfig) -> None:
+    if cfg.qsparse.enabled:
+        raise UsageError("--resume: a qsparse run keeps per-rank local models and error "
+                         "memories that checkpoints do not hold (start a new run)")
+
+
 JOB = JobKind(config=NMTConfig, run=run,
-              description="data-parallel transformer NMT, sparse allgather vs dense allreduce")
+              description="data-parallel transformer NMT, sparse allgather vs dense allreduce",
+              validate_data=validate_data, check_resume=check_resume)
