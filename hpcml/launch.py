@@ -6,9 +6,10 @@ Order of events (all ranks):
 2. read the job file and ``--set`` overrides, validate against the kind's schema and the number
    of ranks, check the input data (the kind's ``validate_data``) and, with ``--resume``, the run
    directory and its last checkpoint (rank count, config hash, file hashes; loaded with
-   ``weights_only``). Every rank validates; an allgather of the outcomes makes the decision
-   collective, so a problem prints one line on rank 0 and every rank exits 2 — before any work
-   and before a run directory is created or changed;
+   ``weights_only``); the hash covers every key but :data:`PLACEMENT_KEYS`. Every rank
+   validates; an allgather of the outcomes makes the decision collective, so a problem prints
+   one line on rank 0 and every rank exits 2 — before any work and before a run directory is
+   created or changed;
 3. set torch threads and the straggler model; rank 0 creates the run directory and saves the
    resolved config and the environment (``config.toml``, ``env.json``: segment 0). A resumed run
    never rewrites them: it appends a segment to ``segments.json`` with its own
@@ -80,6 +81,15 @@ def _validate(comm: Communicator, job_path: str | None, kind: str | None,
     return job, config, data["kind"]
 
 
+# keys that say where a run's directory goes, not what it computes: free to differ on --resume
+PLACEMENT_KEYS = ("runs_dir", "name")
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config (as TOML data) that a checkpoint's config hash covers (pure)."""
+    return {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}
+
+
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in table.items():
@@ -137,12 +147,12 @@ def _check_resume(comm: Communicator, job: JobKind, config: Any, kind: str, new_
     if manifest.ranks != comm.size:
         raise UsageError(f"{flag}: checkpoint written by {manifest.ranks} ranks, this job has "
                          f"{comm.size} (resume with mpiexec -n {manifest.ranks})")
-    if manifest.config_hash != checkpoint.config_hash(last):
+    if manifest.config_hash != checkpoint.config_hash(identity(last)):
         raise UsageError(f"{manifest.path}: config hash differs from the run's recorded config "
                          f"{segments[-1]['config']} (the run directory was edited; start a new "
                          "run)")
     if new_hash != manifest.config_hash and not allow_config_change:
-        diff = config_diff(last, to_dict(config))
+        diff = config_diff(identity(last), identity(to_dict(config)))
         raise UsageError(f"{flag}: the config differs from the checkpoint's: {diff} (resume with "
                          "the same job file and --set values, or pass --allow-config-change to "
                          "record a new segment)")
@@ -153,7 +163,7 @@ def _check_resume(comm: Communicator, job: JobKind, config: Any, kind: str, new_
 def _plan(comm: Communicator, job_path: str | None, kind: str | None,
           overrides: Sequence[str], resume: str | None, allow_config_change: bool) -> Plan:
     job, config, kind_name = _validate(comm, job_path, kind, overrides)
-    new_hash = checkpoint.config_hash(to_dict(config))
+    new_hash = checkpoint.config_hash(identity(to_dict(config)))
     if resume is None:
         if allow_config_change:
             raise UsageError("--allow-config-change: only meaningful with --resume RUN_DIR")

@@ -49,7 +49,7 @@ def report_and_abort(exc: BaseException) -> None:
 
 
 AGREE_TAG = 32_767  # reserved (the least tag upper bound MPI guarantees); no hpcml code uses it
-AGREE_SECONDS = 10.0
+AGREE_SECONDS = 5.0
 
 
 def _wait(request: MPI.Request, deadline: float) -> bool:

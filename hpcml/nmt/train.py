@@ -5,8 +5,9 @@ Top to bottom: read the vocabulary and this rank's shards; build the model from 
 broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's
 dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
-SIGUSR1 on any rank, checkpoint after the current step and stop; finally greedy-decode the test
-split and report corpus BLEU. With ``[qsparse] enabled`` the gradient exchange is replaced by
+SIGUSR1 on any rank (caught from launch on, :mod:`hpcml.preemption`), checkpoint after the current
+step and stop with ``stopped_by`` set (status ``preempted``; a signal during the last step lets the
+run finish); finally greedy-decode the test split and report corpus BLEU. With ``[qsparse] enabled`` the gradient exchange is replaced by
 synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such runs are not resumable). A run
 resumed from a checkpoint takes exactly the steps the uninterrupted run would (same batches,
 dropout masks, optimizer state and learning rates).
@@ -109,7 +110,7 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                           f"{record['valid_loss']:.4f}")
         if ctx.is_root:
             ctx.run_dir.log_metrics(**record)
-        if stop:
+        if stop and step < t.steps:  # a signal during the last step lets the run finish
             stopped = flag.reason()
             checkpoint(step)
             break

@@ -129,9 +129,10 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
             time.sleep(cfg.step_sleep)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             _save_checkpoint(ctx, w, step + 1)
-        stopped = ctx.stop_requested()
-        if stopped:
-            break
+        if step + 1 < cfg.steps:  # a signal during the last step lets the run finish
+            stopped = ctx.stop_requested()
+            if stopped:
+                break
     done = step + 1 if cfg.steps > first else first
     if done != first and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
         _save_checkpoint(ctx, w, done)
