@@ -2,15 +2,15 @@
 on the numbers corpus with a chosen gradient exchange (arXiv 1905.04035).
 
 Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
-broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's
-dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
+broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's dropout
+stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
 SIGUSR1 on any rank (caught from launch on, :mod:`hpcml.preemption`), checkpoint after the current
 step and stop with ``stopped_by`` set (status ``preempted``; a signal during the last step lets the
-run finish); finally greedy-decode the test split and report corpus BLEU. With ``[qsparse] enabled`` the gradient exchange is replaced by
-synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such runs are not resumable). A run
-resumed from a checkpoint takes exactly the steps the uninterrupted run would (same batches,
-dropout masks, optimizer state and learning rates).
+run finish); finally greedy-decode the test split and report corpus BLEU. With ``[qsparse] enabled``
+the gradient exchange is replaced by synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such
+runs are not resumable). A run resumed from a checkpoint takes exactly the steps the uninterrupted
+run would (same batches, dropout masks, optimizer state and learning rates).
 """
 
 from __future__ import annotations
