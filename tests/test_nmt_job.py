@@ -50,6 +50,7 @@ def final_model(run):
     (1, "data.path", "missing.h5", "data.path: corpus file 'missing.h5' not found"),
     (1, "train.grad_reduction", "allreduce", "train.grad_reduction: must be one of"),
     (1, "model.heads", "3", "model.d_model: 16 must be even and divisible"),
+    (1, "train.steps", "99999999999999999999999", "train.steps: must be <= 2147483647"),
 ])
 def test_bad_values_exit_2_before_any_work(tmp_path, corpus, nranks, key, value, match):
     res = hpcml_cli(nranks, "run", JOB, *sets(tmp_path, corpus, f"{key}={value}"),
