@@ -35,16 +35,11 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 class Preemption:
     """A flag set by SIGUSR1/SIGTERM while the context is active (previous handlers are restored
-    on exit). ``install()`` activates it for the rest of the process instead."""
+    on exit)."""
 
     def __init__(self) -> None:
         self.received: str | None = None
         self._old: dict[int, object] = {}
-
-    @classmethod
-    def install(cls) -> Preemption:
-        """Activate a flag for the rest of the process (not collective)."""
-        return cls().__enter__()
 
     def __enter__(self) -> Preemption:
         for sig in SIGNALS:
