@@ -133,20 +133,29 @@ def check_forward_only(pmodel: hp.PipelineModel, reference_model: nn.Module) -> 
 
 
 def check_checkpoint(comm, pmodel: hp.PipelineModel, reference_model: nn.Module) -> None:
-    """After one SGD step on both, the pipelined model's full checkpoint equals the reference
-    in one process, and loads into another layout (pure data parallel, or 4 pinned stages)."""
+    """After one Adam step on both, the pipelined model's full checkpoint (model and optimizer
+    state) equals the reference in one process, and loads into another layout (pure data
+    parallel, or 4 pinned stages)."""
     import tempfile
     from pathlib import Path
 
-    for model in (pmodel, reference_model):
-        for p in model.parameters():
-            p.data.add_(p.grad, alpha=-0.1)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=0.01) for m in (pmodel, reference_model)]
+    for opt in optimizers:
+        opt.step()
     folder = Path(comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None))
     pmodel.save(folder / "full.pt")
+    pmodel.save_optimizer(optimizers[0], folder / "adam.pt")
     plain = SkipNet()
     hp.load_full_state(plain, folder / "full.pt")
     for name, tensor in reference_model.state_dict().items():
         assert torch.allclose(plain.state_dict()[name], tensor, rtol=1e-5, atol=1e-6), name
+    plain_adam = torch.optim.Adam(plain.parameters(), lr=0.5)
+    hp.load_full_optimizer_state(plain, plain_adam, folder / "adam.pt")
+    reference_state = dict(zip(plain.parameters(), optimizers[1].state.values(), strict=True))
+    assert plain_adam.param_groups[0]["lr"] == 0.01
+    for p, saved in plain_adam.state.items():
+        for key, value in reference_state[p].items():
+            assert torch.allclose(saved[key], value, rtol=1e-5, atol=1e-8), key
     torch.manual_seed(1)
     stages = 1 if pmodel.mesh.sizes["data"] == 1 else comm.size
     other = hp.PipelineModel(SkipNet(), hp.Mesh(comm, pipeline=stages),
@@ -155,8 +164,13 @@ def check_checkpoint(comm, pmodel: hp.PipelineModel, reference_model: nn.Module)
               if c.unit.startswith("blocks.1")}
     assert pinned == {min(1, stages - 1)}
     hp.load_full_state(other, folder / "full.pt")
+    other_adam = torch.optim.Adam(other.parameters())
+    hp.load_full_optimizer_state(other, other_adam, folder / "adam.pt")
+    plain_state = dict(zip([n for n, _ in plain.named_parameters()], plain_adam.state.values(),
+                           strict=True))
     for name, p in other.named_parameters():
         assert torch.equal(p.data, plain.state_dict()[name]), name
+        assert torch.equal(other_adam.state[p]["exp_avg"], plain_state[name]["exp_avg"]), name
 
 
 def check_transformer(comm) -> None:

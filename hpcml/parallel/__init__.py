@@ -29,6 +29,7 @@ _EXPORTS = {
     "broadcast_optimizer_state": "broadcast",
     "broadcast_parameters": "broadcast",
     "gather_counts": "sparse",
+    "load_full_optimizer_state": "pipeline_checkpoint",
     "load_full_state": "pipeline_checkpoint",
     "make_reduction": "reductions",
     "plan_buckets": "buckets",

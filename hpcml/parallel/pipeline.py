@@ -561,6 +561,10 @@ class PipelineModel:
         """See :func:`~hpcml.parallel.pipeline_checkpoint.save`. Collective over the mesh."""
         pipeline_checkpoint.save(self, path)
 
+    def save_optimizer(self, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.save_optimizer`. Collective."""
+        pipeline_checkpoint.save_optimizer(self, optimizer, path)
+
 
 def split_microbatches(args: tuple, kwargs: dict, micro: int) -> list[tuple[tuple, dict]]:
     """Split every tensor whose first dimension equals the batch size (that of the first such
