@@ -54,6 +54,7 @@ class Layout:
     pipeline: int = 1
     tensor: int = 1
     schedule: str = "1f1b"
+    recompute: bool = False  # activation checkpointing of every stage
 
     @property
     def ranks(self) -> int:
@@ -65,6 +66,7 @@ LAYOUTS: dict[str, Layout] = {
     "dp2": Layout(data=2),
     "pp2-gpipe": Layout(pipeline=2, schedule="gpipe"),
     "pp2-1f1b": Layout(pipeline=2),
+    "pp2-1f1b-recompute": Layout(pipeline=2, recompute=True),
     "dp4": Layout(data=4),
     "pp4-gpipe": Layout(pipeline=4, schedule="gpipe"),
     "pp4-1f1b": Layout(pipeline=4),
@@ -160,7 +162,8 @@ def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
     micro = cfg.batch // (layout.data * cfg.microbatches)
     return PipelineModel(_model(cfg, name), mesh, sample=(src[:micro], tgt_in[:micro]),
                          microbatches=cfg.microbatches, schedule=layout.schedule,
-                         checkpoint_stages=cfg.checkpoint_stages,
+                         checkpoint_stages=(range(layout.pipeline) if layout.recompute
+                                            else cfg.checkpoint_stages),
                          checkpoint_modules=cfg.checkpoint_modules)
 
 
