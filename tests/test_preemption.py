@@ -58,6 +58,10 @@ def interrupted(runs: Path, nranks: int, sig: signal.Signals, when: str
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), run
 
 
+def ID(value: object) -> str:
+    return getattr(value, "name", str(value))
+
+
 def reference(steps: int) -> np.ndarray:
     x, y = rows_block(0, 64, 4, 0.01, 4)
     w = np.zeros(4)
@@ -66,7 +70,7 @@ def reference(steps: int) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGUSR1), (4, signal.SIGTERM)], ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGUSR1), (4, signal.SIGTERM)], ids=ID)
 def test_signal_before_the_loop_stops_at_the_first_step_and_resumes(tmp_path, nranks, sig):
     sweep = tmp_path / "sweep"
     res, run = interrupted(sweep / "point-0", nranks, sig, "before")
@@ -88,7 +92,7 @@ def test_signal_before_the_loop_stops_at_the_first_step_and_resumes(tmp_path, nr
     np.testing.assert_allclose(w, reference(STEPS), rtol=1e-12)
 
 
-@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGTERM), (4, signal.SIGUSR1)], ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGTERM), (4, signal.SIGUSR1)], ids=ID)
 def test_signal_in_the_last_step_lets_the_run_finish(tmp_path, nranks, sig):
     res, run = interrupted(tmp_path, nranks, sig, "after")
     assert res.returncode == 0, res.stderr
