@@ -111,6 +111,7 @@ def test_no_pointer_means_no_checkpoint(tmp_path):
     ("remove a file", "missing from the checkpoint"),
     ("pointer to nowhere", "is not a complete checkpoint directory"),
     ("manifest not json", "unreadable checkpoint manifest"),
+    ("manifest of another step", "says step 6, but it is in step-000000005"),
 ])
 def test_damage_is_refused_with_one_line(tmp_path, damage, expected):
     step_dir = make(tmp_path)
@@ -122,8 +123,11 @@ def test_damage_is_refused_with_one_line(tmp_path, damage, expected):
         (step_dir / "rank-00000.pt").unlink()
     elif damage == "pointer to nowhere":
         (tmp_path / "checkpoint" / "latest").write_text("step-000000099\n")
-    else:
+    elif damage == "manifest not json":
         (step_dir / "manifest.json").write_text("{")
+    else:
+        raw = json.loads((step_dir / "manifest.json").read_text())
+        (step_dir / "manifest.json").write_text(json.dumps({**raw, "step": 6}))
     with pytest.raises(UsageError) as exc:
         checkpoint.read(checkpoint.latest(tmp_path), 0)
     assert expected in str(exc.value) and "\n" not in str(exc.value)
