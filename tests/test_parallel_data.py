@@ -125,6 +125,13 @@ def check_no_sync_and_misuse(comm):
         assert "2 times before step()" in str(exc) and "backward_passes_per_step = 1" in str(exc)
     one.synchronize()
     assert lin.weight.grad.tolist() == [[(comm.size + 1) / 2] * 3]
+    if comm.size > 1:  # a model that differs on one rank fails on every rank, never hangs
+        odd = nn.Linear(3, 2 if comm.rank == 1 else 1)
+        try:
+            DistributedOptimizer(torch.optim.SGD(odd.parameters(), lr=0.1), odd, comm=comm)
+            raise AssertionError("different models on the ranks were accepted")
+        except ValueError as exc:
+            assert "parameters differ" in str(exc)
 
 
 def run_steps(comm, model, opt, sched, steps, start=0):
