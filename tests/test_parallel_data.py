@@ -125,6 +125,13 @@ def check_no_sync_and_misuse(comm):
         assert "2 times before step()" in str(exc) and "backward_passes_per_step = 1" in str(exc)
     one.synchronize()
     assert lin.weight.grad.tolist() == [[(comm.size + 1) / 2] * 3]
+    total = DistributedOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), lin, comm=comm,
+                                 op="sum")
+    one.reducer.remove_hooks()
+    total.zero_grad()
+    lin(inp).sum().backward()
+    total.step()
+    assert lin.weight.grad.tolist() == [[comm.size * (comm.size + 1) / 2] * 3]
     if comm.size > 1:  # a model that differs on one rank fails on every rank, never hangs
         odd = nn.Linear(3, 2 if comm.rank == 1 else 1)
         try:

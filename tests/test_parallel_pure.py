@@ -135,3 +135,14 @@ def test_bad_arguments_and_misuse_raise_clear_errors():
     opt.step()
     with opt.no_sync():
         net(torch.ones(1, 4)).sum().backward()  # allowed: no exchange under way
+
+    def closure():
+        opt.zero_grad()
+        loss = net(torch.ones(1, 4)).sum()
+        loss.backward()
+        return loss
+
+    opt.zero_grad()  # drop the no_sync pass
+    before = net(torch.ones(1, 4)).sum().item()
+    assert opt.step(closure).item() == before  # the closure ran once, before the update
+    assert net(torch.ones(1, 4)).sum().item() != before
