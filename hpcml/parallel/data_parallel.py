@@ -175,7 +175,7 @@ class GradientReducer:
             if self.on_choice is not None:
                 self.on_choice(name, method)
         if method == ALLGATHER:
-            total = allgather_sparse(self.comm, grad if grad.is_sparse else grad.to_sparse(),
+            total = allgather_sparse(self.comm, grad if grad.is_sparse else grad.to_sparse(1),
                                      self.memory).to_dense()
         else:
             total = self._solo.get(name)
