@@ -180,3 +180,17 @@ def test_sparse_reductions_take_sparse_and_declared_dense_gradients():
         assert opt.choices == ({} if reduction == "dense_allreduce" else
                                expected if reduction == "sparse_allgather" else
                                dict.fromkeys(expected, "allreduce"))  # auto at P = 1: dense
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_gradients_are_staged_through_the_host():
+    ref = _Declared()
+    ref(torch.tensor([1, 3, 3])).backward()
+    net = _Declared().cuda().to(torch.bfloat16)
+    opt = DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net,
+                               reduction="sparse_allgather")
+    net(torch.tensor([1, 3, 3], device="cuda")).backward()
+    opt.step()
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        assert p.grad.device.type == "cuda" and p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad.float().cpu(), q.grad.to_dense(), rtol=2e-2, atol=2e-2)
