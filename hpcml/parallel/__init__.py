@@ -1,6 +1,7 @@
 """hpcml.parallel: every way of splitting a model, its gradients or its optimizer state across
 ranks, one module per parallelism, all on :mod:`hpcml.comm`."""
 
+from hpcml.parallel.sharding import ShardedOptimizer
 from hpcml.parallel.tensor import (
     full_state_dict,
     load_full_state_dict,
@@ -8,5 +9,5 @@ from hpcml.parallel.tensor import (
     vocab_parallel_cross_entropy,
 )
 
-__all__ = ["full_state_dict", "load_full_state_dict", "parallelize",
+__all__ = ["ShardedOptimizer", "full_state_dict", "load_full_state_dict", "parallelize",
            "vocab_parallel_cross_entropy"]
