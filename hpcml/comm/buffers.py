@@ -92,25 +92,32 @@ def reduce_op(op: str) -> MPI.Op:
 
 
 def stage(obj: Any, *, reduce: bool = False) -> Staged:
-    """Wrap ``obj`` (numpy array or torch tensor) for an MPI call.
+    """Wrap ``obj`` (numpy array or torch tensor) for an MPI call; the :class:`Staged` keeps
+    ``obj`` alive (what a non-blocking call needs). ``reduce=True`` means MPI will do arithmetic
+    on it (Allreduce, Reduce_scatter), which forces 16-bit floats through float32."""
+    spec, nbytes, itemsize, write_back = message(obj, reduce)
+    return Staged(spec, nbytes // itemsize, itemsize, obj, write_back)
 
-    ``reduce=True`` means MPI will do arithmetic on it (Allreduce, Reduce_scatter), which forces
-    16-bit floats through float32. The common cases (a contiguous numpy array; a contiguous CPU
-    tensor of a dtype MPI knows, handed over by address as heat does) take a few attribute
-    reads; everything else goes through :func:`_stage_other`."""
+
+def message(obj: Any, reduce: bool = False) -> tuple[Any, int, int, Callable[[], None] | None]:
+    """``(spec, nbytes, itemsize, write_back)`` of ``obj`` for a *blocking* MPI call (the caller
+    keeps ``obj`` alive). The hot path of small messages: a contiguous numpy array, or a
+    contiguous CPU tensor of a dtype MPI knows (handed over by address with a datatype from one
+    table, as heat does), costs a few attribute reads and no object of ours; everything else
+    goes through :class:`Staged`."""
     tp = type(obj)
     if tp is np.ndarray:
         if obj.flags.c_contiguous and obj.dtype.char != "e":
-            return Staged(obj, obj.size, obj.itemsize)
+            return obj, obj.nbytes, obj.itemsize, None
     elif tp is _TORCH_TENSOR or (_TORCH_TENSOR is None and _torch_types() is tp):
         entry = _MPI_TYPES.get(obj.dtype) or (None if reduce else _RAW_16BIT.get(obj.dtype))
         if entry is not None and obj.is_cpu and obj.is_contiguous():
-            n = obj.numel()
-            if n:
-                mpitype, itemsize = entry
-                return Staged([_from_address(obj.data_ptr(), n * itemsize), mpitype], n,
-                              itemsize, obj)
-    return _stage_other(obj, reduce)
+            mpitype, itemsize = entry
+            nbytes = obj.numel() * itemsize
+            if nbytes:
+                return [_from_address(obj.data_ptr(), nbytes), mpitype], nbytes, itemsize, None
+    staged = _stage_other(obj, reduce)
+    return staged.spec, staged.nbytes, staged.itemsize, staged.write_back
 
 
 def _stage_other(obj: Any, reduce: bool) -> Staged:

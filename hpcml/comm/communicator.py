@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from mpi4py import MPI
 
-from hpcml.comm.buffers import REDUCE_OPS, Staged, reduce_op, stage
+from hpcml.comm.buffers import REDUCE_OPS, Staged, message, reduce_op, stage
 from hpcml.comm.ledger import Ledger, OpTotals
 from hpcml.comm.stragglers import DelayModel, StragglerConfig
 
@@ -164,19 +164,24 @@ class Communicator:
         # A hot path for small messages, written out without helpers: each Python call costs
         # a few percent of a 4 KiB allreduce. Send and Recv below follow the same pattern.
         mop = REDUCE_OPS.get(op) or reduce_op(op)
-        src = stage(buf, reduce=True)
-        dst = src if out is None else stage(out, reduce=True)
-        if dst.size != src.size:
-            self._check_count("Allreduce", src, dst, 1)
+        spec, sent, itemsize, back = message(buf, True)
+        if out is None:
+            recv_spec, received, send_spec = spec, sent, IN_PLACE
+        else:
+            send_spec = spec
+            recv_spec, received, out_itemsize, back = message(out, True)
+            if received != sent or out_itemsize != itemsize:
+                raise ValueError(f"Allreduce: buffers of {sent} and {received} bytes (items of "
+                                 f"{itemsize} and {out_itemsize}) do not match")
         entry = self._entries.get("Allreduce") or self._entry("Allreduce")
         start = perf_counter()
-        self.mpi.Allreduce(IN_PLACE if out is None else src.spec, dst.spec, mop)
+        self.mpi.Allreduce(send_spec, recv_spec, mop)
         entry.seconds += perf_counter() - start
         entry.calls += 1
-        entry.bytes_sent += src.nbytes
-        entry.bytes_received += dst.nbytes
-        if dst.write_back is not None:
-            dst.write_back()
+        entry.bytes_sent += sent
+        entry.bytes_received += received
+        if back is not None:
+            back()
         return buf if out is None else out
 
     def Iallreduce(self, buf: Any, op: str = "sum") -> Request:
@@ -259,27 +264,27 @@ class Communicator:
     # -- point to point ------------------------------------------------------------------------
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
         """Blocking send of ``buf`` to ``dest``; returns when ``buf`` may be reused."""
-        b = stage(buf)
+        spec, nbytes, _, _ = message(buf)
         entry = self._entries.get("Send") or self._entry("Send")
         start = perf_counter()
-        self.mpi.Send(b.spec, dest, tag)
+        self.mpi.Send(spec, dest, tag)
         entry.seconds += perf_counter() - start
         entry.calls += 1
-        entry.bytes_sent += b.nbytes
+        entry.bytes_sent += nbytes
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Status:
         """Blocking receive into ``buf`` (a message no longer than ``buf``); returns its status."""
-        b = stage(buf)
+        spec, _, itemsize, back = message(buf)
         st = self._status
         entry = self._entries.get("Recv") or self._entry("Recv")
         start = perf_counter()
-        self.mpi.Recv(b.spec, source, tag, st)
+        self.mpi.Recv(spec, source, tag, st)
         entry.seconds += perf_counter() - start
-        status = _status(st, b.itemsize, source, tag)
+        status = _status(st, itemsize, source, tag)
         entry.calls += 1
         entry.bytes_received += status.nbytes
-        if b.write_back is not None:
-            b.write_back()
+        if back is not None:
+            back()
         return status
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
