@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcml.comm import chunk_bounds, world
+from hpcml.comm import Mesh, chunk_bounds, world
 from hpcml.errors import UsageError
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
+from hpcml.parallel.sharding import ShardedOptimizer
 from hpcml.parallel.tensor import (
     Shard,
     default_plan,
@@ -31,10 +32,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 def assert_grads_match(par: nn.Module, ref: nn.Module, comm) -> None:
     """Every parameter's gradient on this rank equals its slice of the reference gradient."""
-    shards = {}
-    for prefix, m in par.named_modules():
-        for p, s in getattr(m, "tp_shards", {}).items():
-            shards[f"{prefix}.{p}" if prefix else p] = s
+    shards = shards_of(par)
     ref_params = dict(ref.named_parameters())
     names = [n for n, _ in par.named_parameters()]
     assert sorted(names) == sorted(ref_params), "parallel model must keep the parameter names"
@@ -58,8 +56,8 @@ def transformer() -> Transformer:
     return Transformer(vocab=13, d_model=16, heads=4, layers=1, ff=32, dropout=0.0, sparse=False)
 
 
-def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
+def batch(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
     src = torch.randint(1, 13, (3, 7), generator=g)
     tgt = torch.randint(1, 13, (3, 6), generator=g)
     src[0, 5:] = PAD
@@ -67,15 +65,20 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return src, tgt[:, :-1], tgt[:, 1:]
 
 
-def tp_transformer_loss(model: Transformer, comm) -> torch.Tensor:
-    src, tgt_in, tgt_out = batch()
+def tp_transformer_loss(model: Transformer, comm, seed: int = 2) -> torch.Tensor:
+    src, tgt_in, tgt_out = batch(seed)
     return vocab_parallel_cross_entropy(model(src, tgt_in), tgt_out, comm, ignore_index=PAD,
                                         label_smoothing=0.1, reduction="sum")
 
 
-def ref_transformer_loss(model: Transformer) -> torch.Tensor:
-    src, tgt_in, tgt_out = batch()
+def ref_transformer_loss(model: Transformer, seed: int = 2) -> torch.Tensor:
+    src, tgt_in, tgt_out = batch(seed)
     return smoothed_loss_sum(model(src, tgt_in), tgt_out, 0.1)
+
+
+def shards_of(model: nn.Module) -> dict:
+    return {f"{prefix}.{p}" if prefix else p: s for prefix, m in model.named_modules()
+            for p, s in getattr(m, "tp_shards", {}).items()}
 
 
 @mpi_test(ranks=[1, 2, 4], timeout=180)
@@ -141,6 +144,34 @@ def test_tensor_parallel_matches_single_process(comm):
                                      dropout=0.0, sparse=False), half)
     load_full_state_dict(zeroed, loaded, half)
     assert rel_err(tp_transformer_loss(zeroed, half), ref_loss) <= 1e-5
+
+
+@mpi_test(ranks=[4], timeout=180)
+def test_tensor_times_data_parallel_with_sharded_optimizer(comm):
+    """data 2 x tensor 2: TP transformer, ZeRO-1 SGD with momentum over the data groups, against
+    one process on the summed loss of both data groups' batches (the parts are tested at 1, 2, 4
+    ranks above and in test_parallel_sharding.py). Not Adam: the key bias has an exactly-zero
+    gradient (softmax ignores a shift common to all keys), and Adam would turn its float-rounding
+    noise into full-size steps of arbitrary sign in either run."""
+    mesh = Mesh(comm, data=2, tensor=2)
+    tp, dp = mesh["tensor"], mesh["data"]
+    ref, par = transformer(), parallelize(transformer(), tp)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9)
+    opt = ShardedOptimizer(par.parameters(), torch.optim.SGD, dp, average=False, lr=0.01,
+                           momentum=0.9)
+    for step in range(3):
+        ref_opt.zero_grad()
+        sum(ref_transformer_loss(ref, seed=10 * step + d) for d in range(2)).backward()
+        ref_opt.step()
+        opt.zero_grad()
+        tp_transformer_loss(par, tp, seed=10 * step + dp.rank).backward()
+        opt.step()
+    shards, ref_params = shards_of(par), dict(ref.named_parameters())
+    for name, p in par.named_parameters():
+        want = ref_params[name].detach()
+        if name in shards:
+            want = shards[name].local(want, tp.size, tp.rank)
+        assert rel_err(p.detach(), want) <= 1e-5, name
 
 
 def test_shard_slices_tile_the_parameter():
