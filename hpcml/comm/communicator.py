@@ -39,11 +39,12 @@ class Status(NamedTuple):
     nbytes: int
 
 
-def _status(st: MPI.Status, itemsize: int, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Status:
-    """The receive's status; a known ``source``/``tag`` (>= 0) saves asking MPI for it."""
+_new_status = tuple.__new__  # Status(...) without the Python-level __new__ of a NamedTuple
+
+
+def _status(st: MPI.Status, itemsize: int) -> Status:
     n = st.Get_count(_BYTE)
-    return Status(source if source >= 0 else st.Get_source(), tag if tag >= 0 else st.Get_tag(),
-                  n // max(itemsize, 1), n)
+    return Status(st.Get_source(), st.Get_tag(), n // max(itemsize, 1), n)
 
 
 class Request:
@@ -290,12 +291,13 @@ class Communicator:
         start = perf_counter()
         self.mpi.Recv(spec, source, tag, st)
         entry.seconds += perf_counter() - start
-        status = _status(st, itemsize, source, tag)
+        n = st.Get_count(_BYTE)
         entry.calls += 1
-        entry.bytes_received += status.nbytes
+        entry.bytes_received += n
         if back is not None:
             back()
-        return status
+        return _new_status(Status, (source if source >= 0 else st.Get_source(),
+                                    tag if tag >= 0 else st.Get_tag(), n // itemsize, n))
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         """Start sending ``buf``; do not modify it until the request completes."""
