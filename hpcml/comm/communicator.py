@@ -161,9 +161,13 @@ class Communicator:
         self._entry(op).add(sent, received, seconds, outstanding)
 
     def _timed(self, op: str, sent: int, received: int, call: Callable[[], Any]) -> Any:
+        entry = self._entries.get(op) or self._entry(op)
         start = perf_counter()
         result = call()
-        self._record(op, sent, received, perf_counter() - start)
+        entry.seconds += perf_counter() - start
+        entry.calls += 1
+        entry.bytes_sent += sent
+        entry.bytes_received += received
         return result
 
     def _derive(self, mpi_comm: MPI.Comm, name: str) -> Communicator:
@@ -205,16 +209,19 @@ class Communicator:
                        op: str = "sum") -> Any:
         """Reduce ``send`` (all ranks' blocks, concatenated) and leave block ``rank`` in ``recv``.
         ``counts`` gives each rank's block length in elements; equal blocks when None."""
-        src, dst = stage(send, reduce=True), stage(recv, reduce=True)
-        mop = reduce_op(op)
+        src, sent, itemsize, _ = message(send, True)
+        dst, received, _, back = message(recv, True)
+        mop = REDUCE_OPS.get(op) or reduce_op(op)
         if counts is None:
-            self._check_count("Reduce_scatter", src, dst, self.size)
-            call = lambda: self.mpi.Reduce_scatter_block(src.spec, dst.spec, mop)  # noqa: E731
+            self._check_count("Reduce_scatter", sent // itemsize, received // itemsize,
+                              self.size)
+            call = lambda: self.mpi.Reduce_scatter_block(src, dst, mop)  # noqa: E731
         else:
-            counts = self._check_counts("Reduce_scatter", counts, src.size)
-            call = lambda: self.mpi.Reduce_scatter(src.spec, dst.spec, counts, mop)  # noqa: E731
-        self._timed("Reduce_scatter", src.nbytes, dst.nbytes, call)
-        dst.finish()
+            counts = self._check_counts("Reduce_scatter", counts, sent // itemsize)
+            call = lambda: self.mpi.Reduce_scatter(src, dst, counts, mop)  # noqa: E731
+        self._timed("Reduce_scatter", sent, received, call)
+        if back is not None:
+            back()
         return recv
 
     # -- data movement ---------------------------------------------------------------------------
@@ -230,11 +237,12 @@ class Communicator:
 
     def Allgather(self, send: Any, recv: Any) -> Any:
         """Concatenate every rank's ``send`` (same size everywhere) into ``recv`` in rank order."""
-        src, dst = stage(send), stage(recv)
-        self._check_count("Allgather", dst, src, self.size)
-        self._timed("Allgather", src.nbytes, dst.nbytes,
-                    lambda: self.mpi.Allgather(src.spec, dst.spec))
-        dst.finish()
+        src, sent, itemsize, _ = message(send)
+        dst, received, recv_itemsize, back = message(recv)
+        self._check_count("Allgather", received // recv_itemsize, sent // itemsize, self.size)
+        self._timed("Allgather", sent, received, lambda: self.mpi.Allgather(src, dst))
+        if back is not None:
+            back()
         return recv
 
     def Allgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Any:
@@ -253,7 +261,7 @@ class Communicator:
     def Alltoall(self, send: Any, recv: Any) -> Any:
         """Block j of ``send`` goes to rank j; block i of ``recv`` comes from rank i."""
         src, dst = stage(send), stage(recv)
-        self._check_count("Alltoall", src, dst, 1)
+        self._check_count("Alltoall", src.size, dst.size, 1)
         self._timed("Alltoall", src.nbytes, dst.nbytes,
                     lambda: self.mpi.Alltoall(src.spec, dst.spec))
         dst.finish()
@@ -324,7 +332,7 @@ class Communicator:
         """Receive every in-neighbour's ``send`` into ``recv``, in ``neighbors()[0]`` order."""
         src, dst = stage(send), stage(recv)
         indegree = len(self.neighbors()[0])
-        self._check_count("Neighbor_allgather", dst, src, indegree)
+        self._check_count("Neighbor_allgather", dst.size, src.size, indegree)
         self._timed("Neighbor_allgather", src.nbytes, dst.nbytes,
                     lambda: self.mpi.Neighbor_allgather(src.spec, dst.spec))
         dst.finish()
@@ -432,9 +440,10 @@ class Communicator:
         MPI.COMM_WORLD.Abort(code)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _check_count(self, op: str, big: Staged, small: Staged, factor: int) -> None:
-        if big.size != small.size * factor:
-            raise ValueError(f"{op}: buffer sizes {big.size} and {small.size} "
+    def _check_count(self, op: str, big: int, small: int, factor: int) -> None:
+        """``big`` must hold ``factor`` times the elements of ``small``."""
+        if big != small * factor:
+            raise ValueError(f"{op}: buffer sizes {big} and {small} "
                              f"elements do not match for {self.size} ranks")
 
     def _check_counts(self, op: str, counts: Sequence[int], total: int) -> list[int]:
