@@ -1,6 +1,6 @@
 """ZeRO-1 optimizer-state sharding against the unsharded optimizer on the averaged gradient of the
 global batch, at 1, 2 and 4 ranks: parameters after several steps, per-rank state bytes ~ 1/D,
-schedulers, per-rank state dicts; bad input in one process."""
+schedulers, per-rank and unsharded (cross-D) state dicts; bad input in one process."""
 
 import io
 import math
@@ -72,6 +72,26 @@ def test_sharded_optimizer_matches_unsharded(comm):
         # tensor per parameter piece (at most one piece per parameter)
         assert mine <= state_tensors * 4 * math.ceil(numel / d) + 4 * 4, (mine, full_bytes)
         assert comm.allreduce(mine) >= full_bytes
+        # the unsharded state dict: equal to the plain optimizer's, and loading the plain one
+        # into a sharded optimizer (any D) continues the run identically
+        full, plain = opt.full_state_dict(), ref_opt.state_dict()
+        assert full["state"].keys() == plain["state"].keys()
+        for i, kv in plain["state"].items():
+            for k, v in kv.items():
+                assert rel_err(full["state"][i][k], v) <= 1e-5, (cls.__name__, i, k)
+        twin = model()
+        twin.load_state_dict(ref.state_dict())
+        twin_opt = ShardedOptimizer(groups(twin), cls, comm, **kwargs)
+        twin_opt.load_full_state_dict(plain)
+        x, y = rank_batch(comm.rank, steps)
+        twin_opt.zero_grad()
+        loss_of(twin, x, y).backward()
+        twin_opt.step()
+        ref_opt.zero_grad()
+        sum(loss_of(ref, *rank_batch(r, steps)) for r in range(d)).div(d).backward()
+        ref_opt.step()
+        for p, q in zip(twin.parameters(), ref.parameters(), strict=True):
+            assert rel_err(p.detach(), q.detach()) <= 1e-5, cls.__name__
 
     # a per-rank state dict restores the shard and the run continues identically
     net = model()

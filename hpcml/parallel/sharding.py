@@ -48,6 +48,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
     ``param_groups``; the values reach the inner optimizer at every step) and hooks work.
     ``step`` is collective over ``dp_comm``. ``state_dict()`` is this rank's shard (save one file
     per rank); ``load_state_dict`` accepts only a shard of the same rank, D and layout.
+    ``full_state_dict()`` / ``load_full_state_dict()`` convert to and from the unsharded
+    optimizer's state dict, which moves between data-parallel degrees and to one process.
     """
 
     def __init__(self, params: Iterable[Any], optimizer: type[torch.optim.Optimizer]
@@ -153,6 +155,79 @@ class ShardedOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict["inner"])
         for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
             outer.update({k: v for k, v in inner.items() if k != "params"})
+
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The state dict the *unsharded* optimizer would have (torch's format, parameters
+        numbered in ``params`` order): element-wise state gathered with one ``Allgather`` per
+        state name, other state (Adam's step) taken from the rank owning the parameter's first
+        piece. Collective over ``dp_comm``; every rank gets it. It loads into a plain
+        ``optimizer(model.parameters())`` or, with :meth:`load_full_state_dict`, into a
+        ``ShardedOptimizer`` of any D."""
+        names: set[str] = set()
+        scalars: dict[int, dict[str, Any]] = {}  # parameter index -> its non-element-wise state
+        for i, piece, _ in self.pieces:
+            if piece not in self.inner.state:
+                continue
+            own = scalars.setdefault(i, {})
+            for k, v in self.inner.state[piece].items():
+                if _elementwise(v, piece):
+                    names.add(k)
+                else:
+                    own.setdefault(k, v)
+        if self.comm.size > 1:
+            names = set().union(*self.comm.allgather(names))
+            merged: dict[int, dict[str, Any]] = {}
+            for part in self.comm.allgather(scalars):
+                for i, kv in part.items():
+                    merged.setdefault(i, {}).update(kv)
+            scalars = merged
+        state: dict[int, dict[str, Any]] = {i: dict(kv) for i, kv in scalars.items()}
+        for k in sorted(names):
+            shard = torch.zeros_like(self.grad_shard)
+            for _, piece, rows in self.pieces:
+                v = self.inner.state.get(piece, {}).get(k)
+                if v is not None:
+                    shard[rows].copy_(v)
+            full = torch.empty_like(self.flat)
+            if self.comm.size > 1:
+                self.comm.Allgather(shard, full)
+            else:
+                full.copy_(shard)
+            for i, (p, off) in enumerate(self.offsets):
+                if i in state:
+                    state[i][k] = full[off:off + p.numel()].view_as(p).clone()
+        groups, index = [], 0
+        for g in self.param_groups:
+            n = len(g["params"])
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(range(index, index + n))})
+            index += n
+        return {"state": state, "param_groups": groups}
+
+    def load_full_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an unsharded optimizer's state dict (from :meth:`full_state_dict` at any D, or
+        from the plain optimizer): each rank keeps the slices of its shard. Not collective."""
+        groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in self.param_groups]:
+            raise UsageError("optimizer state: its parameter groups do not match this "
+                             "optimizer's; load the state of the same model and groups")
+        for outer, saved in zip(self.param_groups, groups, strict=True):
+            outer.update({k: v for k, v in saved.items() if k != "params"})
+        lo = self.comm.rank * self.shard_numel
+        saved_state = {int(i): v for i, v in state_dict["state"].items()}
+        for i, piece, rows in self.pieces:
+            p, off = self.offsets[i]
+            a, b = rows.start + lo - off, rows.stop + lo - off
+            self.inner.state[piece] = {
+                k: v.reshape(-1)[a:b].clone() if isinstance(v, torch.Tensor)
+                and v.shape == p.shape else (v.clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in saved_state.get(i, {}).items()}
+
+
+def _elementwise(value: Any, piece: torch.Tensor) -> bool:
+    """State that holds one number per parameter element (not a scalar such as a step)."""
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape == piece.shape
 
 
 def _check_params(params: list[Any]) -> None:
