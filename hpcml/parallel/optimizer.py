@@ -14,6 +14,7 @@ the communicator while backward runs (:class:`~hpcml.parallel.data_parallel.Grad
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -52,10 +53,12 @@ class DistributedOptimizer(WrappedOptimizer):
       ``op``: ``"average"`` or ``"sum"`` over ranks.
     - ``on_choice(name, method)``: called when ``auto`` changes a tensor's method.
 
-    Every rank must build it for the same model and call ``step()`` (collective) the same
-    number of times. It reduces the parameters of the optimizer that require a gradient; the
-    model supplies their names, their backward order and which gradients are sparse. It does
-    not broadcast: call :func:`~hpcml.parallel.broadcast_parameters` and
+    Every rank must build it for the same model (construction is collective and raises
+    ``ValueError`` on every rank when the ranks' parameters differ in name, shape or dtype) and
+    call ``step()`` (collective) the same number of times. It reduces the parameters of the
+    optimizer that require a gradient; the model supplies their names, their backward order
+    and which gradients are sparse. It does not broadcast: call
+    :func:`~hpcml.parallel.broadcast_parameters` and
     :func:`~hpcml.parallel.broadcast_optimizer_state` once before training."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *,
@@ -92,6 +95,13 @@ class DistributedOptimizer(WrappedOptimizer):
             raise ValueError(f"the optimizer holds {stray} parameter(s) that are not parameters "
                              "of the model; pass the model whose parameters it optimizes")
         trainable = [(n, p) for n, p in named if p.requires_grad]
+        layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in trainable]
+        digest = hashlib.sha256(repr(layout).encode()).hexdigest()
+        differ = [r for r, d in enumerate(self.comm.allgather(digest)) if d != digest]
+        if differ:
+            raise ValueError(f"the ranks' trainable parameters differ (ranks {differ} hold "
+                             "another name, shape or dtype than this one): every rank must wrap "
+                             "the same model with the same parameter groups")
         return GradientReducer(self.comm, trainable[::-1], make_reduction(self.reduction),
                                bucket_bytes=self.bucket_bytes,
                                sparse=sparse_parameter_ids(self.model),
