@@ -116,7 +116,7 @@ def test_bench_collectives_writes_a_complete_run_directory(tmp_path, nranks):
     (run,) = tmp_path.iterdir()
     names = sorted(p.name for p in run.iterdir())
     assert names == ["collectives.png", "config.toml", "env.json", "ledger.json",
-                     "summary.json", "table.md"]
+                     "segments.json", "summary.json", "table.md"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["ranks"] == nranks
     ops = {(r["op"], r["buffer"]) for r in summary["rows"]}
