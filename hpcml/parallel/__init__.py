@@ -1,14 +1,18 @@
-"""hpcml.parallel: every way of splitting a model or its gradients across ranks.
+"""hpcml.parallel: every way of splitting a model, its gradients or its optimizer state across
+ranks, one module per parallelism over :mod:`hpcml.comm`; this file only re-exports them.
 
 One :class:`Mesh` owns the process-group layout (data, pipeline, tensor sub-communicators).
 Data parallelism (:mod:`.optimizer`, :mod:`.data_parallel`, :mod:`.reductions`,
 :mod:`.broadcast`): :class:`DistributedOptimizer` wraps any torch optimizer so that any training
 loop averages its gradients over the ranks, overlapping the reduction with backward;
 :func:`broadcast_parameters` and :func:`broadcast_optimizer_state` start every rank from the
-same state. Pipeline parallelism (:mod:`.pipeline`): :class:`PipelineModel` splits any
-``nn.Module`` into stages and :func:`step` runs the user's step over microbatches. One module
-per parallelism; this file only re-exports them, each on first use (PEP 562), so that
-``from hpcml.parallel import Mesh`` does not pay for importing torch.
+same state. Tensor parallelism (:mod:`.tensor`): :func:`parallelize` splits layers over a
+tensor-parallel communicator. Optimizer-state sharding (:mod:`.sharding`, ZeRO-1):
+:class:`ShardedOptimizer`. Pipeline parallelism (:mod:`.pipeline`): :class:`PipelineModel`
+splits any ``nn.Module`` into stages and :func:`step` runs the user's step over microbatches.
+
+Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
+not pay for importing torch.
 """
 
 import importlib
@@ -22,18 +26,23 @@ _EXPORTS = {
     "Mesh": "mesh",
     "PipelineModel": "pipeline",
     "Reduction": "reductions",
+    "ShardedOptimizer": "sharding",
     "StepOutput": "pipeline",
     "WrappedOptimizer": "wrapper",
     "allgather_sparse": "sparse",
     "allgatherv": "sparse",
     "broadcast_optimizer_state": "broadcast",
     "broadcast_parameters": "broadcast",
+    "full_state_dict": "tensor",
     "gather_counts": "sparse",
     "load_full_optimizer_state": "pipeline_checkpoint",
     "load_full_state": "pipeline_checkpoint",
+    "load_full_state_dict": "tensor",
     "make_reduction": "reductions",
+    "parallelize": "tensor",
     "plan_buckets": "buckets",
     "step": "pipeline",
+    "vocab_parallel_cross_entropy": "tensor",
 }
 
 __all__ = sorted(_EXPORTS)
