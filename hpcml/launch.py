@@ -8,7 +8,9 @@ Order of events (all ranks):
 2. set torch threads and the straggler model, create the run directory (rank 0), save the
    resolved config and the environment;
 3. run the job under abort-on-error;
-4. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0).
+4. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0). A job
+   whose summary names ``unresponsive_ranks`` (workers that stopped answering) skips the gather:
+   rank 0 saves its own ledger and the summary, then aborts the job with exit code 3.
 """
 
 from __future__ import annotations
@@ -68,6 +70,29 @@ def validated(comm: Communicator, job_path: str | None, kind: str | None,
     return result
 
 
+UNRESPONSIVE_EXIT = 3
+
+
+def end_without_unresponsive(comm: Communicator, run_dir: RunDir, kind_name: str,
+                             elapsed: float, summary: dict[str, Any]) -> None:
+    """Rank 0 only, when the job names ranks that stopped answering (a frozen or dead worker,
+    ``summary["unresponsive_ranks"]``): write the results that exist (rank 0's ledger,
+    ``summary.json`` with status complete), then end the job with MPI_Abort and exit code
+    ``UNRESPONSIVE_EXIT`` (3), since no collective can complete and mpiexec waits for every
+    process, a stopped one included. Never returns."""
+    lost = summary["unresponsive_ranks"]
+    run_dir.write_json("ledger.json", {"ranks": [comm.ledger.totals()],
+                                       "missing_ranks": list(range(1, comm.size))})
+    run_dir.write_json("summary.json", {"kind": kind_name, "status": "complete",
+                                        "ranks": comm.size, "seconds": elapsed, **summary})
+    print(f"\nresults in {run_dir.path}", flush=True)
+    sys.stderr.write(f"hpcml: ranks {lost} never answered the end of the run; the results in "
+                     f"{run_dir.path} are complete; aborting the job so that it ends (exit "
+                     f"code {UNRESPONSIVE_EXIT})\n")
+    sys.stderr.flush()
+    comm.abort(UNRESPONSIVE_EXIT)
+
+
 def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[str] = (),
             resume: str | None = None) -> dict[str, Any]:
     """Run one job on COMM_WORLD (collective). Returns the summary on every rank."""
@@ -93,6 +118,8 @@ def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[s
         start = time.perf_counter()
         summary = job.run(config, ctx)
         elapsed = time.perf_counter() - start
+        if comm.rank == 0 and summary.get("unresponsive_ranks"):
+            end_without_unresponsive(comm, run_dir, kind_name, elapsed, summary)
         per_rank = comm.gather(comm.ledger.totals())
         if comm.rank == 0:
             run_dir.write_json("ledger.json", {"ranks": per_rank})

@@ -116,6 +116,9 @@ class SolverConfig:
     history: int = option(10, min=1, help="lbfgs: curvature pairs kept")
     inner: int = option(10, min=1, help="als: encoded gradient steps per half step "
                         "(iterations = ALS sweeps)")
+    close_timeout: float = option(10.0, gt=0.0, help="seconds the master waits at the end "
+                                  "for each worker's acknowledgement before it names the "
+                                  "worker unresponsive and the job ends without it")
 
     def check(self, problem: str, prefix: str = "solver") -> None:
         if self.algorithm not in ALLOWED[problem]:

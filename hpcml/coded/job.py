@@ -79,7 +79,16 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e}, relative error "
             f"{summary['final_relative_error']:.3e}, {summary['seconds']:.2f} s, "
             f"{result.discarded} late replies discarded")
+    log_unresponsive(ctx, result.unresponsive)
     return summary
+
+
+def log_unresponsive(ctx: RunContext, ranks: list[int]) -> None:
+    """Say which worker ranks never acknowledged the end of the solve (the job then ends by
+    aborting them once the results are written, exit code 3)."""
+    if ranks:
+        ctx.log(f"workers on ranks {ranks} never acknowledged the end of the solve (frozen or "
+                f"dead): results below are complete; the job aborts them to end (exit code 3)")
 
 
 def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]:
@@ -89,7 +98,8 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
                 f"{len(test)} test ratings")
     out = solve_cf(ctx.comm, train, test, cfg.code, cfg.problem.rank, cfg.problem.lam,
                    cfg.solver.iterations, cfg.solver.inner, cfg.solver.step,
-                   ctx.run_dir.path / "shards", cfg.seed)
+                   ctx.run_dir.path / "shards", cfg.seed,
+                   close_timeout=cfg.solver.close_timeout)
     if out is None:
         return {}
     for t, (sec, sub, train_rmse, test_rmse) in enumerate(zip(
@@ -101,6 +111,7 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
             f"test RMSE {summary['final_test_rmse']:.4f} (exact ALS "
             f"{out.reference['test_rmse']:.4f}), {summary['seconds']:.2f} s, "
             f"{out.discarded} late replies discarded")
+    log_unresponsive(ctx, out.unresponsive)
     return summary
 
 

@@ -28,7 +28,7 @@ from hpcml.coded.algorithms import (
 from hpcml.coded.config import CodeConfig, SolverConfig
 from hpcml.coded.encoders import Encoder, make_encoder
 from hpcml.coded.problems import Problem
-from hpcml.coded.runtime import MPIMaster, SimulatedMaster, serve
+from hpcml.coded.runtime import MPIMaster, SimulatedMaster, finish, serve
 from hpcml.coded.shards import encode_to_shards, load_shard
 from hpcml.comm import Communicator
 
@@ -44,6 +44,7 @@ class SolveResult:
     discarded: int
     encode_seconds: float
     w: np.ndarray
+    unresponsive: list[int] = dataclasses.field(default_factory=list)
 
     def iterations_to(self, eps: float) -> int | None:
         """First iteration (counted from 1) whose suboptimality is <= eps (None if never)."""
@@ -58,7 +59,8 @@ class SolveResult:
         return {"final_suboptimality": self.suboptimality[-1],
                 "final_relative_error": self.relative_error[-1],
                 "seconds": self.seconds[-1], "discarded_late_replies": self.discarded,
-                "encode_seconds": self.encode_seconds}
+                "encode_seconds": self.encode_seconds,
+                "unresponsive_ranks": self.unresponsive}
 
 
 @dataclasses.dataclass
@@ -124,7 +126,9 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     """Collective: one solve of ``enc`` waiting for the first k of its m workers per round,
     under the communicator's current delay model. Returns the result on rank 0 (errors against
     ``w_star``, the exact solution, computed when None) and None elsewhere. The clock starts
-    after a barrier that every worker reaches ready to answer."""
+    after a barrier that every worker reaches ready to answer. When a worker never
+    acknowledged the end (``result.unresponsive``), rank 0 returns without the closing
+    barrier and must enter no further collective."""
     step = solver.step / enc.smoothness
     n, p, blocks = enc.n, enc.p, enc.blocks
 
@@ -145,7 +149,8 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     problem = enc.problem
     computes = [task(shard) for shard in enc.shards]
     comm.barrier()
-    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else MPIMaster(comm, reply_len)
+    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else \
+        MPIMaster(comm, reply_len, solver.close_timeout)
     if enc.model_parallel:
         trace, _ = block_coordinate_descent(rt, problem.loss_grad, blocks, n, k=k,
                                             iterations=solver.iterations)
@@ -160,15 +165,15 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
         iterates = data_parallel(rt, solver.algorithm, p, n=n, beta=enc.beta, k=k, step=step,
                                  iterations=solver.iterations, lam=enc.lam,
                                  l1=problem.l1, history=solver.history)
-    rt.close()
-    comm.barrier()
+    unresponsive = finish(comm, rt)
     w_star = problem.exact() if w_star is None else w_star
     f_star = problem.objective(w_star)
     seconds = [s for s, _ in iterates]
     sub = [(problem.objective(w) - f_star) / max(abs(f_star), 1e-300) for _, w in iterates]
     rel = [float(np.linalg.norm(w - w_star) / max(np.linalg.norm(w_star), 1e-300))
            for _, w in iterates]
-    return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, iterates[-1][1])
+    return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, iterates[-1][1],
+                       unresponsive)
 
 
 def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver: SolverConfig,
