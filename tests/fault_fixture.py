@@ -16,12 +16,14 @@ from hpcml.testing import mpiexec
 
 
 def start(nranks: int, *args: str, cwd: str | Path) -> subprocess.Popen[str]:
-    """``mpiexec -n nranks python -m hpcml ARGS`` in its own session, output to files in cwd."""
+    """``mpiexec -n nranks python -m hpcml ARGS`` (plain python for one rank) in its own
+    session, output to cwd/stdout.txt."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    out = open(Path(cwd, "stdout.txt"), "w")  # noqa: SIM115 - closed by finish()
-    return subprocess.Popen([*mpiexec(), "-n", str(nranks), sys.executable, "-m", "hpcml",
-                             *args], cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    launcher = [*mpiexec(), "-n", str(nranks)] if nranks > 1 else []
+    with open(Path(cwd, "stdout.txt"), "w") as out:
+        return subprocess.Popen([*launcher, sys.executable, "-m", "hpcml", *args], cwd=cwd,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
 
 def _descendants(pid: int) -> list[int]:

@@ -68,7 +68,9 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     if cfg.problem.kind == "mf":
         return _run_mf(cfg, ctx, m, k)
     problem = make_problem(cfg.problem, cfg.seed) if comm.rank == 0 else None
-    result = solve(comm, problem, cfg.code, cfg.solver, ctx.run_dir.path / "shards", cfg.seed)
+    result = solve(comm, problem, cfg.code, cfg.solver, ctx.run_dir.path / "shards", cfg.seed,
+                   on_start=lambda: ctx.log(f"coded: data encoded and loaded by the workers; "
+                                            f"solving ({cfg.solver.iterations} iterations)"))
     if result is None:
         return {}
     for t, (sec, sub, rel) in enumerate(zip(result.seconds, result.suboptimality,
@@ -88,7 +90,7 @@ def log_unresponsive(ctx: RunContext, ranks: list[int]) -> None:
     aborting them once the results are written, exit code 3)."""
     if ranks:
         ctx.log(f"workers on ranks {ranks} never acknowledged the end of the solve (frozen or "
-                f"dead): results below are complete; the job aborts them to end (exit code 3)")
+                f"dead): the results are complete; the job aborts them to end (exit code 3)")
 
 
 def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]:

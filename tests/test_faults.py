@@ -1,0 +1,147 @@
+"""Real faults, not seeded delays: a worker frozen with SIGSTOP must not stall the encoded master
+(5 ranks, k = 3 of 4) or the asynchronous Qsparse server (4 ranks), and a worker frozen for good
+must not keep the job from ending once its results are written.
+
+Timed assertions (the only ones allowed: progress rates of fault tests), with generous margins
+because the machine (2 cores) is shared: while one worker is stopped for STOP_S seconds, the
+master's / server's progress rate must stay above RATE_FRACTION of its rate in an equally long
+undisturbed window just before the stop. Before the fix the rate fell to zero for most of the
+stop (MPICH head-of-line blocking behind unreceived sends; a blocking reply to a stopped rank).
+"""
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import fault_fixture as ff
+
+ROOT = Path(__file__).resolve().parents[1]
+STOP_S = 2.0
+RATE_FRACTION = 0.25
+DIGITS = str(ROOT / "data" / "qsparse" / "digits.h5")
+
+
+def summary(cwd):
+    return json.loads(next(Path(cwd, "runs").glob("*/summary.json")).read_text())
+
+
+def kill_quietly(pid):
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def coded(cwd, *sets):
+    return ff.start(5, "run", str(ROOT / "jobs" / "coded.toml"), "--set", f"runs_dir={cwd}/runs",
+                    *(a for s in sets for a in ("--set", s)), cwd=cwd)
+
+
+def test_coded_master_keeps_its_pace_while_a_worker_is_stopped(tmp_path):
+    """k = 3 of 4: with worker rank 2 stopped the master waits for the other three; it keeps
+    iterating, the stopped worker's late answer is discarded, and the solve ends as accurate as
+    the undisturbed run (relative error within 1.5x of the same job's at 1 rank, same seeds)."""
+    iterations = 450
+    proc = coded(tmp_path, f"solver.iterations={iterations}")
+    pid = ff.rank_pid(proc, 2)
+    try:
+        ff.wait_for_line(tmp_path, "solving", proc)
+        time.sleep(STOP_S)
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.time()
+        time.sleep(STOP_S)
+        os.kill(pid, signal.SIGCONT)
+        resumed = time.time()
+        code, out = ff.finish(proc, tmp_path, 120)
+    finally:
+        kill_quietly(pid)
+    assert code == 0, out
+    got = summary(tmp_path)
+    assert got["status"] == "complete" and got["unresponsive_ranks"] == []
+    seconds = [r["seconds"] for r in ff.metrics(tmp_path)]
+    assert len(seconds) == iterations
+    t0, t1 = stopped - got["started_unix"], resumed - got["started_unix"]
+    assert t1 < seconds[-1], f"the run ended before the stop was over ({seconds[-1]:.1f} s)"
+    before = sum(t0 - (t1 - t0) <= s < t0 for s in seconds) / (t1 - t0)
+    during = sum(t0 <= s < t1 for s in seconds) / (t1 - t0)
+    assert during >= RATE_FRACTION * before, (during, before)
+    assert got["discarded_late_replies"] >= 1
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    ref = ff.start(1, "run", str(ROOT / "jobs" / "coded.toml"), "--set",
+                   f"runs_dir={ref_dir}/runs", "--set", f"solver.iterations={iterations}",
+                   cwd=ref_dir)
+    assert ff.finish(ref, ref_dir, 120)[0] == 0
+    assert got["final_relative_error"] <= 1.5 * summary(ref_dir)["final_relative_error"]
+
+
+def test_coded_job_ends_when_a_worker_is_stopped_for_good(tmp_path):
+    """Worker rank 2 never comes back: the master finishes its iterations (k = 3 of 4), waits
+    solver.close_timeout for the acknowledgement, writes summary.json (status complete, rank 2
+    named) and ends the job by aborting it: exit code 3, said in the output."""
+    proc = coded(tmp_path, "solver.iterations=150", "solver.close_timeout=2")
+    pid = ff.rank_pid(proc, 2)
+    try:
+        ff.wait_for_line(tmp_path, "solving", proc)
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGSTOP)
+        code, out = ff.finish(proc, tmp_path, 90)
+    finally:
+        kill_quietly(pid)
+    assert code == 3, out
+    assert "ranks [2] never answered" in out and "exit code 3" in out
+    got = summary(tmp_path)
+    assert got["status"] == "complete" and got["unresponsive_ranks"] == [2]
+    assert len(ff.metrics(tmp_path)) == 150
+
+
+def qsparse(cwd, *sets):
+    return ff.start(4, "run", str(ROOT / "jobs" / "qsparse-async.toml"), "--set",
+                    f"runs_dir={cwd}/runs", "--set", f"data.path={DIGITS}", "--set",
+                    "stragglers.slow_ranks=[1, 2, 3]", "--set", "train.eval_every=10",
+                    *(a for s in sets for a in ("--set", s)), cwd=cwd)
+
+
+def test_async_server_keeps_applying_updates_while_a_worker_is_stopped(tmp_path):
+    """Every worker sleeps 5 ms per local step (the job's fixed delay, on all three, so the
+    rate depends little on the machine's load). The server's rate of applied updates (one
+    metrics record per 10) while worker rank 2 is stopped stays above RATE_FRACTION of the
+    rate just before (the other two workers make ~70 % of the updates); the stopped worker resumes,
+    finishes its steps and the model ends above the job's accuracy target (0.9, which
+    undisturbed runs reach)."""
+    proc = qsparse(tmp_path, "train.steps=1500")
+    pid = ff.rank_pid(proc, 2)
+    try:
+        ff.wait_for_metrics(tmp_path, 3, proc)
+        first = len(ff.metrics(tmp_path))
+        time.sleep(STOP_S)
+        at_stop = len(ff.metrics(tmp_path))
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(STOP_S)
+        at_resume = len(ff.metrics(tmp_path))
+        os.kill(pid, signal.SIGCONT)
+        code, out = ff.finish(proc, tmp_path, 120)
+    finally:
+        kill_quietly(pid)
+    assert code == 0, out
+    assert at_resume - at_stop >= RATE_FRACTION * (at_stop - first), (first, at_stop, at_resume)
+    got = summary(tmp_path)
+    assert got["unresponsive_ranks"] == [] and got["final_accuracy"] >= 0.9
+
+
+def test_async_job_ends_when_a_worker_is_stopped_for_good(tmp_path):
+    """Worker rank 2 never comes back: the others finish, the server waits
+    train.worker_timeout, writes summary.json (rank 2 named) and the job ends with exit code 3."""
+    proc = qsparse(tmp_path, "train.steps=200", "train.worker_timeout=2")
+    pid = ff.rank_pid(proc, 2)
+    try:
+        ff.wait_for_metrics(tmp_path, 2, proc)
+        os.kill(pid, signal.SIGSTOP)
+        code, out = ff.finish(proc, tmp_path, 90)
+    finally:
+        kill_quietly(pid)
+    assert code == 3, out
+    got = summary(tmp_path)
+    assert got["status"] == "complete" and got["unresponsive_ranks"] == [2]
+    assert "ranks [2] never answered" in out
