@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig, check_problem
+from hpcml.coded.encoders import frame_note
 from hpcml.coded.mf import load_ratings, solve_cf
 from hpcml.coded.problems import Problem, load_data
 from hpcml.coded.shards import open_input
@@ -66,11 +67,14 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
             f"{cfg.code.beta}, {cfg.solver.algorithm}, wait for k={k} of m={m} workers"
             + (" (simulated)" if comm.size == 1 else ""))
     if cfg.problem.kind == "mf":
+        ctx.log(f"coded: {frame_note(cfg.code.encoder, cfg.code.beta)}")
         return _run_mf(cfg, ctx, m, k)
     problem = make_problem(cfg.problem, cfg.seed) if comm.rank == 0 else None
     result = solve(comm, problem, cfg.code, cfg.solver, ctx.run_dir.path / "shards", cfg.seed,
-                   on_start=lambda: ctx.log(f"coded: data encoded and loaded by the workers; "
-                                            f"solving ({cfg.solver.iterations} iterations)"))
+                   on_start=lambda enc: ctx.log(
+                       f"coded: {frame_note(cfg.code.encoder, enc.beta, enc.encoder)}; data "
+                       f"encoded and loaded by the workers; solving ({cfg.solver.iterations} "
+                       f"iterations)"))
     if result is None:
         return {}
     for t, (sec, sub, rel) in enumerate(zip(result.seconds, result.suboptimality,

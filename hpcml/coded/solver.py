@@ -127,13 +127,13 @@ def encode(comm: Communicator, problem: Problem | None, code: CodeConfig, model_
 
 def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
              w_star: np.ndarray | None = None,
-             on_start: Callable[[], None] | None = None) -> SolveResult | None:
+             on_start: Callable[[Encoded], None] | None = None) -> SolveResult | None:
     """Collective: one solve of ``enc`` waiting for the first k of its m workers per round,
     under the communicator's current delay model. Returns the result on rank 0 (errors against
     ``w_star``, the exact solution, computed when None) and None elsewhere. The clock starts
     after a barrier that every worker reaches ready to answer. When a worker never
     acknowledged the end (``result.unresponsive``), rank 0 returns without the closing
-    barrier and must enter no further collective. ``on_start()`` runs on rank 0 when the
+    barrier and must enter no further collective. ``on_start(enc)`` runs on rank 0 when the
     clock starts."""
     step = solver.step / enc.smoothness
     n, p, blocks = enc.n, enc.p, enc.blocks
@@ -157,7 +157,7 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     comm.barrier()
     started = time.time()
     if on_start is not None:
-        on_start()
+        on_start(enc)
     rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else \
         MPIMaster(comm, reply_len, solver.close_timeout)
     if enc.model_parallel:
@@ -187,7 +187,7 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
 
 def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver: SolverConfig,
           shard_dir: Path, seed: int, w_star: np.ndarray | None = None,
-          on_start: Callable[[], None] | None = None) -> SolveResult | None:
+          on_start: Callable[[Encoded], None] | None = None) -> SolveResult | None:
     """Collective: :func:`encode` then one :func:`optimize` with k = ``code``'s wait_for.
     ``problem`` is needed on rank 0 only (others may pass None); the result is on rank 0."""
     enc = encode(comm, problem, code, solver.algorithm == "bcd", shard_dir, seed)
