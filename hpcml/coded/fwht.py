@@ -49,6 +49,21 @@ def _radices(n: int) -> list[int]:
     return ([1 << first] if first else []) + [RADIX] * (levels // per)
 
 
+def _plan(n: int, c: int) -> tuple[list[int], list[int], int, int]:
+    """(radix and stride h of every pass, chunk rows, how many passes run chunk by chunk)."""
+    radices = _radices(n)
+    chunk = min(n, max(RADIX, next_power_of_two(max(1, CACHE_BYTES // (8 * c)))))
+    strides = np.cumprod([1, *radices]).tolist()[:-1]
+    inner = sum(r * h <= chunk for r, h in zip(radices, strides, strict=True))
+    return radices, strides, chunk, inner
+
+
+def memory_passes(n: int, c: int) -> int:
+    """How many times :func:`fwht` streams an (n, c) array through memory (radix 2: log2 n)."""
+    radices, _, _, inner = _plan(n, c)
+    return (inner > 0) + len(radices) - inner
+
+
 def _pass(src: np.ndarray, dst: np.ndarray, r: int, h: int) -> None:
     """dst = (I ⊗ H_r ⊗ I_h) src for (rows, c) arrays (rows a multiple of r h)."""
     width = h * src.shape[1]
@@ -81,10 +96,7 @@ def fwht(x: np.ndarray) -> np.ndarray:
     src = x.reshape(n, -1)
     c = src.shape[1]
     out = np.empty((n, c))
-    radices = _radices(n)
-    chunk = min(n, max(RADIX, next_power_of_two(max(1, CACHE_BYTES // (8 * c)))))
-    strides = np.cumprod([1, *radices]).tolist()[:-1]
-    inner = sum(r * h <= chunk for r, h in zip(radices, strides, strict=True))
+    radices, strides, chunk, inner = _plan(n, c)
     if inner == 0:
         out[...] = src
     else:
