@@ -63,7 +63,7 @@ def test_job_on_hdf5_input_with_five_ranks(tmp_path):
     res = hpcml_cli(5, "run", JOB, "--set", "problem.data=hdf5", "--set",
                     f"problem.path={tmp_path / 'diabetes.h5'}", "--set", "problem.x_key=features",
                     "--set", "problem.y_key=target", "--set", "solver.algorithm=lbfgs",
-                    "--set", "solver.iterations=60", "--set", "code.chunk=3",
+                    "--set", "solver.iterations=120", "--set", "code.chunk=3",
                     "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
     assert res.returncode == 0, res.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -71,7 +71,7 @@ def test_job_on_hdf5_input_with_five_ranks(tmp_path):
     assert summary["workers"] == 4 and summary["wait_for"] == 3
     assert summary["final_relative_error"] < 0.3
     assert not (run_dir / "shards").exists()
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 60
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 120
 
 
 def test_bench_simulated_writes_table_and_plot(tmp_path):

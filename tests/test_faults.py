@@ -13,10 +13,14 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import fault_fixture as ff
+
+from hpcml.comm import StragglerConfig, make_delay_model
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP_S = 2.0
@@ -145,3 +149,36 @@ def test_async_job_ends_when_a_worker_is_stopped_for_good(tmp_path):
     got = summary(tmp_path)
     assert got["status"] == "complete" and got["unresponsive_ranks"] == [2]
     assert "ranks [2] never answered" in out
+
+
+def test_fault_model_freezes_each_slow_rank_once_per_run_of_iterations():
+    """The seeded start lies in [freeze_after, 2 freeze_after]; the freeze fires at the first
+    iteration >= start the rank works on (also when it skipped the start itself), once, and
+    again after the iteration counter goes back (the next solve); other ranks never freeze."""
+    cfg = StragglerConfig(kind="fault", slow_ranks=[1], freeze=2.5, freeze_after=10, seed=4)
+    model = make_delay_model(cfg, 5)
+    start = model.start(1)
+    assert 10 <= start <= 20 and model.freezes
+    for _ in range(2):
+        delays = [model.delay(1, t) for t in range(0, 40, 3)]
+        fired = [t for t, d in zip(range(0, 40, 3), delays, strict=True) if d]
+        assert delays.count(2.5) == 1 and fired[0] >= start and fired[0] - 3 < start
+    assert all(model.delay(2, t) == 0 for t in range(40))
+
+
+def test_freeze_process_really_stops_the_process(tmp_path):
+    """freeze_process(s) SIGSTOPs the caller (state T in /proc) and it resumes after ~s."""
+    code = ("import time; from hpcml.comm.stragglers import freeze_process; "
+            "s = time.monotonic(); freeze_process(1.0); print(time.monotonic() - s)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    states = set()
+    deadline = time.monotonic() + 20
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            status = Path(f"/proc/{proc.pid}/status").read_text()
+            states.add(next(line.split()[1] for line in status.splitlines()
+                            if line.startswith("State:")))
+        time.sleep(0.02)
+    out, _ = proc.communicate(timeout=20)
+    assert "T" in states
+    assert float(out) >= 1.0

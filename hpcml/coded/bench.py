@@ -205,14 +205,16 @@ def fwht_previous(x: np.ndarray) -> np.ndarray:
     return a
 
 
-def fwht_throughput(log2_sizes: list[int], columns: int, repeats: int = 5) -> list[dict]:
+def fwht_throughput(log2_sizes: list[int], columns: int) -> list[dict]:
     """Median throughput (GB/s of input) of the FWHT, the previous FWHT and memcpy on
-    (2^j, columns) float64 arrays, all timed in CPU seconds of this process
+    (2^j, columns) float64 arrays (5 to 51 repeats, more for small arrays, each method in
+    turn), all timed in CPU seconds of this process
     (``time.process_time``) with the BLAS pool limited to one thread (idle OpenBLAS threads
     spin and would be counted): the machine may be shared, and the CPU time of one core is
     what the transform costs whatever else runs."""
     with threadpoolctl.threadpool_limits(limits=1):
-        return [_throughput(j, columns, repeats) for j in log2_sizes]
+        return [_throughput(j, columns, max(5, min(51, (1 << 24) // ((1 << j) * columns))))
+                for j in log2_sizes]
 
 
 def _throughput(j: int, columns: int, repeats: int) -> dict[str, Any]:
@@ -258,7 +260,7 @@ def _report(cfg: BenchCodedConfig, ctx: RunContext, rows: list[dict[str, Any]],
             f"over realizations of uncoded-all's time to eps over the strategy's, range = its "
             f"min-max.\n")
     text = (f"{table}\n\nFWHT encoding throughput ({cfg.fwht_columns} columns; CPU time of one "
-            f"process, medians of 5):\n\n{fw}\n")
+            f"process, medians of 5-51 repeats):\n\n{fw}\n")
     ctx.run_dir.write_text("table.md", f"{head}\n{text}")
     print(head, flush=True)
     print(text, flush=True)

@@ -256,7 +256,8 @@ def frame_note(kind: str, beta: float, enc: Encoder | None = None) -> str:
                 f"with every worker awaited the solution differs from the uncoded one")
     note = f"{kind} code: tight frame, S.T S = {beta:g} I exactly"
     if isinstance(enc, Hadamard):
-        note += (f" ({enc.nblocks} zero-padded blocks of {enc.block} rows: {enc.rows} encoded "
+        blocks = f"{enc.nblocks} zero-padded block{'s' if enc.nblocks > 1 else ''}"
+        note += (f" ({blocks} of {enc.block} rows: {enc.rows} encoded "
                  f"rows for n = {enc.n}, storage redundancy {enc.rows / enc.n:.3f})")
     return note
 

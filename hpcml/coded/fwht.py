@@ -6,14 +6,15 @@ symmetric and ``H @ H = n I``. Used by the subsampled randomized Hadamard encode
 (Karakus et al., JMLR 2019: fast transforms make encoding O(n log n) per column).
 
 Schedule. ``H_n`` is a Kronecker product of small Hadamard matrices, so its log2(n) butterfly
-levels can be grouped freely: each *pass* applies ``H_r`` (radix r = 16, 4 levels at once; the
-first pass takes the remaining 1-3 levels) along the middle axis of the array viewed as
+levels can be grouped and ordered freely: each *pass* applies ``H_r`` (radix r = 16, 4 levels at
+once; the first pass takes the remaining 1-3 levels) along the middle axis of the array viewed as
 (n / (r h), r, h c), as one batched matrix product with the r x r matrix. Passes whose blocks
-(r h rows) fit in ``CACHE_BYTES`` are done chunk by chunk on cache-sized slices (ping-pong
-between two chunk buffers, the last writing into the result), so the array streams through
-memory once for all of them; each remaining pass streams it once more, in place, through a
-cache-sized buffer. n = 2^20 rows of 8 columns: 2 passes over memory instead of the 16 of a
-radix-2 transform, and no n x n matrix (nor a second n-row array) is ever formed.
+(r h rows) exceed a cache-sized chunk (``CACHE_BYTES``) run first, each streaming the array
+once (the first from the input into the result, later ones in place through a cache-sized
+buffer); then all the others run chunk by chunk on cache-sized slices (ping-pong between two
+chunk buffers, the last writing back into the result), one more stream through memory for all
+of them. n = 2^20 rows of 8 columns: 3 passes over memory instead of the 16 of a radix-2
+transform, and no n x n matrix (nor a second n-row array) is ever formed.
 """
 
 from __future__ import annotations
@@ -97,17 +98,20 @@ def fwht(x: np.ndarray) -> np.ndarray:
     c = src.shape[1]
     out = np.empty((n, c))
     radices, strides, chunk, inner = _plan(n, c)
-    if inner == 0:
+    outer = list(zip(radices[inner:], strides[inner:], strict=True))
+    if outer:
+        _pass(src, out, *outer[0])
+        buf = np.empty((RADIX, max(1, CACHE_BYTES // (8 * RADIX))))
+        for r, h in outer[1:]:
+            _pass_in_place(out, r, h, buf)
+        src = out
+    elif inner == 0:
         out[...] = src
-    else:
-        a, b = np.empty((chunk, c)), np.empty((chunk, c))
-        for start in range(0, n, chunk):
-            part = src[start:start + chunk]
-            for i in range(inner):
-                nxt = out[start:start + chunk] if i == inner - 1 else (b if part is a else a)
-                _pass(part, nxt, radices[i], strides[i])
-                part = nxt
-    buf = np.empty((RADIX, max(1, CACHE_BYTES // (8 * RADIX))))
-    for r, h in zip(radices[inner:], strides[inner:], strict=True):
-        _pass_in_place(out, r, h, buf)
+    a, b = np.empty((chunk, c)), np.empty((chunk, c))
+    for start in range(0, n, chunk):  # a single inner pass on out: numpy buffers the overlap
+        part = src[start:start + chunk]
+        for i in range(inner):
+            nxt = out[start:start + chunk] if i == inner - 1 else (b if part is a else a)
+            _pass(part, nxt, radices[i], strides[i])
+            part = nxt
     return out.reshape(x.shape)
