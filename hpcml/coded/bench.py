@@ -207,8 +207,9 @@ def fwht_previous(x: np.ndarray) -> np.ndarray:
 
 def fwht_throughput(log2_sizes: list[int], columns: int) -> list[dict]:
     """Median throughput (GB/s of input) of the FWHT, the previous FWHT and memcpy on
-    (2^j, columns) float64 arrays (5 to 51 repeats, more for small arrays, each method in
-    turn), all timed in CPU seconds of this process
+    (2^j, columns) float64 arrays (each method: one warm-up call, then 5 to 51 timed repeats,
+    more for small arrays, as an encoder calls it over and over), all timed in CPU seconds of
+    this process
     (``time.process_time``) with the BLAS pool limited to one thread (idle OpenBLAS threads
     spin and would be counted): the machine may be shared, and the CPU time of one core is
     what the transform costs whatever else runs."""
@@ -222,9 +223,10 @@ def _throughput(j: int, columns: int, repeats: int) -> dict[str, Any]:
     x = np.random.default_rng(j).standard_normal((1 << j, columns))
     dst = np.empty_like(x)
     times: dict[str, list[float]] = {"fwht": [], "previous": [], "memcpy": []}
-    for _ in range(repeats):
-        for name, call, args in (("fwht", fwht, (x,)), ("previous", fwht_previous, (x,)),
-                                 ("memcpy", np.copyto, (dst, x))):
+    for name, call, args in (("fwht", fwht, (x,)), ("previous", fwht_previous, (x,)),
+                             ("memcpy", np.copyto, (dst, x))):
+        call(*args)
+        for _ in range(repeats):
             start = time.process_time()
             call(*args)
             times[name].append(time.process_time() - start)
