@@ -48,6 +48,7 @@ from hpcml.coded.regime import (
     finite_median,
     never_as_inf,
     paired_speedups,
+    require_responsive,
     strategy_code,
 )
 from hpcml.coded.solver import encode, optimize
@@ -126,6 +127,7 @@ def run(cfg: BenchCodedConfig, ctx: RunContext) -> dict[str, Any]:
                                                  step=cfg.async_step if forced else
                                                  cfg.solver.step)
                     res = optimize(comm, enc, solver, k or m, w_star)
+                    require_responsive(res)
                     comm.barrier()
                     if res is None:
                         continue

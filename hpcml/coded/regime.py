@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -91,6 +92,14 @@ def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
         return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=k), (
             "async" if name == "async" else None)
     return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k), None
+
+
+def require_responsive(result: Any) -> None:
+    """A benchmark's next solve needs every worker: raise (the job aborts) naming the worker
+    ranks that never acknowledged the end of this one (``result.unresponsive``; rank 0)."""
+    if result is not None and result.unresponsive:
+        raise RuntimeError(f"worker ranks {result.unresponsive} never acknowledged the end of a "
+                           "solve (frozen or dead); the benchmark needs every worker")
 
 
 def paired_speedups(base: list[float], times: list[float]) -> list[float]:
