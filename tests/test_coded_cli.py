@@ -90,8 +90,8 @@ def test_bench_simulated_writes_table_and_plot(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = summary["rows"]
     # 'none' is skipped when simulated; per model: uncoded-all, 6 strategies x k in (2, 3), async
-    assert {r["delays"] for r in rows} == {"exponential", "pareto"}
-    assert len(rows) == 2 * (1 + 6 * 2 + 1)
+    assert {r["delays"] for r in rows} == {"exponential", "pareto", "fault"}
+    assert len(rows) == 3 * (1 + 6 * 2 + 1)
     assert {(r["strategy"], r["k"]) for r in rows if r["strategy"] == "etf"} == {("etf", 2),
                                                                                ("etf", 3)}
     base = [r for r in rows if r["strategy"] == "uncoded-all"]

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import fault_fixture as ff
 
-from hpcml.comm import StragglerConfig, make_delay_model
+from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
+from hpcml.coded.job import make_problem
+from hpcml.coded.solver import solve
+from hpcml.comm import StragglerConfig, make_delay_model, world
 
 ROOT = Path(__file__).resolve().parents[1]
 STOP_S = 2.0
@@ -42,12 +45,29 @@ def coded(cwd, *sets):
                     *(a for s in sets for a in ("--set", s)), cwd=cwd)
 
 
+def undisturbed_errors(iterations, seeds=3):
+    """Final relative errors of the same solve with simulated workers (no fault), one per
+    delay seed: the spread erasure patterns alone give."""
+    prob = make_problem(ProblemConfig(kind="ridge", data="diabetes", lam=0.001), 0)
+    comm, errors = world(), []
+    for seed in range(seeds):
+        comm.set_delays(make_delay_model(StragglerConfig(kind="exponential", mean=0.01,
+                                                         max_delay=0.2, seed=seed)))
+        res = solve(comm, prob, CodeConfig(encoder="etf", wait_for=3),
+                    SolverConfig(algorithm="gd", iterations=iterations, step=1.0),
+                    Path(f"/tmp/hpcml-faults-{os.getpid()}"), 0)
+        errors.append(res.relative_error[-1])
+    return errors
+
+
 def test_coded_master_keeps_its_pace_while_a_worker_is_stopped(tmp_path):
-    """k = 3 of 4: with worker rank 2 stopped the master waits for the other three; it keeps
-    iterating, the stopped worker's late answer is discarded, and the solve ends as accurate as
-    the undisturbed run (relative error within 1.5x of the same job's at 1 rank, same seeds)."""
+    """k = 3 of 4 (ETF, encoded GD): with worker rank 2 stopped the master waits for the other
+    three; it keeps iterating, the stopped worker's late answer is discarded, and the solve
+    ends as accurate as undisturbed solves (relative error at most 1.2x the largest of three
+    simulated runs with other delay seeds; GD's spread over erasure patterns is ~5 %)."""
     iterations = 450
-    proc = coded(tmp_path, f"solver.iterations={iterations}")
+    proc = coded(tmp_path, f"solver.iterations={iterations}", "solver.algorithm=gd",
+                 "solver.step=1.0")
     pid = ff.rank_pid(proc, 2)
     try:
         ff.wait_for_line(tmp_path, "solving", proc)
@@ -71,13 +91,7 @@ def test_coded_master_keeps_its_pace_while_a_worker_is_stopped(tmp_path):
     during = sum(t0 <= s < t1 for s in seconds) / (t1 - t0)
     assert during >= RATE_FRACTION * before, (during, before)
     assert got["discarded_late_replies"] >= 1
-    ref_dir = tmp_path / "reference"
-    ref_dir.mkdir()
-    ref = ff.start(1, "run", str(ROOT / "jobs" / "coded.toml"), "--set",
-                   f"runs_dir={ref_dir}/runs", "--set", f"solver.iterations={iterations}",
-                   cwd=ref_dir)
-    assert ff.finish(ref, ref_dir, 120)[0] == 0
-    assert got["final_relative_error"] <= 1.5 * summary(ref_dir)["final_relative_error"]
+    assert got["final_relative_error"] <= 1.2 * max(undisturbed_errors(iterations))
 
 
 def test_coded_job_ends_when_a_worker_is_stopped_for_good(tmp_path):
