@@ -90,6 +90,7 @@ def end_without_unresponsive(comm: Communicator, run_dir: RunDir, kind_name: str
                      f"{run_dir.path} are complete; aborting the job so that it ends (exit "
                      f"code {UNRESPONSIVE_EXIT})\n")
     sys.stderr.flush()
+    time.sleep(0.5)  # mpiexec forwards output asynchronously; the abort would cut it off
     comm.abort(UNRESPONSIVE_EXIT)
 
 
