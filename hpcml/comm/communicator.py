@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from hpcml.comm.buffers import REDUCE_OPS, Staged, message, reduce_op, stage
 from hpcml.comm.ledger import Ledger, OpTotals
-from hpcml.comm.stragglers import DelayModel, StragglerConfig
+from hpcml.comm.stragglers import DelayModel, StragglerConfig, freeze_process
 
 ANY_SOURCE = MPI.ANY_SOURCE
 ANY_TAG = MPI.ANY_TAG
@@ -432,7 +432,8 @@ class Communicator:
         Not collective."""
         seconds = self.delays.delay(self.rank, iteration)
         if seconds > 0:
-            self._timed("straggle", 0, 0, lambda: sleep(seconds))
+            pause = freeze_process if self.delays.freezes else sleep
+            self._timed("straggle", 0, 0, lambda: pause(seconds))
         return seconds
 
     def abort(self, code: int = 1) -> None:
