@@ -38,6 +38,7 @@ import torch
 
 from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save_figure
 from hpcml.comm import Communicator
+from hpcml.comm.polling import poll_all
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
@@ -252,9 +253,7 @@ def _run_on_first(comm: Communicator, ranks: int, work: Any) -> Any:
             for r in range(ranks, comm.size):
                 comm.Send(torch.zeros(1), dest=r, tag=77)
     else:
-        request = comm.Irecv(torch.zeros(1), source=0, tag=77)
-        while request.test() is None:
-            time.sleep(0.01)
+        poll_all([comm.Irecv(torch.zeros(1), source=0, tag=77)], sleep=0.01)
     return result
 
 
