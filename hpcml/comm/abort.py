@@ -48,7 +48,7 @@ def report_and_abort(exc: BaseException) -> None:
     raise SystemExit(code)
 
 
-AGREE_TAG = 32_767  # reserved (the least tag upper bound MPI guarantees); no hpcml code uses it
+AGREE_TAG = 32_767  # on MPI_COMM_WORLD, which hpcml traffic never uses (world() is a duplicate)
 AGREE_SECONDS = 5.0
 
 

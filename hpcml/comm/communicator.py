@@ -460,8 +460,13 @@ _WORLD: Communicator | None = None
 
 
 def world() -> Communicator:
-    """The process-wide communicator over MPI_COMM_WORLD (size 1 without mpiexec)."""
+    """The process-wide communicator over every rank of the job (size 1 without mpiexec).
+
+    It wraps a duplicate of MPI_COMM_WORLD, made on the first call (collective: every rank must
+    make it, as every hpcml entry point does before any communication), so hpcml's messages can
+    never match the job-control messages that :mod:`hpcml.comm.abort` exchanges on
+    MPI_COMM_WORLD itself, nor a user's own COMM_WORLD traffic (mpi4py's advice for libraries)."""
     global _WORLD
     if _WORLD is None:
-        _WORLD = Communicator(MPI.COMM_WORLD)
+        _WORLD = Communicator(MPI.COMM_WORLD.Dup())
     return _WORLD
