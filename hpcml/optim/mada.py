@@ -68,6 +68,7 @@ DEFAULT_HYPER_LR: dict[str, float] = {
     "beta1": 5e-4, "beta2": 5e-4, "beta3": 0.1, "c": 0.1, "rho": 0.1, "gamma": 0.1}
 
 VMAX_MODES = ("avg", "max")
+SCALARS = ("step", "v_bar_steps")
 
 
 def _hyper_lrs(hyper_lr: float | Mapping[str, float]) -> dict[str, float]:
@@ -107,6 +108,44 @@ def check_arguments(lr: float, eps: float, weight_decay: float, coeffs: Mapping[
                              f"{v} (or freeze it with hyper_lr={{'{k}': 0}})")
     if vmax not in VMAX_MODES:
         raise ValueError(f"MADA: vmax must be 'avg' (AVGrad) or 'max' (AMSGrad), got {vmax!r}")
+
+
+class _Flat:
+    """Parameters of one cluster seen as one flat vector: ``x`` (parameters), ``grad`` and
+    ``state`` (per key). A single contiguous parameter is viewed in place; several are
+    concatenated and :meth:`write_back` copies the results into the parameters and their
+    per-parameter state, so ``state_dict`` keeps torch's per-parameter layout."""
+
+    def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
+        self.params, self.states = params, states
+        self.keys = [k for k, v in states[0].items() if k not in SCALARS and torch.is_tensor(v)]
+        self.inplace = len(params) == 1 and params[0].is_contiguous()
+        self.x = self._flat([p.detach() for p in params])
+        self.grad = self._flat([p.grad for p in params])
+        self.state: dict[str, Any] = {k: self._flat([st[k] for st in states]) for k in self.keys}
+        for k in SCALARS:
+            self.state[k] = states[0].get(k)
+
+    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        if self.inplace and tensors[0].is_contiguous():
+            return tensors[0].view(-1)
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def count_step(self) -> None:
+        for st in self.states:
+            for k in SCALARS:
+                if k in st:
+                    st[k] += 1
+
+    def write_back(self) -> None:
+        if self.inplace:
+            return
+        sizes = [p.numel() for p in self.params]
+        for k in self.keys:
+            torch._foreach_copy_([st[k].view(-1) for st in self.states],
+                                 list(torch.split(self.state[k], sizes)))
+        torch._foreach_copy_([p.detach().view(-1) for p in self.params],
+                             list(torch.split(self.x, sizes)))
 
 
 class MADA(torch.optim.Optimizer):
@@ -150,18 +189,34 @@ class MADA(torch.optim.Optimizer):
         """The coefficients of ``group`` with a positive hyper learning rate."""
         return [k for k in COEFFICIENTS if group["hyper_lr"][k] > 0]
 
+    def _clusters(self, group: Mapping[str, Any]) -> list[_Flat]:
+        """The group's parameters with a gradient, as flat vectors: one :class:`_Flat` per set
+        of parameters sharing dtype, step count and state keys (normally one for the group)."""
+        clusters: dict[tuple, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("MADA does not support sparse gradients; densify them first "
+                                   "(e.g. use a dense exchange or dense embeddings)")
+            st = self.state[p]
+            key = (float(st.get("step", 0.0)), p.dtype, tuple(sorted(st)))
+            clusters.setdefault(key, []).append(p)
+        return [_Flat(members, [self.state[p] for p in members])
+                for members in clusters.values()]
+
     @torch.no_grad()
     def hypergradient(self, group: Mapping[str, Any]) -> dict[str, float]:
         """∂L/∂z for each learned coefficient z of ``group``: the sum over its parameters of
         <current grad, stored ∂x/∂z of the previous step> (0 where nothing is stored yet)."""
+        return self._hypergradient(group, self._clusters(group))
+
+    def _hypergradient(self, group: Mapping[str, Any], flats: list[_Flat]) -> dict[str, float]:
         out = dict.fromkeys(self.learned(group), 0.0)
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
+        for f in flats:
             for k in out:
-                if f"d_{k}" in state:
-                    out[k] += float(torch.dot(p.grad.reshape(-1), state[f"d_{k}"].reshape(-1)))
+                if f"d_{k}" in f.state:
+                    out[k] += float(torch.dot(f.grad, f.state[f"d_{k}"]))
         return out
 
     @torch.no_grad()
@@ -171,19 +226,19 @@ class MADA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError("MADA does not support sparse gradients; densify them "
-                                       "first (e.g. use a dense exchange or dense embeddings)")
-            if self.learned(group) and any(self.state[p] for p in params):
-                self._hyper_step(group)
-            for p in params:
-                self._update(p, group)
+            for p in group["params"]:
+                if p.grad is not None and not p.grad.is_sparse:
+                    self._init_state(p, group)
+            flats = self._clusters(group)
+            if self.learned(group):
+                self._hyper_step(group, self._hypergradient(group, flats))
+            for f in flats:
+                f.count_step()
+                self._update(f.x, f.grad, f.state, group)
+                f.write_back()
         return loss
 
-    def _hyper_step(self, group: dict[str, Any]) -> None:
-        h = self.hypergradient(group)
+    def _hyper_step(self, group: dict[str, Any], h: dict[str, float]) -> None:
         vec = torch.tensor(list(h.values()), dtype=torch.float64)
         if self.hypergrad_reduce is not None:
             vec = self.hypergrad_reduce(vec)
@@ -191,27 +246,35 @@ class MADA(torch.optim.Optimizer):
         for k, hk in zip(h, vec.tolist(), strict=True):
             lo, hi = RANGES[k]
             group[k] = min(hi, max(lo, group[k] - group["hyper_lr"][k] * hk))
-            group["hypergrad"] = {**group["hypergrad"], k: hk}
+        group["hypergrad"] = {**group["hypergrad"], **dict(zip(h, vec.tolist(), strict=True))}
 
-    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        b1, b2, b3, c, rho, gm = (group[k] for k in COEFFICIENTS)
-        lr, eps = group["lr"], group["eps"]
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """Allocate the state ``p`` needs under the group's current coefficients."""
         learned = set(self.learned(group))
-        g = p.grad
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-        if (b3 != 0 or "beta3" in learned) and "diff_avg" not in state:
+        if (group["beta3"] != 0 or "beta3" in learned) and "diff_avg" not in state:
             state["diff_avg"] = torch.zeros_like(p)
-            state["prev_grad"] = g.clone()
-        if (rho != 1 or "rho" in learned) and "v_bar" not in state:
+            state["prev_grad"] = p.grad.clone()
+        if (group["rho"] != 1 or "rho" in learned) and "v_bar" not in state:
             state["v_bar"] = state["exp_avg_sq"].clone()
             state["v_bar_steps"] = torch.tensor(0.0)
-        if (gm != 1 or "gamma" in learned) and "lion_avg" not in state:
+        if (group["gamma"] != 1 or "gamma" in learned) and "lion_avg" not in state:
             state["lion_avg"] = torch.zeros_like(p)
-        state["step"] += 1
+        for k in learned:
+            if f"d_{k}" not in state:
+                state[f"d_{k}"] = torch.zeros_like(p)
+
+    def _update(self, x: torch.Tensor, g: torch.Tensor, state: dict[str, Any],
+                group: dict[str, Any]) -> None:
+        """The MADA step of the module docstring on the flat parameters ``x`` (in place) with
+        gradient ``g`` and the matching flat ``state`` (in place, step already counted)."""
+        b1, b2, b3, c, rho, gm = (group[k] for k in COEFFICIENTS)
+        lr, eps = group["lr"], group["eps"]
+        learned = set(self.learned(group))
         t = float(state["step"])
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
         m, v_tilde = state["exp_avg"], state["exp_avg_sq"]
@@ -250,9 +313,8 @@ class MADA(torch.optim.Optimizer):
         select = None
         if "v_bar" in state:
             v_bar = state["v_bar"]
-            state["v_bar_steps"] += 1
             if group["vmax"] == "max":
-                select = (v_tilde > v_bar).to(p.dtype)
+                select = (v_tilde > v_bar).to(x.dtype)
                 torch.maximum(v_bar, v_tilde, out=v_bar)
             else:
                 select = 1.0 / float(state["v_bar_steps"])
@@ -276,10 +338,10 @@ class MADA(torch.optim.Optimizer):
                                     denom=denom, lion=lion, group=group, t=t)
 
         if group["weight_decay"]:
-            p.mul_(1 - lr * group["weight_decay"])
-        p.addcdiv_(num, denom, value=-(lr / bc1) * gm)
+            x.mul_(1 - lr * group["weight_decay"])
+        x.addcdiv_(num, denom, value=-(lr / bc1) * gm)
         if lion is not None and gm != 1:
-            p.add_(lion, alpha=-lr * (1 - gm))
+            x.add_(lion, alpha=-lr * (1 - gm))
 
     @staticmethod
     def _store_derivatives(state: dict[str, Any], learned: set[str],
@@ -325,6 +387,6 @@ class MADA(torch.optim.Optimizer):
         if "rho" in learned:
             d_adaptive["rho"] = k_v * ((v_tilde - v_bar) / bc2)
         for k, da in d_adaptive.items():
-            state[f"d_{k}"] = da.mul_(-lr * gm)
+            torch.mul(da, -lr * gm, out=state[f"d_{k}"])
         if "gamma" in learned:
-            state["d_gamma"] = (adaptive - lion).mul_(-lr)
+            torch.sub(adaptive, lion, out=state["d_gamma"]).mul_(-lr)
