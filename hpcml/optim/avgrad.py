@@ -1,12 +1,13 @@
-"""AVGrad (Ozkara et al., arXiv 2401.08893, Section 4): AMSGrad with the running maximum of the
+"""AVGrad (Ozkara et al., arXiv 2401.08893): AMSGrad with the running maximum of the
 second moment replaced by its running (uniform, time) average,
 
     m_t = β1 m + (1 - β1) g,   v_t = β2 v + (1 - β2) g²,   v̄_t = (1/t) Σ_{s<=t} v_s,
     x  ← x - η (m_t / (1 - β1^t)) / (√(v̄_t / (1 - β2^t)) + ε).
 
 The average is differentiable in the coefficients, which is why MADA interpolates towards it
-rather than towards AMSGrad's maximum. The bias correction of v̄ by 1 - β2^t follows the authors'
-code. It is MADA at the point (β3, c, ρ, γ) = (0, 1, 0, 1) with ``vmax="avg"`` and nothing
+rather than towards AMSGrad's maximum. The uniform average and its bias correction by 1 - β2^t
+follow the authors' code (``gdtuo.py``, ``v_mean``).
+It is MADA at the point (β3, c, ρ, γ) = (0, 1, 0, 1) with ``vmax="avg"`` and nothing
 learned, so both share one implementation.
 """
 

@@ -1,9 +1,12 @@
 """MADA, the meta-adaptive optimizer of Ozkara et al., "MADA: Meta-Adaptive Optimizers through
 hyper-gradient Descent" (ICML 2024, arXiv 2401.08893), as a ``torch.optim.Optimizer``.
 
-The update (the paper's parameterized optimizer, Section 3, and the authors' reference code
-``amazon-science/mada_optimizer_search``, ``gdtuo.py`` class ``Meta``), per element, step t >= 1,
-with g the gradient and d = g - g_prev (d = 0 at the first step, Adan's convention):
+The update is the paper's parameterized optimizer (the interpolation of Adam, AMSGrad/AVGrad,
+Yogi, Adan and Lion) as implemented in the authors' reference code
+(``amazon-science/mada_optimizer_search``, ``gdtuo.py``, ``Meta.step``, commit 2beded8), which
+is what was checked here line by line; the paper's own equation numbers could not be read from
+the text available to this project, so none are quoted. Per element, step t >= 1, with g the
+gradient and d = g - g_prev (d = 0 at the first step, Adan's convention):
 
     m̄_t = β1 m̄ + (1 - β1) g                    first moment (Adam)
     n_t = β3 n + (1 - β3) d                     gradient-difference moment (Adan)
@@ -18,12 +21,16 @@ with g the gradient and d = g - g_prev (d = 0 at the first step, Adan's conventi
 
 (β3, c, ρ, γ) = (0, 1, 1, 1) is Adam with its bias correction (``torch.optim.Adam`` step for step);
 ρ = 0 with ``vmax="max"`` is ``torch.optim.Adam(amsgrad=True)``; ρ = 0 with ``"avg"`` is AVGrad
-(:class:`~hpcml.optim.avgrad.AVGrad`, the paper's Section 4: the running maximum replaced by the
-running average, which has a useful hyper-gradient). Decoupled weight decay (AdamW) multiplies
-x by ``1 - η weight_decay`` first.
+(:class:`~hpcml.optim.avgrad.AVGrad`: the running maximum replaced by the running average, which
+has a useful hyper-gradient). Decoupled weight decay (AdamW) multiplies x by
+``1 - η weight_decay`` first. Where this differs from the reference code: d = 0 and n = 0 at the
+first step (the code starts from g_prev = 0 and n = g²), Lion's sign uses the momentum before
+its update (as in the Lion paper), and the derivative through v̄ is kept (the code detaches it).
 
-Hyper-gradient descent (the paper's Algorithm 1; one step of look-back as in "Gradient descent:
-the ultimate optimizer", which the authors build on). Every coefficient z with ``hyper_lr[z] > 0``
+Hyper-gradient descent (the paper's meta-optimization loop; one step of look-back as in
+"Gradient descent: the ultimate optimizer", which the authors' code builds on, with plain SGD on
+each coefficient and the authors' hyper learning rates and clipping, ``train_ddp.py``). Every
+coefficient z with ``hyper_lr[z] > 0``
 is learned: x_{t+1} = x_t - η u_t(z) depends on z elementwise, with the state of step t-1 held
 fixed, so the hyper-gradient of the next loss is
 
