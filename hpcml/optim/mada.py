@@ -117,42 +117,65 @@ def check_arguments(lr: float, eps: float, weight_decay: float, coeffs: Mapping[
         raise ValueError(f"MADA: vmax must be 'avg' (AVGrad) or 'max' (AMSGrad), got {vmax!r}")
 
 
+def _covering_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A 1-D view of the storage the ``tensors`` occupy back to back (same storage, contiguous,
+    consecutive offsets, in order), or None when they are not laid out that way."""
+    first = tensors[0]
+    offset = first.storage_offset()
+    for t in tensors:
+        if (not t.is_contiguous() or t.storage_offset() != offset
+                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += t.numel()
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                   (offset - first.storage_offset(),))
+
+
 class _Flat:
     """Parameters of one cluster seen as one flat vector: ``x`` (parameters), ``grad`` and
-    ``state`` (per key). A single contiguous parameter is viewed in place; several are
-    concatenated and :meth:`write_back` copies the results into the parameters and their
-    per-parameter state, so ``state_dict`` keeps torch's per-parameter layout."""
+    ``state`` (per key). The per-parameter state tensors are views into one flat buffer per key
+    (laid out so on first use), so the update works on the buffers in place and ``state_dict``
+    keeps torch's per-parameter layout; parameters are concatenated and :meth:`write_back`
+    copies them back (a single contiguous parameter is updated in place)."""
 
     def __init__(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> None:
         self.params, self.states = params, states
-        self.keys = [k for k, v in states[0].items() if k not in SCALARS and torch.is_tensor(v)]
-        self.inplace = len(params) == 1 and params[0].is_contiguous()
-        self.x = self._flat([p.detach() for p in params])
-        self.grad = self._flat([p.grad for p in params])
-        self.state: dict[str, Any] = {k: self._flat([st[k] for st in states]) for k in self.keys}
-        for k in SCALARS:
+        keys = [k for k, v in states[0].items() if k not in SCALARS and torch.is_tensor(v)]
+        self.x = _covering_view([p.detach() for p in params])
+        self.inplace = self.x is not None
+        if self.x is None:
+            self.x = torch.cat([p.detach().reshape(-1) for p in params])
+        grads = [p.grad for p in params]
+        self.grad = _covering_view(grads)
+        if self.grad is None:
+            self.grad = torch.cat([g.reshape(-1) for g in grads])
+        self.state: dict[str, Any] = {k: self._flat_state(k) for k in keys}
+        for k in SCALARS:  # one counter shared by the cluster (equal values, by construction)
+            if k in states[0]:
+                for st in states:
+                    st[k] = states[0][k]
             self.state[k] = states[0].get(k)
 
-    def _flat(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        if self.inplace and tensors[0].is_contiguous():
-            return tensors[0].view(-1)
-        return torch.cat([t.reshape(-1) for t in tensors])
+    def _flat_state(self, key: str) -> torch.Tensor:
+        tensors = [st[key] for st in self.states]
+        flat = _covering_view(tensors)
+        if flat is None:
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            pieces = torch.split(flat, [t.numel() for t in tensors])
+            for st, piece, t in zip(self.states, pieces, tensors, strict=True):
+                st[key] = piece.view(t.shape)
+        return flat
 
     def count_step(self) -> None:
-        for st in self.states:
-            for k in SCALARS:
-                if k in st:
-                    st[k] += 1
+        for k in SCALARS:
+            if self.state[k] is not None:
+                self.state[k] += 1
 
     def write_back(self) -> None:
-        if self.inplace:
-            return
-        sizes = [p.numel() for p in self.params]
-        for k in self.keys:
-            torch._foreach_copy_([st[k].view(-1) for st in self.states],
-                                 list(torch.split(self.state[k], sizes)))
-        torch._foreach_copy_([p.detach().view(-1) for p in self.params],
-                             list(torch.split(self.x, sizes)))
+        if not self.inplace:
+            sizes = [p.numel() for p in self.params]
+            torch._foreach_copy_([p.detach().view(-1) for p in self.params],
+                                 list(torch.split(self.x, sizes)))
 
 
 class MADA(torch.optim.Optimizer):
@@ -365,35 +388,32 @@ class MADA(torch.optim.Optimizer):
         b1, b2, b3, c, rho, gm = (group[k] for k in COEFFICIENTS)
         lr = group["lr"]
         bc1, bc2 = 1 - b1 ** t, 1 - b2 ** t
-        adaptive = num / (bc1 * denom)                      # A = m̂ / (√v̂ + ε)
-        # ∂A/∂v̂ = -A / (2 √v̂ (√v̂ + ε)), 0 where v̂ = 0 (no gradient ever seen there).
-        k_v = torch.where(root > 0, -adaptive / (2 * root.clamp_min(1e-30) * denom),
-                          torch.zeros_like(root))
+        scale = -lr * gm                                   # ∂x/∂z = scale · ∂A/∂z
+        adaptive = num.div(denom).mul_(1 / bc1)            # A = m̂ / (√v̂ + ε)
+        # kv = scale · ∂A/∂v̂ = scale · (-A / (2 √v̂ (√v̂ + ε))); where v̂ = 0 (no gradient ever
+        # seen) A = 0 and every ∂v̂ is 0, and the clamp keeps kv finite (0).
+        kv = adaptive.div(root.clamp_min(1e-30).mul_(denom)).mul_(-0.5 * scale)
+        # ∂v̂/∂ṽ_t through v̄ and the ρ interpolation: (ρ + (1 - ρ) ∂v̄/∂ṽ) / bc2.
+        vfac: torch.Tensor | float = 1 / bc2
+        if v_bar is not None:
+            vfac = select * ((1 - rho) / bc2) + rho / bc2
 
-        def from_v_tilde(dvt: torch.Tensor) -> torch.Tensor:
-            """∂v̂ from ∂ṽ_t, through v̄ and the ρ interpolation."""
-            if v_bar is None:
-                return dvt / bc2
-            return (rho * dvt + (1 - rho) * select * dvt) / bc2
-
-        d_adaptive: dict[str, torch.Tensor] = {}
         if "beta1" in learned:
-            dm = d_list["m_b1"] / bc1 + m_bar * (t * b1 ** (t - 1) / bc1 ** 2)
-            d_adaptive["beta1"] = dm / denom
+            out = d_list["m_b1"].mul_(scale / bc1).add_(m_bar, alpha=scale * t * b1 ** (t - 1)
+                                                          / bc1 ** 2)
+            torch.div(out, denom, out=state["d_beta1"])
         if "beta2" in learned:
-            dv_hat = from_v_tilde(d_list["vt_b2"]) + v * (t * b2 ** (t - 1) / bc2 ** 2)
-            d_adaptive["beta2"] = k_v * dv_hat
+            out = d_list["vt_b2"].mul_(vfac).add_(v, alpha=t * b2 ** (t - 1) / bc2 ** 2)
+            torch.mul(out, kv, out=state["d_beta2"])
         if "beta3" in learned:
-            dm = n + b3 * d_list["n_b3"]
-            slope = 1.0 if sign is None else c + (1 - c) * sign
-            dvt = (1 - b2) * slope * 2 * g_hat * diff
-            d_adaptive["beta3"] = dm / denom + k_v * from_v_tilde(dvt)
+            out = torch.mul(g_hat, diff, out=state["d_beta3"]).mul_(vfac).mul_(kv)
+            if sign is not None:
+                out.mul_(sign.mul_(1 - c).add_(c))
+            out.mul_(2 * (1 - b2))
+            out.add_(d_list["n_b3"].mul_(b3).add_(n).div_(denom), alpha=scale)
         if "c" in learned:
-            dvt = (1 - b2) * (q - yogi)
-            d_adaptive["c"] = k_v * from_v_tilde(dvt)
+            torch.sub(q, yogi, out=state["d_c"]).mul_(vfac).mul_(kv).mul_(1 - b2)
         if "rho" in learned:
-            d_adaptive["rho"] = k_v * ((v_tilde - v_bar) / bc2)
-        for k, da in d_adaptive.items():
-            torch.mul(da, -lr * gm, out=state[f"d_{k}"])
+            torch.sub(v_tilde, v_bar, out=state["d_rho"]).mul_(kv).mul_(1 / bc2)
         if "gamma" in learned:
             torch.sub(adaptive, lion, out=state["d_gamma"]).mul_(-lr)
