@@ -305,6 +305,7 @@ def _plot_losses(cfg: BenchOptimizersConfig, ctx: RunContext,
         ax.set_ylabel("validation loss (nats/byte)")
         ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
         ax.legend(fontsize=8)
+    fig.tight_layout()
     save_figure(fig, ctx.run_dir.path / "val-loss.png")
 
 
@@ -323,6 +324,7 @@ def _plot_coefficients(cfg: BenchOptimizersConfig, ctx: RunContext,
         ax.set_xlabel("step")
         ax.set_ylim(-0.05, 1.05)
         ax.legend(fontsize=8)
+    fig.tight_layout()
     save_figure(fig, ctx.run_dir.path / "mada-coefficients.png")
 
 
