@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 import torch
 
+from hpcml.config import load_job_file, read_toml
+from hpcml.errors import UsageError
+from hpcml.optim.bench import BenchOptimizersConfig
 from hpcml.optim.corpus import EOD, read_split
 from hpcml.testing import hpcml_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "lm" / "pystdlib.h5"
+JOB = str(ROOT / "jobs" / "bench-optimizers.toml")
 TINY = ["steps=4", "seeds=1", "eval_every=2", "eval_windows=4", "batch_size=4",
         "model.d_model=16", "model.heads=2", "model.layers=1", "model.ff=32",
         "model.context=16", f"data={CORPUS}"]
@@ -31,16 +35,27 @@ def sets(tmp_path, *extra):
     return out
 
 
-@pytest.mark.parametrize("nranks, key, value, match", [
-    (1, "mada.hyper_lr", "-1.0", "mada: MADA: hyper_lr must be >= 0"),
-    (1, "mada.beta3", "1.0", "mada: MADA: beta3 must be in [0, 1)"),
-    (2, "lr", "-0.001", "lr: must be >= 0.0"),
+@pytest.mark.parametrize("key, value, match", [
+    ("mada.hyper_lr", -1.0, "mada: MADA: hyper_lr must be >= 0"),
+    ("mada.beta3", 1.0, "mada: MADA: beta3 must be in [0, 1)"),
+    ("mada.rho", 1.5, "mada: MADA: rho must be in [0, 1]"),
+    ("lr", -0.001, "lr: must be >= 0.0"),
 ])
-def test_bad_values_exit_2_with_one_line(tmp_path, nranks, key, value, match):
-    res = hpcml_cli(nranks, "bench", "optimizers", *sets(tmp_path, f"{key}={value}"), cwd=tmp_path)
+def test_bad_values_are_one_line_errors(key, value, match):
+    data = read_toml(JOB)
+    section, _, field = key.rpartition(".")
+    (data[section] if section else data)[field] = value
+    with pytest.raises(UsageError) as err:
+        load_job_file(BenchOptimizersConfig, data, JOB, 2)
+    assert match in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_value_exits_2_with_one_line_before_any_work(tmp_path):
+    res = hpcml_cli(2, "bench", "optimizers", JOB, *sets(tmp_path, "mada.hyper_lr=-1.0"),
+                    cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and match in lines[0], res.stderr
+    assert len(lines) == 1 and "mada: MADA: hyper_lr must be >= 0" in lines[0], res.stderr
     assert not (tmp_path / "runs").exists()
 
 
