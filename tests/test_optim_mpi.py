@@ -1,11 +1,11 @@
 """MADA under data parallelism: the learned coefficients stay bitwise identical on every rank
-(gradient averaging by the dense-allreduce exchange; Qsparse-local-SGD with the hyper-gradient
+(inside hpcml.parallel.DistributedOptimizer; Qsparse-local-SGD with the hyper-gradient
 averaged) and equal, up to summation order, to one process training on the whole batch."""
 
 import torch
 
-from hpcml.nmt.exchange import make_exchange
 from hpcml.optim import MADA, average_hypergradient
+from hpcml.parallel import DistributedOptimizer
 from hpcml.qsparse import QsparseLocalSGD
 from hpcml.testing import mpi_test
 
@@ -33,21 +33,17 @@ def flat(model):
 
 def train(opts, steps, comm=None):
     """MADA on the global batch: in one process, or data parallel over ``comm`` (each rank
-    its slice, gradients averaged by the dense-allreduce exchange)."""
+    its slice, gradients averaged by hpcml.parallel.DistributedOptimizer)."""
     model = mlp()
-    opt = MADA(model.parameters(), **opts)
-    exchange = None if comm is None else make_exchange("dense_allreduce", comm, model)
+    mada = MADA(model.parameters(), **opts)
+    opt = mada if comm is None else DistributedOptimizer(mada, model, comm=comm)
     rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     mine = slice(rank * 16 // size, (rank + 1) * 16 // size)
     for step in range(steps):
         opt.zero_grad()
         loss_on(model, X[mine], Y[mine], step).backward()
-        if exchange is not None:
-            exchange.synchronize()
         opt.step()
-    if exchange is not None:
-        exchange.remove_hooks()
-    return model, opt
+    return model, mada
 
 
 @mpi_test(ranks=[1, 2, 4])

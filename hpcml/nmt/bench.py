@@ -6,10 +6,10 @@ run, every method takes ``warmup`` untimed then ``steps`` timed steps; the metho
 step by step on the same batch (in an order rotated every step), so that drift in machine load
 hits them alike:
 
-- ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: hpcml's exchanges
-  (:mod:`hpcml.nmt.exchange`); exchange memory is their measured peak of exchange buffers
-  (:class:`~hpcml.nmt.exchange.memory.ExchangeMemory`), bytes are the ledger's received bytes
-  of the exchange (taken around ``synchronize``, where every request completes);
+- ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: the reductions of
+  :class:`hpcml.parallel.DistributedOptimizer`; exchange memory is their measured peak of
+  exchange buffers (:class:`~hpcml.parallel.ExchangeMemory`), bytes are the ledger's received
+  bytes of the exchange (taken around ``optimizer.step()``, where every request completes);
 - ``ddp``: torch DDP over gloo on the all-dense model; memory = its reducer's bucket sizes; its
   traffic is not in the ledger and is given by the ledger's convention for an allreduce of those
   buckets (received = bucket bytes);
@@ -43,13 +43,17 @@ from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt import peers
 from hpcml.nmt.config import DataConfig, ModelConfig, check_model_data
 from hpcml.nmt.data import TrainStream, read_shard, read_vocab
-from hpcml.nmt.exchange import STRATEGIES, make_exchange
 from hpcml.nmt.model import Transformer
-from hpcml.nmt.state import broadcast_state
 from hpcml.nmt.step import train_step
+from hpcml.parallel import (
+    REDUCTIONS,
+    DistributedOptimizer,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+)
 from hpcml.rundir import atomic_write, read_metrics
 
-METHODS = (*STRATEGIES, "ddp", "horovod")
+METHODS = (*REDUCTIONS, "ddp", "horovod")
 
 
 @dataclasses.dataclass
@@ -87,8 +91,8 @@ class _Runner:
     method: str
     net: torch.nn.Module
     optimizer: Any
-    synchronize: Callable[[], None]
     memory: Callable[[], int | None]
+    after_step: Callable[[], None] = lambda: None
     exchanged: int = 0
     times: list[float] = dataclasses.field(default_factory=list)
     tokens: list[int] = dataclasses.field(default_factory=list)
@@ -97,34 +101,36 @@ class _Runner:
 def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _Runner:
     """Model (same seed for every method), optimizer and exchange of ``method``. Collective."""
     comm, bucket = ctx.comm, cfg.bucket_kib * 1024
-    model = _model(cfg, vocab, sparse=method in STRATEGIES)
+    model = _model(cfg, vocab, sparse=method in REDUCTIONS)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
-    broadcast_state(comm, model, optimizer)
-    if method in STRATEGIES:
-        exchange = make_exchange(method, comm, model, bucket)
-        runner = _Runner(method, model, optimizer, exchange.synchronize,
-                         lambda: exchange.memory.peak)
+    broadcast_parameters(model, comm)
+    broadcast_optimizer_state(optimizer, comm)
+    if method in REDUCTIONS:
+        dist = DistributedOptimizer(optimizer, model, comm=comm, reduction=method,
+                                    bucket_kib=cfg.bucket_kib)
+        runner = _Runner(method, model, dist, lambda: dist.memory.peak)
+        before = [0]
 
-        def synchronize() -> None:
-            before = comm.ledger.bytes_received()
-            exchange.synchronize()
-            runner.exchanged += comm.ledger.bytes_received() - before
+        def pre(*_: Any) -> None:
+            before[0] = comm.ledger.bytes_received()
 
-        runner.synchronize = synchronize
+        def post(*_: Any) -> None:
+            runner.exchanged += comm.ledger.bytes_received() - before[0]
+
+        dist.register_step_pre_hook(pre)
+        dist.register_step_post_hook(post)
         return runner
     if method == "ddp":
         net = peers.ddp(comm, model, bucket)
-        runner = _Runner(method, net, optimizer, lambda: None,
-                         lambda: peers.ddp_bucket_bytes(net))
+        runner = _Runner(method, net, optimizer, lambda: peers.ddp_bucket_bytes(net))
 
         def counted() -> None:
             runner.exchanged += peers.ddp_bucket_bytes(net) or 0
 
-        runner.synchronize = counted
+        runner.after_step = counted
         return runner
     # Horovod's step() waits for its own allreduces; it reports no exchange memory.
-    return _Runner(method, model, peers.horovod_optimizer(model, optimizer), lambda: None,
-                   lambda: None)
+    return _Runner(method, model, peers.horovod_optimizer(model, optimizer), lambda: None)
 
 
 def _measure(cfg: ReductionConfig, ctx: RunContext, runners: list[_Runner],
@@ -142,7 +148,8 @@ def _measure(cfg: ReductionConfig, ctx: RunContext, runners: list[_Runner],
         shift = step % len(runners)
         for r in runners[shift:] + runners[:shift]:
             start = time.perf_counter()
-            _, n, _ = train_step(comm, r.net, batch, r.optimizer, r.synchronize, 0.1, cfg.lr)
+            _, n, _ = train_step(comm, r.net, batch, r.optimizer, 0.1, cfg.lr)
+            r.after_step()
             if step >= cfg.warmup:
                 r.times.append(time.perf_counter() - start)
                 r.tokens.append(n)

@@ -1,13 +1,16 @@
 """Job kind ``transformer-nmt``: data-parallel training of :class:`~hpcml.nmt.model.Transformer`
-on the numbers corpus with a chosen gradient exchange (arXiv 1905.04035).
+on the numbers corpus with a chosen gradient reduction of :mod:`hpcml.parallel`
+(arXiv 1905.04035).
 
 Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
 broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's
 dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
 SIGUSR1 on any rank, checkpoint after the current step and stop; finally greedy-decode the test
-split and report corpus BLEU. With ``[qsparse] enabled`` the gradient exchange is replaced by
-synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such runs are not resumable). A run
+split and report corpus BLEU. The optimizer is a :class:`~hpcml.parallel.DistributedOptimizer`
+around Adam; with ``[qsparse] enabled`` it is synchronous Qsparse-local-SGD instead
+(:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every rank's own model, optimizer state
+and error memory. A run
 resumed from a checkpoint takes exactly the steps the uninterrupted run would (same batches,
 dropout masks, optimizer state and learning rates).
 """
@@ -26,13 +29,13 @@ from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.config import NMTConfig
 from hpcml.nmt.data import TrainStream, read_shard, read_vocab
 from hpcml.nmt.decode import corpus_bleu, validation_loss
-from hpcml.nmt.exchange import make_exchange
 from hpcml.nmt.model import Transformer, noam_lr
+from hpcml.nmt.qsparse import accounting, qsparse_optimizer
 from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
 from hpcml.nmt.step import train_step
 from hpcml.optim.registry import build_optimizer
+from hpcml.parallel import DistributedOptimizer
 from hpcml.preemption import Preemption
-from hpcml.qsparse.nmt import QsparseExchange
 
 
 def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transformer:
@@ -56,22 +59,26 @@ def seed_rank(seed: int, rank: int) -> None:
 def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     comm, t = ctx.comm, cfg.train
     vocab = read_vocab(cfg.data.path)
-    model = build_model(cfg, len(vocab))
+    model = build_model(cfg, len(vocab), sparse=not cfg.qsparse.enabled)
     optimizer = make_optimizer(model, t.optimizer)
     if cfg.qsparse.enabled:
-        if ctx.resume is not None:
-            raise UsageError("--resume: a qsparse run keeps per-rank local models and error "
-                             "memories that checkpoints do not hold (start a new run)")
-        qsparse = QsparseExchange(comm, model, optimizer, cfg.qsparse, cfg.seed)
-        synchronize, stepper = qsparse.synchronize, qsparse.optimizer
+        stepper = qsparse_optimizer(comm, model, optimizer, cfg.qsparse, cfg.seed)
     else:
-        exchange = make_exchange(t.grad_reduction, comm, model, t.bucket_kib * 1024,
-                                 on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
-        synchronize, stepper = exchange.synchronize, optimizer
+        stepper = DistributedOptimizer(optimizer, model, comm=comm, reduction=t.grad_reduction,
+                                       bucket_kib=t.bucket_kib,
+                                       on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
     start, history = 0, []
     if ctx.resume is not None:
         record = load_checkpoint(comm, ctx.run_dir.path, model, optimizer)
         start, history = record["step"], record["history"]
+        if cfg.qsparse.enabled:
+            own = record["rank_state"]
+            if own is None:
+                raise UsageError(f"--resume {ctx.run_dir.path}: the checkpoint has no per-rank "
+                                 "qsparse state (it was written without [qsparse]); start a "
+                                 "new run")
+            model.load_state_dict(own["model"])
+            stepper.load_state_dict(own["optimizer"])
         ctx.log(f"resumed from step {start}")
     else:
         broadcast_state(comm, model, optimizer)
@@ -82,12 +89,14 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"{train.total} training pairs, vocabulary {len(vocab)}, "
             f"{sum(p.numel() for p in model.parameters())} parameters, "
             f"{stream.steps_per_epoch} steps/epoch, exchange "
-            + (f"qsparse {qsparse.compressor.name} H={cfg.qsparse.H}" if cfg.qsparse.enabled
+            + (f"qsparse {stepper.compressor.name} H={cfg.qsparse.H}" if cfg.qsparse.enabled
                else t.grad_reduction))
 
     def checkpoint(step: int) -> None:
+        own = ({"model": model.state_dict(), "optimizer": stepper.state_dict()}
+               if cfg.qsparse.enabled else None)
         save_checkpoint(comm, ctx.run_dir.path, model, optimizer, step,
-                        {"history": history, "epoch": step // stream.steps_per_epoch})
+                        {"history": history, "epoch": step // stream.steps_per_epoch}, own)
 
     stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
     bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",
@@ -98,8 +107,7 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
             tick = time.perf_counter()
             lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
             loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
-                                            synchronize, t.label_smoothing, lr,
-                                            stop=flag.local)
+                                            t.label_smoothing, lr, stop=flag.local)
             busy += time.perf_counter() - tick
             tokens_total += tokens
             record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
@@ -128,14 +136,14 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
         "valid_loss": validation_loss(comm, model, valid, cfg.eval.batch_size,
                                       t.label_smoothing)}
     if cfg.qsparse.enabled:
-        bits = summary["qsparse"] = qsparse.accounting(step)
+        bits = summary["qsparse"] = accounting(stepper, step)
         ctx.log(f"qsparse: {bits['bits_per_worker']} bits per worker; dense allreduce of the "
                 f"same steps: {bits['dense_allreduce_bits_per_worker']} (ratio "
                 f"{bits['dense_over_qsparse']})")
     else:
         summary.update({"grad_reduction": t.grad_reduction,
-                        "exchange_peak_bytes": exchange.memory.peak,
-                        "auto_choices": exchange.choices})
+                        "exchange_peak_bytes": stepper.memory.peak,
+                        "auto_choices": stepper.choices})
     if stopped is None and cfg.eval.bleu:
         test = read_shard(cfg.data.path, "test", comm.rank, comm.size)
         bleu, hyps = corpus_bleu(comm, model, test, cfg.eval.batch_size, vocab)

@@ -5,13 +5,13 @@ byte-level language-modelling task (the Python standard library's source,
 For every setting x optimizer x seed, in one run: the same :class:`~hpcml.optim.lm.CausalLM`
 (initialised from the seed), the same batches (each rank draws ``batch_size / P`` random windows
 of ``context + 1`` bytes from its shard of the training split, seeded by (seed, rank)), gradients
-averaged over the ranks by the dense-allreduce exchange before every optimizer step, and the
-validation loss on fixed windows of the validation split (disjoint files) every ``eval_every``
-steps. Settings (the paper's robustness study): ``default`` (each optimizer at its own defaults,
-:data:`~hpcml.optim.registry.DEFAULT_LR`), ``beta2=0.9`` (the second-moment coefficient set to
-0.9; see :mod:`hpcml.optim.registry` for what that is per optimizer; for MADA only its initial
-value), ``lr*10`` and ``lr*0.1``. A run whose validation loss becomes non-finite stops and counts
-as diverged.
+averaged over the ranks (dense allreduce, :class:`~hpcml.parallel.DistributedOptimizer`) before
+every optimizer step, and the validation loss on fixed windows of the validation split (disjoint
+files) every ``eval_every`` steps. Settings (the paper's robustness study): ``default`` (each
+optimizer at its own defaults, :data:`~hpcml.optim.registry.DEFAULT_LR`), ``beta2=0.9`` (the
+second-moment coefficient set to 0.9; see :mod:`hpcml.optim.registry` for what that is per
+optimizer; for MADA only its initial value), ``lr*10`` and ``lr*0.1``. A run whose validation loss
+becomes non-finite stops and counts as diverged.
 
 Reported per (setting, optimizer): final validation loss (nats per byte) as mean ± standard
 deviation and min-max over the seeds, perplexity and bits per byte of the mean, the difference to
@@ -41,11 +41,11 @@ from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
-from hpcml.nmt.exchange import make_exchange
 from hpcml.optim.corpus import VOCAB, read_split
 from hpcml.optim.lm import CausalLM, next_token_loss
 from hpcml.optim.mada import COEFFICIENTS
 from hpcml.optim.registry import DEFAULT_LR, build_optimizer
+from hpcml.parallel import DistributedOptimizer
 
 BENCH_OPTIMIZERS = ("adam", "amsgrad", "avgrad", "lion", "adan", "yogi", "mada", "adamw")
 SETTINGS = ("default", "beta2=0.9", "lr*10", "lr*0.1")
@@ -159,7 +159,7 @@ def train_once(cfg: BenchOptimizersConfig, comm: Communicator, train: np.ndarray
     torch.manual_seed(seed)
     model = CausalLM(VOCAB, m.d_model, m.heads, m.layers, m.ff, max_len=m.context)
     optimizer = build_optimizer(name, model.parameters(), **cfg.optimizer_kwargs(name, setting))
-    exchange = make_exchange("dense_allreduce", comm, model)
+    distributed = DistributedOptimizer(optimizer, model, comm=comm)
     rng = np.random.default_rng([seed, comm.rank])
     per_rank = cfg.batch_size // comm.size
     steps, losses, coeffs = [0], [validation_loss(comm, model, valid)], []
@@ -170,11 +170,11 @@ def train_once(cfg: BenchOptimizersConfig, comm: Communicator, train: np.ndarray
     for step in range(1, cfg.steps + 1):
         windows = sample_windows(train, rng, per_rank, m.context + 1)
         tick = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
+        distributed.zero_grad(set_to_none=True)
         next_token_loss(model, windows).backward()
-        exchange.synchronize()
+        distributed.synchronize()
         mid, mid_cpu = time.perf_counter(), time.process_time()
-        optimizer.step()
+        distributed.step()
         end = time.perf_counter()
         opt_cpu.append(time.process_time() - mid_cpu)
         step_s.append(end - tick)
@@ -187,7 +187,7 @@ def train_once(cfg: BenchOptimizersConfig, comm: Communicator, train: np.ndarray
             if not math.isfinite(losses[-1]):
                 diverged = True
                 break
-    exchange.remove_hooks()
+    distributed.reducer.remove_hooks()
     timing = np.array([median(step_s), median(opt_s), median(opt_cpu)])
     comm.Allreduce(timing, op="max")
     return {"setting": setting, "optimizer": name, "seed": seed, "steps": steps,

@@ -1,6 +1,6 @@
 """MADA under data parallelism: keeping the learned coefficients identical on every rank.
 
-With per-step gradient averaging (``hpcml.nmt.exchange`` / ``hpcml.parallel``) nothing is needed:
+Inside :class:`hpcml.parallel.DistributedOptimizer` (per-step gradient averaging) nothing is needed:
 every rank holds the same averaged gradients and the same optimizer state, so the hyper-gradient
 <g_{t+1}, ∂x_{t+1}/∂z> and the coefficients come out bitwise equal (tested at 2 and 4 ranks).
 Where ranks step on their own gradients (Qsparse-local-SGD's local steps), pass
