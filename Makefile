@@ -49,7 +49,7 @@ test: dev
 	$(BIN)/python -m pytest
 
 lint: dev
-	$(BIN)/ruff check hpcml tests
+	$(BIN)/ruff check hpcml tests examples
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -37,12 +37,13 @@ import numpy as np
 import torch
 
 from hpcml.bench.report import markdown_table, median, pyplot, save_figure
+from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt import peers
 from hpcml.nmt.config import DataConfig, ModelConfig, check_model_data
-from hpcml.nmt.data import TrainStream, read_shard, read_vocab
+from hpcml.nmt.data import TrainStream, read_shard, read_vocab, steps_per_epoch, validate_corpus
 from hpcml.nmt.model import Transformer
 from hpcml.nmt.step import train_step
 from hpcml.parallel import (
@@ -239,5 +240,12 @@ def _plot(rows: list[dict[str, Any]], ctx: RunContext) -> None:
     save_figure(fig, ctx.run_dir.path / "reduction.png")
 
 
+def validate_data(cfg: ReductionConfig, comm: Communicator) -> None:
+    """The corpus is well formed (each rank checks its block) and one step fits."""
+    sizes = validate_corpus(cfg.data.path, comm.rank, comm.size)
+    steps_per_epoch(sizes["train"], cfg.batch_per_rank, comm.size, "batch_per_rank")
+
+
 JOB = JobKind(config=ReductionConfig, run=run,
-              description="sparse allgather vs dense allreduce vs torch DDP (memory, bytes, time)")
+              description="sparse allgather vs dense allreduce vs torch DDP (memory, bytes, time)",
+              validate_data=validate_data)

@@ -3,16 +3,17 @@ on the numbers corpus with a chosen gradient reduction of :mod:`hpcml.parallel`
 (arXiv 1905.04035).
 
 Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
-broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's
-dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
+broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's dropout
+stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
-SIGUSR1 on any rank, checkpoint after the current step and stop; finally greedy-decode the test
-split and report corpus BLEU. The optimizer is a :class:`~hpcml.parallel.DistributedOptimizer`
-around Adam; with ``[qsparse] enabled`` it is synchronous Qsparse-local-SGD instead
-(:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every rank's own model, optimizer state
-and error memory. A run
-resumed from a checkpoint takes exactly the steps the uninterrupted run would (same batches,
-dropout masks, optimizer state and learning rates).
+SIGUSR1 on any rank (caught from launch on, :mod:`hpcml.preemption`), checkpoint after the current
+step and stop with ``stopped_by`` set (status ``preempted``; a signal during the last step lets the
+run finish); finally greedy-decode the test split and report corpus BLEU. The optimizer is a
+:class:`~hpcml.parallel.DistributedOptimizer` around Adam; with ``[qsparse] enabled`` it is
+synchronous Qsparse-local-SGD instead (:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every
+rank's own model, optimizer state and error memory. A run resumed from a checkpoint takes exactly
+the steps the uninterrupted run would (same batches, dropout masks, optimizer state and learning
+rates).
 """
 
 from __future__ import annotations
@@ -24,18 +25,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hpcml.checkpoint import Restored
+from hpcml.comm import Communicator
 from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.config import NMTConfig
-from hpcml.nmt.data import TrainStream, read_shard, read_vocab
+from hpcml.nmt.data import TrainStream, read_shard, read_vocab, steps_per_epoch, validate_corpus
 from hpcml.nmt.decode import corpus_bleu, validation_loss
 from hpcml.nmt.model import Transformer, noam_lr
 from hpcml.nmt.qsparse import accounting, qsparse_optimizer
-from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
+from hpcml.nmt.state import broadcast_state, restore, save
 from hpcml.nmt.step import train_step
 from hpcml.optim.registry import build_optimizer
 from hpcml.parallel import DistributedOptimizer
-from hpcml.preemption import Preemption
 
 
 def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transformer:
@@ -68,15 +70,11 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                                        bucket_kib=t.bucket_kib,
                                        on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
     start, history = 0, []
-    if ctx.resume is not None:
-        record = load_checkpoint(comm, ctx.run_dir.path, model, optimizer)
-        start, history = record["step"], record["history"]
+    if ctx.restored is not None:
+        record = restore(comm, ctx.restored, model, optimizer)
+        start, history = ctx.restored.step, record["history"]
         if cfg.qsparse.enabled:
             own = record["rank_state"]
-            if own is None:
-                raise UsageError(f"--resume {ctx.run_dir.path}: the checkpoint has no per-rank "
-                                 "qsparse state (it was written without [qsparse]); start a "
-                                 "new run")
             model.load_state_dict(own["model"])
             stepper.load_state_dict(own["optimizer"])
         ctx.log(f"resumed from step {start}")
@@ -95,40 +93,40 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     def checkpoint(step: int) -> None:
         own = ({"model": model.state_dict(), "optimizer": stepper.state_dict()}
                if cfg.qsparse.enabled else None)
-        save_checkpoint(comm, ctx.run_dir.path, model, optimizer, step,
-                        {"history": history, "epoch": step // stream.steps_per_epoch}, own)
+        save(ctx, model, optimizer, step,
+             {"history": history, "epoch": step // stream.steps_per_epoch}, own)
 
     stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
     bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",
                dynamic_ncols=True)
-    with Preemption() as flag:
-        for step in range(start + 1, t.steps + 1):
-            comm.straggle(step)
-            tick = time.perf_counter()
-            lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
-            loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
-                                            t.label_smoothing, lr, stop=flag.local)
-            busy += time.perf_counter() - tick
-            tokens_total += tokens
-            record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
-                record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
-                                                       t.label_smoothing)
-                history.append({"step": step, "valid_loss": record["valid_loss"]})
-                if ctx.is_root:
-                    bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
-                              f"{record['valid_loss']:.4f}")
+    flag = ctx.preemption
+    for step in range(start + 1, t.steps + 1):
+        comm.straggle(step)
+        tick = time.perf_counter()
+        lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
+        loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
+                                        t.label_smoothing, lr, stop=flag.local)
+        busy += time.perf_counter() - tick
+        tokens_total += tokens
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
+            record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
+                                                   t.label_smoothing)
+            history.append({"step": step, "valid_loss": record["valid_loss"]})
             if ctx.is_root:
-                ctx.run_dir.log_metrics(**record)
-            if stop:
-                stopped = flag.received or "signal on another rank"
-                checkpoint(step)
-                break
-            if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \
-                    or step == t.steps:
-                checkpoint(step)
+                bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
+                          f"{record['valid_loss']:.4f}")
+        if ctx.is_root:
+            ctx.run_dir.log_metrics(**record)
+        if stop and step < t.steps:  # a signal during the last step lets the run finish
+            stopped = flag.reason()
+            checkpoint(step)
+            break
+        if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \
+                or step == t.steps:
+            checkpoint(step)
     bar.close()
     summary: dict[str, Any] = {
         "steps": step, "train_loss": loss,
@@ -157,5 +155,28 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
+def validate_data(cfg: NMTConfig, comm: Communicator) -> None:
+    """The corpus is well formed (each rank checks its block) and one training step fits."""
+    sizes = validate_corpus(cfg.data.path, comm.rank, comm.size)
+    steps_per_epoch(sizes["train"], cfg.train.batch_size // comm.size, comm.size)
+
+
+def check_resume(cfg: NMTConfig, restored: Restored) -> None:
+    """The checkpoint's parameters have this config's names and shapes, and a ``[qsparse]`` run
+    finds its per-rank state (raises UsageError otherwise)."""
+    saved = restored.shared.get("model", {})
+    expected = build_model(cfg, len(read_vocab(cfg.data.path))).state_dict()
+    wrong = [k for k in expected.keys() | saved.keys()
+             if k not in saved or k not in expected or saved[k].shape != expected[k].shape]
+    if wrong:
+        raise UsageError(f"{restored.manifest.path}: its model does not fit this config "
+                         f"({len(wrong)} tensors differ, e.g. {sorted(wrong)[0]}); resume with "
+                         "the same [model] section")
+    if cfg.qsparse.enabled and restored.local.get("rank_state") is None:
+        raise UsageError(f"{restored.manifest.path}: has no per-rank qsparse state (it was "
+                         "written without [qsparse]); start a new run")
+
+
 JOB = JobKind(config=NMTConfig, run=run,
-              description="data-parallel transformer NMT, sparse allgather vs dense allreduce")
+              description="data-parallel transformer NMT, sparse allgather vs dense allreduce",
+              validate_data=validate_data, check_resume=check_resume)
