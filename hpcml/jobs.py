@@ -34,6 +34,7 @@ KINDS: dict[str, str] = {
     "coded": "hpcml.coded.job",
     "bench-cf": "hpcml.coded.cf_bench",
     "bench-optimizers": "hpcml.optim.bench",
+    "bench-model-parallel": "hpcml.parallel.bench_model_parallel",
 }
 
 
