@@ -9,6 +9,7 @@ from hpcml.comm import StragglerConfig
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.nmt.qsparse import QsparseSection, transformer_dimension
+from hpcml.optim.registry import OPTIMIZERS
 from hpcml.parallel import REDUCTIONS
 
 
@@ -38,6 +39,9 @@ class TrainConfig:
                                  help="gradient exchange: sparse_allgather, dense_allreduce, "
                                       "auto")
     bucket_kib: int = option(1024, min=1, help="fused allreduce bucket size (KiB)")
+    optimizer: str = option("adam", choices=OPTIMIZERS, help="optimizer (hpcml.optim): adam, "
+                            "mada, lion, ...; Vaswani's betas (0.9, 0.98) and eps 1e-9 where "
+                            "it has them, the learning rate from Eq. 3")
 
 
 @dataclasses.dataclass

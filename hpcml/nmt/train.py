@@ -36,6 +36,7 @@ from hpcml.nmt.model import Transformer, noam_lr
 from hpcml.nmt.qsparse import accounting, qsparse_optimizer
 from hpcml.nmt.state import broadcast_state, restore, save
 from hpcml.nmt.step import train_step
+from hpcml.optim.registry import build_optimizer
 from hpcml.parallel import DistributedOptimizer
 
 
@@ -46,9 +47,10 @@ def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transfo
     return Transformer(vocab_size, m.d_model, m.heads, m.layers, m.ff, m.dropout, sparse=sparse)
 
 
-def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
-    """Adam with Vaswani §5.3's betas and epsilon; the learning rate is set every step."""
-    return torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+def make_optimizer(model: torch.nn.Module, name: str = "adam") -> torch.optim.Optimizer:
+    """Optimizer ``name`` (:data:`hpcml.optim.OPTIMIZERS`, default Adam) with Vaswani §5.3's
+    betas and epsilon where it has them; the learning rate is set every step."""
+    return build_optimizer(name, model.parameters(), lr=0.0, beta1=0.9, beta2=0.98, eps=1e-9)
 
 
 def seed_rank(seed: int, rank: int) -> None:
@@ -60,7 +62,7 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     comm, t = ctx.comm, cfg.train
     vocab = read_vocab(cfg.data.path)
     model = build_model(cfg, len(vocab), sparse=not cfg.qsparse.enabled)
-    optimizer = make_optimizer(model)
+    optimizer = make_optimizer(model, t.optimizer)
     if cfg.qsparse.enabled:
         stepper = qsparse_optimizer(comm, model, optimizer, cfg.qsparse, cfg.seed)
     else:
