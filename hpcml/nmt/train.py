@@ -1,15 +1,18 @@
 """Job kind ``transformer-nmt``: data-parallel training of :class:`~hpcml.nmt.model.Transformer`
-on the numbers corpus with a chosen gradient exchange (arXiv 1905.04035).
+on an HDF5 parallel corpus (the numbers corpus, or a text corpus prepared by
+:mod:`hpcml.nmt.subword`) with a chosen gradient exchange (arXiv 1905.04035).
 
 Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
 broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's
 dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
-SIGUSR1 on any rank, checkpoint after the current step and stop; finally greedy-decode the test
-split and report corpus BLEU. With ``[qsparse] enabled`` the gradient exchange is replaced by
-synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such runs are not resumable). A run
-resumed from a checkpoint takes exactly the steps the uninterrupted run would (same batches,
-dropout masks, optimizer state and learning rates).
+SIGUSR1 on any rank, checkpoint after the current step and stop; finally decode the test split
+(greedy, or beam search with ``eval.beam``) and report corpus BLEU with its sacreBLEU signature.
+Batches hold ``train.batch_size`` sentences, or with ``train.batch_tokens`` length-bucketed
+token batches (:mod:`hpcml.nmt.buckets`). With ``[qsparse] enabled`` the gradient exchange is
+replaced by synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such runs are not
+resumable). A run resumed from a checkpoint takes exactly the steps the uninterrupted run
+would (same batches, dropout masks, optimizer state and learning rates).
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hpcml.comm import chunk_bounds
 from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext
+from hpcml.nmt.buckets import BucketStream
 from hpcml.nmt.config import NMTConfig
 from hpcml.nmt.data import TrainStream, read_shard, read_vocab
 from hpcml.nmt.decode import corpus_bleu, validation_loss
@@ -30,6 +35,7 @@ from hpcml.nmt.exchange import make_exchange
 from hpcml.nmt.model import Transformer, noam_lr
 from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
 from hpcml.nmt.step import train_step
+from hpcml.nmt.subword import detokenizer, references
 from hpcml.preemption import Preemption
 from hpcml.qsparse.nmt import QsparseExchange
 
@@ -76,7 +82,8 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
         seed_rank(cfg.seed, comm.rank)
     train = read_shard(cfg.data.path, "train", comm.rank, comm.size)
     valid = read_shard(cfg.data.path, "valid", comm.rank, comm.size)
-    stream = TrainStream(train, t.batch_size // comm.size, comm.size, cfg.seed, comm.rank)
+    stream = (BucketStream(comm, train, t.batch_tokens, cfg.seed) if t.batch_tokens
+              else TrainStream(train, t.batch_size // comm.size, comm.size, cfg.seed, comm.rank))
     ctx.log(f"{train.total} training pairs, vocabulary {len(vocab)}, "
             f"{sum(p.numel() for p in model.parameters())} parameters, "
             f"{stream.steps_per_epoch} steps/epoch, exchange "
@@ -136,8 +143,13 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                         "auto_choices": exchange.choices})
     if stopped is None and cfg.eval.bleu:
         test = read_shard(cfg.data.path, "test", comm.rank, comm.size)
-        bleu, hyps = corpus_bleu(comm, model, test, cfg.eval.batch_size, vocab)
-        summary["test_bleu"] = bleu
+        refs = references(cfg.data.path, "test", *chunk_bounds(test.total, comm.size,
+                                                               comm.rank))
+        bleu, signature, hyps = corpus_bleu(comm, model, test, cfg.eval.batch_size,
+                                            detokenizer(cfg.data.path), refs, cfg.eval.beam,
+                                            cfg.eval.length_penalty)
+        summary.update(test_bleu=bleu, bleu_signature=signature, beam=cfg.eval.beam)
+        ctx.log(f"sacreBLEU {bleu:.2f} (beam {cfg.eval.beam}): {signature}")
         if ctx.is_root:
             ctx.run_dir.write_text("test-hypotheses.txt", "\n".join(hyps) + "\n")
     ctx.log(f"done: step {step}, valid loss {summary['valid_loss']:.4f}"
