@@ -2,22 +2,33 @@
 exchange bytes and peak exchange memory per rank equal the closed forms of the two paths
 (dense: the model's bytes, flat in P; sparse: grows linearly in P), computed independently from
 the model's parameter count and every rank's synthetic batch. The 32,768-row vocabulary is the
-preset's; the width is cut to 64 for test time (the forms hold for any width)."""
+preset's; the width is cut to 64 for test time (the forms hold for any width). Also the
+real-corpus job (jobs/transformer-nmt-catalogs.toml) end to end."""
 
+import json
 import pickle
 from pathlib import Path
 
 from hpcml.config.schema import apply_overrides, load_job_file, read_toml
 from hpcml.jobs import RunContext
 from hpcml.nmt import bench
+from hpcml.nmt.model import smoothed_loss_sum
 from hpcml.nmt.synthetic import SyntheticStream
 from hpcml.rundir import RunDir
-from hpcml.testing import mpi_test
+from hpcml.testing import hpcml_cli, mpi_test
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "bench-reduction-paper.toml"
 SMALL = ["model.d_model=64", "model.heads=2", "model.ff=128", "steps=1", "warmup=0",
          "batch_tokens=40", "methods=['sparse_allgather', 'dense_allreduce']", "results=''",
          "projection.ranks=0"]
+
+
+def tied_rows(cfg, vocab, batch):
+    """Rows of the uncoalesced tied-embedding gradient of ``batch``, from a plain single-process
+    backward (the sparse payload one rank contributes)."""
+    model = bench._model(cfg, vocab, sparse=True)
+    smoothed_loss_sum(model(batch.src, batch.tgt_in), batch.tgt_out, 0.1).backward()
+    return model.embed.weight.grad._nnz()
 
 
 @mpi_test(ranks=(1, 2, 4), timeout=240)
@@ -34,8 +45,9 @@ def test_paper_preset_bytes_follow_closed_forms(comm):
     n_dense = n_all - vocab * d                  # parameters outside the tied embedding
     batches = [SyntheticStream(cfg.synthetic, cfg.batch_tokens * p, cfg.seed, r, p).batch(0)
                for r in range(p)]
-    # uncoalesced tied-embedding gradient: every projection row + one row per looked-up id
-    nnz = [vocab + b.src.numel() + b.tgt_in.numel() for b in batches]
+    nnz = [tied_rows(cfg, vocab, b) for b in batches]
+    for b, n in zip(batches, nnz, strict=True):  # every vocabulary row, plus looked-up rows
+        assert vocab < n <= vocab + b.src.numel() + b.tgt_in.numel()
     row = 4 * d + 8                              # float32 row + int64 index
     gathered = sum(nnz) * row + 8 * p            # P payloads + the Allgather of counts
 
@@ -48,3 +60,24 @@ def test_paper_preset_bytes_follow_closed_forms(comm):
     assert sparse["recv_bytes_per_step"] == 4 * n_dense + gathered + nnz_max_msg
     for r in rows.values():
         assert r["rss_peak_bytes"] >= r["exchange_peak_bytes"] + 4 * n_all
+
+
+CATALOGS = Path(__file__).resolve().parents[1] / "jobs" / "transformer-nmt-catalogs.toml"
+
+
+def test_catalog_job_trains_and_reports_sacrebleu(tmp_path):
+    """The real-corpus job end to end on 2 ranks (tiny model, a few steps): length-bucketed
+    batches, beam search over the whole test split, sacreBLEU with its signature."""
+    sets = []
+    for kv in ["model.d_model=16", "model.heads=2", "model.layers=1", "model.ff=32",
+               "train.batch_tokens=256", "train.steps=3", "train.warmup=2", "eval.beam=2",
+               "eval.batch_size=250", "eval.valid_every=0", f"runs_dir={tmp_path}"]:
+        sets += ["--set", kv]
+    res = hpcml_cli(2, "run", str(CATALOGS), *sets, cwd=CATALOGS.parents[1], timeout=240)
+    assert res.returncode == 0, res.stderr
+    (run,) = tmp_path.iterdir()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["beam"] == 2 and 0.0 <= summary["test_bleu"] <= 100.0
+    assert summary["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+    assert f"sacreBLEU {summary['test_bleu']:.2f} (beam 2): nrefs:1" in res.stdout
+    assert len((run / "test-hypotheses.txt").read_text().splitlines()) == 500

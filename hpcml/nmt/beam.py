@@ -39,7 +39,7 @@ def beam_search(model: nn.Module, src: torch.Tensor, beam: int, max_len: int,
     done = torch.zeros(n * beam, dtype=torch.bool)
     lengths = torch.zeros(n * beam, dtype=torch.long)
     for _ in range(max_len):
-        logp = torch.log_softmax(model.decode(memory, mask, out)[:, -1].float(), dim=-1)
+        logp = torch.log_softmax(model.next_logits(memory, mask, out).float(), dim=-1)
         vocab = logp.shape[-1]
         finished = torch.full_like(logp, float("-inf"))
         finished[:, PAD] = 0.0

@@ -57,11 +57,14 @@ class ProjectionConfig:
 
 
 def line_fit(ps: list[int], values: list[float]) -> tuple[float, float]:
-    """(a, b) of the least-squares line ``a + b P`` (b = 0 from a single point). Pure."""
-    if len(set(ps)) < 2:
-        return float(np.mean(values)), 0.0
-    b, a = np.polyfit(np.asarray(ps, float), np.asarray(values, float), 1)
-    return float(a), float(b)
+    """(a, b) of the least-squares line ``a + b P``; ``(mean, 0)`` from a single P or when
+    the slope is under 1 % of the intercept (a flat series; slopes that small are rounding or
+    the varying token counts of the batches, not a gather). Pure."""
+    if len(set(ps)) >= 2:
+        b, a = np.polyfit(np.asarray(ps, float), np.asarray(values, float), 1)
+        if b >= 0.01 * max(abs(a), 1.0):
+            return float(a), float(b)
+    return float(np.mean(values)), 0.0
 
 
 def projection_ranks(p_max: int, ranks: int) -> list[int]:
@@ -105,9 +108,6 @@ class MethodModel:
         ps = [r["P"] for r in rows]
         peak = line_fit(ps, [r["exchange_peak_bytes"] for r in rows])
         received = line_fit(ps, [r["recv_bytes_per_step"] for r in rows])
-        # received = a + b P: b > 0 only for a gather; tiny slopes are noise of varying batches
-        if received[1] < 0.01 * max(received[0], 1.0):
-            received = (float(np.mean([r["recv_bytes_per_step"] for r in rows])), 0.0)
         return cls(rows[0]["method"], ps[0], rows[0]["step_ms"] / 1e3, peak, received,
                    rows[0].get("rss_peak_bytes"), float(rows[0]["exchange_peak_bytes"]))
 
@@ -120,8 +120,8 @@ class MethodModel:
 
     def step_seconds(self, model: AlphaBeta, p: int, scaling: str, bucket_bytes: int) -> float:
         compute = self.compute_s * (self.p0 / p if scaling == "strong" else 1.0)
-        gather = self.received[1] if self.received[1] > 0 else 0.0
-        return compute + exchange_seconds(model, p, self.received[0], gather, bucket_bytes)
+        return compute + exchange_seconds(model, p, self.received[0], self.received[1],
+                                          bucket_bytes)
 
     def first_p_out_of_memory(self, node_bytes: float, ranks_per_node: int) -> int | None:
         """Smallest P whose node memory exceeds ``node_bytes`` (None: never, flat in P)."""
@@ -206,15 +206,15 @@ def _plot(table: list[dict[str, Any]], facts: dict[str, Any], scaling: str,
           pc: ProjectionConfig, run_dir: RunDir) -> None:
     plt = pyplot()
     fig, (eff_ax, mem_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
-    for m in dict.fromkeys(r["method"] for r in table):
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in table)):
         for source, style in (("measured", "o-"), ("projected", "--")):
             sel = [r for r in table if r["method"] == m and r["source"] == source]
             if sel:
                 label = f"{m} ({source})"
                 eff_ax.plot([r["P"] for r in sel], [r["efficiency"] for r in sel], style,
-                            label=label)
+                            color=f"C{i}", label=label)
                 mem_ax.plot([r["P"] for r in sel], [r["node_GiB"] for r in sel], style,
-                            label=label)
+                            color=f"C{i}", label=label)
     p_paper, e_paper = facts["paper"]
     eff_ax.plot([p_paper], [e_paper], "k*", markersize=14, label=f"paper: {e_paper:.0%}")
     eff_ax.set(xscale="log", xlabel="processes P", ylabel=f"{scaling} efficiency",
