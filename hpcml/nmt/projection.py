@@ -20,7 +20,8 @@ Projected, per method that reports its bytes (hpcml's exchanges and DDP; Horovod
   Intel Omni-Path fabric (100 Gb/s = 12.5 GB/s per link, ~1 us MPI latency);
 - **memory per node**: ``ranks_per_node x (RSS(P0) + peak(P) - peak(P0))``, against
   ``node_memory_gib`` (default 192: a Stampede2 SKX node's DDR4; a KNL node has 96 GB DDR4 +
-  16 GB MCDRAM). The first P where a node runs out is reported.
+  16 GB MCDRAM). The first P where a node runs out is reported. In strong scaling RSS(P0)
+  holds the whole batch's activations, which shrink with P, so the node figure is an upper bound.
 
 Caveats, printed with the table: compute comes from this machine (one thread per rank), not a
 48-core SKX node, so compute is slower and the projected efficiency optimistic; contention,
@@ -190,7 +191,8 @@ def write_projection(rows: list[dict[str, Any]], cfg: Any, run_dir: RunDir) -> d
                                  else "per-rank memory flat in P, never exceeds the node"))
     lines.append("Compute is this machine's (one thread per rank), not an SKX node's; "
                  "contention and coalescing are not modelled: read efficiencies as upper "
-                 "bounds.")
+                 "bounds." + (" Node memory keeps P0's activations (an upper bound)."
+                              if cfg.scaling == "strong" else ""))
     text = markdown_table(table, [
         ("method", "method", ""), ("P", "P", "d"), ("source", "source", ""),
         ("step_ms", "ms/step", ".1f"), ("efficiency", "efficiency", ".3f"),
