@@ -9,6 +9,8 @@ import json
 import pickle
 from pathlib import Path
 
+import pytest
+
 from hpcml.config.schema import apply_overrides, load_job_file, read_toml
 from hpcml.jobs import RunContext
 from hpcml.nmt import bench
@@ -81,3 +83,15 @@ def test_catalog_job_trains_and_reports_sacrebleu(tmp_path):
     assert summary["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert f"sacreBLEU {summary['test_bleu']:.2f} (beam 2): nrefs:1" in res.stdout
     assert len((run / "test-hypotheses.txt").read_text().splitlines()) == 500
+
+
+@pytest.mark.parametrize("sets, match", [
+    (["synthetic.vocab=0", "data.path=data/nmt/numbers-en-fr.h5"], "scaling: strong scaling"),
+    (["batch_tokens=0"], "batch_tokens: 0 tokens cannot give"),
+    (["synthetic.vocab=4"], "synthetic.vocab: 4 leaves no ordinary tokens")])
+def test_paper_preset_bad_values_exit_2(tmp_path, sets, match):
+    strong = JOB.with_name("bench-reduction-paper-strong.toml")
+    args = [a for kv in [*sets, f"runs_dir={tmp_path / 'runs'}"] for a in ("--set", kv)]
+    res = hpcml_cli(1, "bench", "reduction", str(strong), *args, cwd=JOB.parents[1])
+    assert res.returncode == 2 and match in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
