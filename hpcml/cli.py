@@ -22,20 +22,25 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--resume", type=click.Path(file_okay=False), default=None,
+@click.option("--resume", default=None, metavar="RUN_DIR",
               help="Continue the run in this run directory from its last checkpoint.")
-def run(job_file: str, overrides: tuple[str, ...], resume: str | None) -> None:
+@click.option("--allow-config-change", is_flag=True,
+              help="With --resume: accept a config that differs from the checkpoint's (each "
+                   "segment's config is kept in the run directory).")
+def run(job_file: str, overrides: tuple[str, ...], resume: str | None,
+        allow_config_change: bool) -> None:
     """Run the job described by JOB_FILE (TOML)."""
     from hpcml.launch import execute
 
-    execute(job_file, overrides=overrides, resume=resume)
+    execute(job_file, overrides=overrides, resume=resume,
+            allow_config_change=allow_config_change)
 
 
 @cli.command()
 @click.argument("name")
-@click.argument("job_file", required=False, type=click.Path(dir_okay=False))
+@click.argument("job_file", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 def bench(name: str, job_file: str | None, overrides: tuple[str, ...]) -> None:
     """Run benchmark NAME (e.g. collectives) with its defaults or JOB_FILE."""
@@ -103,7 +108,7 @@ def slurm() -> None:
 
 
 @slurm.command(name="render")
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file")
 @_resource_options
 def slurm_render(job_file: str, **resources: object) -> None:
     """Print the sbatch script for JOB_FILE (a submission file or a plain job file)."""
@@ -113,7 +118,7 @@ def slurm_render(job_file: str, **resources: object) -> None:
 
 
 @slurm.command(name="submit")
-@click.argument("job_file", type=click.Path(dir_okay=False))
+@click.argument("job_file")
 @_resource_options
 def slurm_submit(job_file: str, **resources: object) -> None:
     """Render JOB_FILE, save the script and sbatch it; prints the job id."""

@@ -13,9 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hpcml import checkpoint
 from hpcml.comm import Communicator
 from hpcml.config import JobConfig
 from hpcml.errors import UsageError
+from hpcml.preemption import Preemption
 from hpcml.rundir import RunDir
 
 KINDS: dict[str, str] = {
@@ -38,12 +40,19 @@ KINDS: dict[str, str] = {
 class RunContext:
     """Everything a job's ``run`` gets. ``run_dir`` has the same path on every rank; by
     convention rank 0 writes the shared files. ``resume`` is the run directory to continue
-    from (``--resume``), which is then also ``run_dir``."""
+    from (``--resume``), which is then also ``run_dir``; ``restored`` is its verified, loaded
+    last checkpoint (step, rank count and config already checked against this job).
+    ``preemption`` has been catching SIGUSR1/SIGTERM since before validation; a job that stops
+    early because of it returns ``stopped_by`` (the signal) in its summary, and the run's
+    status is then ``preempted``."""
 
     comm: Communicator
     config: Any
     run_dir: RunDir
     resume: Path | None = None
+    restored: checkpoint.Restored | None = None
+    preemption: Preemption = dataclasses.field(default_factory=Preemption)
+    config_hash: str = ""
 
     @property
     def is_root(self) -> bool:
@@ -54,15 +63,34 @@ class RunContext:
         if self.is_root:
             print(message, flush=True)
 
+    def stop_requested(self) -> str | None:
+        """The reason to stop now (a signal name) on every rank when any rank has received
+        SIGUSR1/SIGTERM, else None. Collective over ``comm`` (one small allreduce)."""
+        return self.preemption.agreed(self.comm)
+
+    def save_checkpoint(self, step: int, shared: dict[str, Any],
+                        local: dict[str, Any]) -> Path:
+        """Write this run's checkpoint of ``step`` (see :mod:`hpcml.checkpoint`); collective."""
+        return checkpoint.save(self.comm, self.run_dir.path, step, shared, local,
+                               self.config_hash)
+
 
 @dataclasses.dataclass(frozen=True)
 class JobKind:
     """A runnable job: its schema and its entry point. ``run`` is collective over
-    ``ctx.comm`` and returns the summary (JSON-serializable) that rank 0 saves."""
+    ``ctx.comm`` and returns the summary (JSON-serializable) that rank 0 saves.
+
+    ``validate_data(config, comm)``, when given, checks the job's input data on every rank
+    before the run directory exists (each rank may check its own part; no communication) and
+    raises a one-line ``UsageError`` naming the file, the dataset and what was expected.
+    ``check_resume(config)``, when given, makes the kind resumable (``--resume``); it raises
+    ``UsageError`` when this particular config cannot resume."""
 
     config: type[JobConfig]
     run: Callable[[Any, RunContext], dict[str, Any]]
     description: str
+    validate_data: Callable[[Any, Communicator], None] | None = None
+    check_resume: Callable[[Any], None] | None = None
 
 
 def job_kind(name: str) -> JobKind:

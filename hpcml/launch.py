@@ -1,31 +1,58 @@
 """Running a job: validate on every rank, then work, then save; any failure ends the job.
 
 Order of events (all ranks):
-1. read the job file and ``--set`` overrides, validate against the kind's schema and the number
-   of ranks. Every rank validates; an allgather of the outcomes makes the decision collective,
-   so a bad value prints one line on rank 0 and every rank exits 2 — before any work and before
-   a run directory exists;
-2. set torch threads and the straggler model, create the run directory (rank 0), save the
-   resolved config and the environment;
-3. run the job under abort-on-error;
-4. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0).
+1. catch SIGUSR1/SIGTERM for the whole run (:mod:`hpcml.preemption`), so a signal at any point
+   is honoured instead of killing a rank;
+2. read the job file and ``--set`` overrides, validate against the kind's schema and the number
+   of ranks, check the input data (the kind's ``validate_data``) and, with ``--resume``, the run
+   directory and its last checkpoint (rank count, config hash, file hashes; loaded with
+   ``weights_only``); the hash covers every key but :data:`PLACEMENT_KEYS`. Every rank
+   validates; an allgather of the outcomes makes the decision collective, so a problem prints
+   one line on rank 0 and every rank exits 2 — before any work and before a run directory is
+   created or changed;
+3. set torch threads and the straggler model; rank 0 creates the run directory and saves the
+   resolved config and the environment (``config.toml``, ``env.json``: segment 0). A resumed run
+   never rewrites them: it appends a segment to ``segments.json`` with its own
+   ``config.segment-N.toml`` and ``env.segment-N.json``;
+4. run the job under abort-on-error;
+5. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0), whose
+   ``status`` is ``preempted`` when the job stopped early, else ``complete``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hpcml import checkpoint
 from hpcml.comm import Communicator, abort_on_error, make_delay_model, world
 from hpcml.comm.ledger import format_table
 from hpcml.config import apply_overrides, load_job_file, read_toml, to_dict
 from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext, job_kind
+from hpcml.preemption import Preemption, run_status
 from hpcml.rundir import RunDir
 from hpcml.runtime import configure_threads, environment
+
+SEGMENTS = "segments.json"
+
+
+@dataclasses.dataclass
+class Plan:
+    """What validation decided: the job, its config, and (with ``--resume``) where to go on."""
+
+    job: JobKind
+    config: Any
+    kind: str
+    config_hash: str
+    resume: Path | None = None
+    restored: checkpoint.Restored | None = None
+    segments: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _validate(comm: Communicator, job_path: str | None, kind: str | None,
@@ -49,15 +76,109 @@ def _validate(comm: Communicator, job_path: str | None, kind: str | None,
             comm.set_delays(make_delay_model(config.stragglers, comm.size))
         except UsageError as exc:
             raise UsageError(f"{source}: {exc}") from None
+    if job.validate_data is not None:
+        job.validate_data(config, comm)
     return job, config, data["kind"]
 
 
+# keys that say where a run's directory goes, not what it computes: free to differ on --resume
+PLACEMENT_KEYS = ("runs_dir", "name")
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config (as TOML data) that a checkpoint's config hash covers (pure)."""
+    return {k: v for k, v in config.items() if k not in PLACEMENT_KEYS}
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"train.lr_scale: 1.0 -> 5.0, model.dropout: 0.1 -> 0.3"`` (pure; '' when equal)."""
+    a, b = _flatten(old), _flatten(new)
+    missing = "(unset)"
+    return ", ".join(f"{k}: {a.get(k, missing)!r} -> {b.get(k, missing)!r}"
+                     for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing))
+
+
+def read_segments(run_dir: Path) -> list[dict[str, Any]]:
+    """The segments a run directory records (segment 0 = ``config.toml`` when the file is
+    absent, as in run directories of older versions). Not collective."""
+    path = run_dir / SEGMENTS
+    if not path.is_file():
+        return [{"segment": 0, "config": "config.toml", "env": "env.json", "start_step": 0}]
+    try:
+        segments = json.loads(path.read_text())
+        if isinstance(segments, list) and segments and "config" in segments[-1]:
+            return segments
+    except ValueError:
+        pass
+    raise UsageError(f"{path}: not a list of segments; the run directory is damaged")
+
+
+def _check_resume(comm: Communicator, job: JobKind, config: Any, kind: str, new_hash: str,
+                  resume: str, allow_config_change: bool) -> Plan:
+    """Every check of a ``--resume`` before anything is written (raises UsageError)."""
+    where = Path(resume)
+    flag = f"--resume {resume}"
+    if not where.is_dir() or not (where / "config.toml").is_file():
+        raise UsageError(f"{flag}: not a run directory (no config.toml in it)")
+    if job.check_resume is None:
+        raise UsageError(f"{flag}: job kind {kind!r} does not checkpoint, so it cannot resume "
+                         "(start a new run)")
+    recorded = read_toml(where / "config.toml").get("kind")
+    if recorded != kind:
+        raise UsageError(f"{flag}: the run directory is a {recorded!r} run, this job is {kind!r}")
+    job.check_resume(config)
+    segments = read_segments(where)
+    last = read_toml(where / segments[-1]["config"])
+    manifest = checkpoint.latest(where)
+    if manifest is None:
+        raise UsageError(f"{flag}: no complete checkpoint in it (nothing to resume; start a new "
+                         "run)")
+    if manifest.ranks != comm.size:
+        raise UsageError(f"{flag}: checkpoint written by {manifest.ranks} ranks, this job has "
+                         f"{comm.size} (resume with mpiexec -n {manifest.ranks})")
+    if manifest.config_hash != checkpoint.config_hash(identity(last)):
+        raise UsageError(f"{manifest.path}: config hash differs from the run's recorded config "
+                         f"{segments[-1]['config']} (the run directory was edited; start a new "
+                         "run)")
+    if new_hash != manifest.config_hash and not allow_config_change:
+        diff = config_diff(identity(last), identity(to_dict(config)))
+        raise UsageError(f"{flag}: the config differs from the checkpoint's: {diff} (resume with "
+                         "the same job file and --set values, or pass --allow-config-change to "
+                         "record a new segment)")
+    restored = checkpoint.read(manifest, comm.rank)
+    return Plan(job, config, kind, new_hash, where, restored, segments)
+
+
+def _plan(comm: Communicator, job_path: str | None, kind: str | None,
+          overrides: Sequence[str], resume: str | None, allow_config_change: bool) -> Plan:
+    job, config, kind_name = _validate(comm, job_path, kind, overrides)
+    new_hash = checkpoint.config_hash(identity(to_dict(config)))
+    if resume is None:
+        if allow_config_change:
+            raise UsageError("--allow-config-change: only meaningful with --resume RUN_DIR")
+        return Plan(job, config, kind_name, new_hash)
+    return _check_resume(comm, job, config, kind_name, new_hash, resume, allow_config_change)
+
+
 def validated(comm: Communicator, job_path: str | None, kind: str | None,
-              overrides: Sequence[str]) -> tuple[JobKind, Any, str]:
-    """Collective validation: returns on every rank or exits 2 on every rank."""
+              overrides: Sequence[str], resume: str | None = None,
+              allow_config_change: bool = False) -> Plan:
+    """Collective validation: returns on every rank or exits 2 on every rank (one line, from
+    rank 0, naming the first rank's problem)."""
     error = None
     try:
-        result = _validate(comm, job_path, kind, overrides)
+        result = _plan(comm, job_path, kind, overrides, resume, allow_config_change)
     except UsageError as exc:
         error, result = str(exc), None
     errors = [e for e in comm.allgather(error) if e]
@@ -68,35 +189,53 @@ def validated(comm: Communicator, job_path: str | None, kind: str | None,
     return result
 
 
+def _open_run_dir(plan: Plan, env: dict[str, Any], size: int) -> RunDir:
+    """Rank 0: a new run directory, or the resumed one with a new segment recorded."""
+    config = to_dict(plan.config)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    if plan.resume is None:
+        run_dir = RunDir.create(plan.config.runs_dir, plan.config.name or plan.kind)
+        run_dir.write_toml("config.toml", config)
+        run_dir.write_json("env.json", env)
+        segments = [{"segment": 0, "config": "config.toml", "env": "env.json", "start_step": 0,
+                     "ranks": size, "config_hash": plan.config_hash, "started": stamp}]
+    else:
+        run_dir = RunDir(plan.resume)
+        n = len(plan.segments)
+        names = {"config": f"config.segment-{n}.toml", "env": f"env.segment-{n}.json"}
+        run_dir.write_toml(names["config"], config)
+        run_dir.write_json(names["env"], env)
+        segments = [*plan.segments, {"segment": n, **names, "start_step": plan.restored.step,
+                                     "ranks": size, "config_hash": plan.config_hash,
+                                     "resumed_from": plan.restored.manifest.path.name,
+                                     "started": stamp}]
+    run_dir.write_json(SEGMENTS, segments)
+    return run_dir
+
+
 def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[str] = (),
-            resume: str | None = None) -> dict[str, Any]:
+            resume: str | None = None, allow_config_change: bool = False) -> dict[str, Any]:
     """Run one job on COMM_WORLD (collective). Returns the summary on every rank."""
-    with abort_on_error():
+    with abort_on_error(), Preemption() as preemption:
         comm = world()
-        job, config, kind_name = validated(comm, job_path, kind, overrides)
-        if resume is not None and not Path(resume, "config.toml").is_file():
-            raise UsageError(f"--resume {resume}: not a run directory (no config.toml in it)")
+        plan = validated(comm, job_path, kind, overrides, resume, allow_config_change)
+        config = plan.config
         threads = configure_threads(comm, config.threads)
         env = environment(comm)
-        path = None
-        if comm.rank == 0:
-            run_dir = RunDir(Path(resume)) if resume else RunDir.create(
-                config.runs_dir, config.name or kind_name)
-            path = str(run_dir.path)
-            run_dir.write_toml("config.toml", to_dict(config))
-            run_dir.write_json("env.json", env)
+        path = str(_open_run_dir(plan, env, comm.size).path) if comm.rank == 0 else None
         run_dir = RunDir(Path(comm.bcast(path)))
-        ctx = RunContext(comm=comm, config=config, run_dir=run_dir,
-                         resume=Path(resume) if resume else None)
-        ctx.log(f"hpcml {kind_name}: {comm.size} ranks, {threads} torch threads/rank, "
+        ctx = RunContext(comm=comm, config=config, run_dir=run_dir, resume=plan.resume,
+                         restored=plan.restored, preemption=preemption,
+                         config_hash=plan.config_hash)
+        ctx.log(f"hpcml {plan.kind}: {comm.size} ranks, {threads} torch threads/rank, "
                 f"{env['mpi_library']}; run directory {run_dir.path}")
         start = time.perf_counter()
-        summary = job.run(config, ctx)
+        summary = plan.job.run(config, ctx)
         elapsed = time.perf_counter() - start
         per_rank = comm.gather(comm.ledger.totals())
         if comm.rank == 0:
             run_dir.write_json("ledger.json", {"ranks": per_rank})
-            run_dir.write_json("summary.json", {"kind": kind_name, "status": "complete",
+            run_dir.write_json("summary.json", {"kind": plan.kind, "status": run_status(summary),
                                                 "ranks": comm.size, "seconds": elapsed,
                                                 **summary})
             print(f"\ncommunication ledger (all ranks):\n{format_table(per_rank)}")

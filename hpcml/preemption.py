@@ -1,16 +1,22 @@
 """Preemption: SIGUSR1 (Slurm's ``--signal`` pre-timeout warning) and SIGTERM become a flag that
 a job reads at its next step boundary, so it can checkpoint and stop instead of dying mid-step.
 
+:func:`hpcml.launch.execute` activates one flag for the whole run, before the job file is
+validated, so a signal that arrives before a job's loop starts or after it ends is kept (the
+job stops at its first step boundary, or finishes) rather than killing the rank; the job reads
+it as ``ctx.preemption`` / ``ctx.stop_requested()`` and names the signal as ``stopped_by`` in its
+summary, which makes the run's ``status`` ``"preempted"`` (:func:`run_status`).
+
 The Slurm templates ask for ``--signal=B:USR1@<seconds>`` and ``--requeue``; the batch shell
 forwards the signal to the launcher (Hydra's ``mpiexec`` and ``srun`` both pass SIGUSR1 and
 SIGTERM on to every rank), waits for hpcml to exit and requeues the job, whose next run passes
 ``--resume`` to the run directory it left. A job uses it like this::
 
-    with Preemption() as stop:                  # every rank, around the loop
-        for step in range(start, cfg.steps):
-            ...work...
-            if stop.requested(comm):            # collective: all ranks agree
-                save_checkpoint(...); return {"status": "preempted", ...}
+    for step in range(start, cfg.steps):        # every rank
+        ...work...
+        stopped = ctx.stop_requested()          # collective: all ranks agree
+        if stopped:
+            ctx.save_checkpoint(...); return {"stopped_by": stopped, ...}
 
 Signals reach ranks at different moments, so the decision must be collective: ``requested`` is
 one small allreduce, or a job may fold ``stop.local`` into an allreduce it already makes.
@@ -29,16 +35,11 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 class Preemption:
     """A flag set by SIGUSR1/SIGTERM while the context is active (previous handlers are restored
-    on exit). ``install()`` activates it for the rest of the process instead."""
+    on exit)."""
 
     def __init__(self) -> None:
         self.received: str | None = None
         self._old: dict[int, object] = {}
-
-    @classmethod
-    def install(cls) -> Preemption:
-        """Activate a flag for the rest of the process (not collective)."""
-        return cls().__enter__()
 
     def __enter__(self) -> Preemption:
         for sig in SIGNALS:
@@ -60,6 +61,21 @@ class Preemption:
     def requested(self, comm: Communicator) -> bool:
         """True on every rank when any rank has received a signal. Collective over ``comm``."""
         return bool(comm.allreduce(int(self.local), op="max"))
+
+    def agreed(self, comm: Communicator) -> str | None:
+        """:meth:`requested` as a reason: this rank's signal name, ``"signal on another rank"``,
+        or None on every rank when no rank has one. Collective over ``comm``."""
+        return self.reason() if self.requested(comm) else None
+
+    def reason(self) -> str:
+        """Why this rank stops once the ranks agreed to (not collective)."""
+        return self.received or "signal on another rank"
+
+
+def run_status(summary: dict[str, object]) -> str:
+    """``"preempted"`` when the job stopped early (its summary names ``stopped_by``), else
+    ``"complete"``: the ``status`` of every run's ``summary.json``."""
+    return "preempted" if summary.get("stopped_by") else "complete"
 
 
 def restart_count() -> int:

@@ -39,11 +39,25 @@ def test_build_accepts_valid_values_and_coerces_ints_to_floats():
     ({"steps": True}, "steps: must be an integer, got True"),
     ({"sizes": [1, 0]}, "sizes: must be >= 1, got 0"),
     ({"train": 3}, "train: must be a table [train], got 3"),
+    ({"steps": 10**23}, "steps: must be <= 2147483647, got 100000000000000000000000"),
+    ({"sizes": [1, 2**31]}, "sizes: must be <= 2147483647, got 2147483648"),
+    ({"train": {"lr": float("nan")}}, "train.lr: must be a finite number, got nan"),
+    ({"train": {"lr": float("inf")}}, "train.lr: must be a finite number, got inf"),
 ])
 def test_build_names_the_key_and_the_rule(data, message):
     with pytest.raises(ConfigError) as err:
         build(Outer, data)
     assert str(err.value) == message
+
+
+def test_integer_bound_is_the_largest_c_int_unless_the_option_sets_one():
+    assert build(Outer, {"steps": 2**31 - 1}).steps == 2**31 - 1
+
+    @dataclasses.dataclass
+    class Big(JobConfig):
+        n: int = option(1, max=2**40)
+
+    assert build(Big, {"n": 2**40}).n == 2**40
 
 
 def test_overrides_parse_toml_values_and_nest():

@@ -2,6 +2,7 @@
 fails on the file itself), and every Slurm submission file loads with its sweep/scaling points."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,7 +25,11 @@ def test_job_file_validates(path):
     data = read_toml(path)
     assert data["kind"] in KINDS
     size = 5 if data["kind"] in ("coded", "bench-coded") else 4
-    load_job_file(job_kind(data["kind"]).config, data, str(path), size)
+    job = job_kind(data["kind"])
+    config = load_job_file(job.config, data, str(path), size)
+    if job.validate_data is not None:  # the shipped data passes the pre-run checks on each rank
+        for rank in range(size):
+            job.validate_data(config, SimpleNamespace(rank=rank, size=size))
 
 
 @pytest.mark.parametrize("path", SUBMIT_FILES, ids=lambda p: p.name)

@@ -12,9 +12,6 @@ import torch.nn.functional as F
 from hpcml.errors import UsageError
 from hpcml.nmt.corpus import generate, render, split_sizes
 from hpcml.nmt.data import TrainStream, collate, read_shard, read_vocab
-from hpcml.nmt.exchange import ExchangeMemory, plan_buckets
-from hpcml.nmt.exchange.auto import allgather_bytes, allgather_cheaper, allreduce_bytes
-from hpcml.nmt.exchange.base import densify_into
 from hpcml.nmt.model import Transformer, noam_lr, smoothed_loss_sum
 from hpcml.nmt.vocab import BOS, EOS, PAD, UNK, build_vocab, decode, detokenize, encode, tokenize
 from hpcml.preemption import Preemption
@@ -88,41 +85,6 @@ def test_collate_layout():
     assert b.tgt_in.tolist() == [[BOS, 8, PAD, PAD], [BOS, 9, 10, 11]]
     assert b.tgt_out.tolist() == [[8, EOS, PAD, PAD], [9, 10, 11, EOS]]
     assert b.tokens == 6
-
-
-def test_plan_buckets():
-    assert plan_buckets([10, 10, 10], bucket_bytes=80) == [[0, 1], [2]]
-    assert plan_buckets([100, 1, 1], bucket_bytes=16) == [[0], [1, 2]]
-    assert plan_buckets([], bucket_bytes=16) == []
-    assert plan_buckets([1] * 5, bucket_bytes=4) == [[0], [1], [2], [3], [4]]
-
-
-def test_densify_uncoalesced_sparse():
-    idx = torch.tensor([[2, 0, 2]])
-    vals = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    g = torch.sparse_coo_tensor(idx, vals, (4, 2), check_invariants=False)
-    out = torch.full((8,), 7.0)
-    densify_into(g, out)
-    assert out.view(4, 2).tolist() == [[3, 4], [0, 0], [6, 8], [0, 0]]
-
-
-def test_cost_model():
-    assert allgather_bytes(10, 100, 4) == 3 * 10 * 108
-    assert allreduce_bytes(1000, 100, 4) == 1.5 * 1000 * 100
-    assert not allgather_cheaper(1, 1000, 256, 1)
-    assert allgather_cheaper(5, 1000, 256, 4)
-    assert not allgather_cheaper(1000, 1000, 256, 2)
-    assert not allgather_cheaper(300, 1000, 256, 4)  # fewer bytes, but 4 x 300 rows of memory
-
-
-def test_exchange_memory_peak():
-    m = ExchangeMemory()
-    m.alloc(10)
-    m.alloc(5)
-    m.free(5)
-    assert (m.current, m.peak) == (10, 15)
-    m.reset_peak()
-    assert m.peak == 10
 
 
 def _tiny(sparse, dropout=0.0):

@@ -1,6 +1,6 @@
 """Qsparse-local-SGD training the hpcml.nmt transformer (``[qsparse]`` in a transformer-nmt job):
 equivalence with data-parallel SGD at H = 1 with the identity compressor, exact bit counts of a
-compressed run, and bad sections exiting 2."""
+compressed run, exact resume from a checkpoint, and bad sections exiting 2."""
 
 import json
 import math
@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from hpcml import checkpoint
 from hpcml.nmt.data import TrainStream, read_shard, read_vocab
-from hpcml.nmt.exchange import make_exchange
 from hpcml.nmt.model import Transformer
+from hpcml.nmt.qsparse import QsparseSection, accounting, qsparse_optimizer
 from hpcml.nmt.step import train_step
-from hpcml.qsparse.nmt import QsparseExchange, QsparseSection, densify_grads
+from hpcml.parallel import DistributedOptimizer
 from hpcml.qsparse.train import CompressorConfig
 from hpcml.testing import hpcml_cli, mpi_test
 
@@ -29,48 +30,38 @@ TINY = ["model.d_model=16", "model.heads=2", "model.layers=1", "model.ff=32",
 TINY_D = 1008 + 2224 + 3344 + 64
 
 
-def _tiny_model(vocab: int) -> Transformer:
+def _tiny_model(vocab: int, sparse: bool = True) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(vocab, 16, 2, 1, 32, dropout=0.1)
+    return Transformer(vocab, 16, 2, 1, 32, dropout=0.1, sparse=sparse)
 
 
-def _train(comm, model, optimizer, synchronize, steps: int) -> None:
+def _train(comm, model, optimizer, steps: int) -> None:
     stream = TrainStream(read_shard(CORPUS, "train", comm.rank, comm.size), 8 // comm.size,
                          comm.size, 0, comm.rank)
     torch.manual_seed(100 + comm.rank)
     for step in range(steps):
-        train_step(comm, model, stream.batch(step), optimizer, synchronize, 0.1, 0.5)
+        train_step(comm, model, stream.batch(step), optimizer, 0.1, 0.5)
 
 
 @mpi_test(ranks=[1, 2])
 def test_identity_h1_equals_data_parallel_sgd(comm):
     vocab = len(read_vocab(CORPUS))
     dense = _tiny_model(vocab)
-    exchange = make_exchange("dense_allreduce", comm, dense)
-    _train(comm, dense, torch.optim.SGD(dense.parameters(), lr=1.0), exchange.synchronize, 3)
-    qmodel = _tiny_model(vocab)
+    _train(comm, dense, DistributedOptimizer(torch.optim.SGD(dense.parameters(), lr=1.0), dense,
+                                             comm=comm), 3)
+    qmodel = _tiny_model(vocab, sparse=False)  # as the trainer builds it for qsparse runs
     section = QsparseSection(enabled=True, H=1, compressor=CompressorConfig(name="identity"))
-    qs = QsparseExchange(comm, qmodel, torch.optim.SGD(qmodel.parameters(), lr=1.0), section, 0)
-    _train(comm, qmodel, qs.optimizer, qs.synchronize, 3)
-    assert qs.optimizer.syncs == 3 and qs.optimizer.bits_sent == 3 * 32 * TINY_D == \
-        qs.accounting(3)["dense_allreduce_bits_per_worker"]
+    qs = qsparse_optimizer(comm, qmodel, torch.optim.SGD(qmodel.parameters(), lr=1.0), section,
+                           0)
+    _train(comm, qmodel, qs, 3)
+    assert qs.syncs == 3 and qs.bits_sent == 3 * 32 * TINY_D == \
+        accounting(qs, 3)["dense_allreduce_bits_per_worker"]
     moved = 0.0
     for (name, a), b, x0 in zip(dense.named_parameters(), qmodel.parameters(),
                                 _tiny_model(vocab).parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
         moved = max(moved, float((a - x0).abs().max()))
     assert moved > 1e-2  # the runs trained: equality is not that of two untouched models
-
-
-def test_densify_grads_sums_duplicate_rows():
-    model = Transformer(7, 4, 1, 1, 8, dropout=0.0)
-    model(torch.tensor([[1, 2, 2]]), torch.tensor([[1, 3]])).sum().backward()
-    sparse = model.embed.weight.grad
-    assert sparse.is_sparse
-    expected = sparse.coalesce().to_dense()
-    densify_grads(model)
-    assert not model.embed.weight.grad.is_sparse
-    torch.testing.assert_close(model.embed.weight.grad, expected)
 
 
 def test_compressed_run_bits_equal_the_hand_count(tmp_path):
@@ -94,6 +85,33 @@ def test_compressed_run_bits_equal_the_hand_count(tmp_path):
     ledger = json.loads((run / "ledger.json").read_text())["ranks"]
     for rank in ledger:  # what moved is the payload: ceil(bits / 8) bytes per sync
         assert rank["Allgatherv"]["bytes_sent"] == steps // H * math.ceil(per_sync / 8)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    """Per-rank Adam moments, error memories and Rand-k streams are checkpointed: 4 + 4 steps
+    after --resume end bit-identical to 8 uninterrupted steps."""
+    base = [*TINY, "eval.valid_every=2", "eval.checkpoint_every=0", "qsparse.H=2",
+            "qsparse.compressor.name='qrandk'", "qsparse.compressor.k=50"]
+    runs = {}
+    for name, steps in (("full", 8), ("part", 4)):
+        args = [f"--set={kv}" for kv in [*base, f"runs_dir='{tmp_path / name}'",
+                                          f"train.steps={steps}"]]
+        res = hpcml_cli(2, "run", JOB, *args, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr
+        (runs[name],) = (tmp_path / name).iterdir()
+    args = [f"--set={kv}" for kv in [*base, f"runs_dir='{tmp_path / 'part'}'", "train.steps=8"]]
+    res = hpcml_cli(2, "run", JOB, *args, "--resume", str(runs["part"]), "--allow-config-change",
+                    cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "resumed from step 4" in res.stdout
+    for rank in (0, 1):
+        a, b = (checkpoint.read(checkpoint.latest(runs[n]), rank).local["rank_state"]
+                for n in ("full", "part"))
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (rank, key)
+        qa, qb = a["optimizer"]["qsparse"], b["optimizer"]["qsparse"]
+        assert torch.equal(qa["memory"], qb["memory"]) and qa["memory"].abs().sum() > 0
+        assert qa["syncs"] == qb["syncs"] == 4
 
 
 @pytest.mark.parametrize("override, message", [

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hpcml import checkpoint
 from hpcml.rundir import read_metrics
 from hpcml.slurm.scaling import gradient_sum, rows_block
 from hpcml.testing import hpcml_cli, mpiexec
@@ -38,8 +39,8 @@ def _run_dir(runs: Path) -> Path:
 
 
 def _weights(run: Path) -> tuple[np.ndarray, int]:
-    with np.load(run / "checkpoint.npz") as data:
-        return data["w"], int(data["step"])
+    manifest = checkpoint.latest(run)
+    return checkpoint.read(manifest, 0).shared["w"].numpy(), manifest.step
 
 
 @pytest.mark.parametrize("nranks", [1, 2, 4])
@@ -93,7 +94,8 @@ def test_sigusr1_checkpoints_and_resume_loses_nothing(tmp_path):
     assert 5 <= stopped < steps
     assert _weights(run)[1] == stopped
     res = hpcml_cli(2, "run", JOB, *SMALL, "--set", 'mode="strong"', "--set", f"steps={steps}",
-                    "--set", f"runs_dir={tmp_path}", "--resume", str(run))
+                    "--set", f"runs_dir={tmp_path}", "--resume", str(run),
+                    "--allow-config-change")  # step_sleep 0.02 -> 0
     assert res.returncode == 0, res.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["steps_done"], summary["steps_this_run"]) == (

@@ -30,9 +30,12 @@ def open_input(path: str, x_key: str, y_key: str) -> tuple[h5py.File, Any, Any]:
     one-line ``UsageError`` naming the field."""
     if not Path(path).is_file():
         raise UsageError(f"problem.path: HDF5 file {path!r} not found (give an existing .h5 file)")
-    fh = h5py.File(path, "r")
+    try:
+        fh = h5py.File(path, "r")
+    except OSError as exc:
+        raise UsageError(f"problem.path: {path} is not a readable HDF5 file ({exc})") from None
     for field, key in (("problem.x_key", x_key), ("problem.y_key", y_key)):
-        if key not in fh:
+        if not isinstance(fh.get(key), h5py.Dataset):
             names = ", ".join(sorted(fh.keys())) or "none"
             fh.close()
             raise UsageError(f"{field}: dataset {key!r} not in {path} (datasets there: {names})")
@@ -41,6 +44,10 @@ def open_input(path: str, x_key: str, y_key: str) -> tuple[h5py.File, Any, Any]:
         fh.close()
         raise UsageError(f"problem.x_key: {path} needs X of shape (n, p) and y of shape (n,), "
                          f"got {x.shape} and {y.shape}")
+    if x.dtype.kind not in "iuf" or y.dtype.kind not in "iuf":
+        fh.close()
+        raise UsageError(f"problem.x_key: {path} needs numeric X and y, got {x.dtype} and "
+                         f"{y.dtype}")
     return fh, x, y
 
 

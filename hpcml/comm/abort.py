@@ -3,13 +3,18 @@
 When one rank raises while the others wait in a collective, a plain MPI program hangs until the
 wall-clock limit. :func:`abort_on_error` prints the failing rank's traceback, prefixed with its
 rank, and calls ``MPI_Abort`` on COMM_WORLD so mpiexec/srun tear every rank down within seconds.
-A :class:`~hpcml.errors.UsageError` prints one line and aborts with exit code 2.
+A :class:`~hpcml.errors.UsageError` prints one line and ends the job with exit code 2. When every
+rank raises it (a check all ranks make, as most are), the ranks agree by point-to-point messages
+on a reserved tag, rank 0 prints the line once and all ranks exit 2 without ``MPI_Abort``; when
+only some ranks raise it, the agreement times out after :data:`AGREE_SECONDS` and those ranks
+print the line (with their rank) and abort.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 
@@ -24,6 +29,12 @@ def report_and_abort(exc: BaseException) -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     if isinstance(exc, UsageError):
         code = 2
+        if size > 1 and _all_ranks_agree(comm, str(exc)):
+            sys.stdout.flush()
+            if rank == 0:
+                sys.stderr.write(f"hpcml: error: {exc}\n")
+                sys.stderr.flush()
+            raise SystemExit(code)
         text = f"hpcml: error: {exc}\n" if size == 1 else f"hpcml: error (rank {rank}): {exc}\n"
     else:
         code = 1
@@ -35,6 +46,37 @@ def report_and_abort(exc: BaseException) -> None:
     if size > 1:
         comm.Abort(code)
     raise SystemExit(code)
+
+
+AGREE_TAG = 32_767  # reserved (the least tag upper bound MPI guarantees); no hpcml code uses it
+AGREE_SECONDS = 5.0
+
+
+def _wait(request: MPI.Request, deadline: float) -> bool:
+    while time.monotonic() < deadline:
+        if request.test()[0]:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _all_ranks_agree(comm: MPI.Comm, message: str) -> bool:
+    """Whether every rank of ``comm`` is here with a usage error, decided within
+    :data:`AGREE_SECONDS`: each rank > 0 tells rank 0; rank 0, having heard all of them, answers
+    each one. Point-to-point on :data:`AGREE_TAG`, so ranks still inside a collective are not
+    disturbed (they are aborted when the agreement fails)."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    deadline = time.monotonic() + AGREE_SECONDS
+    if rank != 0:
+        comm.isend(message, dest=0, tag=AGREE_TAG)
+        answer = comm.irecv(source=0, tag=AGREE_TAG)
+        return _wait(answer, deadline + AGREE_SECONDS / 2)
+    heard = [comm.irecv(source=r, tag=AGREE_TAG) for r in range(1, size)]
+    if not all(_wait(r, deadline) for r in heard):
+        return False
+    for r in range(1, size):
+        comm.isend(True, dest=r, tag=AGREE_TAG).wait()
+    return True
 
 
 @contextlib.contextmanager

@@ -46,23 +46,28 @@ def _status(st: MPI.Status, itemsize: int) -> Status:
 
 class Request:
     """A pending non-blocking operation. ``wait``/``test`` finish it: the ledger gets the time
-    from posting to completion and staged results are written back to the caller's buffer."""
+    this rank was blocked in ``wait``/``test`` (``seconds``) and the time from posting to
+    completion (``outstanding_seconds``), and staged results are written back to the caller's
+    buffer."""
 
     def __init__(self, comm: Communicator, op: str, req: MPI.Request, staged: Staged,
                  sent: int, receives: bool) -> None:
         self._comm, self._op, self._req, self._staged = comm, op, req, staged
         self._sent, self._receives = sent, receives
         self._start = time.perf_counter()
+        self._blocked = 0.0
         self.status: Status | None = None
 
-    def _complete(self, st: MPI.Status) -> Status:
+    def _complete(self, st: MPI.Status, blocked_since: float) -> Status:
         itemsize = self._staged.array.itemsize
         status = _status(st, itemsize)
         received = 0
         if self._receives:
             received = status.nbytes if self._op == "Irecv" else self._staged.nbytes
             self._staged.finish()
-        self._comm._record(self._op, self._sent, received, time.perf_counter() - self._start)
+        now = time.perf_counter()
+        self._comm._record(self._op, self._sent, received,
+                           self._blocked + now - blocked_since, now - self._start)
         self.status = status
         return status
 
@@ -74,17 +79,20 @@ class Request:
         """Block until complete; idempotent."""
         if self.status is None:
             st = MPI.Status()
+            since = time.perf_counter()
             self._req.Wait(st)
-            self._complete(st)
+            self._complete(st, since)
         return self.status
 
     def test(self) -> Status | None:
         """Complete the request if it has finished; ``None`` if still pending."""
         if self.status is None:
             st = MPI.Status()
+            since = time.perf_counter()
             if not self._req.Test(st):
+                self._blocked += time.perf_counter() - since
                 return None
-            self._complete(st)
+            self._complete(st, since)
         return self.status
 
     def cancel(self) -> None:
@@ -101,9 +109,10 @@ class Request:
         if not pending:
             raise ValueError("waitany: every request is already complete")
         st = MPI.Status()
+        since = time.perf_counter()
         j = MPI.Request.Waitany([requests[i]._req for i in pending], st)
         i = pending[j]
-        return i, requests[i]._complete(st)
+        return i, requests[i]._complete(st, since)
 
     @staticmethod
     def waitall(requests: Sequence[Request]) -> list[Status]:
@@ -126,9 +135,10 @@ class Communicator:
         return f"Communicator({self.name!r}, rank={self.rank}, size={self.size})"
 
     # -- bookkeeping ---------------------------------------------------------------------------
-    def _record(self, op: str, sent: int, received: int, seconds: float) -> None:
+    def _record(self, op: str, sent: int, received: int, seconds: float,
+                outstanding: float = 0.0) -> None:
         key = op if self.name == "world" else f"{self.name}.{op}"
-        self.ledger.record(key, sent, received, seconds)
+        self.ledger.record(key, sent, received, seconds, outstanding)
 
     def _timed(self, op: str, sent: int, received: int, call: Callable[[], Any]) -> Any:
         start = time.perf_counter()

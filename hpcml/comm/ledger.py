@@ -5,6 +5,13 @@ hands to MPI as input, ``received`` the size of the buffer MPI fills for it. So 
 n-byte buffer: Allreduce sends n and receives n; Allgather sends n and receives P*n; Bcast sends n
 at the root and receives n elsewhere; Isend sends its buffer; a receive counts the bytes that
 actually arrived. Staged 16-bit reductions count the float32 bytes actually moved.
+
+Time convention: ``seconds`` is the time this rank was *blocked* on the operation (inside the
+blocking call; for a non-blocking request, inside ``wait``/``test``), i.e. what communication
+cost the caller. ``outstanding_seconds`` is, for non-blocking requests only, the time from
+posting to completion: the span in which communication could overlap computation. A request
+that finished while the rank computed shows a long ``outstanding_seconds`` and a ``seconds``
+near zero; blocking calls record ``outstanding_seconds = 0``.
 """
 
 from __future__ import annotations
@@ -20,12 +27,14 @@ class OpTotals:
     bytes_sent: int = 0
     bytes_received: int = 0
     seconds: float = 0.0
+    outstanding_seconds: float = 0.0
 
-    def add(self, sent: int, received: int, seconds: float) -> None:
+    def add(self, sent: int, received: int, seconds: float, outstanding: float = 0.0) -> None:
         self.calls += 1
         self.bytes_sent += sent
         self.bytes_received += received
         self.seconds += seconds
+        self.outstanding_seconds += outstanding
 
 
 class Ledger:
@@ -34,14 +43,18 @@ class Ledger:
     def __init__(self) -> None:
         self.ops: dict[str, OpTotals] = {}
 
-    def record(self, op: str, sent: int, received: int, seconds: float) -> None:
-        self.ops.setdefault(op, OpTotals()).add(sent, received, seconds)
+    def record(self, op: str, sent: int, received: int, seconds: float,
+               outstanding: float = 0.0) -> None:
+        """Add one call of ``op``: ``seconds`` blocked, ``outstanding`` from posting to
+        completion (non-blocking requests only)."""
+        self.ops.setdefault(op, OpTotals()).add(sent, received, seconds, outstanding)
 
     def reset(self) -> None:
         self.ops.clear()
 
     def totals(self) -> dict[str, dict[str, Any]]:
-        """``{op: {calls, bytes_sent, bytes_received, seconds}}``, sorted by op name."""
+        """``{op: {calls, bytes_sent, bytes_received, seconds, outstanding_seconds}}``, sorted
+        by op name."""
         return {op: dataclasses.asdict(t) for op, t in sorted(self.ops.items())}
 
     def bytes_sent(self) -> int:

@@ -10,6 +10,7 @@ rules that span fields or depend on the number of ranks; it raises ``ConfigError
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -19,6 +20,10 @@ from typing import Any, TypeVar
 from hpcml.errors import ConfigError, UsageError
 
 T = TypeVar("T")
+
+# the largest integer any key takes unless its option sets ``max``: counts, sizes and steps fit
+# a C int (MPI counts, torch shapes and HDF5 offsets are checked against it downstream)
+INT_MAX = 2**31 - 1
 
 
 def option(
@@ -31,7 +36,8 @@ def option(
     choices: typing.Sequence[Any] | None = None,
 ) -> Any:
     """A schema field: ``default`` plus its validation rules (inclusive ``min``/``max``,
-    exclusive ``gt``, allowed ``choices``); list defaults are copied per instance."""
+    exclusive ``gt``, allowed ``choices``); list defaults are copied per instance. Integers
+    without ``max`` are bounded by :data:`INT_MAX`; floats must be finite."""
     meta = {"help": help, "min": min, "max": max, "gt": gt, "choices": choices}
     if isinstance(default, list | dict):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -108,6 +114,10 @@ def _check_bounds(key: str, meta: typing.Mapping[str, Any], value: Any) -> None:
             raise ConfigError(key, f"must be one of {allowed}, got {item!r}")
         if not isinstance(item, int | float) or isinstance(item, bool):
             continue
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(key, f"must be a finite number, got {item!r}")
+        if isinstance(item, int) and meta.get("max") is None and item > INT_MAX:
+            raise ConfigError(key, f"must be <= {INT_MAX}, got {item!r}")
         if meta.get("min") is not None and item < meta["min"]:
             raise ConfigError(key, f"must be >= {meta['min']}, got {item!r}")
         if meta.get("max") is not None and item > meta["max"]:
@@ -186,13 +196,21 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
 def read_toml(path: str | Path) -> dict[str, Any]:
     """Parse a job file; a missing file or TOML syntax error becomes a one-line ``UsageError``."""
     p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"job file {str(p)!r} is a directory (give the path to a .toml file, "
+                         "e.g. jobs/bench-collectives.toml)")
     if not p.is_file():
         raise UsageError(f"job file {str(p)!r} not found (give the path to a .toml file, e.g. "
                          "jobs/bench-collectives.toml)")
     try:
-        return tomllib.loads(p.read_text())
+        return tomllib.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{p}: not a UTF-8 text file (byte {exc.start} is not UTF-8); a job "
+                         "file is TOML text") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"{p}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"job file {str(p)!r} cannot be read: {exc.strerror}") from None
 
 
 def load_job_file(cls: type[T], data: typing.Mapping[str, Any], source: str, size: int) -> T:

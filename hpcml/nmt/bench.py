@@ -10,10 +10,10 @@ drift in machine load hits them alike; without it they run one after the other, 
 the process with its peak RSS reset first (:mod:`hpcml.bench.rss`), so that the process's peak
 resident memory per rank is each method's own:
 
-- ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: hpcml's exchanges
-  (:mod:`hpcml.nmt.exchange`); exchange memory is their measured peak of exchange buffers
-  (:class:`~hpcml.nmt.exchange.memory.ExchangeMemory`), bytes are the ledger's received bytes
-  of the exchange (taken around ``synchronize``, where every request completes);
+- ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: the reductions of
+  :class:`hpcml.parallel.DistributedOptimizer`; exchange memory is their measured peak of
+  exchange buffers (:class:`~hpcml.parallel.ExchangeMemory`), bytes are the ledger's received
+  bytes of the exchange (taken around ``optimizer.step()``, where every request completes);
 - ``ddp``: torch DDP over gloo on the all-dense model; memory = its reducer's bucket sizes; its
   traffic is not in the ledger and is given by the ledger's convention for an allreduce of those
   buckets (received = bucket bytes);
@@ -47,23 +47,28 @@ import torch
 
 from hpcml.bench.report import markdown_table, median, pyplot, save_figure
 from hpcml.bench.rss import peak_rss_bytes, reset_peak_rss
+from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt import peers
 from hpcml.nmt.config import DataConfig, ModelConfig, check_model, check_model_data
-from hpcml.nmt.data import TrainStream, read_shard, read_vocab
-from hpcml.nmt.exchange import STRATEGIES, make_exchange
+from hpcml.nmt.data import TrainStream, read_shard, read_vocab, steps_per_epoch, validate_corpus
 from hpcml.nmt.model import Transformer
 from hpcml.nmt.projection import ProjectionConfig, write_projection
-from hpcml.nmt.state import broadcast_state
 from hpcml.nmt.step import train_step
 from hpcml.nmt.synthetic import SyntheticConfig, SyntheticStream
 from hpcml.nmt.vocab import SPECIALS
+from hpcml.parallel import (
+    REDUCTIONS,
+    DistributedOptimizer,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+)
 from hpcml.rundir import atomic_write, read_metrics
 
 HOROVOD = {"horovod": True, "horovod_sparse": False}  # method -> sparse_as_dense
-METHODS = (*STRATEGIES, "ddp", *HOROVOD)
+METHODS = (*REDUCTIONS, "ddp", *HOROVOD)
 
 
 @dataclasses.dataclass
@@ -122,8 +127,8 @@ class _Runner:
     method: str
     net: torch.nn.Module
     optimizer: Any
-    synchronize: Callable[[], None]
     memory: Callable[[], int | None]
+    after_step: Callable[[], None] = lambda: None
     close: Callable[[], None] = lambda: None
     exchanged: int = 0
     rss: int | None = None
@@ -136,31 +141,35 @@ def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _R
     comm, bucket = ctx.comm, cfg.bucket_kib * 1024
     model = _model(cfg, vocab, sparse=method != "ddp")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
-    broadcast_state(comm, model, optimizer)
-    if method in STRATEGIES:
-        exchange = make_exchange(method, comm, model, bucket)
-        runner = _Runner(method, model, optimizer, exchange.synchronize,
-                         lambda: exchange.memory.peak)
+    broadcast_parameters(model, comm)
+    broadcast_optimizer_state(optimizer, comm)
+    if method in REDUCTIONS:
+        dist = DistributedOptimizer(optimizer, model, comm=comm, reduction=method,
+                                    bucket_kib=cfg.bucket_kib)
+        runner = _Runner(method, model, dist, lambda: dist.memory.peak)
+        before = [0]
 
-        def synchronize() -> None:
-            before = comm.ledger.bytes_received()
-            exchange.synchronize()
-            runner.exchanged += comm.ledger.bytes_received() - before
+        def pre(*_: Any) -> None:
+            before[0] = comm.ledger.bytes_received()
 
-        runner.synchronize, runner.close = synchronize, exchange.remove_hooks
+        def post(*_: Any) -> None:
+            runner.exchanged += comm.ledger.bytes_received() - before[0]
+
+        dist.register_step_pre_hook(pre)
+        dist.register_step_post_hook(post)
+        runner.close = dist.reducer.remove_hooks
         return runner
     if method == "ddp":
         net = peers.ddp(comm, model, bucket)
-        runner = _Runner(method, net, optimizer, lambda: None,
-                         lambda: peers.ddp_bucket_bytes(net))
+        runner = _Runner(method, net, optimizer, lambda: peers.ddp_bucket_bytes(net))
 
         def counted() -> None:
             runner.exchanged += peers.ddp_bucket_bytes(net) or 0
 
-        runner.synchronize = counted
+        runner.after_step = counted
         return runner
-    hvd = peers.HorovodPeer(model, optimizer, HOROVOD[method])
-    return _Runner(method, model, hvd, hvd.synchronize, lambda: None)
+    return _Runner(method, model, peers.HorovodPeer(model, optimizer, HOROVOD[method]),
+                   lambda: None)
 
 
 def _measure(cfg: ReductionConfig, ctx: RunContext, runners: list[_Runner],
@@ -178,7 +187,8 @@ def _measure(cfg: ReductionConfig, ctx: RunContext, runners: list[_Runner],
         shift = step % len(runners)
         for r in runners[shift:] + runners[:shift]:
             start = time.perf_counter()
-            _, n, _ = train_step(comm, r.net, batch, r.optimizer, r.synchronize, 0.1, cfg.lr)
+            _, n, _ = train_step(comm, r.net, batch, r.optimizer, 0.1, cfg.lr)
+            r.after_step()
             if step >= cfg.warmup:
                 r.times.append(time.perf_counter() - start)
                 r.tokens.append(n)
@@ -316,5 +326,15 @@ def _plot(rows: list[dict[str, Any]], scaling: str, ctx: RunContext) -> None:
     save_figure(fig, ctx.run_dir.path / "reduction.png")
 
 
+def validate_data(cfg: ReductionConfig, comm: Communicator) -> None:
+    """The corpus is well formed (each rank checks its block) and one step fits; synthetic
+    batches read no corpus."""
+    if cfg.synthetic.vocab:
+        return
+    sizes = validate_corpus(cfg.data.path, comm.rank, comm.size)
+    steps_per_epoch(sizes["train"], cfg.batch_per_rank, comm.size, "batch_per_rank")
+
+
 JOB = JobKind(config=ReductionConfig, run=run,
-              description="sparse allgather vs dense allreduce vs torch DDP (memory, bytes, time)")
+              description="sparse allgather vs dense allreduce vs torch DDP (memory, bytes, time)",
+              validate_data=validate_data)

@@ -8,8 +8,8 @@ from pathlib import Path
 from hpcml.comm import StragglerConfig
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
-from hpcml.nmt.exchange import STRATEGIES
-from hpcml.qsparse.nmt import QsparseSection, transformer_dimension
+from hpcml.nmt.qsparse import QsparseSection, transformer_dimension
+from hpcml.parallel import REDUCTIONS
 
 
 @dataclasses.dataclass
@@ -34,7 +34,7 @@ class TrainConfig:
     warmup: int = option(200, min=1, help="learning-rate warm-up steps (Vaswani Eq. 3)")
     lr_scale: float = option(1.0, gt=0.0, help="factor on the Vaswani Eq. 3 learning rate")
     label_smoothing: float = option(0.1, min=0.0, max=0.99, help="label smoothing epsilon")
-    grad_reduction: str = option("dense_allreduce", choices=tuple(STRATEGIES),
+    grad_reduction: str = option("dense_allreduce", choices=tuple(REDUCTIONS),
                                  help="gradient exchange: sparse_allgather, dense_allreduce, "
                                       "auto")
     bucket_kib: int = option(1024, min=1, help="fused allreduce bucket size (KiB)")

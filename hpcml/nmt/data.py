@@ -20,7 +20,9 @@ import torch
 
 from hpcml.comm import chunk_bounds
 from hpcml.errors import UsageError
-from hpcml.nmt.vocab import BOS, EOS, PAD
+from hpcml.nmt.vocab import BOS, EOS, PAD, SPECIALS
+
+SPLITS = ("train", "valid", "test")
 
 
 @dataclasses.dataclass
@@ -50,9 +52,93 @@ class Batch:
         return int((self.tgt_out != PAD).sum())
 
 
+REGENERATE = "regenerate it with python -m hpcml.nmt.corpus"
+
+
+def _bad(path: str | Path, dataset: str, expected: str, got: str) -> UsageError:
+    return UsageError(f"data.path: {path}: dataset {dataset!r}: expected {expected}, got {got} "
+                      f"({REGENERATE})")
+
+
+def _dataset(f: h5py.File, path: str | Path, name: str, what: str) -> h5py.Dataset:
+    """``f[name]`` as a 1-D dataset, or the UsageError naming it."""
+    obj = f.get(name)
+    if not isinstance(obj, h5py.Dataset):
+        raise _bad(path, name, what, "nothing" if obj is None else "a group")
+    if obj.ndim != 1:
+        raise _bad(path, name, what, f"shape {obj.shape}")
+    return obj
+
+
 def read_vocab(path: str | Path) -> list[str]:
-    with h5py.File(path, "r") as f:
-        return [t.decode() for t in f["vocab"][:]]
+    """The corpus vocabulary (id -> token); a one-line UsageError when the file is not a
+    corpus (not collective)."""
+    try:
+        with h5py.File(path, "r") as f:
+            vocab = _dataset(f, path, "vocab", "1-D UTF-8 strings (id -> token)")
+            if h5py.check_string_dtype(vocab.dtype) is None:
+                raise _bad(path, "vocab", "1-D UTF-8 strings (id -> token)", str(vocab.dtype))
+            return [t.decode() for t in vocab[:]]
+    except OSError as exc:
+        raise UsageError(f"data.path: {path}: not a readable HDF5 file ({exc}; "
+                         f"{REGENERATE})") from None
+
+
+def validate_corpus(path: str | Path, rank: int, size: int) -> dict[str, int]:
+    """Check a corpus file as :mod:`hpcml.nmt.corpus` writes it: the vocabulary starts with the
+    special tokens and has no duplicates, and every split has 1-D integer ``src``/``tgt`` ids
+    and ``n + 1`` offsets from 0 to ``len(ids)``, non-decreasing, with ids inside the
+    vocabulary. Rank ``rank`` of ``size`` reads only its block of each array, so the ranks
+    together check every entry once (not collective: the caller combines the outcomes).
+    Returns the sentences of each split; raises a one-line ``UsageError`` naming the file and
+    dataset."""
+    vocab = read_vocab(path)
+    if tuple(vocab[:len(SPECIALS)]) != SPECIALS or len(set(vocab)) != len(vocab):
+        raise _bad(path, "vocab", f"{', '.join(SPECIALS)} first and no duplicate token",
+                   f"{vocab[:len(SPECIALS)]} and {len(vocab) - len(set(vocab))} duplicates")
+    sizes: dict[str, int] = {}
+    try:
+        with h5py.File(path, "r") as f:
+            for split in SPLITS:
+                sizes[split] = _check_split(f, path, split, len(vocab), rank, size)
+    except OSError as exc:
+        raise UsageError(f"data.path: {path}: not a readable HDF5 file ({exc}; "
+                         f"{REGENERATE})") from None
+    return sizes
+
+
+def _check_split(f: h5py.File, path: str | Path, split: str, vocab: int, rank: int,
+                 size: int) -> int:
+    counts = []
+    for side in ("src", "tgt"):
+        ids_name, off_name = f"{split}/{side}_ids", f"{split}/{side}_offsets"
+        ids = _dataset(f, path, ids_name, "1-D integer token ids")
+        offsets = _dataset(f, path, off_name, "1-D integer sentence offsets")
+        for name, ds in ((ids_name, ids), (off_name, offsets)):
+            if ds.dtype.kind not in "iu":
+                raise _bad(path, name, "integers", str(ds.dtype))
+        n_ids = ids.shape[0]
+        if offsets.shape[0] < 2:
+            raise _bad(path, off_name, "n + 1 >= 2 offsets (at least one sentence)",
+                       f"{offsets.shape[0]}")
+        ends = offsets[[0, -1]]
+        if ends[0] != 0 or ends[1] != n_ids:
+            raise _bad(path, off_name, f"offsets from 0 to len({ids_name}) = {n_ids}",
+                       f"{int(ends[0])} to {int(ends[1])}")
+        lo, hi = chunk_bounds(offsets.shape[0] - 1, size, rank)
+        block = offsets[lo:hi + 1]
+        if np.any(np.diff(block) < 0):
+            raise _bad(path, off_name, "non-decreasing offsets", "a decrease")
+        lo, hi = chunk_bounds(n_ids, size, rank)
+        block = ids[lo:hi]
+        if block.size and (block.min() < 0 or block.max() >= vocab):
+            raise _bad(path, ids_name, f"ids in [0, {vocab}) (the vocabulary size)",
+                       f"ids in [{int(block.min())}, {int(block.max())}]")
+        counts.append(offsets.shape[0] - 1)
+    if counts[0] != counts[1]:
+        raise _bad(path, f"{split}/tgt_offsets", f"{counts[0]} sentences like "
+                   f"{split}/src_offsets", f"{counts[1]}")
+    return counts[0]
 
 
 def split_size(path: str | Path, split: str) -> int:
@@ -99,15 +185,23 @@ def collate(src: list[np.ndarray], tgt: list[np.ndarray]) -> Batch:
     return Batch(s, ti, to)
 
 
+def steps_per_epoch(total: int, local_batch: int, size: int,
+                    key: str = "train.batch_size") -> int:
+    """Steps of ``local_batch`` sentences per rank in one epoch of ``total`` training pairs
+    over ``size`` ranks; a ``UsageError`` naming ``key`` when not even one fits (pure)."""
+    steps = (total // size) // local_batch
+    if steps < 1:
+        raise UsageError(f"{key}: {local_batch * size} sentences per step exceed the training "
+                         f"split ({total} sentences); lower it")
+    return steps
+
+
 class TrainStream:
     """Step-indexed training batches of one rank's shard (see module docstring)."""
 
     def __init__(self, shard: Shard, local_batch: int, size: int, seed: int, rank: int) -> None:
         self.shard, self.local_batch, self.seed, self.rank = shard, local_batch, seed, rank
-        self.steps_per_epoch = (shard.total // size) // local_batch
-        if self.steps_per_epoch < 1:
-            raise UsageError(f"train.batch_size: {local_batch * size} sentences per step exceed "
-                             f"the training split ({shard.total} sentences); lower batch_size")
+        self.steps_per_epoch = steps_per_epoch(shard.total, local_batch, size)
         self._perm: tuple[int, np.ndarray] | None = None
 
     def order(self, epoch: int) -> np.ndarray:

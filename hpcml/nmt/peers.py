@@ -64,10 +64,10 @@ def horovod_unavailable() -> str | None:
 class HorovodPeer:
     """Horovod's DistributedOptimizer around ``optimizer`` (``sparse_as_dense=True``: the paper's
     fix; ``False``: Horovod's allgather of sparse gradients), after broadcasting rank 0's
-    parameters. :meth:`synchronize` waits for Horovod's reductions and densifies the averaged
-    sparse gradients (torch's Adam takes dense gradients only); :meth:`step` then updates without
-    synchronizing again (Horovod's ``skip_synchronize``). Only build it when
-    :func:`horovod_unavailable` is None. Collective."""
+    parameters. :meth:`step` waits for Horovod's reductions, densifies the averaged sparse
+    gradients (torch's Adam takes dense gradients only) and updates without synchronizing again
+    (Horovod's ``skip_synchronize``). Only build it when :func:`horovod_unavailable` is None.
+    Collective."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  sparse_as_dense: bool) -> None:
@@ -81,16 +81,14 @@ class HorovodPeer:
                                                   sparse_as_dense=sparse_as_dense)
         self.param_groups = self.optimizer.param_groups
 
-    def synchronize(self) -> None:
-        self.optimizer.synchronize()
-        for p in self.model.parameters():
-            if p.grad is not None and p.grad.is_sparse:
-                p.grad = p.grad.to_dense()
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Horovod's zero_grad takes no arguments and always sets gradients to None."""
         self.optimizer.zero_grad()
 
     def step(self) -> None:
+        self.optimizer.synchronize()
+        for p in self.model.parameters():
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
         with self.optimizer.skip_synchronize():
             self.optimizer.step()

@@ -1,100 +1,55 @@
 """Identical state on every rank, checkpoints and exact resumption.
 
-- :func:`broadcast_state`: rank 0's parameters and optimizer state are broadcast (``Bcast`` of
-  every tensor, in a fixed order) so all ranks start identical; collective.
-- :func:`save_checkpoint`: rank 0 writes ``checkpoint/model.pt`` (parameters, optimizer, step,
-  data position, history) and every rank writes ``checkpoint/rng-<rank>.pt`` (its torch, numpy
-  and Python RNG states); each file is written atomically and a ``checkpoint/step`` marker is
-  written last by rank 0 after a barrier, so a checkpoint is complete or absent. Collective.
-- :func:`load_checkpoint`: every rank reads the model file and its own RNG file; then
-  :func:`broadcast_state` makes the parameters and optimizer state bitwise rank 0's.
+- :func:`broadcast_state`: rank 0's parameters and optimizer state are broadcast
+  (:mod:`hpcml.parallel.broadcast`) so all ranks start identical; collective.
+- :func:`save`: one :mod:`hpcml.checkpoint` step directory: rank 0's parameters, optimizer
+  state and extras (history, epoch) as the shared payload; every rank's RNG streams, plus its
+  own ``rank_state`` when given (the per-rank model and optimizer of local-SGD runs), as its
+  own payload. Collective.
+- :func:`restore`: from the checkpoint the launcher verified and loaded (``weights_only``),
+  set the parameters, optimizer state and this rank's RNG; then :func:`broadcast_state` makes
+  the parameters and optimizer state bitwise rank 0's. Collective.
 """
 
 from __future__ import annotations
 
-import io
-import random
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from hpcml.checkpoint import Restored, rng_state, set_rng_state
 from hpcml.comm import Communicator
 from hpcml.errors import UsageError
-from hpcml.rundir import atomic_write
-
-CHECKPOINT = "checkpoint"
-
-
-def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    tensors = [p.data for p in model.parameters()]
-    for p in model.parameters():
-        state = optimizer.state.get(p, {})
-        tensors += [state[k] for k in sorted(state) if isinstance(state[k], torch.Tensor)]
-    return tensors
+from hpcml.jobs import RunContext
+from hpcml.parallel import broadcast_optimizer_state, broadcast_parameters
 
 
 def broadcast_state(comm: Communicator, model: nn.Module,
                     optimizer: torch.optim.Optimizer) -> None:
-    """Make every rank's parameters and optimizer state equal to rank 0's. Collective; all
-    ranks must have the same optimizer-state structure (both empty, or both loaded)."""
-    for t in _state_tensors(model, optimizer):
-        comm.Bcast(t)
+    """Make every rank's parameters and optimizer state equal to rank 0's. Collective."""
+    broadcast_parameters(model, comm)
+    broadcast_optimizer_state(optimizer, comm)
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-            "python": random.getstate()}
+def save(ctx: RunContext, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+         extra: dict[str, Any], rank_state: dict[str, Any] | None = None) -> None:
+    """Checkpoint ``step`` into ``ctx.run_dir`` (collective; see module docstring)."""
+    ctx.save_checkpoint(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               **extra}, {"rng": rng_state(), "rank_state": rank_state})
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def _save(path: Path, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write(path, buf.getvalue())
-
-
-def save_checkpoint(comm: Communicator, run_dir: Path, model: nn.Module,
-                    optimizer: torch.optim.Optimizer, step: int,
-                    extra: dict[str, Any]) -> Path:
-    """Write the checkpoint of ``step`` into ``run_dir/checkpoint`` (collective)."""
-    ckpt = run_dir / CHECKPOINT
-    if comm.rank == 0:
-        ckpt.mkdir(parents=True, exist_ok=True)
-    comm.barrier()
-    _save(ckpt / f"rng-{comm.rank}.pt", {"step": step, **rng_state()})
-    if comm.rank == 0:
-        _save(ckpt / "model.pt", {"step": step, "model": model.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "size": comm.size,
-                                  **extra})
-    comm.barrier()
-    if comm.rank == 0:
-        atomic_write(ckpt / "step", f"{step}\n")
-    return ckpt
-
-
-def load_checkpoint(comm: Communicator, run_dir: Path, model: nn.Module,
-                    optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and this rank's RNG from ``run_dir/checkpoint``; returns the
-    saved record (``step`` and the extras). Collective."""
-    ckpt = run_dir / CHECKPOINT
-    if not (ckpt / "step").is_file():
-        raise UsageError(f"--resume {run_dir}: no complete checkpoint in it (nothing to resume; "
-                         "start a new run)")
-    record = torch.load(ckpt / "model.pt", weights_only=False)
-    if record["size"] != comm.size:
-        raise UsageError(f"--resume {run_dir}: checkpoint written by {record['size']} ranks, "
-                         f"this job has {comm.size} (resume with mpiexec -n {record['size']})")
-    rng = torch.load(ckpt / f"rng-{comm.rank}.pt", weights_only=False)
-    model.load_state_dict(record["model"])
-    optimizer.load_state_dict(record["optimizer"])
-    set_rng_state(rng)
+def restore(comm: Communicator, restored: Restored, model: nn.Module,
+            optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load ``restored`` into ``model``, ``optimizer`` and this rank's RNG; returns the shared
+    payload (its extras) and this rank's ``rank_state`` (None if none was saved). Collective."""
+    shared = restored.shared
+    try:
+        model.load_state_dict(shared["model"])
+        optimizer.load_state_dict(shared["optimizer"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise UsageError(f"{restored.manifest.path}: does not fit this model "
+                         f"({str(exc).splitlines()[0]}); resume with the same job file") from None
+    set_rng_state(restored.local["rng"])
     broadcast_state(comm, model, optimizer)
-    return record
+    return {**shared, "rank_state": restored.local.get("rank_state")}

@@ -1,18 +1,22 @@
 """Job kind ``transformer-nmt``: data-parallel training of :class:`~hpcml.nmt.model.Transformer`
 on an HDF5 parallel corpus (the numbers corpus, or a text corpus prepared by
-:mod:`hpcml.nmt.subword`) with a chosen gradient exchange (arXiv 1905.04035).
+:mod:`hpcml.nmt.subword`) with a chosen gradient reduction of :mod:`hpcml.parallel`
+(arXiv 1905.04035).
 
 Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
-broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's
-dropout stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
+broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's dropout
+stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
-SIGUSR1 on any rank, checkpoint after the current step and stop; finally decode the test split
-(greedy, or beam search with ``eval.beam``) and report corpus BLEU with its sacreBLEU signature.
-Batches hold ``train.batch_size`` sentences, or with ``train.batch_tokens`` length-bucketed
-token batches (:mod:`hpcml.nmt.buckets`). With ``[qsparse] enabled`` the gradient exchange is
-replaced by synchronous Qsparse-local-SGD (:mod:`hpcml.qsparse.nmt`; such runs are not
-resumable). A run resumed from a checkpoint takes exactly the steps the uninterrupted run
-would (same batches, dropout masks, optimizer state and learning rates).
+SIGUSR1 on any rank (caught from launch on, :mod:`hpcml.preemption`), checkpoint after the current
+step and stop with ``stopped_by`` set (status ``preempted``; a signal during the last step lets the
+run finish); finally decode the test split (greedy, or beam search with ``eval.beam``) and report
+corpus BLEU with its sacreBLEU signature. Batches hold ``train.batch_size`` sentences, or with
+``train.batch_tokens`` length-bucketed token batches (:mod:`hpcml.nmt.buckets`). The optimizer is
+a :class:`~hpcml.parallel.DistributedOptimizer` around Adam; with ``[qsparse] enabled`` it is
+synchronous Qsparse-local-SGD instead (:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every
+rank's own model, optimizer state and error memory. A run resumed from a checkpoint takes exactly
+the steps the uninterrupted run would (same batches, dropout masks, optimizer state and learning
+rates).
 """
 
 from __future__ import annotations
@@ -24,20 +28,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hpcml.comm import chunk_bounds
+from hpcml.comm import Communicator, chunk_bounds
 from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.buckets import BucketStream
 from hpcml.nmt.config import NMTConfig
-from hpcml.nmt.data import TrainStream, read_shard, read_vocab
+from hpcml.nmt.data import TrainStream, read_shard, read_vocab, steps_per_epoch, validate_corpus
 from hpcml.nmt.decode import corpus_bleu, validation_loss
-from hpcml.nmt.exchange import make_exchange
 from hpcml.nmt.model import Transformer, noam_lr
-from hpcml.nmt.state import broadcast_state, load_checkpoint, save_checkpoint
+from hpcml.nmt.qsparse import accounting, qsparse_optimizer
+from hpcml.nmt.state import broadcast_state, restore, save
 from hpcml.nmt.step import train_step
 from hpcml.nmt.subword import detokenizer, references
-from hpcml.preemption import Preemption
-from hpcml.qsparse.nmt import QsparseExchange
+from hpcml.parallel import DistributedOptimizer
 
 
 def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transformer:
@@ -60,22 +63,26 @@ def seed_rank(seed: int, rank: int) -> None:
 def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     comm, t = ctx.comm, cfg.train
     vocab = read_vocab(cfg.data.path)
-    model = build_model(cfg, len(vocab))
+    model = build_model(cfg, len(vocab), sparse=not cfg.qsparse.enabled)
     optimizer = make_optimizer(model)
     if cfg.qsparse.enabled:
-        if ctx.resume is not None:
-            raise UsageError("--resume: a qsparse run keeps per-rank local models and error "
-                             "memories that checkpoints do not hold (start a new run)")
-        qsparse = QsparseExchange(comm, model, optimizer, cfg.qsparse, cfg.seed)
-        synchronize, stepper = qsparse.synchronize, qsparse.optimizer
+        stepper = qsparse_optimizer(comm, model, optimizer, cfg.qsparse, cfg.seed)
     else:
-        exchange = make_exchange(t.grad_reduction, comm, model, t.bucket_kib * 1024,
-                                 on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
-        synchronize, stepper = exchange.synchronize, optimizer
+        stepper = DistributedOptimizer(optimizer, model, comm=comm, reduction=t.grad_reduction,
+                                       bucket_kib=t.bucket_kib,
+                                       on_choice=lambda n, m: ctx.log(f"auto: {n} -> {m}"))
     start, history = 0, []
-    if ctx.resume is not None:
-        record = load_checkpoint(comm, ctx.run_dir.path, model, optimizer)
-        start, history = record["step"], record["history"]
+    if ctx.restored is not None:
+        record = restore(comm, ctx.restored, model, optimizer)
+        start, history = ctx.restored.step, record["history"]
+        if cfg.qsparse.enabled:
+            own = record["rank_state"]
+            if own is None:
+                raise UsageError(f"--resume {ctx.run_dir.path}: the checkpoint has no per-rank "
+                                 "qsparse state (it was written without [qsparse]); start a "
+                                 "new run")
+            model.load_state_dict(own["model"])
+            stepper.load_state_dict(own["optimizer"])
         ctx.log(f"resumed from step {start}")
     else:
         broadcast_state(comm, model, optimizer)
@@ -87,45 +94,46 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"{train.total} training pairs, vocabulary {len(vocab)}, "
             f"{sum(p.numel() for p in model.parameters())} parameters, "
             f"{stream.steps_per_epoch} steps/epoch, exchange "
-            + (f"qsparse {qsparse.compressor.name} H={cfg.qsparse.H}" if cfg.qsparse.enabled
+            + (f"qsparse {stepper.compressor.name} H={cfg.qsparse.H}" if cfg.qsparse.enabled
                else t.grad_reduction))
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(comm, ctx.run_dir.path, model, optimizer, step,
-                        {"history": history, "epoch": step // stream.steps_per_epoch})
+        own = ({"model": model.state_dict(), "optimizer": stepper.state_dict()}
+               if cfg.qsparse.enabled else None)
+        save(ctx, model, optimizer, step,
+             {"history": history, "epoch": step // stream.steps_per_epoch}, own)
 
     stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
     bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",
                dynamic_ncols=True)
-    with Preemption() as flag:
-        for step in range(start + 1, t.steps + 1):
-            comm.straggle(step)
-            tick = time.perf_counter()
-            lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
-            loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
-                                            synchronize, t.label_smoothing, lr,
-                                            stop=flag.local)
-            busy += time.perf_counter() - tick
-            tokens_total += tokens
-            record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
-                record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
-                                                       t.label_smoothing)
-                history.append({"step": step, "valid_loss": record["valid_loss"]})
-                if ctx.is_root:
-                    bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
-                              f"{record['valid_loss']:.4f}")
+    flag = ctx.preemption
+    for step in range(start + 1, t.steps + 1):
+        comm.straggle(step)
+        tick = time.perf_counter()
+        lr = noam_lr(step, cfg.model.d_model, t.warmup, t.lr_scale)
+        loss, tokens, stop = train_step(comm, model, stream.batch(step - 1), stepper,
+                                        t.label_smoothing, lr, stop=flag.local)
+        busy += time.perf_counter() - tick
+        tokens_total += tokens
+        record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
+            record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
+                                                   t.label_smoothing)
+            history.append({"step": step, "valid_loss": record["valid_loss"]})
             if ctx.is_root:
-                ctx.run_dir.log_metrics(**record)
-            if stop:
-                stopped = flag.received or "signal on another rank"
-                checkpoint(step)
-                break
-            if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \
-                    or step == t.steps:
-                checkpoint(step)
+                bar.write(f"step {step}: train loss {loss:.4f}, valid loss "
+                          f"{record['valid_loss']:.4f}")
+        if ctx.is_root:
+            ctx.run_dir.log_metrics(**record)
+        if stop and step < t.steps:  # a signal during the last step lets the run finish
+            stopped = flag.reason()
+            checkpoint(step)
+            break
+        if (cfg.eval.checkpoint_every and step % cfg.eval.checkpoint_every == 0) \
+                or step == t.steps:
+            checkpoint(step)
     bar.close()
     summary: dict[str, Any] = {
         "steps": step, "train_loss": loss,
@@ -133,14 +141,14 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
         "valid_loss": validation_loss(comm, model, valid, cfg.eval.batch_size,
                                       t.label_smoothing)}
     if cfg.qsparse.enabled:
-        bits = summary["qsparse"] = qsparse.accounting(step)
+        bits = summary["qsparse"] = accounting(stepper, step)
         ctx.log(f"qsparse: {bits['bits_per_worker']} bits per worker; dense allreduce of the "
                 f"same steps: {bits['dense_allreduce_bits_per_worker']} (ratio "
                 f"{bits['dense_over_qsparse']})")
     else:
         summary.update({"grad_reduction": t.grad_reduction,
-                        "exchange_peak_bytes": exchange.memory.peak,
-                        "auto_choices": exchange.choices})
+                        "exchange_peak_bytes": stepper.memory.peak,
+                        "auto_choices": stepper.choices})
     if stopped is None and cfg.eval.bleu:
         test = read_shard(cfg.data.path, "test", comm.rank, comm.size)
         refs = references(cfg.data.path, "test", *chunk_bounds(test.total, comm.size,
@@ -159,5 +167,12 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
     return summary
 
 
+def validate_data(cfg: NMTConfig, comm: Communicator) -> None:
+    """The corpus is well formed (each rank checks its block) and one training step fits."""
+    sizes = validate_corpus(cfg.data.path, comm.rank, comm.size)
+    steps_per_epoch(sizes["train"], cfg.train.batch_size // comm.size, comm.size)
+
+
 JOB = JobKind(config=NMTConfig, run=run,
-              description="data-parallel transformer NMT, sparse allgather vs dense allreduce")
+              description="data-parallel transformer NMT, sparse allgather vs dense allreduce",
+              validate_data=validate_data, check_resume=lambda cfg: None)

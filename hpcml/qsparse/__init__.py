@@ -6,7 +6,8 @@ Public surface: :class:`QsparseLocalSGD` (wraps any torch model + optimizer), th
 (:func:`make_compressor`, :class:`Compressor`), :func:`compensate` and :func:`learning_rate`.
 Job kinds: ``qsparse`` (:mod:`hpcml.qsparse.train`) and ``bench-qsparse``
 (:mod:`hpcml.qsparse.bench`); the ``[qsparse]`` section of ``transformer-nmt`` jobs
-(:mod:`hpcml.qsparse.nmt`) trains the hpcml.nmt transformer with the same wrapper.
+(:mod:`hpcml.nmt.qsparse`) trains the hpcml.nmt transformer with the same wrapper. The wrappers
+are torch optimizers built on :class:`hpcml.parallel.WrappedOptimizer`.
 """
 
 from hpcml.qsparse.compressors import (

@@ -32,7 +32,7 @@ from hpcml.comm import StragglerConfig
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
-from hpcml.qsparse.data import load_digits_h5, mlp_dimension
+from hpcml.qsparse.data import load_digits_h5, mlp_dimension, validate_digits
 from hpcml.qsparse.train import (
     CompressorConfig,
     DataConfig,
@@ -169,4 +169,5 @@ def _plot(rows: list[dict[str, Any]], target: float, ranks: int, ctx: RunContext
 
 
 JOB = JobKind(config=BenchQsparseConfig, run=run,
-              description="Qsparse-local-SGD vs vanilla/top-k/QSGD/local SGD: bits to target")
+              description="Qsparse-local-SGD vs vanilla/top-k/QSGD/local SGD: bits to target",
+              validate_data=lambda cfg, comm: validate_digits(cfg.data.path))

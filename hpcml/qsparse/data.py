@@ -60,6 +60,50 @@ def write_digits(path: str | Path) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
+# dataset -> (shape after the first axis, lowest value, highest value)
+LAYOUT = {"train/x": ((64,), 0, 16), "train/y": ((), 0, 9), "test/x": ((64,), 0, 16),
+          "test/y": ((), 0, 9)}
+
+
+def validate_digits(path: str | Path) -> None:
+    """Check a digits file as :func:`write_digits` writes it: every dataset of :data:`LAYOUT`
+    present, numeric (labels integer), of shape (n, 64) / (n,) with matching n >= 1 per split,
+    values inside the layout's range. Raises a one-line ``UsageError`` naming the file and the
+    dataset (not collective; the file is small, so every rank checks all of it)."""
+    import h5py
+
+    p = Path(path)
+    fix = f"recreate it with `python -m hpcml.qsparse.data {p}`"
+    if not p.is_file():
+        raise UsageError(f"data.path: {str(p)!r} not found ({fix})")
+    name = "the file"
+    try:
+        with h5py.File(p, "r") as h5:
+            for name, (tail, lo, hi) in LAYOUT.items():
+                ds = h5.get(name)
+                integer = name.endswith("/y")
+                what = (f"{'integer' if integer else 'numeric'} array of shape "
+                        f"{f'(n, {tail[0]})' if tail else '(n,)'} in [{lo}, {hi}]")
+                if not isinstance(ds, h5py.Dataset):
+                    got = "nothing" if ds is None else "a group"
+                elif ds.dtype.kind not in ("iu" if integer else "iuf"):
+                    got = f"dtype {ds.dtype}"
+                elif ds.shape[1:] != tail or ds.shape[0] < 1:
+                    got = f"shape {ds.shape}"
+                elif integer and ds.shape[0] != h5[name.replace("/y", "/x")].shape[0]:
+                    images = h5[name.replace("/y", "/x")].shape[0]
+                    got = f"{ds.shape[0]} labels for {images} images"
+                else:
+                    values = np.asarray(ds)
+                    if values.min() >= lo and values.max() <= hi and np.isfinite(values).all():
+                        continue
+                    got = f"values in [{values.min()}, {values.max()}]"
+                raise UsageError(f"data.path: {p}: dataset {name!r}: expected {what}, got {got} "
+                                 f"({fix})")
+    except OSError as exc:
+        raise UsageError(f"data.path: {p}: cannot read {name} ({exc}); {fix}") from None
+
+
 def load_digits_h5(path: str | Path) -> Split:
     """Read a file written by :func:`write_digits`; ``UsageError`` naming the fix otherwise."""
     import h5py

@@ -2,8 +2,9 @@
 
 - :class:`AllgatherExchange` (synchronous Qsparse-local-SGD, Algorithm 1): every rank of the
   communicator is a worker; at a synchronization index all ranks exchange their variable-length
-  payloads with ``Allgather`` (byte counts) + ``Allgatherv`` (bytes), decode them in rank order
-  and move from ``x_sync`` by their average. Collective over the communicator.
+  payloads with :func:`hpcml.parallel.allgatherv` (``Allgather`` of byte counts + ``Allgatherv``
+  of bytes), decode them in rank order and move from ``x_sync`` by their average. Collective
+  over the communicator.
 - :class:`ServerExchange` + :class:`Server` (asynchronous Qsparse-local-SGD, Algorithm 2): rank
   ``server`` holds the global model; a worker sends its payload with ``Isend`` and receives the
   server's current model with ``Irecv`` whenever *its own* schedule says so, so workers never
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from hpcml.comm import ANY_SOURCE, ANY_TAG, Communicator
+from hpcml.parallel import allgatherv, broadcast_parameters, gather_counts
 from hpcml.qsparse.compressors import Compressor, Payload
 
 UPDATE_TAG, MODEL_TAG, DONE_TAG = 41, 42, 43
@@ -34,16 +36,15 @@ class AllgatherExchange:
 
     def initial(self, x: torch.Tensor) -> torch.Tensor:
         """Collective: rank 0's starting point on every rank."""
-        return self.comm.Bcast(x, root=0)
+        broadcast_parameters([x], self.comm, root=0)
+        return x
 
     def exchange(self, payload: Payload, compressor: Compressor,
                  x_sync: torch.Tensor) -> torch.Tensor:
         """Collective: ``x_sync - (1/P) sum_r decode(payload_r)``, identical on every rank."""
         comm = self.comm
-        sizes = np.empty(comm.size, dtype=np.int64)
-        comm.Allgather(np.array([payload.data.size], dtype=np.int64), sizes)
-        gathered = np.empty(int(sizes.sum()), dtype=np.uint8)
-        comm.Allgatherv(payload.data, gathered, sizes.tolist())
+        sizes = gather_counts(comm, payload.data.size)
+        gathered = allgatherv(comm, payload.data, sizes)
         total = torch.zeros_like(x_sync)
         offset = 0
         for n in sizes.tolist():

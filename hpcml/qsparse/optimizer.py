@@ -18,32 +18,27 @@ import numpy as np
 import torch
 
 from hpcml.comm import Communicator, world
+from hpcml.parallel import DistributedOptimizer, WrappedOptimizer, broadcast_parameters
 from hpcml.qsparse.compressors import Compressor
 from hpcml.qsparse.error_feedback import compensate
 from hpcml.qsparse.exchange import AllgatherExchange, ServerExchange
 
 
-class WrappedOptimizer:
-    """The torch-optimizer surface both wrappers expose by delegating to ``self.optimizer``,
-    so schedulers and training loops treat them as the optimizer they wrap."""
-
-    optimizer: torch.optim.Optimizer
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.optimizer.param_groups
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-
 class QsparseLocalSGD(WrappedOptimizer):
     """Wrap ``optimizer`` (over ``model``'s parameters) with Qsparse-local-SGD.
 
-    Construction is collective over the exchange's communicator (it broadcasts the starting
-    point). In synchronous mode ``step`` is collective on every ``H``-th call; in asynchronous
-    mode it only talks to the server. ``H >= 1``; ``seed`` seeds this rank's Rand-k/QSGD stream.
+    A ``torch.optim.Optimizer`` (:class:`~hpcml.parallel.WrappedOptimizer`): LR schedulers and
+    ``zero_grad`` act on the wrapped optimizer; ``state_dict()`` is this rank's (the wrapped
+    optimizer's state plus, under ``"qsparse"``, ``x_sync``, the error memory, the compressor's
+    random stream and the counters, all plain tensors and ints), so saving each rank's model and
+    optimizer state dicts and loading them into a freshly built wrapper continues the run
+    bit-exactly. Construction is collective over the exchange's communicator (it broadcasts the
+    starting point). In synchronous mode ``step`` is collective on every ``H``-th call; in
+    asynchronous mode it only talks to the server. ``H >= 1``; ``seed`` seeds this rank's
+    Rand-k/QSGD stream.
     """
+
+    extra_key = "qsparse"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  compressor: Compressor | None = None, H: int = 1,
@@ -52,10 +47,11 @@ class QsparseLocalSGD(WrappedOptimizer):
                  seed: int = 0) -> None:
         if H < 1:
             raise ValueError(f"QsparseLocalSGD: H must be >= 1 local step per sync, got {H}")
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
             raise ValueError("QsparseLocalSGD: the model has no trainable parameters")
-        self.optimizer = optimizer
+        super().__init__(optimizer)
+        self.params = params
         self.compressor = compressor if compressor is not None else Compressor()
         self.H = H
         self.exchange = exchange if exchange is not None else AllgatherExchange(comm or world())
@@ -69,6 +65,10 @@ class QsparseLocalSGD(WrappedOptimizer):
         self.local_steps = 0
         self.syncs = 0
         self.bits_sent = 0
+
+    def _added(self, params: list[torch.Tensor]) -> None:
+        raise ValueError("QsparseLocalSGD: the synchronized parameter vector is fixed at "
+                         "construction; build the wrapper after adding every parameter group")
 
     def step(self, closure: Any = None) -> Any:
         """One local optimizer step; synchronizes after every ``H``-th."""
@@ -89,6 +89,22 @@ class QsparseLocalSGD(WrappedOptimizer):
         self.bits_sent += payload.bits
         self.syncs += 1
 
+    def extra_state(self) -> dict[str, Any]:
+        return {"x_sync": self.x_sync.clone(), "memory": self.memory.clone(),
+                "generator": self.gen.get_state(), "local_steps": self.local_steps,
+                "syncs": self.syncs, "bits_sent": self.bits_sent}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if state["x_sync"].shape != self.x_sync.shape:
+            raise ValueError(f"QsparseLocalSGD.load_state_dict: the state holds "
+                             f"{state['x_sync'].numel()} parameters, this model has "
+                             f"{self.x_sync.numel()}")
+        self.x_sync = state["x_sync"].to(self.x_sync.dtype).clone()
+        self.memory = state["memory"].to(self.memory.dtype).clone()
+        self.gen.set_state(state["generator"])
+        self.local_steps, self.syncs = int(state["local_steps"]), int(state["syncs"])
+        self.bits_sent = int(state["bits_sent"])
+
     def close(self) -> None:
         """End of training (asynchronous workers tell the server they are done)."""
         self.exchange.close()
@@ -106,21 +122,19 @@ def load_flat(params: list[torch.Tensor], vector: torch.Tensor) -> None:
         offset += p.numel()
 
 
-class AllreduceSGD(WrappedOptimizer):
-    """Vanilla distributed SGD, the baseline Qsparse is measured against: every step the
-    gradients are averaged with one dense ``Allreduce`` before the wrapped optimizer steps.
-
-    Same surface as :class:`QsparseLocalSGD` (``step``, ``zero_grad``, ``param_groups``,
-    ``x_sync``, ``bits_sent``, ``syncs``); ``bits_sent`` counts the ``32 d`` (float32) bits of
-    this worker's gradient per step. Construction and ``step`` are collective."""
+class AllreduceSGD(DistributedOptimizer):
+    """Vanilla distributed SGD, the baseline Qsparse is measured against: a
+    :class:`~hpcml.parallel.DistributedOptimizer` (dense allreduce of the averaged gradients,
+    overlapped with backward) with Qsparse's accounting surface (``x_sync``, ``bits_sent``:
+    the ``32 d`` float32 bits of this worker's gradient per step, ``syncs``).
+    Construction (it broadcasts rank 0's model) and ``step`` are collective."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  comm: Communicator) -> None:
+        super().__init__(optimizer, model, comm=comm)
+        broadcast_parameters(model, comm)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer, self.comm = optimizer, comm
-        x0 = torch.nn.utils.parameters_to_vector(self.params).detach().clone()
-        load_flat(self.params, comm.Bcast(x0, root=0))
-        self.bits_per_step = x0.numel() * torch.finfo(x0.dtype).bits
+        self.bits_per_step = sum(p.numel() * torch.finfo(p.dtype).bits for p in self.params)
         self.syncs = 0
         self.bits_sent = 0
 
@@ -129,9 +143,12 @@ class AllreduceSGD(WrappedOptimizer):
         return torch.nn.utils.parameters_to_vector(self.params).detach()
 
     def step(self, closure: Any = None) -> Any:
-        grads = torch.cat([p.grad.reshape(-1) for p in self.params])
-        self.comm.Allreduce(grads)
-        load_flat([p.grad for p in self.params], grads / self.comm.size)
         self.syncs += 1
         self.bits_sent += self.bits_per_step
-        return self.optimizer.step(closure)
+        return super().step(closure)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"syncs": self.syncs, "bits_sent": self.bits_sent}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.syncs, self.bits_sent = int(state["syncs"]), int(state["bits_sent"])

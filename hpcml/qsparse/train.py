@@ -35,6 +35,7 @@ from hpcml.qsparse.data import (
     mlp,
     mlp_dimension,
     shard,
+    validate_digits,
 )
 from hpcml.qsparse.error_feedback import learning_rate
 from hpcml.qsparse.exchange import Server, ServerExchange
@@ -265,4 +266,5 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
 
 
 JOB = JobKind(config=QsparseConfig, run=run,
-              description="Qsparse-local-SGD (sync or async) on digits with exact bit counts")
+              description="Qsparse-local-SGD (sync or async) on digits with exact bit counts",
+              validate_data=lambda cfg, comm: validate_digits(cfg.data.path))

@@ -13,26 +13,26 @@ computation/communication pattern whose weak and strong scaling the Sparse Allre
   run computes the same iterates on any number of ranks (up to summation order).
 
 Preemption: SIGUSR1/SIGTERM (see :mod:`hpcml.preemption`) make every rank stop at the same
-step; rank 0 saves ``checkpoint.npz`` (w, step) atomically and the summary says
-``status = "preempted"``. ``--resume RUN_DIR`` continues from that step. The run also checkpoints
-every ``checkpoint_every`` steps, so a hard kill loses at most that many steps.
+step and save a checkpoint (:mod:`hpcml.checkpoint`: w and the step); the summary names
+``stopped_by`` and the run's status is ``preempted``. ``--resume RUN_DIR`` continues from that
+step. The run also checkpoints every ``checkpoint_every`` steps, so a hard kill loses at most
+that many steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from hpcml.comm import Communicator, chunk_bounds
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError, UsageError
 from hpcml.jobs import JobKind, RunContext
-from hpcml.preemption import Preemption, restart_count
-from hpcml.rundir import atomic_write
+from hpcml.preemption import restart_count
 
 BLOCK = 256  # rows generated per seeded block, so row i never depends on the rank count
 
@@ -90,27 +90,22 @@ def gradient_sum(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 
 def _save_checkpoint(ctx: RunContext, w: np.ndarray, step: int) -> None:
-    if ctx.is_root:
-        buf = io.BytesIO()
-        np.savez(buf, w=w, step=step)
-        atomic_write(ctx.run_dir.path / "checkpoint.npz", buf.getvalue())
+    """Collective: every rank holds the same ``w``; rank 0's is saved."""
+    ctx.save_checkpoint(step, {"w": torch.from_numpy(w.copy())}, {})
 
 
 def _load_checkpoint(ctx: RunContext, features: int) -> tuple[np.ndarray, int]:
-    path = ctx.run_dir.path / "checkpoint.npz"
-    if ctx.resume is None or not path.is_file():
+    if ctx.restored is None:
         return np.zeros(features), 0
-    with np.load(path) as data:
-        w, step = data["w"], int(data["step"])
+    w = ctx.restored.shared["w"].numpy()
     if w.shape != (features,):
-        raise UsageError(f"--resume {ctx.resume}: checkpoint has {w.shape[0]} features, the job "
-                         f"{features} (resume with the same job file)")
-    return w, step
+        raise UsageError(f"--resume {ctx.resume}: checkpoint has {w.shape} weights, the job "
+                         f"{features} features (resume with the same job file)")
+    return w, ctx.restored.step
 
 
 def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
     comm: Communicator = ctx.comm
-    stop_flag = Preemption.install()
     start, stop, n_total = local_rows(cfg, comm.size, comm.rank)
     x, y = rows_block(start, stop, cfg.features, cfg.noise, cfg.seed)
     w, first = _load_checkpoint(ctx, cfg.features)
@@ -118,7 +113,7 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.log(f"resuming at step {first} (restart {restart_count()})")
     grad = np.empty(cfg.features)
     compute = comm_s = 0.0
-    status, step = "complete", first
+    stopped, step = None, first
     for step in range(first, cfg.steps):
         t0 = time.perf_counter()
         grad[:] = gradient_sum(x, y, w)
@@ -134,15 +129,17 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
             time.sleep(cfg.step_sleep)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             _save_checkpoint(ctx, w, step + 1)
-        if stop_flag.requested(comm):
-            status = "preempted"
-            break
+        if step + 1 < cfg.steps:  # a signal during the last step lets the run finish
+            stopped = ctx.stop_requested()
+            if stopped:
+                break
     done = step + 1 if cfg.steps > first else first
-    _save_checkpoint(ctx, w, done)
+    if done != first and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
+        _save_checkpoint(ctx, w, done)
     steps_here = max(done - first, 1)
     err = float(np.linalg.norm(w - true_weights(cfg.features, cfg.seed)))
     return {
-        "status": status, "mode": cfg.mode, "steps_done": done, "steps_this_run": done - first,
+        "stopped_by": stopped, "mode": cfg.mode, "steps_done": done, "steps_this_run": done - first,
         "rows_total": n_total, "rows_per_rank_max": comm.allreduce(stop - start, op="max"),
         "features": cfg.features, "allreduce_bytes": 8 * cfg.features,
         "compute_s_per_step": comm.allreduce(compute / steps_here, op="max"),
@@ -154,4 +151,5 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
 
 JOB = JobKind(config=ScalingConfig, run=run,
               description="least-squares data-parallel GD (compute + Allreduce/step) for "
-                          "weak/strong scaling series; checkpoints on SIGUSR1/SIGTERM")
+                          "weak/strong scaling series; checkpoints on SIGUSR1/SIGTERM",
+              check_resume=lambda cfg: None)

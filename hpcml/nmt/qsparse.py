@@ -2,18 +2,16 @@
 exchange that replaces the per-step gradient averaging (arXiv 1906.02367, Algorithm 1).
 
 With ``qsparse.enabled`` the transformer trainer keeps its loop (``train_step``: count tokens,
-backward, ``synchronize``, step) and swaps two parts:
-
-- ``synchronize`` no longer communicates: it only densifies this rank's sparse gradients (the
-  tied embedding's COO ``.grad``, see :mod:`hpcml.nmt.model`) so the local optimizer accepts them.
-  Each rank's gradient is ``P x`` its share of the global loss, i.e. an unbiased estimate of the
-  global gradient (:mod:`hpcml.nmt.step`), which is what a local SGD step needs.
-- the optimizer is :class:`~hpcml.qsparse.optimizer.QsparseLocalSGD` around the job's optimizer:
-  ``H`` local steps, then the error-compensated compressed exchange of
-  ``memory + x_sync - x_local`` over ``Allgatherv`` (synchronous mode; collective every ``H``-th
-  step). Compression works on parameter differences, so it never sees the sparse gradients.
-  The local optimizer is the job's (Adam with the Vaswani schedule, its moments kept per worker):
-  Algorithm 1 writes the local step as SGD, and with plain SGD the wrapper is exactly the paper's.
+backward, step) and swaps two parts: the model is built with dense embedding gradients (the
+local optimizer needs dense ones; compression works on parameter differences anyway), and the
+optimizer is :class:`~hpcml.qsparse.optimizer.QsparseLocalSGD` around the job's optimizer
+instead of :class:`~hpcml.parallel.DistributedOptimizer`: ``H`` local steps, then the
+error-compensated compressed exchange of ``memory + x_sync - x_local`` over ``Allgatherv``
+(synchronous mode; collective every ``H``-th step). Each rank's gradient is ``P x`` its share of
+the global loss, i.e. an unbiased estimate of the global gradient (:mod:`hpcml.nmt.step`), which
+is what a local step needs. The local optimizer is the job's (Adam with the Vaswani schedule,
+its moments kept per worker): Algorithm 1 writes the local step as SGD, and with plain SGD the
+wrapper is exactly the paper's.
 
 Bits are the exact uplink payload of each worker (``Compressor.bits(d)`` per synchronization);
 the dense-allreduce reference for the same number of steps is ``32 d`` bits per step.
@@ -76,37 +74,21 @@ def transformer_dimension(model: Any, data_path: str) -> int:
     return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
-def densify_grads(model: nn.Module) -> None:
-    """Replace every sparse COO ``.grad`` of ``model`` by its dense sum (duplicates added).
-    Local, not collective."""
-    for p in model.parameters():
-        if p.grad is not None and p.grad.is_sparse:
-            p.grad = p.grad.to_dense()
+def qsparse_optimizer(comm: Communicator, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      section: QsparseSection, seed: int) -> QsparseLocalSGD:
+    """The Qsparse wrapper of ``section`` around ``optimizer``; collective over ``comm``
+    (rank 0's parameters are broadcast)."""
+    return QsparseLocalSGD(model, optimizer, compressor=compressor_of(section.compressor),
+                           H=section.H, comm=comm, seed=seed)
 
 
-class QsparseExchange:
-    """Drop-in for the trainer's gradient exchange: ``synchronize`` densifies locally and
-    ``optimizer`` (a :class:`QsparseLocalSGD`) does the local steps and the compressed syncs.
-
-    Construction is collective over ``comm`` (rank 0's parameters are broadcast)."""
-
-    def __init__(self, comm: Communicator, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 section: QsparseSection, seed: int) -> None:
-        self.model = model
-        self.d = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        self.compressor = compressor_of(section.compressor)
-        self.optimizer = QsparseLocalSGD(model, optimizer, compressor=self.compressor,
-                                         H=section.H, comm=comm, seed=seed)
-
-    def synchronize(self) -> None:
-        densify_grads(self.model)
-
-    def accounting(self, steps: int) -> dict[str, float | int]:
-        """This worker's exact uplink bits against a dense float32 allreduce of the same
-        ``steps`` (``32 d`` bits per step)."""
-        dense = steps * self.d * 32
-        bits = self.optimizer.bits_sent
-        return {"d": self.d, "compressor": self.compressor.name, "syncs": self.optimizer.syncs,
-                "bits_per_sync": self.compressor.bits(self.d), "bits_per_worker": bits,
-                "dense_allreduce_bits_per_worker": dense,
-                "dense_over_qsparse": dense / bits if bits else None}
+def accounting(qs: QsparseLocalSGD, steps: int) -> dict[str, float | int | str | None]:
+    """This worker's exact uplink bits against a dense float32 allreduce of the same
+    ``steps`` (``32 d`` bits per step)."""
+    d = qs.x_sync.numel()
+    dense = steps * d * 32
+    bits = qs.bits_sent
+    return {"d": d, "compressor": qs.compressor.name, "syncs": qs.syncs,
+            "bits_per_sync": qs.compressor.bits(d), "bits_per_worker": bits,
+            "dense_allreduce_bits_per_worker": dense,
+            "dense_over_qsparse": dense / bits if bits else None}

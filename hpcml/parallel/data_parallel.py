@@ -1,0 +1,212 @@
+"""The one gradient-reduction mechanism of data parallelism (arXiv 1905.04035; Horovod's
+``DistributedOptimizer`` and torch DDP work the same way).
+
+:class:`GradientReducer` leaves in every ``param.grad`` the average (or sum) over the ranks of a
+communicator of the ranks' gradients. A :class:`~hpcml.parallel.reductions.Reduction` decides
+only *how* each tensor travels:
+
+- **fused dense allreduce**: parameters sit in fused buckets (:mod:`hpcml.parallel.buckets`, one
+  set per dtype). A ``register_post_accumulate_grad_hook`` on each parameter copies its gradient
+  into its bucket slot the moment autograd finishes it on the *last* of the declared
+  ``passes`` backward passes (earlier passes accumulate in ``param.grad`` as usual; a sparse
+  gradient is densified), and a bucket whose slots are all filled is reduced with a non-blocking
+  ``Iallreduce`` while backward goes on. Buckets are launched in index order only, so every rank
+  posts the same collectives in the same order. At :meth:`GradientReducer.synchronize` the
+  slots backward left empty (parameters with no gradient on the last pass: unused branches,
+  parameters used only in earlier micro-batches) are filled from ``param.grad``, or with zeros
+  when there is none, and the remaining buckets are launched, so all ranks still post the same
+  collectives. A parameter that has no ``.grad`` on *any* rank keeps ``grad = None`` (one small
+  allreduce of "has a gradient" flags per step decides), so the wrapped optimizer skips it
+  exactly as it would in a single process.
+- **per-tensor exchange** for the parameters a strategy keeps out of the buckets (sparse
+  gradients): at ``synchronize``, in the order given, by sparse allgather or by a dense
+  allreduce of its own buffer, chosen per step by :meth:`Reduction.choose` from the largest
+  number of sparse rows on any rank (a collective value, so all ranks choose alike).
+
+Correctness rules enforced rather than assumed: a gradient arriving more often than the declared
+``passes`` raises (it would otherwise be written into a buffer MPI owns); backward inside
+:meth:`GradientReducer.no_sync` accumulates locally without communication, and raises when the
+exchange of the step has already begun. Exchange memory (:class:`ExchangeMemory`) counts the bytes
+of every buffer allocated for the exchange; ``peak`` is the per-rank high-water mark.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from hpcml.comm import Communicator
+from hpcml.parallel.buckets import Bucket, build_buckets
+from hpcml.parallel.memory import ExchangeMemory
+from hpcml.parallel.reductions import ALLGATHER, Reduction
+from hpcml.parallel.sparse import allgather_sparse, densify_into
+
+
+class GradientReducer:
+    """Data-parallel gradient reduction over ``comm`` (see module docstring).
+
+    ``params``: ``(name, parameter)`` pairs in the order backward is expected to produce their
+    gradients (reverse registration order), identical on every rank; ``sparse``: ids of the
+    parameters whose gradient is a sparse COO tensor. Collective use: every rank builds it for
+    the same parameters, runs backward and calls :meth:`synchronize` once per step.
+    ``on_choice(name, method)`` is called whenever a per-tensor method changes (for logging)."""
+
+    def __init__(self, comm: Communicator, params: Sequence[tuple[str, torch.Tensor]],
+                 reduction: Reduction, *, bucket_bytes: int = 2**20,
+                 sparse: frozenset[int] = frozenset(), passes: int = 1, average: bool = True,
+                 on_choice: Callable[[str, str], None] | None = None) -> None:
+        if passes < 1:
+            raise ValueError(f"backward_passes_per_step must be >= 1, got {passes}")
+        self.comm, self.reduction, self.on_choice = comm, reduction, on_choice
+        self.passes, self.average = passes, average
+        self.memory = ExchangeMemory()
+        self.params = list(params)
+        self.names = {id(p): n for n, p in params}
+        fused = [p for _, p in params if reduction.fused(id(p) in sparse)]
+        fused_ids = {id(p) for p in fused}
+        self.separate = [(n, p) for n, p in params if id(p) not in fused_ids]
+        self.buckets: list[Bucket] = build_buckets(fused, bucket_bytes)
+        self._slot = {id(p): (b, j) for b, bucket in enumerate(self.buckets)
+                      for j, p in enumerate(bucket.params)}
+        for bucket in self.buckets:
+            self.memory.alloc(bucket.buffer.nbytes)
+        self.choices: dict[str, str] = {}
+        self._solo: dict[str, torch.Tensor] = {}
+        self._count = {id(p): 0 for _, p in params}
+        self._next = 0
+        self._started = False
+        self._pending = False
+        self._skip = False
+        self.synchronized = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in params]
+
+    @property
+    def posted(self) -> int:
+        """Buckets whose reduction has been posted in the current step."""
+        return self._next
+
+    @property
+    def pending(self) -> bool:
+        """True between the first counted backward pass of a step and :meth:`synchronize`."""
+        return self._pending
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Backward passes inside accumulate into ``param.grad`` without communication and do
+        not count towards ``passes``; the next counted pass reduces the accumulated sum."""
+        previous, self._skip = self._skip, True
+        try:
+            yield
+        finally:
+            self._skip = previous
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        name = self.names[id(p)]
+        if self._skip:
+            if self._started:
+                raise RuntimeError(f"backward inside no_sync() after the exchange of this step "
+                                   f"began (parameter {name!r} already reduced); run the "
+                                   "no_sync() passes before the last counted pass")
+            self.synchronized = False  # a step() now reduces what accumulated
+            return
+        count = self._count[id(p)] + 1
+        if count > self.passes:
+            raise RuntimeError(f"parameter {name!r} got a gradient {count} times before step(), "
+                               f"but backward_passes_per_step = {self.passes}; declare the "
+                               "number of micro-batches per step, wrap the extra passes in "
+                               "no_sync(), or call step() after every pass")
+        self._count[id(p)] = count
+        self._pending = True
+        self.synchronized = False
+        if count < self.passes:
+            return
+        self._started = True
+        slot = self._slot.get(id(p))
+        if slot is None:
+            return
+        bucket = self.buckets[slot[0]]
+        densify_into(p.grad, bucket.view(slot[1]).view(-1))
+        bucket.filled.add(slot[1])
+        self._launch_ready()
+
+    def _launch_ready(self, force: bool = False) -> None:
+        while self._next < len(self.buckets):
+            bucket = self.buckets[self._next]
+            if len(bucket.filled) < len(bucket.params):
+                if not force:
+                    return
+                for j, p in enumerate(bucket.params):
+                    if j not in bucket.filled:
+                        if p.grad is None:
+                            bucket.view(j).zero_()
+                        else:
+                            densify_into(p.grad, bucket.view(j).view(-1))
+            bucket.request = self.comm.Iallreduce(bucket.buffer)
+            self._next += 1
+
+    def _exchange_separate(self, name: str, p: torch.Tensor) -> torch.Tensor:
+        """The reduced gradient of ``p`` by the strategy's choice (collective)."""
+        size = self.comm.size
+        grad = p.grad
+        if grad is None:
+            grad = torch.sparse_coo_tensor(
+                torch.zeros((1, 0), dtype=torch.long, device=p.device),
+                torch.zeros((0, *p.shape[1:]), dtype=p.dtype, device=p.device), p.shape,
+                check_invariants=False)
+        nnz = grad._nnz() if grad.is_sparse else p.shape[0]
+        nnz_max = int(self.comm.allreduce(nnz, op="max"))
+        row_bytes = p[0].numel() * p.element_size()
+        method = self.reduction.choose(nnz_max, p.shape[0], row_bytes, size)
+        if self.choices.get(name) != method:
+            self.choices[name] = method
+            if self.on_choice is not None:
+                self.on_choice(name, method)
+        if method == ALLGATHER:
+            total = allgather_sparse(self.comm, grad if grad.is_sparse else grad.to_sparse(),
+                                     self.memory).to_dense()
+        else:
+            total = self._solo.get(name)
+            if total is None:
+                total = self._solo[name] = torch.zeros(p.numel(), dtype=p.dtype,
+                                                       device=p.device)
+                self.memory.alloc(total.nbytes)
+            densify_into(grad, total)
+            self.comm.Allreduce(total)
+            total = total.view(p.shape)
+        return total.div(size) if self.average else total
+
+    def synchronize(self) -> None:
+        """Finish the exchange of this step: launch what backward has not, exchange the
+        separate tensors, wait, and leave the reduced gradient in every ``param.grad`` (a view
+        of its bucket for fused parameters, same dtype and device as the parameter).
+        Collective; afterwards a new step's passes may begin."""
+        params = [p for _, p in self.params]
+        used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        self._launch_ready(force=True)
+        used_request = self.comm.Iallreduce(used)
+        results = [(p, self._exchange_separate(name, p)) for name, p in self.separate]
+        size = self.comm.size
+        for bucket in self.buckets:
+            bucket.request.wait()
+            if self.average:
+                bucket.buffer.div_(size)
+            for j, p in enumerate(bucket.params):
+                p.grad = bucket.view(j)
+            bucket.filled.clear()
+            bucket.request = None
+        for p, grad in results:
+            p.grad = grad
+        used_request.wait()
+        for p, anywhere in zip(params, used.tolist(), strict=True):
+            if not anywhere:
+                p.grad = None
+        self._next = 0
+        self._count = dict.fromkeys(self._count, 0)
+        self._started = self._pending = False
+        self.synchronized = True
