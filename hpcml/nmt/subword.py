@@ -3,11 +3,12 @@
 :func:`train_subword` trains one SentencePiece model (unigram LM, Kudo 2018; ``model_type``
 "bpe" for byte-pair encoding) on the source *and* target sides of the training split, since the
 transformer ties source, target and output embeddings (Vaswani et al. 2017, §3.4). Its ids 0-3
-are hpcml's PAD, BOS, EOS, UNK (:mod:`hpcml.nmt.vocab`), so the rest of :mod:`hpcml.nmt` works
-on its ids unchanged. Training is made deterministic: one thread, no input sampling or
-shuffling, fixed seed sentence-piece set. No normalization (identity rule, white space kept), so
-decoding the ids of a sentence gives the sentence back wherever its characters are in the
-vocabulary (``character_coverage`` 1.0: all characters of the training text).
+are hpcml's PAD, BOS, EOS, UNK, under hpcml's names (:mod:`hpcml.nmt.vocab`), so the rest of
+:mod:`hpcml.nmt` works on its ids unchanged. Training is made deterministic: one thread, no
+input sampling or shuffling, fixed seed sentence-piece set. No normalization (identity rule,
+white space kept), so decoding the ids of a sentence gives the sentence back wherever its
+characters are in the vocabulary (``character_coverage`` 1.0: all characters of the training
+text).
 
 :func:`prepare` writes the layout of :mod:`hpcml.nmt.corpus` (``vocab``; per split
 ``src_ids``/``src_offsets``/``tgt_ids``/``tgt_offsets``) plus ``subword_model`` (the serialized
@@ -29,7 +30,7 @@ import sentencepiece as spm
 from hpcml.errors import UsageError
 from hpcml.nmt.corpus import SPLITS, _flat
 from hpcml.nmt.text import read_pairs
-from hpcml.nmt.vocab import BOS, EOS, PAD, UNK, decode, detokenize
+from hpcml.nmt.vocab import BOS, EOS, PAD, SPECIALS, UNK, decode, detokenize
 
 MODEL_KEY, TEXT_KEY = "subword_model", "tgt_text"
 
@@ -69,7 +70,8 @@ def train_subword(sentences: Sequence[str], vocab_size: int, model_type: str = "
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_writer=buf, vocab_size=vocab_size,
             model_type=model_type, character_coverage=1.0, pad_id=PAD, bos_id=BOS,
-            eos_id=EOS, unk_id=UNK, normalization_rule_name="identity",
+            eos_id=EOS, unk_id=UNK, pad_piece=SPECIALS[PAD], bos_piece=SPECIALS[BOS],
+            eos_piece=SPECIALS[EOS], unk_piece=SPECIALS[UNK], normalization_rule_name="identity",
             remove_extra_whitespaces=False, num_threads=1, input_sentence_size=0,
             shuffle_input_sentence=False, minloglevel=2)
     except RuntimeError as exc:
