@@ -175,6 +175,12 @@ def alpha_beta(cfg: ProjectionConfig) -> tuple[AlphaBeta, str]:
 def write_projection(rows: list[dict[str, Any]], cfg: Any, run_dir: RunDir) -> dict[str, Any]:
     """projection.md + projection.png of the merged benchmark rows ``rows`` (rank 0 only)."""
     pc: ProjectionConfig = cfg.projection
+    if len({r["P"] for r in rows}) < 2:
+        note = ("projection: the results hold one P only; run the series at two or more P "
+                "(e.g. 1, 2, 4) to extrapolate")
+        run_dir.write_text("projection.md", note + "\n")
+        print(note)
+        return {"note": note}
     model, source = alpha_beta(pc)
     table, facts = project(rows, cfg.scaling, pc, cfg.bucket_kib * 1024, model)
     p_paper, e_paper = PAPER[cfg.scaling]
