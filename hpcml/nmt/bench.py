@@ -237,7 +237,8 @@ def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in rows]
 
 
-def _stream(cfg: ReductionConfig, comm: Any) -> tuple[int, TrainStream | SyntheticStream]:
+def _stream(cfg: ReductionConfig,
+            comm: Communicator) -> tuple[int, TrainStream | SyntheticStream]:
     """(vocabulary size, this rank's batches) of the configured data. Not collective."""
     if cfg.synthetic.vocab:
         budget = cfg.batch_tokens * (comm.size if cfg.scaling == "weak" else 1)
