@@ -49,7 +49,7 @@ test: dev
 	$(BIN)/python -m pytest
 
 lint: dev
-	$(BIN)/ruff check hpcml tests
+	$(BIN)/ruff check hpcml tests examples
 
 # Horovod 0.28.1 (the last PyPI release, 2023) as the peer of `hpcml bench reduction`: built from
 # its sdist against this venv's torch and MPI (MPI-only: no Gloo, TensorFlow or MXNet). Two local

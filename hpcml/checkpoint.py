@@ -167,6 +167,9 @@ def latest(run_dir: Path) -> Manifest | None:
     if fmt != FORMAT:
         raise UsageError(f"{path / 'manifest.json'}: checkpoint format {fmt!r}, this hpcml "
                          f"reads format {FORMAT}")
+    if not name.startswith(f"step-{manifest.step:09d}"):
+        raise UsageError(f"{path / 'manifest.json'}: says step {manifest.step}, but it is in "
+                         f"{name} (the checkpoint is damaged; start a new run)")
     return manifest
 
 

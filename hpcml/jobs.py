@@ -83,14 +83,15 @@ class JobKind:
     ``validate_data(config, comm)``, when given, checks the job's input data on every rank
     before the run directory exists (each rank may check its own part; no communication) and
     raises a one-line ``UsageError`` naming the file, the dataset and what was expected.
-    ``check_resume(config)``, when given, makes the kind resumable (``--resume``); it raises
-    ``UsageError`` when this particular config cannot resume."""
+    ``check_resume(config, restored)``, when given, makes the kind resumable (``--resume``);
+    it receives the verified, loaded checkpoint before anything is written and raises
+    ``UsageError`` when this config cannot continue from it (e.g. shapes that do not fit)."""
 
     config: type[JobConfig]
     run: Callable[[Any, RunContext], dict[str, Any]]
     description: str
     validate_data: Callable[[Any, Communicator], None] | None = None
-    check_resume: Callable[[Any], None] | None = None
+    check_resume: Callable[[Any, checkpoint.Restored], None] | None = None
 
 
 def job_kind(name: str) -> JobKind:

@@ -137,7 +137,6 @@ def _check_resume(comm: Communicator, job: JobKind, config: Any, kind: str, new_
     recorded = read_toml(where / "config.toml").get("kind")
     if recorded != kind:
         raise UsageError(f"{flag}: the run directory is a {recorded!r} run, this job is {kind!r}")
-    job.check_resume(config)
     segments = read_segments(where)
     last = read_toml(where / segments[-1]["config"])
     manifest = checkpoint.latest(where)
@@ -157,6 +156,7 @@ def _check_resume(comm: Communicator, job: JobKind, config: Any, kind: str, new_
                          "the same job file and --set values, or pass --allow-config-change to "
                          "record a new segment)")
     restored = checkpoint.read(manifest, comm.rank)
+    job.check_resume(config, restored)
     return Plan(job, config, kind, new_hash, where, restored, segments)
 
 

@@ -49,7 +49,7 @@ def same(a, b) -> bool:
     return a == b
 
 
-@mpi_test(ranks=[1, 4])
+@mpi_test(ranks=[4])  # one rank: the in-process tests below
 def test_save_and_read_round_trip(comm: Communicator):
     """Every rank's own payload and rank 0's shared payload come back equal (dtypes, tuples,
     optimizer state); a newer checkpoint replaces the pointer and removes the older directory."""
@@ -111,6 +111,7 @@ def test_no_pointer_means_no_checkpoint(tmp_path):
     ("remove a file", "missing from the checkpoint"),
     ("pointer to nowhere", "is not a complete checkpoint directory"),
     ("manifest not json", "unreadable checkpoint manifest"),
+    ("manifest of another step", "says step 6, but it is in step-000000005"),
 ])
 def test_damage_is_refused_with_one_line(tmp_path, damage, expected):
     step_dir = make(tmp_path)
@@ -122,8 +123,11 @@ def test_damage_is_refused_with_one_line(tmp_path, damage, expected):
         (step_dir / "rank-00000.pt").unlink()
     elif damage == "pointer to nowhere":
         (tmp_path / "checkpoint" / "latest").write_text("step-000000099\n")
-    else:
+    elif damage == "manifest not json":
         (step_dir / "manifest.json").write_text("{")
+    else:
+        raw = json.loads((step_dir / "manifest.json").read_text())
+        (step_dir / "manifest.json").write_text(json.dumps({**raw, "step": 6}))
     with pytest.raises(UsageError) as exc:
         checkpoint.read(checkpoint.latest(tmp_path), 0)
     assert expected in str(exc.value) and "\n" not in str(exc.value)

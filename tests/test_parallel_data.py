@@ -125,6 +125,18 @@ def check_no_sync_and_misuse(comm):
         assert "2 times before step()" in str(exc) and "backward_passes_per_step = 1" in str(exc)
     one.synchronize()
     assert lin.weight.grad.tolist() == [[(comm.size + 1) / 2] * 3]
+    total = DistributedOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), lin, comm=comm,
+                                 op="sum")
+    one.reducer.remove_hooks()
+    total.zero_grad()
+    lin(inp).sum().backward()
+    total.step()
+    assert lin.weight.grad.tolist() == [[comm.size * (comm.size + 1) / 2] * 3]
+    half = nn.Linear(1, 1, bias=False).half()  # float16 gradients whose sum overflows 65504
+    average = DistributedOptimizer(torch.optim.SGD(half.parameters(), lr=0.1), half, comm=comm)
+    (half(torch.ones(1, 1, dtype=torch.float16)) * 40000).sum().backward()
+    average.synchronize()
+    assert half.weight.grad.item() == 40000.0
     if comm.size > 1:  # a model that differs on one rank fails on every rank, never hangs
         odd = nn.Linear(3, 2 if comm.rank == 1 else 1)
         try:

@@ -135,3 +135,62 @@ def test_bad_arguments_and_misuse_raise_clear_errors():
     opt.step()
     with opt.no_sync():
         net(torch.ones(1, 4)).sum().backward()  # allowed: no exchange under way
+
+    def closure():
+        opt.zero_grad()
+        loss = net(torch.ones(1, 4)).sum()
+        loss.backward()
+        return loss
+
+    opt.zero_grad()  # drop the no_sync pass
+    before = net(torch.ones(1, 4)).sum().item()
+    assert opt.step(closure).item() == before  # the closure ran once, before the update
+    assert net(torch.ones(1, 4)).sum().item() != before
+
+
+class _Declared(nn.Module):
+    """Declares its dense-gradient weight as sparse (allowed: it is gathered row-wise)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(5, 3, sparse=True)
+        self.lin = nn.Linear(3, 2)
+
+    def sparse_parameters(self):
+        return [self.lin.weight]
+
+    def forward(self, ids):
+        return self.lin(self.emb(ids)).sum()
+
+
+def test_sparse_reductions_take_sparse_and_declared_dense_gradients():
+    ref = _Declared()
+    ref(torch.tensor([1, 3, 3])).backward()
+    for reduction in ("sparse_allgather", "auto", "dense_allreduce"):
+        net = _Declared()
+        opt = DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net,
+                                   reduction=reduction)
+        net(torch.tensor([1, 3, 3])).backward()
+        opt.synchronize()
+        for (name, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+            assert not p.grad.is_sparse
+            torch.testing.assert_close(p.grad, q.grad.to_dense(), msg=f"{reduction} {name}")
+        expected = {"emb.weight": "allgather", "lin.weight": "allgather"}
+        assert opt.choices == ({} if reduction == "dense_allreduce" else
+                               expected if reduction == "sparse_allgather" else
+                               dict.fromkeys(expected, "allreduce"))  # auto at P = 1: dense
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_gradients_are_staged_through_the_host():
+    ref = _Declared()
+    ref(torch.tensor([1, 3, 3])).backward()
+    net = _Declared().cuda().to(torch.bfloat16)
+    opt = DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net,
+                               reduction="sparse_allgather")
+    net(torch.tensor([1, 3, 3], device="cuda")).backward()
+    opt.step()
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        assert p.grad.device.type == "cuda" and p.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(p.grad.float().cpu(), q.grad.to_dense(), rtol=2e-2, atol=2e-2)

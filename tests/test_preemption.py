@@ -24,7 +24,7 @@ from hpcml.slurm.sweep import write_manifest
 from hpcml.testing import hpcml_cli, mpiexec
 
 JOB = str(Path(__file__).resolve().parents[1] / "jobs" / "slurm-lsq.toml")
-STEPS, SLEEP = 3, 3.0
+STEPS, SLEEP = 3, 2.0
 SETS = ["--set", "rows=64", "--set", "features=4", "--set", "seed=4", "--set", 'mode="strong"',
         "--set", "checkpoint_every=0", "--set", f"steps={STEPS}"]
 
@@ -58,6 +58,10 @@ def interrupted(runs: Path, nranks: int, sig: signal.Signals, when: str
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err), run
 
 
+def ID(value: object) -> str:
+    return getattr(value, "name", str(value))
+
+
 def reference(steps: int) -> np.ndarray:
     x, y = rows_block(0, 64, 4, 0.01, 4)
     w = np.zeros(4)
@@ -66,7 +70,7 @@ def reference(steps: int) -> np.ndarray:
     return w
 
 
-@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGUSR1), (4, signal.SIGTERM)], ids=str)
+@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGUSR1), (4, signal.SIGTERM)], ids=ID)
 def test_signal_before_the_loop_stops_at_the_first_step_and_resumes(tmp_path, nranks, sig):
     sweep = tmp_path / "sweep"
     res, run = interrupted(sweep / "point-0", nranks, sig, "before")
@@ -79,8 +83,8 @@ def test_signal_before_the_loop_stops_at_the_first_step_and_resumes(tmp_path, nr
     write_manifest(sweep, {"points": [{"steps": STEPS}], "job_id": None})
     status = CliRunner().invoke(cli, ["sweep", "status", str(sweep)])
     assert status.exit_code == 0 and status.output.split()[:2] == ["0", "preempted"]
-    done = hpcml_cli(nranks, "run", JOB, *SETS, "--set", f"step_sleep={SLEEP}", "--set",
-                     f"runs_dir={sweep / 'point-0'}", "--resume", str(run))
+    done = hpcml_cli(nranks, "run", JOB, *SETS, "--set", "step_sleep=0", "--set",
+                     f"runs_dir={sweep / 'point-0'}", "--resume", str(run), "--allow-config-change")
     assert done.returncode == 0, done.stderr
     summary = json.loads((run / "summary.json").read_text())
     assert (summary["status"], summary["steps_done"]) == ("complete", STEPS)
@@ -88,7 +92,7 @@ def test_signal_before_the_loop_stops_at_the_first_step_and_resumes(tmp_path, nr
     np.testing.assert_allclose(w, reference(STEPS), rtol=1e-12)
 
 
-@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGTERM), (4, signal.SIGUSR1)], ids=str)
+@pytest.mark.parametrize("nranks,sig", [(1, signal.SIGTERM), (4, signal.SIGUSR1)], ids=ID)
 def test_signal_in_the_last_step_lets_the_run_finish(tmp_path, nranks, sig):
     res, run = interrupted(tmp_path, nranks, sig, "after")
     assert res.returncode == 0, res.stderr

@@ -78,6 +78,8 @@ def damage(run: Path, how: str, marker: Path) -> None:
     (1, "missing checkpoint", {}, "no complete checkpoint in it"),
     (1, "damaged checkpoint", {}, "sha256 differs from the manifest's"),
     (1, "malicious checkpoint", {}, "refused to load (only tensors and plain values"),
+    (1, "allowed change that does not fit", {"features": 5, "allow": True},
+     "holds weights of shape (4,), the job has 5 features"),
 ])
 def test_refused_resume_changes_nothing(tmp_path, finished, nranks, how, changes, expected):
     run = tmp_path / finished.name
@@ -85,7 +87,8 @@ def test_refused_resume_changes_nothing(tmp_path, finished, nranks, how, changes
     marker = tmp_path / "pwned"
     damage(run, how, marker)
     before = snapshot(run)
-    res = hpcml_cli(nranks, "run", JOB, *args(tmp_path, **changes), "--resume", str(run),
+    flag = ["--allow-config-change"] if changes.pop("allow", False) else []
+    res = hpcml_cli(nranks, "run", JOB, *args(tmp_path, **changes), "--resume", str(run), *flag,
                     cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

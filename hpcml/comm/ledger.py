@@ -66,16 +66,20 @@ class Ledger:
 
 def format_table(per_rank: list[dict[str, dict[str, Any]]]) -> str:
     """A plain-text table of per-op totals summed over ranks (``per_rank[r]`` = rank r's
-    :meth:`Ledger.totals`), with the slowest rank's seconds."""
+    :meth:`Ledger.totals`), with the slowest rank's blocked seconds and, for non-blocking
+    requests, its seconds in flight."""
     ops = sorted({op for totals in per_rank for op in totals})
-    lines = [f"{'op':<28}{'calls':>10}{'MiB sent':>14}{'MiB recv':>14}{'max s/rank':>12}"]
+    lines = [f"{'op':<28}{'calls':>10}{'MiB sent':>14}{'MiB recv':>14}{'max s/rank':>12}"
+             f"{'in flight':>12}"]
     for op in ops:
         rows = [t[op] for t in per_rank if op in t]
         calls = sum(r["calls"] for r in rows)
         sent = sum(r["bytes_sent"] for r in rows) / 2**20
         recv = sum(r["bytes_received"] for r in rows) / 2**20
         secs = max(r["seconds"] for r in rows)
-        lines.append(f"{op:<28}{calls:>10}{sent:>14.3f}{recv:>14.3f}{secs:>12.4f}")
+        flight = max(r.get("outstanding_seconds", 0.0) for r in rows)
+        lines.append(f"{op:<28}{calls:>10}{sent:>14.3f}{recv:>14.3f}{secs:>12.4f}"
+                     + (f"{flight:>12.4f}" if flight else f"{'':>12}"))
     return "\n".join(lines)
 
 

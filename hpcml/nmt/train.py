@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hpcml.checkpoint import Restored
 from hpcml.comm import Communicator, chunk_bounds
 from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext
@@ -77,10 +78,6 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
         start, history = ctx.restored.step, record["history"]
         if cfg.qsparse.enabled:
             own = record["rank_state"]
-            if own is None:
-                raise UsageError(f"--resume {ctx.run_dir.path}: the checkpoint has no per-rank "
-                                 "qsparse state (it was written without [qsparse]); start a "
-                                 "new run")
             model.load_state_dict(own["model"])
             stepper.load_state_dict(own["optimizer"])
         ctx.log(f"resumed from step {start}")
@@ -173,6 +170,22 @@ def validate_data(cfg: NMTConfig, comm: Communicator) -> None:
     steps_per_epoch(sizes["train"], cfg.train.batch_size // comm.size, comm.size)
 
 
+def check_resume(cfg: NMTConfig, restored: Restored) -> None:
+    """The checkpoint's parameters have this config's names and shapes, and a ``[qsparse]`` run
+    finds its per-rank state (raises UsageError otherwise)."""
+    saved = restored.shared.get("model", {})
+    expected = build_model(cfg, len(read_vocab(cfg.data.path))).state_dict()
+    wrong = [k for k in expected.keys() | saved.keys()
+             if k not in saved or k not in expected or saved[k].shape != expected[k].shape]
+    if wrong:
+        raise UsageError(f"{restored.manifest.path}: its model does not fit this config "
+                         f"({len(wrong)} tensors differ, e.g. {sorted(wrong)[0]}); resume with "
+                         "the same [model] section")
+    if cfg.qsparse.enabled and restored.local.get("rank_state") is None:
+        raise UsageError(f"{restored.manifest.path}: has no per-rank qsparse state (it was "
+                         "written without [qsparse]); start a new run")
+
+
 JOB = JobKind(config=NMTConfig, run=run,
               description="data-parallel transformer NMT, sparse allgather vs dense allreduce",
-              validate_data=validate_data, check_resume=lambda cfg: None)
+              validate_data=validate_data, check_resume=check_resume)

@@ -135,6 +135,11 @@ class GradientReducer:
         bucket.filled.add(slot[1])
         self._launch_ready()
 
+    def _predivide(self, bucket: Bucket) -> bool:
+        """float16 buckets are averaged *before* the sum (as torch DDP does): the float32 sum
+        is written back in float16, which overflows at 65504 (bfloat16 has float32's range)."""
+        return self.average and bucket.buffer.dtype == torch.float16
+
     def _launch_ready(self, force: bool = False) -> None:
         while self._next < len(self.buckets):
             bucket = self.buckets[self._next]
@@ -147,6 +152,8 @@ class GradientReducer:
                             bucket.view(j).zero_()
                         else:
                             densify_into(p.grad, bucket.view(j).view(-1))
+            if self._predivide(bucket):
+                bucket.buffer.div_(self.comm.size)
             bucket.request = self.comm.Iallreduce(bucket.buffer)
             self._next += 1
 
@@ -168,7 +175,7 @@ class GradientReducer:
             if self.on_choice is not None:
                 self.on_choice(name, method)
         if method == ALLGATHER:
-            total = allgather_sparse(self.comm, grad if grad.is_sparse else grad.to_sparse(),
+            total = allgather_sparse(self.comm, grad if grad.is_sparse else grad.to_sparse(1),
                                      self.memory).to_dense()
         else:
             total = self._solo.get(name)
@@ -194,7 +201,7 @@ class GradientReducer:
         size = self.comm.size
         for bucket in self.buckets:
             bucket.request.wait()
-            if self.average:
+            if self.average and not self._predivide(bucket):
                 bucket.buffer.div_(size)
             for j, p in enumerate(bucket.params):
                 p.grad = bucket.view(j)

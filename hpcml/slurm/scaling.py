@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcml.checkpoint import Restored
 from hpcml.comm import Communicator, chunk_bounds
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError, UsageError
@@ -94,14 +95,19 @@ def _save_checkpoint(ctx: RunContext, w: np.ndarray, step: int) -> None:
     ctx.save_checkpoint(step, {"w": torch.from_numpy(w.copy())}, {})
 
 
+def check_resume(cfg: ScalingConfig, restored: Restored) -> None:
+    """The checkpoint holds ``cfg.features`` weights (raises UsageError otherwise)."""
+    w = restored.shared.get("w")
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (cfg.features,):
+        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise UsageError(f"{restored.manifest.path}: holds weights of shape {got}, the job has "
+                         f"{cfg.features} features (resume with the same job file)")
+
+
 def _load_checkpoint(ctx: RunContext, features: int) -> tuple[np.ndarray, int]:
     if ctx.restored is None:
         return np.zeros(features), 0
-    w = ctx.restored.shared["w"].numpy()
-    if w.shape != (features,):
-        raise UsageError(f"--resume {ctx.resume}: checkpoint has {w.shape} weights, the job "
-                         f"{features} features (resume with the same job file)")
-    return w, ctx.restored.step
+    return ctx.restored.shared["w"].numpy(), ctx.restored.step
 
 
 def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
@@ -152,4 +158,4 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
 JOB = JobKind(config=ScalingConfig, run=run,
               description="least-squares data-parallel GD (compute + Allreduce/step) for "
                           "weak/strong scaling series; checkpoints on SIGUSR1/SIGTERM",
-              check_resume=lambda cfg: None)
+              check_resume=check_resume)
