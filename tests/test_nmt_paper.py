@@ -15,7 +15,9 @@ from hpcml.config.schema import apply_overrides, load_job_file, read_toml
 from hpcml.jobs import RunContext
 from hpcml.nmt import bench
 from hpcml.nmt.model import smoothed_loss_sum
+from hpcml.nmt.subword import prepare
 from hpcml.nmt.synthetic import SyntheticStream
+from hpcml.nmt.text import read_pairs, write_pairs
 from hpcml.rundir import RunDir
 from hpcml.testing import hpcml_cli, mpi_test
 
@@ -70,21 +72,26 @@ CATALOGS = Path(__file__).resolve().parents[1] / "jobs" / "transformer-nmt-catal
 
 
 def test_catalog_job_trains_and_reports_sacrebleu(tmp_path):
-    """The real-corpus job end to end on 2 ranks (tiny model, a few steps): length-bucketed
-    batches, beam search over the whole test split, sacreBLEU with its signature."""
+    """The real-corpus job end to end on 2 ranks (tiny model, a few steps, a 600/20/30-pair
+    slice of the shipped catalog text re-encoded with 300 pieces): length-bucketed batches, beam
+    search over the test split, sacreBLEU with its signature."""
+    text = CATALOGS.parents[1] / "data" / "nmt" / "catalogs-en-fr"
+    for split, n in (("train", 600), ("valid", 20), ("test", 30)):
+        write_pairs(tmp_path / "txt" / split, "en", "fr", read_pairs(text / split, "en", "fr")[:n])
+    corpus = prepare(tmp_path / "txt", tmp_path / "c.h5", vocab_size=300)
     sets = []
     for kv in ["model.d_model=16", "model.heads=2", "model.layers=1", "model.ff=32",
                "train.batch_tokens=256", "train.steps=3", "train.warmup=2", "eval.beam=2",
-               "eval.batch_size=250", "eval.valid_every=0", f"runs_dir={tmp_path}"]:
+               "eval.valid_every=0", f"data.path={corpus}", f"runs_dir={tmp_path / 'runs'}"]:
         sets += ["--set", kv]
-    res = hpcml_cli(2, "run", str(CATALOGS), *sets, cwd=CATALOGS.parents[1], timeout=240)
+    res = hpcml_cli(2, "run", str(CATALOGS), *sets, cwd=tmp_path, timeout=240)
     assert res.returncode == 0, res.stderr
-    (run,) = tmp_path.iterdir()
+    (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["beam"] == 2 and 0.0 <= summary["test_bleu"] <= 100.0
     assert summary["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a")
     assert f"sacreBLEU {summary['test_bleu']:.2f} (beam 2): nrefs:1" in res.stdout
-    assert len((run / "test-hypotheses.txt").read_text().splitlines()) == 500
+    assert len((run / "test-hypotheses.txt").read_text().splitlines()) == 30
 
 
 @pytest.mark.parametrize("sets, match", [
