@@ -16,7 +16,9 @@ Order of events (all ranks):
    ``config.segment-N.toml`` and ``env.segment-N.json``;
 4. run the job under abort-on-error;
 5. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0), whose
-   ``status`` is ``preempted`` when the job stopped early, else ``complete``.
+   ``status`` is ``preempted`` when the job stopped early, else ``complete``. A job whose summary
+   names ``unresponsive_ranks`` (workers that stopped answering) skips the gather: rank 0 saves
+   its own ledger and the summary, then aborts the job with exit code 3.
 """
 
 from __future__ import annotations
@@ -213,6 +215,30 @@ def _open_run_dir(plan: Plan, env: dict[str, Any], size: int) -> RunDir:
     return run_dir
 
 
+UNRESPONSIVE_EXIT = 3
+
+
+def end_without_unresponsive(comm: Communicator, run_dir: RunDir, kind_name: str,
+                             elapsed: float, summary: dict[str, Any]) -> None:
+    """Rank 0 only, when the job names ranks that stopped answering (a frozen or dead worker,
+    ``summary["unresponsive_ranks"]``): write the results that exist (rank 0's ledger,
+    ``summary.json``), then end the job with MPI_Abort and exit code ``UNRESPONSIVE_EXIT`` (3),
+    since no collective can complete and mpiexec waits for every process, a stopped one
+    included. Never returns."""
+    lost = summary["unresponsive_ranks"]
+    run_dir.write_json("ledger.json", {"ranks": [comm.ledger.totals()],
+                                       "missing_ranks": list(range(1, comm.size))})
+    run_dir.write_json("summary.json", {"kind": kind_name, "status": run_status(summary),
+                                        "ranks": comm.size, "seconds": elapsed, **summary})
+    print(f"\nresults in {run_dir.path}", flush=True)
+    sys.stderr.write(f"hpcml: ranks {lost} never answered the end of the run; the results in "
+                     f"{run_dir.path} are complete; aborting the job so that it ends (exit "
+                     f"code {UNRESPONSIVE_EXIT})\n")
+    sys.stderr.flush()
+    time.sleep(0.5)  # mpiexec forwards output asynchronously; the abort would cut it off
+    comm.abort(UNRESPONSIVE_EXIT)
+
+
 def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[str] = (),
             resume: str | None = None, allow_config_change: bool = False) -> dict[str, Any]:
     """Run one job on COMM_WORLD (collective). Returns the summary on every rank."""
@@ -232,6 +258,8 @@ def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[s
         start = time.perf_counter()
         summary = plan.job.run(config, ctx)
         elapsed = time.perf_counter() - start
+        if comm.rank == 0 and summary.get("unresponsive_ranks"):
+            end_without_unresponsive(comm, run_dir, plan.kind, elapsed, summary)
         per_rank = comm.gather(comm.ledger.totals())
         if comm.rank == 0:
             run_dir.write_json("ledger.json", {"ranks": per_rank})

@@ -63,7 +63,7 @@ def test_job_on_hdf5_input_with_five_ranks(tmp_path):
     res = hpcml_cli(5, "run", JOB, "--set", "problem.data=hdf5", "--set",
                     f"problem.path={tmp_path / 'diabetes.h5'}", "--set", "problem.x_key=features",
                     "--set", "problem.y_key=target", "--set", "solver.algorithm=lbfgs",
-                    "--set", "solver.iterations=60", "--set", "code.chunk=3",
+                    "--set", "solver.iterations=120", "--set", "code.chunk=3",
                     "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
     assert res.returncode == 0, res.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -71,7 +71,7 @@ def test_job_on_hdf5_input_with_five_ranks(tmp_path):
     assert summary["workers"] == 4 and summary["wait_for"] == 3
     assert summary["final_relative_error"] < 0.3
     assert not (run_dir / "shards").exists()
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 60
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 120
 
 
 def test_bench_simulated_writes_table_and_plot(tmp_path):
@@ -90,8 +90,8 @@ def test_bench_simulated_writes_table_and_plot(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = summary["rows"]
     # 'none' is skipped when simulated; per model: uncoded-all, 6 strategies x k in (2, 3), async
-    assert {r["delays"] for r in rows} == {"exponential", "pareto"}
-    assert len(rows) == 2 * (1 + 6 * 2 + 1)
+    assert {r["delays"] for r in rows} == {"exponential", "pareto", "fault"}
+    assert len(rows) == 3 * (1 + 6 * 2 + 1)
     assert {(r["strategy"], r["k"]) for r in rows if r["strategy"] == "etf"} == {("etf", 2),
                                                                                ("etf", 3)}
     base = [r for r in rows if r["strategy"] == "uncoded-all"]

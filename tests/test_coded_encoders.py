@@ -11,12 +11,22 @@ from hpcml.coded.etf import coherence, is_prime, paley_conference, paley_etf, we
 from hpcml.coded.fwht import fwht, next_power_of_two
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 64, 256])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 64, 256, 512, 1024])
 def test_fwht_equals_scipy_hadamard(n):
     x = np.random.default_rng(n).standard_normal((n, 3))
     np.testing.assert_allclose(fwht(x), scipy.linalg.hadamard(n) @ x, atol=1e-10)
     np.testing.assert_allclose(fwht(x[:, 0]), scipy.linalg.hadamard(n) @ x[:, 0], atol=1e-10)
     np.testing.assert_allclose(fwht(fwht(x)) / n, x, atol=1e-10)
+
+
+def test_fwht_cache_blocked_passes_match_the_unblocked_transform(monkeypatch):
+    """Arrays larger than the cache chunk take the chunked + in-place schedule; shrinking the
+    chunk must not change the result (H H = n I as the independent check)."""
+    x = np.random.default_rng(1).standard_normal((1 << 12, 3))
+    whole = fwht(x)
+    monkeypatch.setattr("hpcml.coded.fwht.CACHE_BYTES", 1 << 9)
+    np.testing.assert_allclose(fwht(x), whole, atol=1e-9)
+    np.testing.assert_allclose(fwht(whole) / x.shape[0], x, atol=1e-10)
 
 
 def test_fwht_rejects_non_power_of_two_and_pads():
@@ -70,10 +80,23 @@ def test_tight_frame(kind, n):
     np.testing.assert_allclose(enc.apply_block(x, 2), s[enc.blocks[2]] @ x, atol=1e-9)
 
 
-def test_hadamard_is_exact_tight_frame_at_full_rows():
-    enc = make_encoder("hadamard", 32, 4, 2.0, seed=3)
+@pytest.mark.parametrize("n,beta,max_block", [(32, 2.0, 4096), (1, 2.0, 4096), (7, 3.0, 4096),
+                                              (442, 2.0, 4096), (101, 2.0, 16)])
+def test_hadamard_is_exact_tight_frame_at_any_n(monkeypatch, n, beta, max_block):
+    """S.T S = beta I at every n (odd, diabetes' 442, several zero-padded blocks), every row
+    goes to exactly one worker and the workers' shares of each block differ by at most one."""
+    monkeypatch.setattr("hpcml.coded.encoders.Hadamard.max_block", max_block)
+    enc = make_encoder("hadamard", n, 4, beta, seed=3)
     s = enc.matrix()
-    np.testing.assert_allclose(s.T @ s, 2.0 * np.eye(32), atol=1e-9)
+    np.testing.assert_allclose(s.T @ s, beta * np.eye(n), atol=1e-9)
+    assert enc.beta == beta and enc.rows == beta * enc.nblocks * enc.block >= beta * n
+    assert sorted(np.concatenate(enc.blocks).tolist()) == list(range(enc.rows))
+    per = int(beta) * enc.block
+    for b in range(enc.nblocks):
+        shares = [np.sum((w // per) == b) for w in enc.blocks]
+        assert max(shares) - min(shares) <= 1
+    with pytest.raises(ValueError, match="whole number"):
+        make_encoder("hadamard", n, 4, 1.5)
 
 
 def test_hadamard_encodes_large_n_without_matrix():

@@ -64,3 +64,21 @@ def test_mpi_master_late_answers_never_applied_to_wrong_iteration(comm):
         assert rt.answered == ROUNDS * k
         if m > 1:
             assert rt.discarded == counts[1], (rt.discarded, counts)
+
+
+@mpi_test(ranks=[3])
+def test_worker_frozen_past_close_is_named_and_exits_cleanly_when_it_resumes(comm):
+    """Worker rank 1 really freezes (SIGSTOP, the ``fault`` model) for 1.5 s at its first
+    round; k = 1 of 2 so the master finishes every round with rank 2. ``close`` gives up on
+    rank 1 after 0.3 s and names it; when rank 1 resumes it sends its late reply, finds the
+    stop message, acknowledges and returns like rank 2: the job ends normally."""
+    comm.set_delays(make_delay_model(StragglerConfig(kind="fault", slow_ranks=[1], freeze=1.5,
+                                                     freeze_after=0, seed=1), comm.size))
+    if comm.rank == 0:
+        rt = MPIMaster(comm, reply_len=2, close_timeout=0.3)
+        check_rounds(rt, 2, 1)
+        rt.close()
+        assert rt.unresponsive == [1]
+    else:
+        answered = serve(comm, echo(comm.rank - 1), message_len=2)
+        assert answered <= ROUNDS

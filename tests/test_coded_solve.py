@@ -109,6 +109,19 @@ def test_all_workers_no_erasures_converges_to_exact(comm, tmp_path, algorithm):
     assert res.relative_error[-1] < 1e-6
 
 
+@pytest.mark.parametrize("data,n", [("diabetes", 442), ("synthetic", 301)])
+def test_hadamard_with_every_worker_equals_the_uncoded_solution(comm, tmp_path, data, n):
+    """The issue's case: diabetes (n = 442, not a power of two) and an odd n, all 4 workers
+    awaited: the Hadamard code is a tight frame, so L-BFGS ends at the closed-form ridge
+    solution (before: relative error 0.237 at n = 442, rows subsampled from 2 x 512)."""
+    x, y = load_data(data, kind="ridge", n=n, p=10, seed=0)
+    assert x.shape[0] == n
+    prob = Problem("ridge", x, y, lam=1e-3)
+    res = solve(comm, prob, CodeConfig(encoder="hadamard", wait_for=4),
+                SolverConfig(algorithm="lbfgs", iterations=200, step=0.5), tmp_path, 0)
+    assert res.relative_error[-1] <= 1e-8
+
+
 def test_lasso_prox_and_fista_match_sklearn(comm, tmp_path):
     x, y = load_data("diabetes", kind="lasso")
     prob = Problem("lasso", x, y, l1=0.02)

@@ -6,7 +6,10 @@ time per path and the slowest rank's median is reported. Sizes follow the nccl-t
 Allreduce = vector size, Allgather = gathered (output) size, Reduce_scatter = input size. Bus
 bandwidth = size / time x (2(P-1)/P for Allreduce, (P-1)/P for Allgather and Reduce_scatter),
 which is comparable across P; at P = 1 it is 0 and only the algorithm bandwidth (size / time) is
-meaningful. A memcpy of the same size on one core is the local reference.
+meaningful. ``SendRecv`` is a ping-pong between ranks 2i and 2i+1 (a blocking ``Send`` answered
+by a blocking ``Recv`` and back; an odd last rank idles): its time is the round trip, its bus
+bandwidth 2 x size / time (one message each way), and it needs at least 2 ranks. A memcpy of the
+same size on one core is the local reference.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 
-OPS = ("Allreduce", "Allgather", "Reduce_scatter")
+OPS = ("Allreduce", "Allgather", "Reduce_scatter", "SendRecv")
 BUS_FACTOR = {"Allreduce": lambda p: 2 * (p - 1) / p, "Allgather": lambda p: (p - 1) / p,
-              "Reduce_scatter": lambda p: (p - 1) / p}
+              "Reduce_scatter": lambda p: (p - 1) / p, "SendRecv": lambda p: 2.0}
 
 
 @dataclasses.dataclass
@@ -61,8 +64,8 @@ def _sizes(cfg: CollectivesConfig, ranks: int) -> list[int]:
 
 def _buffers(op: str, nbytes: int, ranks: int, kind: str) -> tuple[Any, Any]:
     n = nbytes // 4
-    send_n = {"Allreduce": n, "Allgather": n // ranks, "Reduce_scatter": n}[op]
-    recv_n = {"Allreduce": n, "Allgather": n, "Reduce_scatter": n // ranks}[op]
+    send_n = {"Allreduce": n, "Allgather": n // ranks, "Reduce_scatter": n, "SendRecv": n}[op]
+    recv_n = {"Allreduce": n, "Allgather": n, "Reduce_scatter": n // ranks, "SendRecv": n}[op]
     send = np.random.default_rng(0).standard_normal(send_n).astype(np.float32)
     recv = np.zeros(recv_n, dtype=np.float32)
     if kind == "torch":
@@ -74,6 +77,9 @@ def _calls(comm: Communicator, op: str, send: Any, recv: Any) -> tuple[Any, Any]
     """(hpcml call, raw mpi4py call) on the same buffers."""
     raw_send = send.numpy() if isinstance(send, torch.Tensor) else send
     raw_recv = recv.numpy() if isinstance(recv, torch.Tensor) else recv
+    if op == "SendRecv":
+        return _ping_pong(comm, comm.Send, comm.Recv, send, recv), _ping_pong(
+            comm, comm.mpi.Send, comm.mpi.Recv, raw_send, raw_recv)
     hp = {"Allreduce": lambda: comm.Allreduce(send, recv),
           "Allgather": lambda: comm.Allgather(send, recv),
           "Reduce_scatter": lambda: comm.Reduce_scatter(send, recv)}[op]
@@ -81,6 +87,17 @@ def _calls(comm: Communicator, op: str, send: Any, recv: Any) -> tuple[Any, Any]
            "Allgather": lambda: comm.mpi.Allgather(raw_send, raw_recv),
            "Reduce_scatter": lambda: comm.mpi.Reduce_scatter_block(raw_send, raw_recv)}[op]
     return hp, raw
+
+
+def _ping_pong(comm: Communicator, send_fn: Any, recv_fn: Any, send: Any, recv: Any) -> Any:
+    """One round trip between this rank and its partner (rank ^ 1) with ``send_fn(buf, dest,
+    tag)`` and ``recv_fn(buf, source, tag)``; a no-op on an odd last rank."""
+    peer = comm.rank ^ 1
+    if peer >= comm.size:
+        return lambda: None
+    if comm.rank % 2 == 0:
+        return lambda: (send_fn(send, peer, 0), recv_fn(recv, peer, 0))
+    return lambda: (recv_fn(recv, peer, 0), send_fn(send, peer, 0))
 
 
 def _time_pair(comm: Communicator, hp: Any, raw: Any, calls: int,
@@ -114,6 +131,9 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
     comm, p = ctx.comm, ctx.comm.size
     rows = []
     for op in cfg.ops:
+        if op == "SendRecv" and p < 2:
+            ctx.log("  SendRecv        skipped: a ping-pong needs 2 ranks")
+            continue
         for kind in cfg.buffers:
             for nbytes in _sizes(cfg, p):
                 calls = max(3, min(cfg.iterations, cfg.bytes_per_size // nbytes))

@@ -32,6 +32,7 @@ from hpcml.coded.regime import (
     finite_median,
     never_as_inf,
     paired_speedups,
+    require_responsive,
     strategy_code,
 )
 from hpcml.comm import make_delay_model
@@ -84,6 +85,7 @@ def run(cfg: BenchCFConfig, ctx: RunContext) -> dict[str, Any]:
                 res = solve_cf(comm, train, test, code, rank, lam, cfg.solver.iterations,
                                cfg.solver.inner, cfg.solver.step, ctx.run_dir.path / "shards",
                                cfg.seed, ref)
+                require_responsive(res)
                 comm.barrier()
                 if res is None:
                     continue

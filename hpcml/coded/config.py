@@ -102,6 +102,9 @@ class CodeConfig:
         if self.encoder == "etf" and (not is_prime(self.etf_q) or self.etf_q % 4 != 1):
             raise ConfigError(f"{prefix}.etf_q", f"{self.etf_q} is not a prime = 1 (mod 4)",
                               "use 5, 13, 17, 29, 37, ...")
+        if self.encoder == "hadamard" and self.beta != int(self.beta):
+            raise ConfigError(f"{prefix}.beta", f"the Hadamard code uses whole sign copies, "
+                              f"got beta = {self.beta}", "use an integer, e.g. beta = 2")
         if self.encoder == "replication" and (self.beta != int(self.beta) or m % self.beta):
             raise ConfigError(f"{prefix}.beta", f"replication factor {self.beta} must be an "
                               f"integer dividing m = {m}", "e.g. beta = 2 with 4 workers")
@@ -116,6 +119,9 @@ class SolverConfig:
     history: int = option(10, min=1, help="lbfgs: curvature pairs kept")
     inner: int = option(10, min=1, help="als: encoded gradient steps per half step "
                         "(iterations = ALS sweeps)")
+    close_timeout: float = option(10.0, gt=0.0, help="seconds the master waits at the end "
+                                  "for each worker's acknowledgement before it names the "
+                                  "worker unresponsive and the job ends without it")
 
     def check(self, problem: str, prefix: str = "solver") -> None:
         if self.algorithm not in ALLOWED[problem]:

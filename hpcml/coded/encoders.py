@@ -2,8 +2,9 @@
 
 Karakus et al. (NeurIPS 2017; JMLR 2019, arXiv 1803.05397) encode the data X, y as SX, Sy and
 give worker i of m the rows ``blocks[i]`` of the result. Every encoder here is a tight frame or
-close to one: S.T @ S = beta I exactly (uncoded, replication, Hadamard when N = L * 2^j, ETF) or
-in expectation (Gaussian, sparse, subsampled Hadamard). ``beta`` is that frame constant.
+close to one: S.T @ S = beta I exactly (uncoded, replication, Hadamard at any n, ETF) or only
+in expectation (Gaussian, sparse: never tight, so even with every worker awaited their solution
+differs from the uncoded one; see :func:`frame_note`). ``beta`` is that frame constant.
 
 An encoder is pure and deterministic given ``seed``; ``apply`` maps any (n, c) column chunk to
 its (N, c) encoding, so data are encoded a few columns at a time (see :mod:`hpcml.coded.shards`)
@@ -120,28 +121,54 @@ class Gaussian(Encoder):
 
 
 class Hadamard(Encoder):
-    """Subsampled randomized Hadamard transform. With n2 = 2^ceil(log2 n) and
-    L = ceil(rows / n2) independent sign diagonals D_l, the stacked orthogonal transform
-    [H D_1; ...; H D_L] / sqrt(n2) (rows zero-padded to n2) is restricted to ``rows`` randomly
-    chosen rows and scaled by sqrt(n2 / n): E[S.T @ S] = (rows / n) I, exact when rows = L n2.
-    Each column costs L n2 log2(n2) operations (FWHT), never an n2 x n2 matrix."""
+    """Randomized Hadamard code, an exact tight frame at any n. The n rows are zero-padded to
+    whole blocks of B = min(2^ceil(log2 n), ``max_block``) rows (one block up to 4096 rows:
+    mixing over the whole block keeps every k-of-m subset well conditioned, where blocks of
+    16-64 rows lose rank for a quarter of the subsets; beyond, the padding stays under 4096
+    rows); each block x_b gets L = beta (a whole
+    number) independent random sign diagonals D_{b,l} and is encoded as
+    [H D_{b,1}; ...; H D_{b,L}] x_b / sqrt(B): L B rows whose restriction to the block's real
+    rows has orthonormal columns per copy, so S.T @ S = beta I exactly (the effective beta
+    every solver uses); ``rows / n`` = L ceil(n / B) B / n >= beta is the storage
+    redundancy. A block's L B rows are shuffled (seeded) and dealt round-robin to the m
+    workers, rotated by the block index, so
+    any k workers hold k / m of every block (full rank whenever k beta >= m). Each column
+    costs L n_pad log2(B) operations (FWHT), never a B x B matrix."""
 
     kind = "hadamard"
+    max_block = 4096
 
     def __init__(self, n: int, m: int, beta: float = 2.0, seed: int = 0) -> None:
+        if beta != int(beta):
+            raise ValueError(f"hadamard: beta = {beta} must be a whole number of sign copies "
+                             "(the code is then an exact tight frame)")
+        self.block = min(next_power_of_two(n), self.max_block)
+        self.nblocks = math.ceil(n / self.block)
         super().__init__(n, m, beta, seed)
-        self.n2 = next_power_of_two(n)
-        self.copies = math.ceil(self.rows / self.n2)
+        copies = int(self.beta)
         rng = np.random.default_rng([seed, 1])
-        self.signs = rng.choice([-1.0, 1.0], size=(self.copies, self.n2))
-        self.keep = rng.permutation(self.copies * self.n2)[: self.rows]
+        self.signs = rng.choice([-1.0, 1.0], size=(copies, self.nblocks * self.block))
+        per = copies * self.block
+        self.shuffle = np.concatenate([b * per + rng.permutation(per)
+                                       for b in range(self.nblocks)])
+        block, row = np.divmod(np.arange(self.rows), per)
+        owner = (row + block) % m
+        self.blocks = [np.flatnonzero(owner == w) for w in range(m)]
+
+    def _rows(self) -> int:
+        return int(self.beta) * self.nblocks * self.block
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = self._check(x)
-        padded = np.zeros((self.n2, x.shape[1]))
+        c, copies, size = x.shape[1], int(self.beta), self.block
+        padded = np.zeros((self.nblocks * size, c))
         padded[: self.n] = x
-        full = np.concatenate([fwht(s[:, None] * padded) for s in self.signs])
-        return full[self.keep] / np.sqrt(self.n)
+        signed = self.signs[:, :, None] * padded[None]
+        out = np.empty((self.nblocks, copies, size, c))
+        for b in range(self.nblocks):
+            part = signed[:, b * size:(b + 1) * size].transpose(1, 0, 2).reshape(size, -1)
+            out[b] = fwht(part).reshape(size, copies, c).transpose(1, 0, 2)
+        return out.reshape(self.rows, c)[self.shuffle] / np.sqrt(size)
 
 
 class ETF(Encoder):
@@ -216,6 +243,23 @@ def make_encoder(kind: str, n: int, m: int, beta: float, seed: int = 0, *, etf_q
     if kind == "sparse":
         return Sparse(n, m, beta, seed, nnz=sparse_nnz)
     raise ValueError(f"unknown encoder {kind!r}; choose from {', '.join(ENCODERS)}")
+
+
+TIGHT = ("uncoded", "replication", "hadamard", "etf")
+
+
+def frame_note(kind: str, beta: float, enc: Encoder | None = None) -> str:
+    """One line for the run log: whether S.T S = beta I exactly (with the Hadamard code's
+    padding when ``enc`` is given)."""
+    if kind not in TIGHT:
+        return (f"{kind} code: S.T S = beta I only in expectation (not a tight frame), so even "
+                f"with every worker awaited the solution differs from the uncoded one")
+    note = f"{kind} code: tight frame, S.T S = {beta:g} I exactly"
+    if isinstance(enc, Hadamard):
+        blocks = f"{enc.nblocks} zero-padded block{'s' if enc.nblocks > 1 else ''}"
+        note += (f" ({blocks} of {enc.block} rows: {enc.rows} encoded "
+                 f"rows for n = {enc.n}, storage redundancy {enc.rows / enc.n:.3f})")
+    return note
 
 
 def subset_spectrum(s: np.ndarray, blocks: list[np.ndarray], subset: list[int],

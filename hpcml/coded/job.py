@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig, check_problem
+from hpcml.coded.encoders import frame_note
 from hpcml.coded.mf import load_ratings, solve_cf
 from hpcml.coded.problems import Problem, load_data
 from hpcml.coded.shards import open_input
@@ -66,9 +67,14 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
             f"{cfg.code.beta}, {cfg.solver.algorithm}, wait for k={k} of m={m} workers"
             + (" (simulated)" if comm.size == 1 else ""))
     if cfg.problem.kind == "mf":
+        ctx.log(f"coded: {frame_note(cfg.code.encoder, cfg.code.beta)}")
         return _run_mf(cfg, ctx, m, k)
     problem = make_problem(cfg.problem, cfg.seed) if comm.rank == 0 else None
-    result = solve(comm, problem, cfg.code, cfg.solver, ctx.run_dir.path / "shards", cfg.seed)
+    result = solve(comm, problem, cfg.code, cfg.solver, ctx.run_dir.path / "shards", cfg.seed,
+                   on_start=lambda enc: ctx.log(
+                       f"coded: {frame_note(cfg.code.encoder, enc.beta, enc.encoder)}; data "
+                       f"encoded and loaded by the workers; solving ({cfg.solver.iterations} "
+                       f"iterations)"))
     if result is None:
         return {}
     for t, (sec, sub, rel) in enumerate(zip(result.seconds, result.suboptimality,
@@ -79,7 +85,16 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e}, relative error "
             f"{summary['final_relative_error']:.3e}, {summary['seconds']:.2f} s, "
             f"{result.discarded} late replies discarded")
+    log_unresponsive(ctx, result.unresponsive)
     return summary
+
+
+def log_unresponsive(ctx: RunContext, ranks: list[int]) -> None:
+    """Say which worker ranks never acknowledged the end of the solve (the job then ends by
+    aborting them once the results are written, exit code 3)."""
+    if ranks:
+        ctx.log(f"workers on ranks {ranks} never acknowledged the end of the solve (frozen or "
+                f"dead): the results are complete; the job aborts them to end (exit code 3)")
 
 
 def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]:
@@ -89,7 +104,8 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
                 f"{len(test)} test ratings")
     out = solve_cf(ctx.comm, train, test, cfg.code, cfg.problem.rank, cfg.problem.lam,
                    cfg.solver.iterations, cfg.solver.inner, cfg.solver.step,
-                   ctx.run_dir.path / "shards", cfg.seed)
+                   ctx.run_dir.path / "shards", cfg.seed,
+                   close_timeout=cfg.solver.close_timeout)
     if out is None:
         return {}
     for t, (sec, sub, train_rmse, test_rmse) in enumerate(zip(
@@ -101,6 +117,7 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
             f"test RMSE {summary['final_test_rmse']:.4f} (exact ALS "
             f"{out.reference['test_rmse']:.4f}), {summary['seconds']:.2f} s, "
             f"{out.discarded} late replies discarded")
+    log_unresponsive(ctx, out.unresponsive)
     return summary
 
 

@@ -41,7 +41,7 @@ from hpcml.coded.cf import (
 )
 from hpcml.coded.config import CodeConfig, ProblemConfig
 from hpcml.coded.ratings import Ratings, digits_ratings, split, synthetic_ratings
-from hpcml.coded.runtime import Compute, MPIMaster, SimulatedMaster, serve
+from hpcml.coded.runtime import CLOSE_TIMEOUT, Compute, MPIMaster, SimulatedMaster, finish, serve
 from hpcml.coded.shards import load_sparse_shard, write_sparse_shards
 from hpcml.comm import Communicator
 
@@ -75,6 +75,7 @@ class CFResult:
     reference: dict[str, float]
     u: np.ndarray
     v: np.ndarray
+    unresponsive: list[int] = dataclasses.field(default_factory=list)
 
     def time_to(self, eps: float) -> float | None:
         """Seconds at the first round with suboptimality <= eps (None if never)."""
@@ -86,7 +87,8 @@ class CFResult:
                 "final_train_rmse": self.train_rmse[-1], "final_test_rmse": self.test_rmse[-1],
                 "reference": self.reference, "seconds": self.seconds[-1],
                 "seconds_to_suboptimality": {str(e): self.time_to(e) for e in EPS},
-                "discarded_late_replies": self.discarded, "encode_seconds": self.encode_seconds}
+                "discarded_late_replies": self.discarded, "encode_seconds": self.encode_seconds,
+                "unresponsive_ranks": self.unresponsive}
 
 
 def _shard_arrays(data: WorkerSide) -> dict[str, np.ndarray]:
@@ -147,7 +149,8 @@ def reference(train: Ratings, test: Ratings, rank: int, lam: float,
 
 def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, code: CodeConfig,
              rank: int, lam: float, outer: int, inner: int, step: float, shard_dir: Path,
-             seed: int, ref: dict[str, float] | None = None) -> CFResult | None:
+             seed: int, ref: dict[str, float] | None = None,
+             close_timeout: float = CLOSE_TIMEOUT) -> CFResult | None:
     """Collective. ``train``/``test`` (centered ratings) are needed on rank 0 only. Runs
     ``outer`` sweeps of (U-step, V-step), each ``inner`` encoded gradient steps of size
     ``step`` / L_i per owner, with the first k of m workers per step. ``ref`` (rank 0) is
@@ -171,7 +174,8 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
         return None
     computes = [_task(shard_dir, i, n, rank) for i in range(m)] if comm.size == 1 else []
     comm.barrier()
-    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else MPIMaster(comm, reply_len)
+    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else \
+        MPIMaster(comm, reply_len, close_timeout)
     u0, v0 = initial_factors(n, d, rank, seed)
     factors = [u0, v0]
     trace: list[tuple[float, np.ndarray, np.ndarray]] = []
@@ -189,8 +193,7 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
                 factors[which] = w
                 t += 1
                 trace.append((rt.elapsed(), factors[0], factors[1]))
-    rt.close()
-    comm.barrier()
+    unresponsive = finish(comm, rt)
     shutil.rmtree(shard_dir, ignore_errors=True)
     ref = reference(train, test, rank, lam, seed) if ref is None else ref
     f_ref = ref["objective"]
@@ -198,4 +201,4 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
                     [(objective(train, u, v, lam) - f_ref) / f_ref for _, u, v in trace],
                     [rmse(train, u, v) for _, u, v in trace],
                     [rmse(test, u, v) for _, u, v in trace],
-                    rt.discarded, encode_seconds, ref, factors[0], factors[1])
+                    rt.discarded, encode_seconds, ref, factors[0], factors[1], unresponsive)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from hpcml.comm import StragglerConfig
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 
-DELAY_MODELS = ("none", "exponential", "pareto", "fixed")
+DELAY_MODELS = ("none", "exponential", "pareto", "fixed", "fault")
 
 
 @dataclasses.dataclass
@@ -30,6 +31,10 @@ class StragglerBenchConfig(JobConfig):
     shape: float = option(1.1, gt=0.0, help="pareto: tail index")
     slow_delay: float = option(0.05, min=0.0, help="fixed: delay of rank 1 (s)")
     max_delay: float = option(0.3, gt=0.0, help="cap on one injected delay (s)")
+    freeze: float = option(1.0, gt=0.0, help="fault: seconds rank 1 is frozen (SIGSTOP on "
+                           "MPI, once per solve; not capped by max_delay)")
+    freeze_after: int = option(10, min=0, help="fault: the freeze starts at a seeded "
+                               "iteration in [freeze_after, 2 * freeze_after]")
     repeats: int = option(3, min=1, help="delay realizations (seeds seed, seed + 1, ...) per "
                           "model; every strategy sees the same ones; the table shows medians")
 
@@ -53,7 +58,7 @@ class StragglerBenchConfig(JobConfig):
         """The ``[stragglers]`` section of delay model ``kind`` with seed ``seed``."""
         return StragglerConfig(kind=kind, mean=self.mean, scale=self.scale, shape=self.shape,
                                slow_ranks=[1], delay=self.slow_delay, max_delay=self.max_delay,
-                               seed=seed)
+                               freeze=self.freeze, freeze_after=self.freeze_after, seed=seed)
 
     def regime(self) -> str:
         """The delay models, in words, for a report's header."""
@@ -64,7 +69,10 @@ class StragglerBenchConfig(JobConfig):
                            f"x_m {self.scale * 1e3:g} ms, alpha {self.shape:g} (infinite "
                            f"variance when alpha < 2)",
                  "fixed": f"fixed: rank 1 (the first worker) {self.slow_delay * 1e3:g} ms "
-                          f"every round"}
+                          f"every round",
+                 "fault": f"fault: rank 1 frozen (SIGSTOP; simulated: a delay) for "
+                          f"{self.freeze:g} s once per solve, from a seeded iteration in "
+                          f"[{self.freeze_after}, {2 * self.freeze_after}], no other delay"}
         return "; ".join(words[d] for d in self.delay_models) + \
             f"; every delay capped at {self.max_delay:g} s; delay seeds {self.seed} .. " \
             f"{self.seed + self.repeats - 1} (one realization per repeat, the same for every " \
@@ -86,10 +94,21 @@ def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
     return CodeConfig(encoder=name, beta=2.0, workers=m, wait_for=k), None
 
 
+def require_responsive(result: Any) -> None:
+    """A benchmark's next solve needs every worker: raise (the job aborts) naming the worker
+    ranks that never acknowledged the end of this one (``result.unresponsive``; rank 0)."""
+    if result is not None and result.unresponsive:
+        raise RuntimeError(f"worker ranks {result.unresponsive} never acknowledged the end of a "
+                           "solve (frozen or dead); the benchmark needs every worker")
+
+
 def paired_speedups(base: list[float], times: list[float]) -> list[float]:
     """Per delay realization, time to eps of the baseline over that of the strategy (0 where
-    the strategy never reached eps, inf where only the baseline never did)."""
-    return [b / t if math.isfinite(t) else 0.0 for b, t in zip(base, times, strict=True)]
+    the strategy never reached eps, inf where only the baseline never did; with simulated
+    workers a time can be 0, before any injected delay: 1 when both are, inf when only the
+    strategy's is)."""
+    return [0.0 if not math.isfinite(t) else b / t if t > 0 else 1.0 if b == 0 else math.inf
+            for b, t in zip(base, times, strict=True)]
 
 
 def never_as_inf(value: float | None) -> float:

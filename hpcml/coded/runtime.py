@@ -6,32 +6,43 @@ virtual clock, each worker's response time drawn from the same seeded delay mode
 (``delays.delay(i + 1, t)``), so serial and MPI runs see the same erasure patterns.
 
 Protocol (every message a float64 vector whose first entry is the iteration t):
-* the master sends iteration t's message to each worker with ``Isend`` (tag t mod 32000) and keeps
-  one ``Irecv`` (any tag) posted per worker;
-* a worker takes the newest message waiting for it (older queued iterates are skipped), sleeps
-  its injected delay ``comm.straggle(t)``, computes and ``Send``s the reply tagged t;
+* a worker is *busy* from the moment the master sends it an iterate until its reply arrives.
+  The master ``Isend``s iteration t's message (tag t mod 32000) only to an idle worker; for a
+  busy one it keeps the message as that worker's *waiting* iterate (a newer one replaces it) and
+  sends it the moment the reply arrives. So at most one unanswered iterate is ever in flight to
+  a worker, plus the stop message at the end: a frozen worker (SIGSTOP, a dead node) holds at
+  most two of the master's messages and one reply, never a queue that grows with the time it is
+  gone (MPICH stops progressing every rank once a few dozen unreceived sends pile up);
+* the master keeps one ``Irecv`` (any tag) posted per worker;
+* a worker receives the next message, sleeps its injected delay ``comm.straggle(t)``, computes
+  and ``Send``s the reply tagged t (the master's receive is always posted);
 * :meth:`Runtime.round` returns as soon as k replies *for iteration t* have arrived. Replies for
   older iterations (late stragglers) are received, counted in ``discarded`` and dropped: the
   iteration number carried in the payload (and the tag) is checked, so a late answer is never
   applied to a later iteration;
 * :meth:`Runtime.close` sends a stop message (tag 32767); each worker acknowledges with the same
-  tag, and the master drains every late reply before returning, so nothing stays in flight.
-Only the master calls the ``Runtime`` methods; workers call :func:`serve`.
+  tag and the master drains late replies until every acknowledgement is in or
+  ``close_timeout`` seconds have passed. Workers that never acknowledged are listed in
+  ``unresponsive`` (world ranks): the master must then not enter any collective with them (see
+  :func:`finish`); the job ends by aborting them once its results are written.
+Memory bound, per worker: the master holds one reply buffer, one message in flight and one
+waiting message (each at most the message or reply length + 1 float64); a worker holds one
+message. Only the master calls the ``Runtime`` methods; workers call :func:`serve`.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 
 from hpcml.comm import Communicator, DelayModel, Request
+from hpcml.comm.polling import POLL_SECONDS, poll_any
 
 TAG_PERIOD = 32000
-POLL_SECONDS = 5e-5
 STOP = 32767
+CLOSE_TIMEOUT = 10.0
 Compute = Callable[[int, np.ndarray], np.ndarray]
 
 
@@ -43,8 +54,10 @@ class Runtime:
     def __init__(self) -> None:
         self.discarded = 0
         self.answered = 0
+        self.unresponsive: list[int] = []
 
     def send(self, worker: int, t: int, message: np.ndarray) -> None:
+        """Give iteration t's message to ``worker`` (now, or once it answered its last one)."""
         raise NotImplementedError
 
     def next_reply(self) -> tuple[int, int, np.ndarray]:
@@ -56,7 +69,7 @@ class Runtime:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Stop the workers (MPI) and drain late replies."""
+        """Stop the workers (MPI) and drain late replies; fills ``unresponsive``."""
 
     def round(self, t: int, messages: list[np.ndarray], k: int) -> dict[int, np.ndarray]:
         """Send iteration t's message to every worker and return the first k replies to it,
@@ -77,32 +90,53 @@ class Runtime:
 
 
 class MPIMaster(Runtime):
-    """The master on world rank 0; ``reply_len`` is the longest reply (without the t entry)."""
+    """The master on world rank 0; ``reply_len`` is the longest reply (without the t entry).
+    ``close_timeout``: seconds :meth:`close` waits for the workers' acknowledgements."""
 
-    def __init__(self, comm: Communicator, reply_len: int) -> None:
+    def __init__(self, comm: Communicator, reply_len: int,
+                 close_timeout: float = CLOSE_TIMEOUT) -> None:
         super().__init__()
         if comm.rank != 0 or comm.size < 2:
             raise ValueError("MPIMaster runs on rank 0 of a communicator with >= 2 ranks")
         self.comm, self.m = comm, comm.size - 1
+        self.close_timeout = close_timeout
         self.bufs = [np.empty(reply_len + 1) for _ in range(self.m)]
         self.recvs = [comm.Irecv(self.bufs[i], source=i + 1) for i in range(self.m)]
-        self.sends: list[tuple[Request, np.ndarray]] = []
+        self.sends: list[list[tuple[Request, np.ndarray]]] = [[] for _ in range(self.m)]
+        self.busy = [False] * self.m
+        self.waiting: list[np.ndarray | None] = [None] * self.m
         self.start = time.perf_counter()
 
     def _post(self, worker: int, tag: int, buf: np.ndarray) -> None:
-        self.sends = [(r, b) for r, b in self.sends if r.test() is None]
-        self.sends.append((self.comm.Isend(buf, dest=worker + 1, tag=tag), buf))
+        """Isend ``buf``; completed sends to ``worker`` are released first (at most two stay:
+        the unanswered iterate and the stop message)."""
+        self.sends[worker] = [(r, b) for r, b in self.sends[worker] if r.test() is None]
+        self.sends[worker].append((self.comm.Isend(buf, dest=worker + 1, tag=tag), buf))
 
     def send(self, worker: int, t: int, message: np.ndarray) -> None:
-        self._post(worker, t % TAG_PERIOD, np.concatenate([[float(t)], message]))
+        buf = np.concatenate([[float(t)], message])
+        if self.busy[worker]:
+            self.waiting[worker] = buf
+        else:
+            self.busy[worker] = True
+            self._post(worker, t % TAG_PERIOD, buf)
 
     def _take(self, worker: int, count: int) -> np.ndarray:
+        """The reply in ``worker``'s buffer; reposts the receive and sends its waiting
+        iterate, if any (the worker is idle again)."""
         payload = self.bufs[worker][:count].copy()
         self.recvs[worker] = self.comm.Irecv(self.bufs[worker], source=worker + 1)
+        self.busy[worker] = False
+        waiting, self.waiting[worker] = self.waiting[worker], None
+        if waiting is not None:
+            self.busy[worker] = True
+            self._post(worker, int(waiting[0]) % TAG_PERIOD, waiting)
         return payload
 
     def next_reply(self) -> tuple[int, int, np.ndarray]:
-        worker, status = _poll(self.recvs)
+        worker, status = poll_any(self.recvs)
+        if status.tag == STOP:
+            raise RuntimeError(f"worker rank {worker + 1} stopped before the master said so")
         payload = self._take(worker, status.count)
         t = int(payload[0])
         if status.tag != t % TAG_PERIOD:
@@ -113,49 +147,55 @@ class MPIMaster(Runtime):
         return time.perf_counter() - self.start
 
     def close(self) -> None:
+        """Send stop to every worker and drain late replies until each acknowledged, for at
+        most ``close_timeout`` seconds; the rest are named in ``unresponsive`` and their
+        requests are left pending (cancelling a receive a frozen sender has half delivered
+        would block): never waits on anything a frozen worker would have to complete."""
+        self.waiting = [None] * self.m
         for i in range(self.m):
             self._post(i, STOP, np.zeros(1))
-        for i in range(self.m):
-            while True:
-                _, status = _poll([self.recvs[i]])
+        open_ = set(range(self.m))
+        deadline = time.monotonic() + self.close_timeout
+        while open_ and time.monotonic() < deadline:
+            for i in sorted(open_):
+                status = self.recvs[i].test()
+                if status is None:
+                    continue
                 if status.tag == STOP:
-                    break
-                self.discarded += 1
-                self._take(i, status.count)
-        Request.waitall([r for r, _ in self.sends])
-        self.sends = []
+                    open_.discard(i)
+                else:
+                    self.discarded += 1
+                    self._take(i, status.count)
+            time.sleep(POLL_SECONDS)
+        self.unresponsive = [i + 1 for i in sorted(open_)]
+        for i in set(range(self.m)) - open_:
+            Request.waitall([r for r, _ in self.sends[i]])
+            self.sends[i] = []
 
 
-def _poll(requests: list[Request]) -> tuple[int, Any]:
-    """Wait for any of ``requests`` by testing them with short sleeps in between, instead of
-    MPI's busy wait: ranks oversubscribing the cores (5 ranks on 2 cores) then leave the CPU
-    to the ranks that compute. Adds at most ``POLL_SECONDS`` of latency."""
-    while True:
-        for i, req in enumerate(requests):
-            status = req.test()
-            if status is not None:
-                return i, status
-        time.sleep(POLL_SECONDS)
-
-
-def _pending(comm: Communicator) -> bool:
-    """Whether a message from the master waits. A single Iprobe may return before MPI's
-    progress engine has matched a message already queued (MPICH alternates), so two probes
-    must both miss before the queue counts as empty."""
-    return comm.Iprobe(source=0) is not None or comm.Iprobe(source=0) is not None
+def finish(comm: Communicator, rt: Runtime) -> list[int]:
+    """Master side of the end of a solve: close ``rt`` and, when every worker acknowledged,
+    meet the workers in a barrier (they call it after :func:`serve`). Returns the world ranks
+    that never acknowledged; when there are any no barrier is entered (it would never end):
+    the caller must not enter another collective, and the job ends by aborting them once its
+    results are written (see :mod:`hpcml.launch`)."""
+    rt.close()
+    if not rt.unresponsive and comm.size > 1:
+        comm.barrier()
+    return rt.unresponsive
 
 
 def serve(comm: Communicator, compute: Compute, message_len: int) -> int:
     """Worker loop (ranks 1..m): answer the master until it says stop; returns the number of
-    iterations answered. ``compute(t, message)`` returns the reply (without t)."""
+    iterations answered. ``compute(t, message)`` returns the reply (without t). The master
+    sends a new iterate only once this worker's previous reply arrived, so every message
+    received is the newest one meant for this worker."""
     buf = np.empty(message_len + 1)
     answered = 0
     while True:
         while comm.Iprobe(source=0) is None:
             time.sleep(POLL_SECONDS)
         status = comm.Recv(buf, source=0)
-        while status.tag != STOP and _pending(comm):
-            status = comm.Recv(buf, source=0)
         if status.tag == STOP:
             comm.Send(np.zeros(1), 0, tag=STOP)
             return answered

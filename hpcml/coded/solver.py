@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +29,17 @@ from hpcml.coded.algorithms import (
 from hpcml.coded.config import CodeConfig, SolverConfig
 from hpcml.coded.encoders import Encoder, make_encoder
 from hpcml.coded.problems import Problem
-from hpcml.coded.runtime import MPIMaster, SimulatedMaster, serve
+from hpcml.coded.runtime import MPIMaster, SimulatedMaster, finish, serve
 from hpcml.coded.shards import encode_to_shards, load_shard
 from hpcml.comm import Communicator
 
 
 @dataclasses.dataclass
 class SolveResult:
-    """Rank 0's record of one solve: per iteration wall (or virtual) seconds, objective
-    suboptimality (f - f*) / |f*| and relative error ||w - w*|| / ||w*||."""
+    """Rank 0's record of one solve: per iteration wall (or virtual) seconds since the clock
+    started (at Unix time ``started_unix``), objective suboptimality (f - f*) / |f*| and
+    relative error ||w - w*|| / ||w*||; ``unresponsive``: worker ranks that never
+    acknowledged the end."""
 
     seconds: list[float]
     suboptimality: list[float]
@@ -44,6 +47,8 @@ class SolveResult:
     discarded: int
     encode_seconds: float
     w: np.ndarray
+    unresponsive: list[int] = dataclasses.field(default_factory=list)
+    started_unix: float = 0.0
 
     def iterations_to(self, eps: float) -> int | None:
         """First iteration (counted from 1) whose suboptimality is <= eps (None if never)."""
@@ -58,7 +63,8 @@ class SolveResult:
         return {"final_suboptimality": self.suboptimality[-1],
                 "final_relative_error": self.relative_error[-1],
                 "seconds": self.seconds[-1], "discarded_late_replies": self.discarded,
-                "encode_seconds": self.encode_seconds}
+                "encode_seconds": self.encode_seconds,
+                "unresponsive_ranks": self.unresponsive, "started_unix": self.started_unix}
 
 
 @dataclasses.dataclass
@@ -120,11 +126,15 @@ def encode(comm: Communicator, problem: Problem | None, code: CodeConfig, model_
 
 
 def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
-             w_star: np.ndarray | None = None) -> SolveResult | None:
+             w_star: np.ndarray | None = None,
+             on_start: Callable[[Encoded], None] | None = None) -> SolveResult | None:
     """Collective: one solve of ``enc`` waiting for the first k of its m workers per round,
     under the communicator's current delay model. Returns the result on rank 0 (errors against
     ``w_star``, the exact solution, computed when None) and None elsewhere. The clock starts
-    after a barrier that every worker reaches ready to answer."""
+    after a barrier that every worker reaches ready to answer. When a worker never
+    acknowledged the end (``result.unresponsive``), rank 0 returns without the closing
+    barrier and must enter no further collective. ``on_start(enc)`` runs on rank 0 when the
+    clock starts."""
     step = solver.step / enc.smoothness
     n, p, blocks = enc.n, enc.p, enc.blocks
 
@@ -145,7 +155,11 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     problem = enc.problem
     computes = [task(shard) for shard in enc.shards]
     comm.barrier()
-    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else MPIMaster(comm, reply_len)
+    started = time.time()
+    if on_start is not None:
+        on_start(enc)
+    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else \
+        MPIMaster(comm, reply_len, solver.close_timeout)
     if enc.model_parallel:
         trace, _ = block_coordinate_descent(rt, problem.loss_grad, blocks, n, k=k,
                                             iterations=solver.iterations)
@@ -160,23 +174,24 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
         iterates = data_parallel(rt, solver.algorithm, p, n=n, beta=enc.beta, k=k, step=step,
                                  iterations=solver.iterations, lam=enc.lam,
                                  l1=problem.l1, history=solver.history)
-    rt.close()
-    comm.barrier()
+    unresponsive = finish(comm, rt)
     w_star = problem.exact() if w_star is None else w_star
     f_star = problem.objective(w_star)
     seconds = [s for s, _ in iterates]
     sub = [(problem.objective(w) - f_star) / max(abs(f_star), 1e-300) for _, w in iterates]
     rel = [float(np.linalg.norm(w - w_star) / max(np.linalg.norm(w_star), 1e-300))
            for _, w in iterates]
-    return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, iterates[-1][1])
+    return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, iterates[-1][1],
+                       unresponsive, started)
 
 
 def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver: SolverConfig,
-          shard_dir: Path, seed: int, w_star: np.ndarray | None = None) -> SolveResult | None:
+          shard_dir: Path, seed: int, w_star: np.ndarray | None = None,
+          on_start: Callable[[Encoded], None] | None = None) -> SolveResult | None:
     """Collective: :func:`encode` then one :func:`optimize` with k = ``code``'s wait_for.
     ``problem`` is needed on rank 0 only (others may pass None); the result is on rank 0."""
     enc = encode(comm, problem, code, solver.algorithm == "bcd", shard_dir, seed)
-    return optimize(comm, enc, solver, code.wait_for_k(comm.size), w_star)
+    return optimize(comm, enc, solver, code.wait_for_k(comm.size), w_star, on_start)
 
 
 def problem_lam(problem: Problem) -> float:

@@ -21,31 +21,60 @@ import numpy as np
 from mpi4py import MPI
 
 REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+_from_address = MPI.buffer.fromaddress
 
 
 class Staged:
-    """A contiguous numpy array MPI can use, and how to write results back to the caller's
-    object (``None`` when the array *is* the caller's memory). A plain slotted class: it is
-    built twice per collective, so its construction cost is on the hot path."""
+    """What MPI gets for one buffer (``spec``: a numpy array, or ``[memory, MPI datatype]`` for a
+    torch tensor), its element count and size, and how to write results back to the caller's
+    object (``write_back`` is ``None`` when MPI works on the caller's memory itself). A plain
+    slotted class: it is built once or twice per call, so its cost is on the hot path."""
 
-    __slots__ = ("array", "write_back")
+    __slots__ = ("itemsize", "nbytes", "obj", "size", "spec", "write_back")
 
-    def __init__(self, array: np.ndarray, write_back: Callable[[], None] | None = None) -> None:
-        self.array = array
-        self.write_back = write_back
-
-    @property
-    def spec(self) -> np.ndarray:
-        """The buffer as mpi4py takes it (it derives the MPI datatype from the array)."""
-        return self.array
+    def __init__(self, spec: Any, size: int, itemsize: int, obj: Any = None,
+                 write_back: Callable[[], None] | None = None) -> None:
+        self.spec, self.size, self.itemsize, self.nbytes = spec, size, itemsize, size * itemsize
+        self.obj, self.write_back = obj, write_back
 
     @property
-    def nbytes(self) -> int:
-        return self.array.nbytes
+    def array(self) -> np.ndarray:
+        """The buffer as a numpy array sharing its memory (off the hot path)."""
+        if type(self.spec) is np.ndarray:
+            return self.spec
+        return np.frombuffer(self.spec[0], dtype=np.dtype(self.spec[1].tocode()))
+
+    def vector(self, counts: list[int], displs: list[int]) -> list[Any]:
+        """The message spec of a v-collective (``Allgatherv``, ``Alltoallv``) over this buffer."""
+        if type(self.spec) is np.ndarray:
+            return [self.spec, (counts, displs)]
+        return [self.spec[0], (counts, displs), self.spec[1]]
 
     def finish(self) -> None:
         if self.write_back is not None:
             self.write_back()
+
+
+_TORCH_TENSOR: type | None = None
+_MPI_TYPES: dict[Any, tuple[MPI.Datatype, int]] = {}
+_RAW_16BIT: dict[Any, tuple[MPI.Datatype, int]] = {}
+
+
+def _torch_types() -> type | None:
+    """torch.Tensor and the dtype -> (MPI datatype, item size) tables, once torch is loaded."""
+    global _TORCH_TENSOR
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch, "Tensor"):
+        return None
+    _MPI_TYPES.update({
+        torch.float32: (MPI.FLOAT, 4), torch.float64: (MPI.DOUBLE, 8),
+        torch.int64: (MPI.INT64_T, 8), torch.int32: (MPI.INT32_T, 4),
+        torch.int16: (MPI.INT16_T, 2), torch.int8: (MPI.INT8_T, 1),
+        torch.uint8: (MPI.UINT8_T, 1), torch.bool: (MPI.C_BOOL, 1),
+        torch.complex64: (MPI.C_FLOAT_COMPLEX, 8), torch.complex128: (MPI.C_DOUBLE_COMPLEX, 16)})
+    _RAW_16BIT.update({torch.bfloat16: (MPI.INT16_T, 2), torch.float16: (MPI.INT16_T, 2)})
+    _TORCH_TENSOR = torch.Tensor
+    return _TORCH_TENSOR
 
 
 def is_tensor(obj: Any) -> bool:
@@ -63,12 +92,35 @@ def reduce_op(op: str) -> MPI.Op:
 
 
 def stage(obj: Any, *, reduce: bool = False) -> Staged:
-    """Wrap ``obj`` (numpy array or torch tensor) for an MPI call.
+    """Wrap ``obj`` (numpy array or torch tensor) for an MPI call; the :class:`Staged` keeps
+    ``obj`` alive (what a non-blocking call needs). ``reduce=True`` means MPI will do arithmetic
+    on it (Allreduce, Reduce_scatter), which forces 16-bit floats through float32."""
+    spec, nbytes, itemsize, write_back = message(obj, reduce)
+    return Staged(spec, nbytes // itemsize, itemsize, obj, write_back)
 
-    ``reduce=True`` means MPI will do arithmetic on it (Allreduce, Reduce_scatter), which forces
-    16-bit floats through float32."""
-    if type(obj) is np.ndarray and obj.flags.c_contiguous and obj.dtype.char != "e":
-        return Staged(obj)
+
+def message(obj: Any, reduce: bool = False) -> tuple[Any, int, int, Callable[[], None] | None]:
+    """``(spec, nbytes, itemsize, write_back)`` of ``obj`` for a *blocking* MPI call (the caller
+    keeps ``obj`` alive). The hot path of small messages: a contiguous numpy array, or a
+    contiguous CPU tensor of a dtype MPI knows (handed over by address with a datatype from one
+    table, as heat does), costs a few attribute reads and no object of ours; everything else
+    goes through :class:`Staged`."""
+    tp = type(obj)
+    if tp is np.ndarray:
+        if obj.flags.c_contiguous and obj.dtype.char != "e":
+            return obj, obj.nbytes, obj.itemsize, None
+    elif tp is _TORCH_TENSOR or (_TORCH_TENSOR is None and _torch_types() is tp):
+        entry = _MPI_TYPES.get(obj.dtype) or (None if reduce else _RAW_16BIT.get(obj.dtype))
+        if entry is not None and obj.is_cpu and obj.is_contiguous():
+            mpitype, itemsize = entry
+            nbytes = obj.numel() * itemsize
+            if nbytes:
+                return [_from_address(obj.data_ptr(), nbytes), mpitype], nbytes, itemsize, None
+    staged = _stage_other(obj, reduce)
+    return staged.spec, staged.nbytes, staged.itemsize, staged.write_back
+
+
+def _stage_other(obj: Any, reduce: bool) -> Staged:
     if is_tensor(obj):
         return _stage_tensor(obj, reduce)
     if not isinstance(obj, np.ndarray):
@@ -80,12 +132,14 @@ def stage(obj: Any, *, reduce: bool = False) -> Staged:
     if obj.dtype == np.float16:
         return _stage_half(obj, reduce, lambda a: a.view(np.uint16),
                            lambda f32: np.copyto(obj, f32.astype(np.float16)))
-    return Staged(obj)
+    return _wrap(obj)
+
+
+def _wrap(a: np.ndarray, write_back: Callable[[], None] | None = None) -> Staged:
+    return Staged(a, a.size, a.itemsize, None, write_back)
 
 
 def _stage_tensor(t: Any, reduce: bool) -> Staged:
-    if t.is_cpu and not t.requires_grad and t.is_contiguous() and t.element_size() != 2:
-        return Staged(t.numpy())
     if not t.is_contiguous():
         raise ValueError("non-contiguous tensor: MPI needs one contiguous buffer; pass "
                          "t.contiguous() and copy results back with t.copy_(...)")
@@ -99,20 +153,20 @@ def _stage_tensor(t: Any, reduce: bool) -> Staged:
             inner.finish()
             t.copy_(host)
 
-        return Staged(inner.array, back)
+        return _wrap(inner.array, back)
     torch = sys.modules["torch"]
     if t.dtype in (torch.bfloat16, torch.float16):
         return _stage_half(t, reduce, lambda x: x.view(torch.int16).numpy(),
                            lambda f32: t.copy_(torch.from_numpy(f32)))
-    return Staged(t.numpy())
+    return _wrap(t.numpy())
 
 
 def _stage_half(obj: Any, reduce: bool, as_words: Callable[[Any], np.ndarray],
                 store: Callable[[np.ndarray], Any]) -> Staged:
     if not reduce:
-        return Staged(as_words(obj))
+        return _wrap(as_words(obj))
     f32 = obj.float().numpy() if is_tensor(obj) else obj.astype(np.float32)
-    return Staged(f32, lambda: store(f32))
+    return _wrap(f32, lambda: store(f32))
 
 
 def nbytes(obj: Any) -> int:

@@ -12,25 +12,25 @@ must call it, in the same order. ``Isend``/``Irecv`` and the ``Request`` they re
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
-import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from time import perf_counter, sleep
+from typing import Any, NamedTuple
 
 import numpy as np
 from mpi4py import MPI
 
-from hpcml.comm.buffers import Staged, reduce_op, stage
-from hpcml.comm.ledger import Ledger
-from hpcml.comm.stragglers import DelayModel, StragglerConfig
+from hpcml.comm.buffers import REDUCE_OPS, Staged, message, reduce_op, stage
+from hpcml.comm.ledger import Ledger, OpTotals
+from hpcml.comm.stragglers import DelayModel, StragglerConfig, freeze_process
 
 ANY_SOURCE = MPI.ANY_SOURCE
 ANY_TAG = MPI.ANY_TAG
+IN_PLACE = MPI.IN_PLACE
+_BYTE = MPI.BYTE
 
 
-@dataclasses.dataclass(frozen=True)
-class Status:
+class Status(NamedTuple):
     """What a completed receive got: sender, tag, and the number of elements and bytes."""
 
     source: int
@@ -39,8 +39,11 @@ class Status:
     nbytes: int
 
 
+_new_status = tuple.__new__  # Status(...) without the Python-level __new__ of a NamedTuple
+
+
 def _status(st: MPI.Status, itemsize: int) -> Status:
-    n = st.Get_count(MPI.BYTE)
+    n = st.Get_count(_BYTE)
     return Status(st.Get_source(), st.Get_tag(), n // max(itemsize, 1), n)
 
 
@@ -54,18 +57,17 @@ class Request:
                  sent: int, receives: bool) -> None:
         self._comm, self._op, self._req, self._staged = comm, op, req, staged
         self._sent, self._receives = sent, receives
-        self._start = time.perf_counter()
+        self._start = perf_counter()
         self._blocked = 0.0
         self.status: Status | None = None
 
     def _complete(self, st: MPI.Status, blocked_since: float) -> Status:
-        itemsize = self._staged.array.itemsize
-        status = _status(st, itemsize)
+        status = _status(st, self._staged.itemsize)
         received = 0
         if self._receives:
             received = status.nbytes if self._op == "Irecv" else self._staged.nbytes
             self._staged.finish()
-        now = time.perf_counter()
+        now = perf_counter()
         self._comm._record(self._op, self._sent, received,
                            self._blocked + now - blocked_since, now - self._start)
         self.status = status
@@ -79,7 +81,7 @@ class Request:
         """Block until complete; idempotent."""
         if self.status is None:
             st = MPI.Status()
-            since = time.perf_counter()
+            since = perf_counter()
             self._req.Wait(st)
             self._complete(st, since)
         return self.status
@@ -88,9 +90,9 @@ class Request:
         """Complete the request if it has finished; ``None`` if still pending."""
         if self.status is None:
             st = MPI.Status()
-            since = time.perf_counter()
+            since = perf_counter()
             if not self._req.Test(st):
-                self._blocked += time.perf_counter() - since
+                self._blocked += perf_counter() - since
                 return None
             self._complete(st, since)
         return self.status
@@ -109,7 +111,7 @@ class Request:
         if not pending:
             raise ValueError("waitany: every request is already complete")
         st = MPI.Status()
-        since = time.perf_counter()
+        since = perf_counter()
         j = MPI.Request.Waitany([requests[i]._req for i in pending], st)
         i = pending[j]
         return i, requests[i]._complete(st, since)
@@ -128,22 +130,44 @@ class Communicator:
         self.name = name
         self.rank: int = mpi_comm.Get_rank()
         self.size: int = mpi_comm.Get_size()
+        self._prefix = "" if name == "world" else f"{name}."
         self.ledger = ledger if ledger is not None else Ledger()
         self.delays = delays if delays is not None else DelayModel(StragglerConfig())
+        self._status = MPI.Status()  # reused by blocking receives (a Communicator is not
+        # thread-safe anyway), which saves an allocation per receive
 
     def __repr__(self) -> str:
         return f"Communicator({self.name!r}, rank={self.rank}, size={self.size})"
 
     # -- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def ledger(self) -> Ledger:
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._entries: dict[str, OpTotals] = {}
+
+    def _entry(self, op: str) -> OpTotals:
+        """This communicator's ledger accumulator for ``op`` (kept, so hot paths skip lookups)."""
+        entry = self._entries.get(op)
+        if entry is None:
+            entry = self._entries[op] = self._ledger.entry(self._prefix + op)
+        return entry
+
     def _record(self, op: str, sent: int, received: int, seconds: float,
                 outstanding: float = 0.0) -> None:
-        key = op if self.name == "world" else f"{self.name}.{op}"
-        self.ledger.record(key, sent, received, seconds, outstanding)
+        self._entry(op).add(sent, received, seconds, outstanding)
 
     def _timed(self, op: str, sent: int, received: int, call: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
+        entry = self._entries.get(op) or self._entry(op)
+        start = perf_counter()
         result = call()
-        self._record(op, sent, received, time.perf_counter() - start)
+        entry.seconds += perf_counter() - start
+        entry.calls += 1
+        entry.bytes_sent += sent
+        entry.bytes_received += received
         return result
 
     def _derive(self, mpi_comm: MPI.Comm, name: str) -> Communicator:
@@ -152,19 +176,28 @@ class Communicator:
     # -- reductions ----------------------------------------------------------------------------
     def Allreduce(self, buf: Any, out: Any = None, op: str = "sum") -> Any:
         """Reduce ``buf`` over all ranks. In place when ``out`` is None; returns the result."""
-        mop = reduce_op(op)
-        src = stage(buf, reduce=True)
+        # A hot path for small messages, written out without helpers: each Python call costs
+        # a few percent of a 4 KiB allreduce. Send and Recv below follow the same pattern.
+        mop = REDUCE_OPS.get(op) or reduce_op(op)
+        spec, sent, itemsize, back = message(buf, True)
         if out is None:
-            self._timed("Allreduce", src.nbytes, src.nbytes,
-                        lambda: self.mpi.Allreduce(MPI.IN_PLACE, src.spec, mop))
-            src.finish()
-            return buf
-        dst = stage(out, reduce=True)
-        self._check_count("Allreduce", src, dst, 1)
-        self._timed("Allreduce", src.nbytes, dst.nbytes,
-                    lambda: self.mpi.Allreduce(src.spec, dst.spec, mop))
-        dst.finish()
-        return out
+            recv_spec, received, send_spec = spec, sent, IN_PLACE
+        else:
+            send_spec = spec
+            recv_spec, received, out_itemsize, back = message(out, True)
+            if received != sent or out_itemsize != itemsize:
+                raise ValueError(f"Allreduce: buffers of {sent} and {received} bytes (items of "
+                                 f"{itemsize} and {out_itemsize}) do not match")
+        entry = self._entries.get("Allreduce") or self._entry("Allreduce")
+        start = perf_counter()
+        self.mpi.Allreduce(send_spec, recv_spec, mop)
+        entry.seconds += perf_counter() - start
+        entry.calls += 1
+        entry.bytes_sent += sent
+        entry.bytes_received += received
+        if back is not None:
+            back()
+        return buf if out is None else out
 
     def Iallreduce(self, buf: Any, op: str = "sum") -> Request:
         """Start an in-place allreduce of ``buf``; the result is in ``buf`` after ``wait()``."""
@@ -176,16 +209,19 @@ class Communicator:
                        op: str = "sum") -> Any:
         """Reduce ``send`` (all ranks' blocks, concatenated) and leave block ``rank`` in ``recv``.
         ``counts`` gives each rank's block length in elements; equal blocks when None."""
-        src, dst = stage(send, reduce=True), stage(recv, reduce=True)
-        mop = reduce_op(op)
+        src, sent, itemsize, _ = message(send, True)
+        dst, received, _, back = message(recv, True)
+        mop = REDUCE_OPS.get(op) or reduce_op(op)
         if counts is None:
-            self._check_count("Reduce_scatter", src, dst, self.size)
-            call = lambda: self.mpi.Reduce_scatter_block(src.spec, dst.spec, mop)  # noqa: E731
+            self._check_count("Reduce_scatter", sent // itemsize, received // itemsize,
+                              self.size)
+            call = lambda: self.mpi.Reduce_scatter_block(src, dst, mop)  # noqa: E731
         else:
-            counts = self._check_counts("Reduce_scatter", counts, src.array.size)
-            call = lambda: self.mpi.Reduce_scatter(src.spec, dst.spec, counts, mop)  # noqa: E731
-        self._timed("Reduce_scatter", src.nbytes, dst.nbytes, call)
-        dst.finish()
+            counts = self._check_counts("Reduce_scatter", counts, sent // itemsize)
+            call = lambda: self.mpi.Reduce_scatter(src, dst, counts, mop)  # noqa: E731
+        self._timed("Reduce_scatter", sent, received, call)
+        if back is not None:
+            back()
         return recv
 
     # -- data movement ---------------------------------------------------------------------------
@@ -201,30 +237,31 @@ class Communicator:
 
     def Allgather(self, send: Any, recv: Any) -> Any:
         """Concatenate every rank's ``send`` (same size everywhere) into ``recv`` in rank order."""
-        src, dst = stage(send), stage(recv)
-        self._check_count("Allgather", dst, src, self.size)
-        self._timed("Allgather", src.nbytes, dst.nbytes,
-                    lambda: self.mpi.Allgather(src.spec, dst.spec))
-        dst.finish()
+        src, sent, itemsize, _ = message(send)
+        dst, received, recv_itemsize, back = message(recv)
+        self._check_count("Allgather", received // recv_itemsize, sent // itemsize, self.size)
+        self._timed("Allgather", sent, received, lambda: self.mpi.Allgather(src, dst))
+        if back is not None:
+            back()
         return recv
 
     def Allgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Any:
         """Like ``Allgather`` with rank r contributing ``counts[r]`` elements."""
         src, dst = stage(send), stage(recv)
-        counts = self._check_counts("Allgatherv", counts, dst.array.size)
-        if counts[self.rank] != src.array.size:
+        counts = self._check_counts("Allgatherv", counts, dst.size)
+        if counts[self.rank] != src.size:
             raise ValueError(f"Allgatherv: counts[{self.rank}] = {counts[self.rank]} but this "
-                             f"rank sends {src.array.size} elements")
+                             f"rank sends {src.size} elements")
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
         self._timed("Allgatherv", src.nbytes, dst.nbytes,
-                    lambda: self.mpi.Allgatherv(src.spec, [dst.array, (counts, displs)]))
+                    lambda: self.mpi.Allgatherv(src.spec, dst.vector(counts, displs)))
         dst.finish()
         return recv
 
     def Alltoall(self, send: Any, recv: Any) -> Any:
         """Block j of ``send`` goes to rank j; block i of ``recv`` comes from rank i."""
         src, dst = stage(send), stage(recv)
-        self._check_count("Alltoall", src, dst, 1)
+        self._check_count("Alltoall", src.size, dst.size, 1)
         self._timed("Alltoall", src.nbytes, dst.nbytes,
                     lambda: self.mpi.Alltoall(src.spec, dst.spec))
         dst.finish()
@@ -234,29 +271,41 @@ class Communicator:
                   recv_counts: Sequence[int]) -> Any:
         """``Alltoall`` with per-destination/per-source element counts."""
         src, dst = stage(send), stage(recv)
-        sc = self._check_counts("Alltoallv", send_counts, src.array.size)
-        rc = self._check_counts("Alltoallv", recv_counts, dst.array.size)
+        sc = self._check_counts("Alltoallv", send_counts, src.size)
+        rc = self._check_counts("Alltoallv", recv_counts, dst.size)
         sd = np.concatenate([[0], np.cumsum(sc)[:-1]]).tolist()
         rd = np.concatenate([[0], np.cumsum(rc)[:-1]]).tolist()
         self._timed("Alltoallv", src.nbytes, dst.nbytes, lambda: self.mpi.Alltoallv(
-            [src.array, (sc, sd)], [dst.array, (rc, rd)]))
+            src.vector(sc, sd), dst.vector(rc, rd)))
         dst.finish()
         return recv
 
     # -- point to point ------------------------------------------------------------------------
     def Send(self, buf: Any, dest: int, tag: int = 0) -> None:
-        b = stage(buf)
-        self._timed("Send", b.nbytes, 0, lambda: self.mpi.Send(b.spec, dest=dest, tag=tag))
+        """Blocking send of ``buf`` to ``dest``; returns when ``buf`` may be reused."""
+        spec, nbytes, _, _ = message(buf)
+        entry = self._entries.get("Send") or self._entry("Send")
+        start = perf_counter()
+        self.mpi.Send(spec, dest, tag)
+        entry.seconds += perf_counter() - start
+        entry.calls += 1
+        entry.bytes_sent += nbytes
 
     def Recv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Status:
-        b = stage(buf)
-        st = MPI.Status()
-        start = time.perf_counter()
-        self.mpi.Recv(b.spec, source=source, tag=tag, status=st)
-        status = _status(st, b.array.itemsize)
-        self._record("Recv", 0, status.nbytes, time.perf_counter() - start)
-        b.finish()
-        return status
+        """Blocking receive into ``buf`` (a message no longer than ``buf``); returns its status."""
+        spec, _, itemsize, back = message(buf)
+        st = self._status
+        entry = self._entries.get("Recv") or self._entry("Recv")
+        start = perf_counter()
+        self.mpi.Recv(spec, source, tag, st)
+        entry.seconds += perf_counter() - start
+        n = st.Get_count(_BYTE)
+        entry.calls += 1
+        entry.bytes_received += n
+        if back is not None:
+            back()
+        return _new_status(Status, (source if source >= 0 else st.Get_source(),
+                                    tag if tag >= 0 else st.Get_tag(), n // itemsize, n))
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         """Start sending ``buf``; do not modify it until the request completes."""
@@ -283,7 +332,7 @@ class Communicator:
         """Receive every in-neighbour's ``send`` into ``recv``, in ``neighbors()[0]`` order."""
         src, dst = stage(send), stage(recv)
         indegree = len(self.neighbors()[0])
-        self._check_count("Neighbor_allgather", dst, src, indegree)
+        self._check_count("Neighbor_allgather", dst.size, src.size, indegree)
         self._timed("Neighbor_allgather", src.nbytes, dst.nbytes,
                     lambda: self.mpi.Neighbor_allgather(src.spec, dst.spec))
         dst.finish()
@@ -300,11 +349,11 @@ class Communicator:
 
     # -- small Python objects (pickled) ----------------------------------------------------------
     def _obj(self, op: str, obj: Any, call: Callable[[], Any]) -> Any:
-        start = time.perf_counter()
+        start = perf_counter()
         result = call()
         size = lambda x: len(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: E731
         received = sum(size(r) for r in result) if isinstance(result, list) else size(result)
-        self._record(op, size(obj), received, time.perf_counter() - start)
+        self._record(op, size(obj), received, perf_counter() - start)
         return result
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
@@ -383,7 +432,8 @@ class Communicator:
         Not collective."""
         seconds = self.delays.delay(self.rank, iteration)
         if seconds > 0:
-            self._timed("straggle", 0, 0, lambda: time.sleep(seconds))
+            pause = freeze_process if self.delays.freezes else sleep
+            self._timed("straggle", 0, 0, lambda: pause(seconds))
         return seconds
 
     def abort(self, code: int = 1) -> None:
@@ -391,9 +441,10 @@ class Communicator:
         MPI.COMM_WORLD.Abort(code)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _check_count(self, op: str, big: Staged, small: Staged, factor: int) -> None:
-        if big.array.size != small.array.size * factor:
-            raise ValueError(f"{op}: buffer sizes {big.array.size} and {small.array.size} "
+    def _check_count(self, op: str, big: int, small: int, factor: int) -> None:
+        """``big`` must hold ``factor`` times the elements of ``small``."""
+        if big != small * factor:
+            raise ValueError(f"{op}: buffer sizes {big} and {small} "
                              f"elements do not match for {self.size} ranks")
 
     def _check_counts(self, op: str, counts: Sequence[int], total: int) -> list[int]:

@@ -21,7 +21,7 @@ import json
 from typing import Any
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class OpTotals:
     calls: int = 0
     bytes_sent: int = 0
@@ -38,24 +38,37 @@ class OpTotals:
 
 
 class Ledger:
-    """Accumulates :class:`OpTotals` per operation name for one rank. Not thread-safe."""
+    """Accumulates :class:`OpTotals` per operation name for one rank. Not thread-safe.
+
+    An op's :class:`OpTotals` object, once created, lives as long as the ledger (``reset`` zeroes
+    it in place), so a communicator can keep it and add to it on its hot path without a lookup.
+    """
 
     def __init__(self) -> None:
         self.ops: dict[str, OpTotals] = {}
+
+    def entry(self, op: str) -> OpTotals:
+        """The accumulator of ``op``, created at zero if new."""
+        totals = self.ops.get(op)
+        if totals is None:
+            totals = self.ops[op] = OpTotals()
+        return totals
 
     def record(self, op: str, sent: int, received: int, seconds: float,
                outstanding: float = 0.0) -> None:
         """Add one call of ``op``: ``seconds`` blocked, ``outstanding`` from posting to
         completion (non-blocking requests only)."""
-        self.ops.setdefault(op, OpTotals()).add(sent, received, seconds, outstanding)
+        self.entry(op).add(sent, received, seconds, outstanding)
 
     def reset(self) -> None:
-        self.ops.clear()
+        for totals in self.ops.values():
+            totals.calls = totals.bytes_sent = totals.bytes_received = 0
+            totals.seconds = totals.outstanding_seconds = 0.0
 
     def totals(self) -> dict[str, dict[str, Any]]:
-        """``{op: {calls, bytes_sent, bytes_received, seconds, outstanding_seconds}}``, sorted
-        by op name."""
-        return {op: dataclasses.asdict(t) for op, t in sorted(self.ops.items())}
+        """``{op: {calls, bytes_sent, bytes_received, seconds, outstanding_seconds}}`` of the ops
+        called since the last ``reset``, sorted by op name."""
+        return {op: dataclasses.asdict(t) for op, t in sorted(self.ops.items()) if t.calls}
 
     def bytes_sent(self) -> int:
         return sum(t.bytes_sent for t in self.ops.values())

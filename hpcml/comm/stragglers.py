@@ -1,13 +1,23 @@
 """Seeded straggler injection: how long rank r is delayed at iteration t.
 
-Every model is a pure function of (seed, rank, iteration), so a run is reproducible and any rank
-can compute any other rank's delay without communication. Algorithms call
+Every delay model is a pure function of (seed, rank, iteration), so a run is reproducible and any
+rank can compute any other rank's delay without communication. Algorithms call
 ``Communicator.straggle(t)``, which sleeps for this rank's delay and records it in the ledger.
+
+The ``fault`` model is a real fault instead: each rank in ``slow_ranks`` freezes once, for
+``freeze`` seconds, at the first iteration >= a seeded start in [freeze_after, 2 freeze_after]
+that it works on (again in a later run of iterations, recognized by the counter going back).
+``straggle`` then stops the whole process with SIGSTOP (a helper process sends SIGCONT), so the
+rank truly neither computes nor receives, as a node that hangs; with simulated workers the
+freeze is a delay of ``freeze`` seconds. The freeze is not capped by ``max_delay``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +25,7 @@ import numpy as np
 from hpcml.config.schema import option
 from hpcml.errors import ConfigError, UsageError
 
-DELAY_KINDS = ("none", "fixed", "exponential", "pareto", "trace")
+DELAY_KINDS = ("none", "fixed", "exponential", "pareto", "trace", "fault")
 
 
 @dataclasses.dataclass
@@ -30,11 +40,17 @@ class StragglerConfig:
     scale: float = option(0.0, min=0.0, help="pareto: minimum delay x_m in seconds")
     trace: str = option("", help="trace: CSV of seconds, a row per iteration, a column per rank")
     max_delay: float = option(5.0, gt=0.0, help="cap on any single delay in seconds")
+    freeze: float = option(1.0, min=0.0, help="fault: seconds each slow rank is frozen")
+    freeze_after: int = option(10, min=0, help="fault: the freeze starts at a seeded "
+                               "iteration in [freeze_after, 2 * freeze_after]")
     seed: int = option(0, min=0, help="seed of the delay streams")
 
 
 class DelayModel:
-    """Delay in seconds of ``rank`` at ``iteration``; subclasses implement :meth:`sample`."""
+    """Delay in seconds of ``rank`` at ``iteration``; subclasses implement :meth:`sample`.
+    ``freezes``: whether the delay is a real freeze of the process (SIGSTOP), not a sleep."""
+
+    freezes = False
 
     def __init__(self, config: StragglerConfig) -> None:
         self.config = config
@@ -92,13 +108,53 @@ class TraceDelay(DelayModel):
         return float(self.table[iteration % self.table.shape[0], rank])
 
 
+class FaultDelay(DelayModel):
+    """Each slow rank freezes once per run of iterations (see the module docstring)."""
+
+    freezes = True
+
+    def __init__(self, config: StragglerConfig) -> None:
+        super().__init__(config)
+        self.last: dict[int, int] = {}
+        self.fired: set[int] = set()
+
+    def start(self, rank: int) -> int:
+        """The seeded iteration from which ``rank`` freezes."""
+        after = self.config.freeze_after
+        return int(np.random.default_rng([self.config.seed, rank]).integers(after, 2 * after + 1))
+
+    def delay(self, rank: int, iteration: int) -> float:
+        if rank not in self.config.slow_ranks:
+            return 0.0
+        if iteration < self.last.get(rank, -1):
+            self.fired.discard(rank)
+        self.last[rank] = iteration
+        if rank in self.fired or iteration < self.start(rank):
+            return 0.0
+        self.fired.add(rank)
+        return self.config.freeze
+
+
+def freeze_process(seconds: float) -> None:
+    """Stop this process (SIGSTOP) for ``seconds``: a detached ``sh`` waits until the process
+    is stopped, then ``seconds``, then sends SIGCONT (so no race can leave it stopped). The
+    process neither computes nor makes MPI progress meanwhile. Linux (reads /proc)."""
+    pid = os.getpid()
+    script = (f"until grep -q '^State:.*T' /proc/{pid}/status 2>/dev/null; do sleep 0.01; done; "
+              f"sleep {seconds:.3f}; kill -CONT {pid}")
+    subprocess.Popen(["/bin/sh", "-c", script],
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True)
+    os.kill(pid, signal.SIGSTOP)
+
+
 _MODELS = {"none": DelayModel, "fixed": FixedDelay, "exponential": ExponentialDelay,
-           "pareto": ParetoDelay, "trace": TraceDelay}
+           "pareto": ParetoDelay, "trace": TraceDelay, "fault": FaultDelay}
 
 
 def make_delay_model(config: StragglerConfig, size: int | None = None) -> DelayModel:
     """The delay model ``config`` describes; with ``size`` also checks ranks exist."""
-    if config.kind == "fixed" and size is not None:
+    if config.kind in ("fixed", "fault") and size is not None:
         bad = [r for r in config.slow_ranks if not 0 <= r < size]
         if bad:
             raise ConfigError("stragglers.slow_ranks", f"ranks {bad} do not exist in a job of "

@@ -9,7 +9,8 @@
   ``server`` holds the global model; a worker sends its payload with ``Isend`` and receives the
   server's current model with ``Irecv`` whenever *its own* schedule says so, so workers never
   wait for each other. The server polls with ``Iprobe`` and applies ``x <- x - g_r / R`` to
-  whichever update arrives (``R`` = number of workers), then answers that worker.
+  whichever update arrives (``R`` = number of workers), then answers that worker with a
+  non-blocking send; a frozen or dead worker never stalls it (see :class:`Server`).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from hpcml.comm import ANY_SOURCE, ANY_TAG, Communicator
+from hpcml.comm import ANY_SOURCE, ANY_TAG, Communicator, Request
+from hpcml.comm.polling import POLL_SECONDS, poll_all
 from hpcml.parallel import allgatherv, broadcast_parameters, gather_counts
 from hpcml.qsparse.compressors import Compressor, Payload
 
 UPDATE_TAG, MODEL_TAG, DONE_TAG = 41, 42, 43
+WORKER_TIMEOUT = 30.0
 
 
 class AllgatherExchange:
@@ -57,13 +60,16 @@ class AllgatherExchange:
 
 
 class ServerExchange:
-    """Worker side of the asynchronous variant (not collective except :meth:`initial`)."""
+    """Worker side of the asynchronous variant (not collective except :meth:`initial`). A
+    worker has at most one update in flight: it waits (polling, not spinning) for the server's
+    model before its next local step, so a frozen server or worker never queues messages."""
 
-    def __init__(self, comm: Communicator, server: int = 0) -> None:
+    def __init__(self, comm: Communicator, server: int = 0,
+                 poll_seconds: float = POLL_SECONDS) -> None:
         if comm.size < 2:
             raise ValueError("asynchronous Qsparse-local-SGD needs >= 2 ranks (a server and a "
                              "worker)")
-        self.comm, self.server = comm, server
+        self.comm, self.server, self.poll_seconds = comm, server, poll_seconds
         self.workers = comm.size - 1
 
     def initial(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +81,8 @@ class ServerExchange:
         """Send this worker's update; return the server's model after applying it."""
         model = torch.empty_like(x_sync)
         reply = self.comm.Irecv(model, source=self.server, tag=MODEL_TAG)
-        self.comm.Isend(payload.data, dest=self.server, tag=UPDATE_TAG).wait()
-        reply.wait()
+        update = self.comm.Isend(payload.data, dest=self.server, tag=UPDATE_TAG)
+        poll_all([update, reply], self.poll_seconds)
         return model
 
     def close(self) -> None:
@@ -85,39 +91,71 @@ class ServerExchange:
 
 
 class Server:
-    """The global model of asynchronous Qsparse-local-SGD, on rank ``server``."""
+    """The global model of asynchronous Qsparse-local-SGD, on rank ``server``.
+
+    Nothing the server does waits on one worker: an update is received with ``Irecv`` once
+    ``Iprobe`` saw it and completed by polling; the reply (a snapshot of the model) goes out
+    with ``Isend`` and is completed later. A worker sends its next update only after it got
+    the reply to the last one, so per worker at most one update and one reply (d values each)
+    are in flight: the server's memory is bounded by ``2 * workers * d`` values whatever a
+    frozen worker does. A worker silent for ``timeout`` seconds once all the others finished
+    is named in ``unresponsive`` (world ranks) and :meth:`serve` returns without it."""
 
     def __init__(self, comm: Communicator, x: torch.Tensor, compressor: Compressor,
-                 server: int = 0, poll_seconds: float = 2e-4) -> None:
+                 server: int = 0, poll_seconds: float = 2e-4,
+                 timeout: float = WORKER_TIMEOUT) -> None:
         self.comm, self.compressor, self.server = comm, compressor, server
         self.workers = comm.size - 1
         self.x = comm.Bcast(x.detach().clone(), root=server)
-        self.poll_seconds = poll_seconds
+        self.poll_seconds, self.timeout = poll_seconds, timeout
         self.updates = 0
         self.bits_up = {r: 0 for r in range(comm.size) if r != server}
         self.bits_down = 0
+        self.unresponsive: list[int] = []
 
     def serve(self, on_update: Callable[[Server], None] | None = None) -> torch.Tensor:
-        """Apply updates as they arrive until every worker has sent DONE; returns the model.
-        ``on_update(self)`` runs after each applied update (e.g. to evaluate)."""
-        finished = 0
+        """Apply updates as they arrive until every worker has sent DONE (or the rest are
+        unresponsive, see the class); returns the model. ``on_update(self)`` runs after each
+        applied update (e.g. to evaluate). Replies to unresponsive workers stay pending."""
         d, dtype = self.x.numel(), self.x.dtype
         update_bits = self.compressor.bits(d, dtype)
-        while finished < self.workers:
+        receiving: dict[int, tuple[Request, np.ndarray, int]] = {}
+        replies: dict[int, list[tuple[Request, torch.Tensor]]] = {r: [] for r in self.bits_up}
+        heard = dict.fromkeys(self.bits_up, time.monotonic())
+        finished: set[int] = set()
+        while len(finished) < self.workers:
             status = self.comm.Iprobe(ANY_SOURCE, ANY_TAG)
-            if status is None:
+            progressed = status is not None and status.source not in receiving
+            if progressed:
+                buf = np.empty(status.nbytes, dtype=np.uint8)
+                receiving[status.source] = (self.comm.Irecv(buf, source=status.source,
+                                                            tag=status.tag), buf, status.tag)
+            for src, (req, buf, tag) in list(receiving.items()):
+                if req.test() is None:
+                    continue
+                del receiving[src]
+                heard[src], progressed = time.monotonic(), True
+                if tag == DONE_TAG:
+                    finished.add(src)
+                    continue
+                self.x -= self.compressor.decode(buf, d, dtype) / self.workers
+                snapshot = self.x.clone()
+                replies[src] = [(r, b) for r, b in replies[src] if r.test() is None]
+                replies[src].append((self.comm.Isend(snapshot, dest=src, tag=MODEL_TAG),
+                                     snapshot))
+                self.updates += 1
+                self.bits_up[src] += update_bits
+                self.bits_down += d * torch.finfo(dtype).bits
+                if on_update is not None:
+                    on_update(self)
+            if not progressed:
+                silent = [r for r in heard if r not in finished
+                          and time.monotonic() - heard[r] > self.timeout]
+                if finished and len(finished) + len(silent) == self.workers:
+                    self.unresponsive = sorted(silent)
+                    break
                 time.sleep(self.poll_seconds)
-                continue
-            buf = np.empty(status.nbytes, dtype=np.uint8)
-            self.comm.Recv(buf, source=status.source, tag=status.tag)
-            if status.tag == DONE_TAG:
-                finished += 1
-                continue
-            self.x -= self.compressor.decode(buf, d, dtype) / self.workers
-            self.comm.Send(self.x, dest=status.source, tag=MODEL_TAG)
-            self.updates += 1
-            self.bits_up[status.source] += update_bits
-            self.bits_down += d * torch.finfo(dtype).bits
-            if on_update is not None:
-                on_update(self)
+        for src, pending in replies.items():
+            if src not in self.unresponsive:
+                poll_all([r for r, _ in pending], self.poll_seconds)
         return self.x

@@ -11,6 +11,11 @@ Accounting: ``bits`` is the exact uplink payload size per worker (sum of
 :meth:`Compressor.bits` over this worker's syncs; in async mode the mean over workers);
 ``seconds`` is training wall time on rank 0 excluding evaluation; accuracy is measured on the
 360 held-out test images with the synchronized model (``x_sync`` / the server's model).
+
+Async faults: a worker that is frozen or dead never stalls the server (see
+:class:`~hpcml.qsparse.exchange.Server`); one silent for ``train.worker_timeout`` seconds after
+the others finished is listed in the summary's ``unresponsive_ranks`` and the job ends by
+aborting it once the results are written (exit code 3, see :mod:`hpcml.launch`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from hpcml.qsparse.data import (
     validate_digits,
 )
 from hpcml.qsparse.error_feedback import learning_rate
-from hpcml.qsparse.exchange import Server, ServerExchange
+from hpcml.qsparse.exchange import WORKER_TIMEOUT, Server, ServerExchange
 from hpcml.qsparse.optimizer import AllreduceSGD, QsparseLocalSGD
 
 
@@ -72,6 +77,9 @@ class TrainConfig:
                              "updates)")
     target: float = option(0.9, gt=0.0, max=1.0, help="test accuracy whose first crossing "
                            "gives bits-to-target")
+    worker_timeout: float = option(WORKER_TIMEOUT, gt=0.0, help="async: seconds a worker may "
+                                   "stay silent once all others finished before the server "
+                                   "names it unresponsive and the job ends without it")
 
 
 @dataclasses.dataclass
@@ -121,6 +129,7 @@ class Result:
     final_accuracy: float
     seconds: float
     syncs: int
+    unresponsive: list[int] = dataclasses.field(default_factory=list)
 
 
 class _Evaluator:
@@ -213,15 +222,16 @@ def _train_async(cfg: QsparseConfig, comm: Communicator, split: Split,
                              bits=sum(server.bits_up.values()) / workers))
 
         x0 = torch.nn.utils.parameters_to_vector(mlp(cfg.data.hidden, cfg.seed).parameters())
-        server = Server(comm, x0.detach(), comp)
+        server = Server(comm, x0.detach(), comp, timeout=tc.worker_timeout)
         server.serve(on_update)
-        x = comm.Bcast(server.x.clone())
+        x = server.x.clone() if server.unresponsive else comm.Bcast(server.x.clone())
         seconds = time.perf_counter() - start - evaluate.seconds
         bits = sum(server.bits_up.values()) / workers
         evaluate(x, step=server.updates, seconds=seconds, bits=bits)
         log(evaluate.curve[-1])
         return Result(evaluate.curve, round(bits), round(server.bits_down / workers),
-                      evaluate.curve[-1]["accuracy"], seconds, server.updates)
+                      evaluate.curve[-1]["accuracy"], seconds, server.updates,
+                      server.unresponsive)
     worker = comm.rank - 1
     period = tc.periods[worker] if tc.periods else tc.H
     qs = _local_training(cfg, comm, split, worker, workers, lambda m, o: QsparseLocalSGD(
@@ -260,6 +270,11 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
                "final_accuracy": result.final_accuracy, "train_seconds": result.seconds,
                "syncs": result.syncs, "target": cfg.train.target,
                "bits_to_target": reached["bits"] if reached else None}
+    if cfg.mode == "async":
+        summary["unresponsive_ranks"] = result.unresponsive
+    if result.unresponsive:
+        ctx.log(f"workers on ranks {result.unresponsive} stopped answering (frozen or dead): "
+                "the results are complete; the job aborts them to end (exit code 3)")
     ctx.log(f"final accuracy {result.final_accuracy:.4f}; {result.bits_per_worker} bits per "
             f"worker; bits to {cfg.train.target:.2f}: {summary['bits_to_target']}")
     return summary

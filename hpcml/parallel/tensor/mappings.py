@@ -1,0 +1,138 @@
+"""The four communication steps of tensor parallelism, as autograd functions (Megatron-LM's
+"mappings", arXiv 1909.08053 §3), and the pure slicing arithmetic of a sharded parameter.
+
+Inside a tensor-parallel group every rank holds the same *replicated* activations outside the
+parallel regions. Entering a region, :func:`copy_to` is the identity forward and sums the
+gradient over the group backward (each rank's shard contributed part of the input's gradient);
+leaving it, :func:`reduce_from` sums the partial outputs forward and passes the gradient through
+backward (every rank already holds the full gradient of the replicated output). :func:`gather`
+and :func:`scatter` are the pair for a dimension that is split across the group. All of them are
+collective over ``comm`` (every rank of the group must call them, in the same order, forward and
+backward) and move their bytes through :mod:`hpcml.comm`, so the ledger sees every byte; on a
+group of one rank they are identities without communication.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from hpcml.comm import Communicator, chunk_bounds
+
+
+def _allreduce(x: torch.Tensor, comm: Communicator, op: str = "sum") -> torch.Tensor:
+    out = x.detach().contiguous().clone()
+    if comm.size > 1:
+        comm.Allreduce(out, op=op)
+    return out
+
+
+def _gather(x: torch.Tensor, comm: Communicator, dim: int) -> tuple[torch.Tensor, list[int]]:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order, and each rank's length along
+    ``dim`` (lengths may differ; they are exchanged first). Collective."""
+    if comm.size == 1:
+        return x.detach().clone(), [x.shape[dim]]
+    front = x.detach().movedim(dim, 0).contiguous()
+    sizes = comm.allgather(int(front.shape[0]))
+    per = int(torch.Size(front.shape[1:]).numel())
+    out = torch.empty((sum(sizes), *front.shape[1:]), dtype=x.dtype, device=x.device)
+    comm.Allgatherv(front.reshape(-1), out.reshape(-1), [s * per for s in sizes])
+    return out.movedim(0, dim), sizes
+
+
+def _my_slice(x: torch.Tensor, comm: Communicator, dim: int) -> torch.Tensor:
+    lo, hi = chunk_bounds(x.shape[dim], comm.size, comm.rank)
+    return x.narrow(dim, lo, hi - lo).contiguous()
+
+
+class _CopyTo(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator) -> torch.Tensor:  # noqa: ANN001
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return _allreduce(grad, ctx.comm), None
+
+
+class _ReduceFrom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator) -> torch.Tensor:  # noqa: ANN001
+        return _allreduce(x, comm)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
+        return grad, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, dim: int) -> torch.Tensor:  # noqa: ANN001
+        out, sizes = _gather(x, comm, dim)
+        ctx.dim, ctx.lo, ctx.n = dim, sum(sizes[: comm.rank]), x.shape[dim]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        return grad.narrow(ctx.dim, ctx.lo, ctx.n).contiguous(), None, None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, dim: int) -> torch.Tensor:  # noqa: ANN001
+        ctx.comm, ctx.dim = comm, dim
+        return _my_slice(x, comm, dim)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        return _gather(grad, ctx.comm, ctx.dim)[0], None, None
+
+
+def copy_to(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Enter a parallel region: ``x`` forward, gradient summed over ``comm`` backward."""
+    return _CopyTo.apply(x, comm)
+
+
+def reduce_from(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Leave a parallel region: ``x`` summed over ``comm`` forward, gradient unchanged backward."""
+    return _ReduceFrom.apply(x, comm)
+
+
+def gather(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
+    """Concatenate the ranks' parts along ``dim`` (parts may differ in length); backward keeps
+    this rank's part of the gradient."""
+    return _Gather.apply(x, comm, dim)
+
+
+def scatter(x: torch.Tensor, comm: Communicator, dim: int = -1) -> torch.Tensor:
+    """This rank's :func:`~hpcml.comm.chunk_bounds` slice of replicated ``x`` along ``dim``;
+    backward gathers the gradient."""
+    return _Scatter.apply(x, comm, dim)
+
+
+def max_over(x: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    """Elementwise maximum over ``comm``, without gradient. Collective."""
+    return _allreduce(x, comm, op="max")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """How one parameter is split over a tensor-parallel group: along ``dim``, in ``blocks``
+    equal stacked blocks (3 for a fused query/key/value projection), each block cut into the
+    :func:`~hpcml.comm.chunk_bounds` ranges of its length. Pure arithmetic, no communication."""
+
+    dim: int
+    blocks: int = 1
+
+    def local(self, full: torch.Tensor, size: int, rank: int) -> torch.Tensor:
+        """Rank ``rank``'s shard of ``full`` (a new contiguous tensor)."""
+        stacked = full.unflatten(self.dim, (self.blocks, -1))
+        lo, hi = chunk_bounds(stacked.shape[self.dim + 1], size, rank)
+        return stacked.narrow(self.dim + 1, lo, hi - lo).flatten(self.dim, self.dim + 1).clone()
+
+    def full(self, local: torch.Tensor, comm: Communicator) -> torch.Tensor:
+        """The whole parameter from every rank's shard. Collective over ``comm``."""
+        stacked = local.detach().unflatten(self.dim, (self.blocks, -1))
+        return _gather(stacked, comm, self.dim + 1)[0].flatten(self.dim, self.dim + 1)
