@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 import hpcml.parallel
-from hpcml.comm import Mesh, install_excepthook, world
+from hpcml.comm import install_excepthook, world
 from hpcml.nmt.model import Transformer
 from hpcml.nmt.vocab import BOS, PAD
+from hpcml.parallel import Mesh
 
 
 def batch(gen: torch.Generator, rows: int, length: int, vocab: int,

@@ -33,6 +33,7 @@ KINDS: dict[str, str] = {
     "bench-coded": "hpcml.coded.bench",
     "coded": "hpcml.coded.job",
     "bench-cf": "hpcml.coded.cf_bench",
+    "bench-model-parallel": "hpcml.parallel.bench_model_parallel",
 }
 
 

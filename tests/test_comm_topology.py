@@ -1,9 +1,10 @@
-"""Sub-communicators: split, Cartesian mesh, distributed graph, neighbour collectives; chunking."""
+"""Sub-communicators: split, Cartesian grid, distributed graph, neighbour collectives; chunking
+(the parallelism Mesh built on them: tests/test_parallel_mesh.py)."""
 
 import numpy as np
 import pytest
 
-from hpcml.comm import Mesh, chunk_bounds, chunk_counts
+from hpcml.comm import chunk_bounds, chunk_counts
 from hpcml.testing import mpi_test
 
 
@@ -20,23 +21,6 @@ def test_chunks_cover_exactly_once_and_balance(n, size):
 def test_chunk_rejects_bad_rank():
     with pytest.raises(ValueError, match="outside"):
         chunk_bounds(10, 2, 2)
-
-
-@mpi_test()
-def test_mesh_groups_reduce_over_the_right_ranks(comm):
-    p = comm.size
-    pipeline = 2 if p % 2 == 0 else 1
-    mesh = Mesh(comm, pipeline=pipeline, data=p // pipeline)
-    assert mesh["data"].size == p // pipeline and mesh["pipeline"].size == pipeline
-    coords = mesh.coords
-    assert comm.rank == coords["pipeline"] * (p // pipeline) + coords["data"]
-    x = np.array([float(comm.rank)])
-    mesh["data"].Allreduce(x)
-    stage = coords["pipeline"] * (p // pipeline)
-    assert x[0] == sum(range(stage, stage + p // pipeline))
-    with pytest.raises(ValueError, match="make the product"):
-        Mesh(comm, data=p + 1)
-    assert "data.Allreduce" in comm.ledger.totals()
 
 
 @mpi_test()

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpcml.comm import Mesh, chunk_bounds, world
+from hpcml.comm import chunk_bounds, world
 from hpcml.errors import UsageError
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
+from hpcml.parallel import Mesh
 from hpcml.parallel.sharding import ShardedOptimizer
 from hpcml.parallel.tensor import (
     Shard,

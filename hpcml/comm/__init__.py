@@ -1,16 +1,15 @@
 """hpcml.comm: the only package that touches MPI.
 
-Algorithms get a :class:`Communicator` from :func:`world` (or a sub-communicator from it, or a
-:class:`Mesh`) and never import mpi4py themselves.
+Algorithms get a :class:`Communicator` from :func:`world` (or a sub-communicator from it, or
+from :class:`hpcml.parallel.Mesh`) and never import mpi4py themselves.
 """
 
 from hpcml.comm.abort import abort_on_error, install_excepthook
 from hpcml.comm.chunk import chunk_bounds, chunk_counts
 from hpcml.comm.communicator import ANY_SOURCE, ANY_TAG, Communicator, Request, Status, world
 from hpcml.comm.ledger import Ledger
-from hpcml.comm.mesh import Mesh
 from hpcml.comm.stragglers import DelayModel, StragglerConfig, make_delay_model
 
-__all__ = ["ANY_SOURCE", "ANY_TAG", "Communicator", "DelayModel", "Ledger", "Mesh", "Request",
+__all__ = ["ANY_SOURCE", "ANY_TAG", "Communicator", "DelayModel", "Ledger", "Request",
            "Status", "StragglerConfig", "abort_on_error", "chunk_bounds", "chunk_counts",
            "install_excepthook", "make_delay_model", "world"]

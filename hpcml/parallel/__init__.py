@@ -1,48 +1,58 @@
 """hpcml.parallel: every way of splitting a model, its gradients or its optimizer state across
 ranks, one module per parallelism over :mod:`hpcml.comm`; this file only re-exports them.
 
+One :class:`Mesh` owns the process-group layout (data, pipeline, tensor sub-communicators).
 Data parallelism (:mod:`.optimizer`, :mod:`.data_parallel`, :mod:`.reductions`,
 :mod:`.broadcast`): :class:`DistributedOptimizer` wraps any torch optimizer so that any training
 loop averages its gradients over the ranks, overlapping the reduction with backward;
 :func:`broadcast_parameters` and :func:`broadcast_optimizer_state` start every rank from the
 same state. Tensor parallelism (:mod:`.tensor`): :func:`parallelize` splits layers over a
 tensor-parallel communicator. Optimizer-state sharding (:mod:`.sharding`, ZeRO-1):
-:class:`ShardedOptimizer`.
+:class:`ShardedOptimizer`. Pipeline parallelism (:mod:`.pipeline`): :class:`PipelineModel`
+splits any ``nn.Module`` into stages and :func:`step` runs the user's step over microbatches.
+
+Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
+not pay for importing torch.
 """
 
-from hpcml.parallel.broadcast import broadcast_optimizer_state, broadcast_parameters
-from hpcml.parallel.buckets import plan_buckets
-from hpcml.parallel.data_parallel import GradientReducer
-from hpcml.parallel.memory import ExchangeMemory
-from hpcml.parallel.optimizer import DistributedOptimizer
-from hpcml.parallel.reductions import REDUCTIONS, Reduction, make_reduction
-from hpcml.parallel.sharding import ShardedOptimizer
-from hpcml.parallel.sparse import allgather_sparse, allgatherv, gather_counts
-from hpcml.parallel.tensor import (
-    full_state_dict,
-    load_full_state_dict,
-    parallelize,
-    vocab_parallel_cross_entropy,
-)
-from hpcml.parallel.wrapper import WrappedOptimizer
+import importlib
+from typing import Any
 
-__all__ = [
-    "REDUCTIONS",
-    "DistributedOptimizer",
-    "ExchangeMemory",
-    "GradientReducer",
-    "Reduction",
-    "ShardedOptimizer",
-    "WrappedOptimizer",
-    "allgather_sparse",
-    "allgatherv",
-    "broadcast_optimizer_state",
-    "broadcast_parameters",
-    "full_state_dict",
-    "gather_counts",
-    "load_full_state_dict",
-    "make_reduction",
-    "parallelize",
-    "plan_buckets",
-    "vocab_parallel_cross_entropy",
-]
+_EXPORTS = {
+    "REDUCTIONS": "reductions",
+    "DistributedOptimizer": "optimizer",
+    "ExchangeMemory": "memory",
+    "GradientReducer": "data_parallel",
+    "Mesh": "mesh",
+    "PipelineModel": "pipeline",
+    "Reduction": "reductions",
+    "ShardedOptimizer": "sharding",
+    "StepOutput": "pipeline",
+    "WrappedOptimizer": "wrapper",
+    "allgather_sparse": "sparse",
+    "allgatherv": "sparse",
+    "broadcast_optimizer_state": "broadcast",
+    "broadcast_parameters": "broadcast",
+    "full_state_dict": "tensor",
+    "gather_counts": "sparse",
+    "load_full_optimizer_state": "pipeline_checkpoint",
+    "load_full_state": "pipeline_checkpoint",
+    "load_full_state_dict": "tensor",
+    "make_reduction": "reductions",
+    "parallelize": "tensor",
+    "plan_buckets": "buckets",
+    "step": "pipeline",
+    "vocab_parallel_cross_entropy": "tensor",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hpcml.parallel' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"hpcml.parallel.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

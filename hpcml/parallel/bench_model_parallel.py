@@ -1,0 +1,341 @@
+"""``hpcml bench model-parallel``: the hpcml transformer split across ranks in every layout.
+
+Each layout of :data:`LAYOUTS` whose rank count fits the job runs on the first ``ranks`` ranks
+(the others wait without spinning), for every model of :data:`MODELS` (the hpcml transformer
+and a deeper, wider one), on synthetic sentences of varying length (PAD-filled, a new length
+distribution each step). Per layout:
+
+- correctness: the first step's loss and gradients against the single-process model on the
+  same global batch (every rank computes that reference itself): ``loss_abs_diff`` and
+  ``grad_max_abs_diff`` (largest over parameters and ranks), ``grad_max_rel_diff`` (that
+  difference over the parameter's largest reference gradient);
+- memory per rank (largest over the layout's ranks): parameters, gradients and Adam state that
+  the rank holds, the peak bytes of activations saved for backward (in-flight microbatches of
+  the schedule) and of the data-parallel reduction buffers; ``peak_bytes_per_rank`` is their
+  sum;
+- time: median step (forward, backward, gradient reductions, optimizer) over ``steps`` after
+  ``warmup``, slowest rank; tokens/s = global target tokens / step time; the measured bubble
+  (mean over stages of 1 - busy / step time) beside the theoretical (S-1)/(M+S-1).
+
+Loss per microbatch = label-smoothed cross entropy summed over its tokens x D / global tokens,
+so that the data-parallel average of the summed microbatch gradients is the gradient of the
+global mean loss, which the reference computes directly.
+
+Layouts are rows of :data:`LAYOUTS` (data, pipeline, tensor sizes and schedule): a new kind of
+parallelism plugs in by adding rows and its case in :func:`_parallelize` (the model) and
+:func:`_optimizer` (e.g. sharded optimizer state).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from typing import Any
+
+import torch
+
+from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save_figure
+from hpcml.comm import Communicator
+from hpcml.comm.polling import poll_all
+from hpcml.config import JobConfig, option
+from hpcml.errors import ConfigError
+from hpcml.jobs import JobKind, RunContext
+from hpcml.nmt.model import Transformer, smoothed_loss_sum
+from hpcml.nmt.vocab import PAD
+from hpcml.parallel.mesh import Mesh
+from hpcml.parallel.pipeline import PipelineModel, step
+from hpcml.parallel.pipeline_schedule import theoretical_bubble
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    data: int = 1
+    pipeline: int = 1
+    tensor: int = 1
+    schedule: str = "1f1b"
+    recompute: bool = False  # activation checkpointing of every stage
+
+    @property
+    def ranks(self) -> int:
+        return self.data * self.pipeline * self.tensor
+
+
+LAYOUTS: dict[str, Layout] = {
+    "single": Layout(),
+    "dp2": Layout(data=2),
+    "pp2-gpipe": Layout(pipeline=2, schedule="gpipe"),
+    "pp2-1f1b": Layout(pipeline=2),
+    "pp2-1f1b-recompute": Layout(pipeline=2, recompute=True),
+    "dp4": Layout(data=4),
+    "pp4-gpipe": Layout(pipeline=4, schedule="gpipe"),
+    "pp4-1f1b": Layout(pipeline=4),
+    "dp2xpp2": Layout(data=2, pipeline=2),
+}
+
+MODELS: dict[str, dict[str, int]] = {
+    "base": {"d_model": 64, "heads": 4, "layers": 2, "ff": 256},
+    "deep": {"d_model": 128, "heads": 4, "layers": 6, "ff": 512},
+}
+
+
+@dataclasses.dataclass
+class ModelParallelConfig(JobConfig):
+    models: list[str] = option(["base", "deep"], choices=tuple(MODELS),
+                               help="transformer sizes (MODELS in bench_model_parallel.py)")
+    layouts: list[str] = option(list(LAYOUTS), choices=tuple(LAYOUTS),
+                                help="layouts to run; those needing more ranks than the job "
+                                     "are skipped")
+    vocab: int = option(1000, min=8, help="vocabulary size (synthetic tokens)")
+    batch: int = option(16, min=1, help="global sentences per step")
+    min_len: int = option(8, min=2, help="shortest sentence (tokens)")
+    max_len: int = option(24, min=2, help="longest sentence (tokens)")
+    microbatches: int = option(4, min=1, help="microbatches per step (pipeline layouts)")
+    steps: int = option(5, min=1, help="timed steps per layout")
+    warmup: int = option(1, min=0, help="untimed steps per layout first")
+    lr: float = option(1e-4, gt=0.0, help="Adam learning rate")
+    budget_mib: float = option(24.0, gt=0.0, help="per-rank memory budget the table checks "
+                                                  "peak bytes against (MiB)")
+    checkpoint_stages: list[int] = option([], help="pipeline stages whose activations are "
+                                                   "recomputed in backward")
+    checkpoint_modules: list[str] = option([], help="modules (dotted names) whose activations "
+                                                    "are recomputed in backward")
+
+    def check(self, size: int) -> None:
+        if self.min_len > self.max_len:
+            raise ConfigError("min_len", f"{self.min_len} > max_len {self.max_len}",
+                              "make min_len <= max_len")
+        for name in self.layouts:
+            lay = LAYOUTS[name]
+            if self.batch % (lay.data * self.microbatches) and lay.ranks <= size:
+                raise ConfigError("batch", f"{self.batch} sentences do not split into "
+                                  f"{lay.data} replicas x {self.microbatches} microbatches "
+                                  f"({name})", "use a multiple of data x microbatches")
+        for s in self.checkpoint_stages:
+            if s < 0:
+                raise ConfigError("checkpoint_stages", f"stage {s} < 0", "use stage indices")
+
+
+def _model(cfg: ModelParallelConfig, name: str) -> Transformer:
+    torch.manual_seed(cfg.seed)
+    return Transformer(cfg.vocab, dropout=0.0, sparse=False, max_len=cfg.max_len + 1,
+                       **MODELS[name])
+
+
+def _batch(cfg: ModelParallelConfig, step_index: int) -> tuple[torch.Tensor, ...]:
+    """Global batch ``step_index`` (same on every rank): src, tgt_in, tgt_out, PAD-filled."""
+    g = torch.Generator().manual_seed(cfg.seed * 1000 + step_index)
+
+    def sentences(extra: int) -> torch.Tensor:
+        lengths = torch.randint(cfg.min_len, cfg.max_len + 1, (cfg.batch,), generator=g)
+        width = int(lengths.max()) + extra
+        ids = torch.randint(4, cfg.vocab, (cfg.batch, width), generator=g)
+        ids[torch.arange(width) >= (lengths + extra).unsqueeze(1)] = PAD
+        return ids
+
+    src, tgt = sentences(0), sentences(1)
+    return src, tgt[:, :-1], tgt[:, 1:]
+
+
+@step
+def _train_step(model: PipelineModel, src: torch.Tensor, tgt_in: torch.Tensor,
+                tgt_out: torch.Tensor, scale: float) -> torch.Tensor:
+    loss = smoothed_loss_sum(model(src, tgt_in), tgt_out, 0.1) * scale
+    model.backward(loss)
+    return loss
+
+
+def _reference(cfg: ModelParallelConfig, name: str) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss (global mean) and gradients of the single-process model on batch 0."""
+    model = _model(cfg, name)
+    src, tgt_in, tgt_out = _batch(cfg, 0)
+    loss = smoothed_loss_sum(model(src, tgt_in), tgt_out, 0.1) / int((tgt_out != PAD).sum())
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
+                 comm: Communicator) -> PipelineModel:
+    """The model of ``name`` split as ``layout`` over ``comm`` (collective)."""
+    mesh = Mesh(comm, data=layout.data, pipeline=layout.pipeline, tensor=layout.tensor)
+    src, tgt_in, _ = _batch(cfg, 0)
+    micro = cfg.batch // (layout.data * cfg.microbatches)
+    return PipelineModel(_model(cfg, name), mesh, sample=(src[:micro], tgt_in[:micro]),
+                         microbatches=cfg.microbatches, schedule=layout.schedule,
+                         checkpoint_stages=(range(layout.pipeline) if layout.recompute
+                                            else cfg.checkpoint_stages),
+                         checkpoint_modules=cfg.checkpoint_modules)
+
+
+def _optimizer(cfg: ModelParallelConfig, layout: Layout, pmodel: PipelineModel) -> Any:
+    """The optimizer of ``layout`` over the parameters this rank holds."""
+    return torch.optim.Adam(pmodel.parameters(), lr=cfg.lr)
+
+
+def _local_step(cfg: ModelParallelConfig, pmodel: PipelineModel, optimizer: Any,
+                step_index: int) -> tuple[float, int]:
+    """One training step on this rank's shard of global batch ``step_index``: the loss
+    (global mean, on every rank) and the global target tokens."""
+    src, tgt_in, tgt_out = _batch(cfg, step_index)
+    tokens = int((tgt_out != PAD).sum())
+    mesh = pmodel.mesh
+    replica, data = mesh.coords["data"], mesh.sizes["data"]
+    shard = [t.tensor_split(data)[replica] for t in (src, tgt_in, tgt_out)]
+    optimizer.zero_grad(set_to_none=True)
+    out = _train_step(pmodel, *shard, data / tokens)
+    loss = mesh.data.allreduce(out.reduce_sum()) / data
+    return loss, tokens
+
+
+def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Communicator,
+             reference: tuple[float, dict[str, torch.Tensor]], ctx: RunContext) -> dict:
+    layout = LAYOUTS[layout_name]
+    pmodel = _parallelize(cfg, layout, name, comm)
+    if layout.pipeline > 1:
+        ctx.log(f"\n{name} / {layout_name}: partition\n{pmodel.partition_table()}")
+    optimizer = _optimizer(cfg, layout, pmodel)
+    loss, _ = _local_step(cfg, pmodel, optimizer, 0)
+    ref_loss, ref_grads = reference
+    abs_diff = rel_diff = 0.0
+    for pname, p in pmodel.named_parameters():
+        err = float((p.grad - ref_grads[pname]).abs().max())
+        abs_diff = max(abs_diff, err)
+        rel_diff = max(rel_diff, err / max(float(ref_grads[pname].abs().max()), 1e-30))
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters())
+    optimizer.step()
+    times, tokens, bubbles, peaks = [], [], [], []
+    for i in range(1, cfg.warmup + cfg.steps + 1):
+        comm.barrier()
+        start = time.perf_counter()
+        _, n = _local_step(cfg, pmodel, optimizer, i)
+        optimizer.step()
+        if i > cfg.warmup:
+            times.append(time.perf_counter() - start)
+            tokens.append(n)
+            bubbles.append(pmodel.stats["bubble"])
+        peaks.append(pmodel.stats["peak_activation_bytes"])
+    if layout.pipeline > 1:
+        table = pmodel.stage_table()
+        ctx.log(f"{name} / {layout_name}: last step per stage\n{table}")
+    param_bytes = sum(p.numel() * p.element_size() for p in pmodel.parameters())
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                      for t in s.values() if isinstance(t, torch.Tensor))
+    mine = {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_bytes": state_bytes,
+            "activation_bytes": max(peaks), "exchange_bytes": pmodel.exchange_bytes}
+    mine["peak_bytes_per_rank"] = sum(mine.values())
+    worst = {k: comm.allreduce(v, op="max") for k, v in mine.items()}
+    step_s = comm.allreduce(median(times), op="max")
+    stage_bubbles = pmodel.comm.allgather(median(bubbles))
+    return {
+        "model": name, "layout": layout_name, "ranks": layout.ranks, "data": layout.data,
+        "pipeline": layout.pipeline, "tensor": layout.tensor,
+        "schedule": layout.schedule if layout.pipeline > 1 else "-",
+        **worst, "fits_budget": worst["peak_bytes_per_rank"] <= cfg.budget_mib * 2 ** 20,
+        "ms_per_step": step_s * 1e3, "tokens_per_s": median(tokens) / step_s,
+        "bubble": sum(stage_bubbles) / len(stage_bubbles) if layout.pipeline > 1 else 0.0,
+        "bubble_theory": theoretical_bubble(layout.pipeline, cfg.microbatches),
+        "loss": loss, "loss_abs_diff": comm.allreduce(abs(loss - ref_loss), op="max"),
+        "grad_max_abs_diff": comm.allreduce(abs_diff, op="max"),
+        "grad_max_rel_diff": comm.allreduce(rel_diff, op="max"),
+    }
+
+
+def _run_on_first(comm: Communicator, ranks: int, work: Any) -> Any:
+    """``work(sub)`` on a communicator of world ranks 0..ranks-1; the other ranks sleep-poll
+    until rank 0 tells them it is done (a blocking wait would spin on a shared core)."""
+    active = comm.rank < ranks
+    sub = comm.split(0 if active else 1, name="layout")
+    result = None
+    if active:
+        result = work(sub)
+        if comm.rank == 0:
+            for r in range(ranks, comm.size):
+                comm.Send(torch.zeros(1), dest=r, tag=77)
+    else:
+        poll_all([comm.Irecv(torch.zeros(1), source=0, tag=77)], sleep=0.01)
+    return result
+
+
+COLUMNS = [("model", "model", ""), ("layout", "layout", ""), ("ranks", "ranks", "d"),
+           ("param_h", "params/rank", ""), ("optimizer_h", "Adam state/rank", ""),
+           ("activation_h", "activations/rank", ""), ("exchange_h", "DP buffers/rank", ""),
+           ("peak_h", "peak/rank", ""),
+           ("fits", "fits budget", ""), ("ms_per_step", "ms/step", ".1f"),
+           ("tokens_per_s", "tokens/s", ".0f"), ("bubble", "bubble", ".3f"),
+           ("bubble_theory", "(S-1)/(M+S-1)", ".3f"), ("loss_abs_diff", "loss diff", ".1e"),
+           ("grad_max_abs_diff", "max grad diff", ".1e"),
+           ("grad_max_rel_diff", "rel. grad diff", ".1e")]
+
+
+def run(cfg: ModelParallelConfig, ctx: RunContext) -> dict[str, Any]:
+    comm = ctx.comm
+    chosen = [n for n in cfg.layouts if LAYOUTS[n].ranks <= comm.size]
+    skipped = [n for n in cfg.layouts if n not in chosen]
+    rows = []
+    for name in cfg.models:
+        reference = _reference(cfg, name)
+        for layout_name in chosen:
+            row = _run_on_first(comm, LAYOUTS[layout_name].ranks,
+                                lambda sub, n=name, lay=layout_name, ref=reference:
+                                _measure(cfg, n, lay, sub, ref, ctx))
+            if ctx.is_root:
+                rows.append(row)
+                ctx.log(f"  {name:<5} {layout_name:<10} {row['ms_per_step']:.1f} ms/step, "
+                        f"peak {human_bytes(row['peak_bytes_per_rank'])}/rank, "
+                        f"grad rel. diff {row['grad_max_rel_diff']:.1e}")
+    if ctx.is_root:
+        _report(cfg, ctx, rows, skipped)
+    return {"rows": rows, "skipped": skipped}
+
+
+def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped: list[str],
+            ) -> None:
+    shown = [{**r, "param_h": human_bytes(r["param_bytes"]),
+              "optimizer_h": human_bytes(r["optimizer_bytes"]),
+              "activation_h": human_bytes(r["activation_bytes"]),
+              "exchange_h": human_bytes(r["exchange_bytes"]),
+              "peak_h": human_bytes(r["peak_bytes_per_rank"]),
+              "fits": "yes" if r["fits_budget"] else "no"} for r in rows]
+    notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations + "
+             f"data-parallel reduction buffers held by the rank (largest rank); budget "
+             f"{cfg.budget_mib:g} MiB. Global batch {cfg.batch} sentences of "
+             f"{cfg.min_len}-{cfg.max_len} tokens, "
+             f"{cfg.microbatches} microbatches. Diffs: first step vs the single-process model "
+             f"on the same global batch.\n{ctx.comm.size} ranks on {platform.node()}: "
+             f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
+    if skipped:
+        notes += f"\nskipped (need more ranks): {', '.join(skipped)}"
+    table = markdown_table(shown, COLUMNS)
+    ctx.run_dir.write_text("table.md", table + "\n" + notes + "\n")
+    print(table + notes, flush=True)
+    _plot(cfg, rows, ctx)
+
+
+def _plot(cfg: ModelParallelConfig, rows: list[dict], ctx: RunContext) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    width = 0.8 / len(models)
+    for ax, key, label in ((axes[0], "peak_bytes_per_rank", "peak MiB per rank"),
+                           (axes[1], "ms_per_step", "ms per step")):
+        for i, model in enumerate(models):
+            sel = {r["layout"]: r[key] for r in rows if r["model"] == model}
+            values = [sel.get(lay, 0) / (2 ** 20 if key.endswith("rank") else 1)
+                      for lay in layouts]
+            ax.bar([x + i * width for x in range(len(layouts))], values, width, label=model)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(layouts))], layouts,
+                      rotation=30)
+        if key.endswith("rank"):
+            ax.axhline(cfg.budget_mib, color="k", linestyle="--", linewidth=1,
+                       label=f"budget {cfg.budget_mib:g} MiB")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle("model parallelism of the hpcml transformer")
+    save_figure(fig, ctx.run_dir.path / "model_parallel.png")
+
+
+JOB = JobKind(config=ModelParallelConfig, run=run,
+              description="DP / pipeline (GPipe, 1F1B) layouts: memory per rank, time, "
+                          "gradient equality")

@@ -1,0 +1,604 @@
+"""Pipeline parallelism of an arbitrary ``nn.Module`` over the pipeline dimension of a Mesh.
+
+``PipelineModel(model, mesh, sample=(x,))`` traces the model once on the sample
+(:mod:`~hpcml.parallel.pipeline_trace`), splits its unit calls into ``mesh.pipeline.size``
+contiguous stages balancing measured time and memory (:mod:`~hpcml.parallel.pipeline_partition`;
+pins by module name), and frees, on each rank, the parameters its stage does not hold.
+
+The user's training step stays theirs (like SageMaker's ``smp.step``)::
+
+    @hpcml.parallel.step
+    def train_step(model, x, y):
+        loss = F.mse_loss(model(x), y, reduction="sum")
+        model.backward(loss)
+        return loss
+
+    out = train_step(pmodel, x, y)   # x, y: this data replica's batch, split into microbatches
+
+How a stage runs a microbatch: *every* stage runs the step function; a call of a unit that
+belongs to an earlier stage returns the tensors that stage sent (or zeros of the right shape
+when nothing downstream needs them), a call of its own units runs them, and the first call of a
+later stage's unit ends the stage's forward there (the rest of the step runs on later stages).
+So any Python between and around modules (masks, skip connections, a module called twice) runs
+where it is needed. Forward activations go to the next stage, gradients to the previous one, by
+``Isend``/``Irecv`` on ``mesh.pipeline`` (every byte in the ledger); each message is preceded by
+a header with the shapes of all earlier unit outputs, so shapes may change per microbatch.
+
+Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.GradientReducer`
+(its buckets launch during the last microbatch's backward); after the schedule, gradients of
+parameters held by several stages (tied weights) are summed over the pipeline.
+Gradients of one step are the *sum* over microbatches of ``model.backward(loss)``: to average,
+divide the loss by ``model.microbatches``. One ``model(...)`` call per step. Under
+``torch.no_grad()`` a step runs the forwards only (evaluation); the module calls must still
+follow the traced sequence (``nn.TransformerEncoderLayer`` takes a fused path without grad, so
+keep such layers whole units there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
+
+from hpcml.comm import Communicator, Request
+from hpcml.errors import UsageError
+from hpcml.parallel import pipeline_checkpoint
+from hpcml.parallel.broadcast import broadcast_parameters
+from hpcml.parallel.data_parallel import GradientReducer
+from hpcml.parallel.mesh import Mesh
+from hpcml.parallel.pipeline_partition import call_costs, partition, stage_costs
+from hpcml.parallel.pipeline_plan import Plan, make_plan
+from hpcml.parallel.pipeline_schedule import SCHEDULES, in_flight, schedule, theoretical_bubble
+from hpcml.parallel.pipeline_trace import (
+    ActivationCounter,
+    Dep,
+    Leaf,
+    Trace,
+    param_names,
+    param_storages,
+    trace,
+)
+from hpcml.parallel.reductions import make_reduction
+
+
+class _StageDone(Exception):
+    """Raised inside the user's step when the forward reaches a later stage's first unit."""
+
+
+@dataclasses.dataclass
+class _Micro:
+    """One microbatch on this stage between its forward and its backward."""
+
+    shapes: dict[Dep, torch.Size] = dataclasses.field(default_factory=dict)
+    received: dict[Dep, torch.Tensor] = dataclasses.field(default_factory=dict)
+    outputs: dict[Dep, torch.Tensor] = dataclasses.field(default_factory=dict)
+    sent: list[tuple[Dep, torch.Tensor]] = dataclasses.field(default_factory=list)
+    loss: torch.Tensor | None = None
+    result: Any = None
+    activation_bytes: int = 0
+    next_call: int = 0
+    inside: bool = False
+    training: bool = True
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What a pipelined step returns. ``outputs`` holds the step function's return value per
+    microbatch on the last stage and is empty elsewhere; the reductions are collective over
+    the pipeline group (every stage gets the last stage's value)."""
+
+    outputs: list[Any]
+    comm: Communicator
+
+    def reduce_sum(self) -> float:
+        """Sum over microbatches of the (scalar) return values. Collective over the pipeline."""
+        value = sum(float(o.detach() if isinstance(o, torch.Tensor) else o)
+                    for o in self.outputs) if self.outputs else None
+        return float(self.comm.bcast(value, root=self.comm.size - 1))
+
+    def reduce_mean(self) -> float:
+        """Mean over microbatches. Collective over the pipeline."""
+        n = self.comm.bcast(len(self.outputs), root=self.comm.size - 1)
+        return self.reduce_sum() / n
+
+
+def _module_pins(trace: Trace, pins: Mapping[str, int], stages: int) -> dict[int, int]:
+    """Call index -> stage, from module names (a unit, a module containing units, or a module
+    inside a unit)."""
+    out: dict[int, int] = {}
+    for name, stage in pins.items():
+        if not isinstance(stage, int) or not 0 <= stage < stages:
+            raise UsageError(f"partition[{name!r}]: stage {stage!r} is not in 0..{stages - 1}")
+        hit = [k for k, c in enumerate(trace.calls)
+               if c.unit == name or c.unit.startswith(name + ".") or
+               name.startswith(c.unit + ".")]
+        if not hit:
+            raise UsageError(f"partition[{name!r}]: no module of that name runs in the "
+                             f"forward; units are {trace.units[:6]}...")
+        out.update(dict.fromkeys(hit, stage))
+    return out
+
+
+def _compress(names: Sequence[str]) -> str:
+    """``a.layers.0, a.layers.1, a.layers.2, b`` -> ``a.layers.0-2, b``."""
+    groups: list[list[Any]] = []
+    for n in names:
+        head, _, tail = n.rpartition(".")
+        if groups and tail.isdigit() and groups[-1][0] == head and groups[-1][2] + 1 == int(tail):
+            groups[-1][2] = int(tail)
+        elif tail.isdigit():
+            groups.append([head, int(tail), int(tail)])
+        else:
+            groups.append([n, None, None])
+    return ", ".join(g[0] if g[1] is None else
+                     (f"{g[0]}.{g[1]}" if g[1] == g[2] else f"{g[0]}.{g[1]}-{g[2]}")
+                     for g in groups)
+
+
+class PipelineModel:
+    """A model split into ``mesh.pipeline.size`` stages; collective constructor over the mesh.
+
+    ``sample``/``sample_kwargs``: one microbatch of inputs to trace. ``partition``: pins,
+    module name -> stage. ``balance``: ``"measured"`` (time and memory) or ``"params"``.
+    ``units``: the modules that are the partition's atoms (default: chosen automatically,
+    about ``units_per_stage`` per stage).
+    ``checkpoint_stages`` / ``checkpoint_modules``: recompute the activations of the units of
+    these stages / of modules with these names (or names under them) in the backward pass.
+    The parameters this rank holds (``parameters()``) are broadcast from data replica 0, and
+    shared ones from their owner stage, so every replica starts equal."""
+
+    def __init__(self, module: nn.Module, mesh: Mesh, *, sample: tuple,
+                 sample_kwargs: Mapping[str, Any] | None = None, microbatches: int = 4,
+                 schedule: str = "1f1b", partition: Mapping[str, int] | None = None,
+                 balance: str = "measured", units_per_stage: int = 2,
+                 units: Sequence[str] | None = None,
+                 checkpoint_stages: Sequence[int] = (),
+                 checkpoint_modules: Sequence[str] = ()) -> None:
+        if schedule not in SCHEDULES:
+            raise UsageError(f"schedule: {schedule!r} is not one of {list(SCHEDULES)}")
+        if balance not in ("measured", "params"):
+            raise UsageError(f"balance: {balance!r} is not 'measured' or 'params'")
+        if microbatches < 1:
+            raise UsageError(f"microbatches: must be >= 1, got {microbatches}")
+        self.module, self.mesh, self.microbatches = module, mesh, microbatches
+        self.schedule = schedule
+        self.comm = mesh.pipeline
+        self.stages, self.stage = self.comm.size, self.comm.rank
+        args, kwargs = tuple(sample), dict(sample_kwargs or {})
+        try:
+            self.trace = trace(module, args, kwargs, self.stages, units_per_stage,
+                               list(units) if units is not None else None)
+        except ValueError as exc:
+            raise UsageError(f"units: {exc}") from None
+        counts = mesh.world.allgather(len(self.trace.calls))
+        if len(set(counts)) != 1:
+            raise RuntimeError(f"ranks traced different numbers of module calls {counts}: the "
+                               "model or the sample differs between ranks")
+        self.costs, stage_of = self._partition(balance, partition or {})
+        names = param_names(module)
+        self.plan: Plan = make_plan(self.trace, stage_of, self.stages, list(names.values()))
+        self._params = {names[id(p)]: p for p in module.parameters()}
+        self._shapes = {n: p.shape for n, p in self._params.items()}
+        held = self.plan.held(self.stage)
+        for name, p in self._params.items():
+            if name not in held:
+                p.data = torch.empty(0, dtype=p.dtype)
+        self._held = [n for n in self._params if n in held]
+        self._held_set = set(self._held)
+        self._checkpointed = {
+            k for k, c in enumerate(self.trace.calls)
+            if stage_of[k] in set(checkpoint_stages)
+            or any(c.unit == m or c.unit.startswith(m + ".") or m.startswith(c.unit + ".")
+                   for m in checkpoint_modules)}
+        self._micro: dict[int, _Micro] = {}
+        self._current: _Micro | None = None
+        self._sends: list[tuple[Request, torch.Tensor]] = []
+        self._storages = param_storages(module)
+        self.stats: dict[str, float] = {}
+        self._broadcast_parameters()
+        # data parallelism: hpcml's one gradient reducer, launched on the last microbatch's
+        # backward (overlapping it), over this stage's parameters
+        self._reducer = GradientReducer(
+            mesh.data, list(reversed(self.named_parameters())), make_reduction("dense_allreduce"),
+            passes=microbatches) if mesh.data.size > 1 else None
+        modules = dict(module.named_modules())
+        for unit in self.trace.units:
+            mod = modules[unit]
+            mod.forward = self._dispatcher(unit, type(mod).forward.__get__(mod))
+
+    # -- construction ----------------------------------------------------------------------
+    def _partition(self, balance: str, pins: Mapping[str, int]) -> tuple[list[float], list[int]]:
+        """Costs and stage of every call, computed on the mesh's rank 0 (its measurements)
+        and broadcast, so that every rank uses the same partition."""
+        calls, result = self.trace.calls, None
+        if self.mesh.world.rank == 0:
+            try:
+                costs = call_costs([c.seconds if balance == "measured" else 0.0 for c in calls],
+                                   [c.activation_bytes + 4 * c.param_count for c in calls],
+                                   [c.param_count for c in calls])
+                result = (costs, partition(costs, self.stages,
+                                           _module_pins(self.trace, pins, self.stages)))
+            except (ValueError, UsageError) as exc:
+                result = str(exc)
+        result = self.mesh.world.bcast(result)
+        if isinstance(result, str):
+            raise UsageError(f"pipeline: {result}")
+        return result
+
+    def _broadcast_parameters(self) -> None:
+        """Held parameters from data replica 0; shared ones from their owner stage."""
+        broadcast_parameters(self.parameters(), comm=self.mesh.data)
+        for name in self.plan.shared:
+            p = self._params[name]
+            buf = p.data if name in self._held else torch.empty(self._shapes[name],
+                                                                dtype=p.dtype)
+            broadcast_parameters([buf], comm=self.comm, root=self.plan.owner(name))
+
+    # -- what the user sees ----------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters this rank holds (give these to the optimizer)."""
+        return [self._params[n] for n in self._held]
+
+    def named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, self._params[n]) for n in self._held]
+
+    @property
+    def exchange_bytes(self) -> int:
+        """Peak bytes of the data-parallel reduction buffers on this rank (0 without data
+        parallelism)."""
+        return self._reducer.memory.peak if self._reducer is not None else 0
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self._current is None:
+            raise UsageError("call the pipelined model inside a function decorated with "
+                             "@hpcml.parallel.step")
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Mark ``loss`` (this microbatch's) for the backward pass that the schedule runs."""
+        micro = self._current
+        if micro is None:
+            raise UsageError("model.backward(loss) belongs inside the @hpcml.parallel.step "
+                             "function")
+        if micro.loss is not None:
+            raise UsageError("model.backward was called twice in one step function")
+        if not micro.training:
+            raise UsageError("model.backward(loss) under torch.no_grad(): a forward-only step "
+                             "must not call it")
+        micro.loss = loss
+
+    # -- one unit call -------------------------------------------------------------------------
+    def _dispatcher(self, unit: str, original: Callable) -> Callable:
+        def dispatch(*args: Any, **kwargs: Any) -> Any:
+            micro = self._current
+            if micro is None or micro.inside:
+                return original(*args, **kwargs)
+            k = micro.next_call
+            calls = self.trace.calls
+            if k >= len(calls) or calls[k].unit != unit:
+                expected = calls[k].unit if k < len(calls) else "no further call"
+                raise RuntimeError(f"pipeline: module call {k} is {unit!r} but the trace had "
+                                   f"{expected!r}; the sequence of module calls must not "
+                                   "depend on the data")
+            micro.next_call += 1
+            stage = self.plan.stage_of[k]
+            if stage > self.stage:
+                raise _StageDone
+            if stage < self.stage:
+                return self._stub(micro, k)
+            micro.inside = True
+            try:
+                if k in self._checkpointed:
+                    # a closure keeps argument identity (MultiheadAttention takes another
+                    # path when key is value) for the recomputation
+                    out = checkpoint(lambda: original(*args, **kwargs), use_reentrant=False)
+                else:
+                    out = original(*args, **kwargs)
+            finally:
+                micro.inside = False
+            for j, leaf in enumerate(tree_flatten(out)[0]):
+                if isinstance(leaf, torch.Tensor):
+                    micro.outputs[(k, j)] = leaf
+            return out
+        return dispatch
+
+    def _stub(self, micro: _Micro, k: int) -> Any:
+        """Call ``k`` of an earlier stage: the received tensors, zeros for unneeded ones."""
+        call = self.trace.calls[k]
+        leaves = []
+        for j, leaf in enumerate(call.leaves):
+            if not isinstance(leaf, Leaf):
+                leaves.append(leaf)
+            elif (k, j) in micro.received:
+                leaves.append(micro.received[(k, j)])
+            else:
+                leaves.append(torch.zeros(micro.shapes[(k, j)], dtype=leaf.dtype))
+        return tree_unflatten(leaves, call.spec)
+
+    # -- schedule actions ------------------------------------------------------------------
+    def _leaf(self, dep: Dep) -> Leaf:
+        return self.trace.calls[dep[0]].leaves[dep[1]]
+
+    def _tensor_deps(self, upto: int) -> list[Dep]:
+        """Every tensor output of calls before ``upto``, in order (the header's layout)."""
+        return [(k, j) for k in range(upto) for j, leaf in enumerate(self.trace.calls[k].leaves)
+                if isinstance(leaf, Leaf)]
+
+    def _receive_forward(self, m: int, micro: _Micro) -> None:
+        header = torch.empty(self.plan.header_len[self.stage], dtype=torch.int64)
+        self.comm.Irecv(header, source=self.stage - 1, tag=m).wait()
+        values, pos = header.tolist(), 0
+        for dep in self._tensor_deps(self.plan.first[self.stage]):
+            n = self._leaf(dep).ndim
+            micro.shapes[dep] = torch.Size(values[pos:pos + n])
+            pos += n
+        requests = []
+        for dep in self.plan.live[self.stage]:
+            buf = torch.empty(micro.shapes[dep], dtype=self._leaf(dep).dtype)
+            requests.append(self.comm.Irecv(buf, source=self.stage - 1, tag=m))
+            micro.received[dep] = buf
+        Request.waitall(requests)
+        for dep, buf in micro.received.items():
+            if self._leaf(dep).requires_grad and micro.training:
+                buf.requires_grad_()
+            micro.activation_bytes += buf.numel() * buf.element_size()
+
+    def _send(self, tensor: torch.Tensor, dest: int, tag: int) -> None:
+        tensor = tensor.detach().contiguous()
+        self._sends.append((self.comm.Isend(tensor, dest=dest, tag=tag), tensor))
+
+    def _send_forward(self, m: int, micro: _Micro) -> None:
+        nxt = self.stage + 1
+        shapes = []
+        for dep in self._tensor_deps(self.plan.first[nxt]):
+            shapes += list(micro.shapes[dep] if dep in micro.shapes else
+                           micro.outputs[dep].shape)
+        self._send(torch.tensor(shapes, dtype=torch.int64), nxt, m)
+        for dep in self.plan.live[nxt]:
+            t = micro.received[dep] if dep in micro.received else micro.outputs[dep]
+            self._send(t, nxt, m)
+            micro.sent.append((dep, t))
+
+    def _forward(self, m: int, fn: Callable, args: tuple, kwargs: dict) -> float:
+        """Forward of microbatch ``m``; returns seconds spent waiting for messages."""
+        micro = _Micro(training=torch.is_grad_enabled())
+        self._micro[m] = micro
+        start = time.perf_counter()
+        if self.stage > 0:
+            self._receive_forward(m, micro)
+        waited = time.perf_counter() - start
+        self._current = micro
+        finished = False
+        try:
+            with ActivationCounter(self._storages) as counter:
+                micro.result = fn(*args, **kwargs)
+                finished = True
+        except _StageDone:
+            pass
+        finally:
+            self._current = None
+        micro.activation_bytes += counter.bytes
+        last = self.stage == self.stages - 1
+        if finished != last:
+            where = "returned before the next stage's modules" if finished else "stopped early"
+            raise RuntimeError(f"pipeline stage {self.stage}: the step function {where}; the "
+                               "module calls must follow the traced sequence")
+        if last and micro.next_call != len(self.trace.calls):
+            raise RuntimeError(f"pipeline: the forward made {micro.next_call} of the "
+                               f"{len(self.trace.calls)} traced module calls; the sequence of "
+                               "module calls must not depend on the data")
+        if last and micro.training and micro.loss is None:
+            raise UsageError("the @hpcml.parallel.step function must call model.backward(loss) "
+                             "once per microbatch")
+        if not last:
+            self._send_forward(m, micro)
+        micro.outputs = {}
+        return waited
+
+    def _backward(self, m: int) -> float:
+        """Backward of microbatch ``m``; returns seconds spent waiting for messages."""
+        micro = self._micro.pop(m)
+        tensors: list[torch.Tensor] = []
+        grads: list[torch.Tensor | None] = []
+        waited = 0.0
+        if self.stage == self.stages - 1:
+            tensors.append(micro.loss)
+            grads.append(None)
+        else:
+            pending = []
+            for dep, t in micro.sent:
+                if self._leaf(dep).requires_grad:
+                    g = torch.empty(t.shape, dtype=t.dtype)
+                    pending.append((self.comm.Irecv(g, source=self.stage + 1, tag=m), t, g))
+            start = time.perf_counter()
+            Request.waitall([p[0] for p in pending])
+            waited = time.perf_counter() - start
+            for _, t, g in pending:
+                if t.requires_grad:
+                    tensors.append(t)
+                    grads.append(g)
+        if tensors:
+            torch.autograd.backward(tensors, grads)
+        if self.stage > 0:
+            for dep in self.plan.live[self.stage]:
+                if self._leaf(dep).requires_grad:
+                    buf = micro.received[dep]
+                    self._send(buf.grad if buf.grad is not None else torch.zeros_like(buf),
+                               self.stage - 1, m)
+        return waited
+
+    # -- one step ------------------------------------------------------------------------------
+    def run_step(self, fn: Callable, args: tuple, kwargs: dict) -> StepOutput:
+        """Run ``fn`` over the microbatches of ``args``/``kwargs`` with the schedule, then
+        average all gradients over the data group and sum shared ones over the pipeline.
+        Under ``torch.no_grad()`` only the forwards run (evaluation; ``fn`` must not call
+        ``model.backward``). Collective over the mesh."""
+        chunks = split_microbatches(args, kwargs, self.microbatches)
+        training = torch.is_grad_enabled()
+        actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage) \
+            if training else [("F", m) for m in range(self.microbatches)]
+        waited = {"F": 0.0, "B": 0.0}
+        busy = {"F": 0.0, "B": 0.0}
+        live_bytes, peak_bytes = 0, 0
+        act: dict[int, int] = {}
+        results: dict[int, Any] = {}
+        start = time.perf_counter()
+        for kind, m in actions:
+            t0 = time.perf_counter()
+            if kind == "F":
+                w = self._forward(m, fn, *chunks[m])
+                act[m] = self._micro[m].activation_bytes
+                results[m] = self._micro[m].result
+                if not training:
+                    del self._micro[m]
+                live_bytes += act[m]
+                peak_bytes = max(peak_bytes, live_bytes)
+            else:
+                w = self._backward(m)
+                live_bytes -= act[m]
+            waited[kind] += w
+            busy[kind] += time.perf_counter() - t0 - w
+        start_wait = time.perf_counter()
+        Request.waitall([r for r, _ in self._sends])
+        self._sends = []
+        wall = time.perf_counter() - start
+        waited["B"] += time.perf_counter() - start_wait
+        if training:
+            self._reduce_gradients()
+        self.stats = {"forward_ms": busy["F"] * 1e3, "backward_ms": busy["B"] * 1e3,
+                      "wait_ms": (waited["F"] + waited["B"]) * 1e3, "wall_ms": wall * 1e3,
+                      "bubble": max(0.0, 1.0 - (busy["F"] + busy["B"]) / wall),
+                      "peak_activation_bytes": float(peak_bytes),
+                      "in_flight": float(in_flight(actions)),
+                      "parameters": float(sum(p.numel() for p in self.parameters()))}
+        last = self.stage == self.stages - 1
+        return StepOutput([results[m] for m in range(self.microbatches)] if last else [],
+                          self.comm)
+
+    def _reduce_gradients(self) -> None:
+        """Average every held gradient over the data group (the reducer), then sum shared
+        parameters' gradients over the pipeline (one flat Allreduce). The two commute."""
+        if self._reducer is not None:
+            self._reducer.synchronize()
+        if not self.plan.shared:
+            return
+        parts = []
+        for name in self.plan.shared:
+            p = self._params[name]
+            if name in self._held and p.grad is not None:
+                parts.append(p.grad.reshape(-1).float())
+            else:
+                parts.append(torch.zeros(self._shapes[name].numel()))
+        flat = self.comm.Allreduce(torch.cat(parts))
+        pos = 0
+        for name in self.plan.shared:
+            n = self._shapes[name].numel()
+            if name in self._held:
+                p = self._params[name]
+                p.grad = flat[pos:pos + n].view(self._shapes[name]).to(p.dtype).clone()
+            pos += n
+
+    # -- reports -------------------------------------------------------------------------------
+    def partition_table(self) -> str:
+        """The partition: each stage's units, parameter count and share of the cost. Local."""
+        totals = stage_costs(self.costs, self.plan.stage_of, self.stages)
+        lines = ["| stage | units | parameters | cost share |", "|---:|---|---:|---:|"]
+        for s in range(self.stages):
+            units = list(dict.fromkeys(c.unit for k, c in enumerate(self.trace.calls)
+                                       if self.plan.stage_of[k] == s))
+            params = sum(self._shapes[n].numel() for n in self.plan.held(s))
+            lines.append(f"| {s} | {_compress(units)} | {params} | {totals[s]:.3f} |")
+        shared = self.plan.shared
+        if shared:
+            lines.append(f"\nshared across stages (gradients summed): {', '.join(shared)}")
+        return "\n".join(lines)
+
+    def stage_table(self) -> str:
+        """Per-stage table of the last step and the bubble beside (S-1)/(M+S-1). Collective
+        over the pipeline group; every stage gets the text."""
+        rows = self.comm.allgather(self.stats)
+        lines = ["| stage | parameters | peak activation bytes | forward ms | backward ms | "
+                 "bubble |", "|---:|---:|---:|---:|---:|---:|"]
+        for s, r in enumerate(rows):
+            lines.append(f"| {s} | {r['parameters']:.0f} | {r['peak_activation_bytes']:.0f} | "
+                         f"{r['forward_ms']:.1f} | {r['backward_ms']:.1f} | {r['bubble']:.3f} |")
+        measured = sum(r["bubble"] for r in rows) / len(rows)
+        lines.append(f"\nbubble: measured {measured:.3f} (mean over stages) vs theoretical "
+                     f"(S-1)/(M+S-1) = {theoretical_bubble(self.stages, self.microbatches):.3f}"
+                     f" (S={self.stages}, M={self.microbatches}, {self.schedule})")
+        return "\n".join(lines)
+
+    # -- checkpoints (hpcml.parallel.pipeline_checkpoint) -------------------------------------
+    def holds(self, name: str) -> bool:
+        """Whether this rank keeps parameter ``name`` (its canonical name)."""
+        return name in self._held_set
+
+    def full_shape(self, name: str) -> torch.Size:
+        """Parameter ``name``'s shape in the unsplit model (also where this rank freed it)."""
+        return self._shapes[name]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.full_state_dict`. Collective."""
+        return pipeline_checkpoint.full_state_dict(self)
+
+    def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.load_full_state_dict`."""
+        pipeline_checkpoint.load_full_state_dict(self, state)
+
+    def save(self, path: str | Path) -> None:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.save`. Collective over the mesh."""
+        pipeline_checkpoint.save(self, path)
+
+    def save_optimizer(self, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.save_optimizer`. Collective."""
+        pipeline_checkpoint.save_optimizer(self, optimizer, path)
+
+
+def split_microbatches(args: tuple, kwargs: dict, micro: int) -> list[tuple[tuple, dict]]:
+    """Split every tensor whose first dimension equals the batch size (that of the first such
+    tensor argument) into ``micro`` chunks along it; other arguments go to every chunk."""
+    flat = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0]
+    if not flat:
+        raise UsageError("@hpcml.parallel.step: no tensor argument to split into microbatches")
+    batch = flat[0].shape[0]
+    if batch < micro:
+        raise UsageError(f"microbatches: {micro} microbatches need a batch of at least {micro}, "
+                         f"got {batch}")
+
+    def parts(a: Any) -> list[Any]:
+        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
+            return list(torch.tensor_split(a, micro))
+        return [a] * micro
+
+    split_args = [parts(a) for a in args]
+    split_kwargs = {k: parts(v) for k, v in kwargs.items()}
+    return [(tuple(p[i] for p in split_args), {k: v[i] for k, v in split_kwargs.items()})
+            for i in range(micro)]
+
+
+def step(fn: Callable) -> Callable[..., StepOutput]:
+    """Decorator: ``fn(model, *batch)`` becomes a pipelined step over microbatches of the
+    batch (see the module docstring). Exactly one argument must be a :class:`PipelineModel`.
+    Collective over that model's mesh."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> StepOutput:
+        models = [a for a in (*args, *kwargs.values()) if isinstance(a, PipelineModel)]
+        if len(models) != 1:
+            raise UsageError(f"@hpcml.parallel.step: {fn.__name__} needs exactly one "
+                             f"PipelineModel argument, got {len(models)}")
+        return models[0].run_step(fn, args, kwargs)
+
+    return wrapper
