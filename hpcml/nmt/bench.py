@@ -1,10 +1,14 @@
 """``hpcml bench reduction``: gradient exchange of the transformer at the P it is launched with.
 
-On the same model (seed), data (each rank's shard of the corpus, ``batch_per_rank`` sentences
-per rank per step: weak scaling, like the paper's weak-scaling runs) and optimizer, in the same
-run, every method takes ``warmup`` untimed then ``steps`` timed steps; the methods alternate
-step by step on the same batch (in an order rotated every step), so that drift in machine load
-hits them alike:
+On the same model (seed), data and optimizer, in the same run, every method takes ``warmup``
+untimed then ``steps`` timed steps. Data: each rank's shard of the corpus, ``batch_per_rank``
+sentences per rank per step (weak scaling); or, with ``synthetic.vocab`` set, token batches of
+Zipf-distributed ids at the paper's scale (:mod:`hpcml.nmt.synthetic`): ``batch_tokens`` target
+tokens per rank (``scaling = "weak"``) or per step in total (``"strong"``). With ``interleave``
+the methods alternate step by step on the same batch (in an order rotated every step), so that
+drift in machine load hits them alike; without it they run one after the other, each alone in
+the process with its peak RSS reset first (:mod:`hpcml.bench.rss`), so that the process's peak
+resident memory per rank is each method's own:
 
 - ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: the reductions of
   :class:`hpcml.parallel.DistributedOptimizer`; exchange memory is their measured peak of
@@ -13,18 +17,23 @@ hits them alike:
 - ``ddp``: torch DDP over gloo on the all-dense model; memory = its reducer's bucket sizes; its
   traffic is not in the ledger and is given by the ledger's convention for an allreduce of those
   buckets (received = bucket bytes);
-- ``horovod``: ``sparse_as_dense=True``, when ``horovod.torch`` imports; otherwise skipped with
-  the reason.
+- ``horovod`` / ``horovod_sparse``: Horovod with ``sparse_as_dense=True`` / ``False`` on the
+  sparse-gradient model, when ``horovod.torch`` imports (``make horovod``); otherwise skipped
+  with the reason. Horovod reports neither buffers nor bytes: compare its peak RSS.
 
 Step time is each rank's median, then the slowest rank's; tokens/s = global target tokens per
-step / that time; ``vs_ddp`` = DDP step time / method step time (> 1: faster than DDP). Run it
-once per P (``mpiexec -n P``); with ``results`` set, rows accumulate in that JSON-lines file
-(rows of the same P are replaced) and table.md + reduction.png cover every P in it.
+step / that time; ``vs_ddp`` = DDP step time / method step time (> 1: faster than DDP);
+``efficiency`` against the smallest P of the method in the results (weak: T(P0) / T(P); strong:
+T(P0) P0 / (T(P) P)). Run it once per P (``mpiexec -n P``); with ``results`` set, rows accumulate
+in that JSON-lines file (rows of the same P are replaced) and table.md + reduction.png cover
+every P in it, and with ``projection.ranks`` set, projection.md + projection.png extrapolate
+them to the paper's machine (:mod:`hpcml.nmt.projection`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -37,15 +46,19 @@ import numpy as np
 import torch
 
 from hpcml.bench.report import markdown_table, median, pyplot, save_figure
+from hpcml.bench.rss import peak_rss_bytes, reset_peak_rss
 from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt import peers
-from hpcml.nmt.config import DataConfig, ModelConfig, check_model_data
+from hpcml.nmt.config import DataConfig, ModelConfig, check_model, check_model_data
 from hpcml.nmt.data import TrainStream, read_shard, read_vocab, steps_per_epoch, validate_corpus
 from hpcml.nmt.model import Transformer
+from hpcml.nmt.projection import ProjectionConfig, write_projection
 from hpcml.nmt.step import train_step
+from hpcml.nmt.synthetic import SyntheticConfig, SyntheticStream
+from hpcml.nmt.vocab import SPECIALS
 from hpcml.parallel import (
     REDUCTIONS,
     DistributedOptimizer,
@@ -54,7 +67,8 @@ from hpcml.parallel import (
 )
 from hpcml.rundir import atomic_write, read_metrics
 
-METHODS = (*REDUCTIONS, "ddp", "horovod")
+HOROVOD = {"horovod": True, "horovod_sparse": False}  # method -> sparse_as_dense
+METHODS = (*REDUCTIONS, "ddp", *HOROVOD)
 
 
 @dataclasses.dataclass
@@ -63,7 +77,16 @@ class ReductionConfig(JobConfig):
     data: DataConfig = option(DataConfig())
     methods: list[str] = option(["sparse_allgather", "dense_allreduce", "ddp", "horovod"],
                                 choices=METHODS, help="exchanges and peers to time")
-    batch_per_rank: int = option(32, min=1, help="sentences per rank per step (weak scaling)")
+    synthetic: SyntheticConfig = option(SyntheticConfig())
+    scaling: str = option("weak", choices=("weak", "strong"),
+                          help="weak: fixed work per rank; strong: fixed work per step "
+                               "(strong needs synthetic token batches)")
+    batch_per_rank: int = option(32, min=1, help="sentences per rank per step (corpus data)")
+    batch_tokens: int = option(0, min=0, help="target tokens per rank (weak) or per step "
+                                              "(strong) of synthetic batches")
+    interleave: bool = option(True, help="alternate the methods step by step (else one after "
+                                         "the other, each with its own peak RSS)")
+    projection: ProjectionConfig = option(ProjectionConfig())
     steps: int = option(30, min=1, help="timed steps per method")
     warmup: int = option(5, min=0, help="untimed steps per method first")
     bucket_kib: int = option(1024, min=1, help="fused bucket size (hpcml and DDP), KiB")
@@ -72,8 +95,20 @@ class ReductionConfig(JobConfig):
                                    "('' = this run only)")
 
     def check(self, size: int) -> None:
-        check_model_data(self.model, self.data, self.batch_per_rank * size, size,
-                         "batch_per_rank")
+        if self.synthetic.vocab:
+            check_model(self.model)
+            if self.synthetic.vocab <= len(SPECIALS):
+                raise ConfigError("synthetic.vocab", f"{self.synthetic.vocab} leaves no "
+                                  "ordinary tokens", "use e.g. 32768 (0 = corpus data)")
+            if self.batch_tokens < size:
+                raise ConfigError("batch_tokens", f"{self.batch_tokens} tokens cannot give "
+                                  f"each of {size} ranks a sentence", "use e.g. 512")
+        else:
+            check_model_data(self.model, self.data, self.batch_per_rank * size, size,
+                             "batch_per_rank")
+            if self.scaling == "strong":
+                raise ConfigError("scaling", "strong scaling needs a fixed global token "
+                                  "batch", "set synthetic.vocab and batch_tokens")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError("methods", f"{self.methods} lists a method twice",
                               "list each method once")
@@ -94,7 +129,9 @@ class _Runner:
     optimizer: Any
     memory: Callable[[], int | None]
     after_step: Callable[[], None] = lambda: None
+    close: Callable[[], None] = lambda: None
     exchanged: int = 0
+    rss: int | None = None
     times: list[float] = dataclasses.field(default_factory=list)
     tokens: list[int] = dataclasses.field(default_factory=list)
 
@@ -102,7 +139,7 @@ class _Runner:
 def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _Runner:
     """Model (same seed for every method), optimizer and exchange of ``method``. Collective."""
     comm, bucket = ctx.comm, cfg.bucket_kib * 1024
-    model = _model(cfg, vocab, sparse=method in REDUCTIONS)
+    model = _model(cfg, vocab, sparse=method != "ddp")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     broadcast_parameters(model, comm)
     broadcast_optimizer_state(optimizer, comm)
@@ -120,6 +157,7 @@ def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _R
 
         dist.register_step_pre_hook(pre)
         dist.register_step_post_hook(post)
+        runner.close = dist.reducer.remove_hooks
         return runner
     if method == "ddp":
         net = peers.ddp(comm, model, bucket)
@@ -130,12 +168,12 @@ def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _R
 
         runner.after_step = counted
         return runner
-    # Horovod's step() waits for its own allreduces; it reports no exchange memory.
-    return _Runner(method, model, peers.horovod_optimizer(model, optimizer), lambda: None)
+    return _Runner(method, model, peers.HorovodPeer(model, optimizer, HOROVOD[method]),
+                   lambda: None)
 
 
 def _measure(cfg: ReductionConfig, ctx: RunContext, runners: list[_Runner],
-             stream: TrainStream) -> None:
+             stream: TrainStream | SyntheticStream) -> None:
     """Step every method on the same batch, in an order rotated each step, so that changes of
     machine load hit all methods alike; time the steps after ``warmup``. Collective."""
     comm = ctx.comm
@@ -161,11 +199,16 @@ def _row(cfg: ReductionConfig, comm: Any, r: _Runner) -> dict[str, Any]:
     step_s = comm.allreduce(median(r.times), op="max")
     peak = r.memory()
     peak = comm.allreduce(peak, op="max") if peak is not None else None
-    moved = comm.allreduce(r.exchanged / cfg.steps, op="max") if r.method != "horovod" else None
-    return {"P": comm.size, "method": r.method, "step_ms": step_s * 1e3,
-            "tokens_per_s": float(np.mean(r.tokens)) / step_s, "exchange_peak_bytes": peak,
+    moved = (comm.allreduce(r.exchanged / cfg.steps, op="max") if r.method not in HOROVOD
+             else None)
+    rss = comm.allreduce(r.rss, op="max") if r.rss is not None else None
+    return {"P": comm.size, "method": r.method, "scaling": cfg.scaling,
+            "step_ms": step_s * 1e3, "tokens_per_s": float(np.mean(r.tokens)) / step_s,
+            "exchange_peak_bytes": peak,
             "exchange_peak_KiB": peak / 1024 if peak is not None else None,
-            "recv_KiB_per_step": moved / 1024 if moved is not None else None}
+            "recv_KiB_per_step": moved / 1024 if moved is not None else None,
+            "recv_bytes_per_step": moved, "rss_peak_bytes": rss,
+            "rss_peak_MiB": rss / 2**20 if rss is not None else None}
 
 
 def _merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,30 +220,68 @@ def _merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return merged
 
 
+def efficiency(scaling: str, p0: int, t0: float, p: int, t: float) -> float:
+    """Weak: T(P0) / T(P); strong: T(P0) P0 / (T(P) P) (pure)."""
+    return t0 / t * (p0 / p if scaling == "strong" else 1.0)
+
+
 def _with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ddp = {r["P"]: r["step_ms"] for r in rows if r["method"] == "ddp"}
-    return [{**r, "vs_ddp": ddp[r["P"]] / r["step_ms"] if r["P"] in ddp else None}
+    base = {}
+    for r in sorted(rows, key=lambda r: -r["P"]):
+        base[r["method"]] = r
+    return [{"rss_peak_MiB": None, **r,
+             "vs_ddp": ddp[r["P"]] / r["step_ms"] if r["P"] in ddp else None,
+             "efficiency": efficiency(r.get("scaling", "weak"), base[r["method"]]["P"],
+                                      base[r["method"]]["step_ms"], r["P"], r["step_ms"])}
             for r in rows]
+
+
+def _stream(cfg: ReductionConfig,
+            comm: Communicator) -> tuple[int, TrainStream | SyntheticStream]:
+    """(vocabulary size, this rank's batches) of the configured data. Not collective."""
+    if cfg.synthetic.vocab:
+        budget = cfg.batch_tokens * (comm.size if cfg.scaling == "weak" else 1)
+        return cfg.synthetic.vocab, SyntheticStream(cfg.synthetic, budget, cfg.seed, comm.rank,
+                                                    comm.size)
+    shard = read_shard(cfg.data.path, "train", comm.rank, comm.size)
+    return (len(read_vocab(cfg.data.path)),
+            TrainStream(shard, cfg.batch_per_rank, comm.size, cfg.seed, comm.rank))
+
+
+def _measure_alone(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int,
+                   stream: TrainStream | SyntheticStream) -> dict[str, Any]:
+    """Set up, measure and tear down one method, with the peak RSS reset (after freeing the
+    previous method) before its setup and read after its last step; returns its row.
+    Collective."""
+    gc.collect()
+    reset_peak_rss()
+    runner = _setup(cfg, ctx, method, vocab)
+    _measure(cfg, ctx, [runner], stream)
+    runner.rss = peak_rss_bytes()
+    runner.close()
+    return _row(cfg, ctx.comm, runner)
 
 
 def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
     comm = ctx.comm
-    vocab = len(read_vocab(cfg.data.path))
-    shard = read_shard(cfg.data.path, "train", comm.rank, comm.size)
-    stream = TrainStream(shard, cfg.batch_per_rank, comm.size, cfg.seed, comm.rank)
+    vocab, stream = _stream(cfg, comm)
     skipped: dict[str, str] = {}
-    runners = []
+    methods = []
     for method in cfg.methods:
-        if method == "horovod":
+        if method in HOROVOD:
             reason = comm.allgather(peers.horovod_unavailable())
             if any(reason):
                 skipped[method] = next(r for r in reason if r)
-                ctx.log(f"  horovod: skipped ({skipped[method]}); install it with "
-                        "pip install 'hpcml[horovod]' where it builds")
+                ctx.log(f"  {method}: skipped ({skipped[method]}); build it with make horovod")
                 continue
-        runners.append(_setup(cfg, ctx, method, vocab))
-    _measure(cfg, ctx, runners, stream)
-    rows = [_row(cfg, comm, r) for r in runners]
+        methods.append(method)
+    if cfg.interleave:
+        runners = [_setup(cfg, ctx, method, vocab) for method in methods]
+        _measure(cfg, ctx, runners, stream)
+        rows = [_row(cfg, comm, r) for r in runners]
+    else:
+        rows = [_measure_alone(cfg, ctx, method, vocab, stream) for method in methods]
     for row in rows:
         ctx.log(f"  {row['method']:<17} P={comm.size}: {row['step_ms']:.1f} ms/step")
     comm.ledger.reset()
@@ -210,38 +291,47 @@ def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
         table = markdown_table(_with_ratios(everything), [
             ("P", "P", "d"), ("method", "method", ""), ("step_ms", "ms/step", ".1f"),
             ("tokens_per_s", "tokens/s", ".0f"), ("vs_ddp", "DDP time / time", ".2f"),
+            ("efficiency", f"{cfg.scaling} efficiency", ".2f"),
             ("exchange_peak_KiB", "exchange peak KiB/rank", ".1f"),
-            ("recv_KiB_per_step", "received KiB/step/rank", ".1f")])
+            ("recv_KiB_per_step", "received KiB/step/rank", ".1f"),
+            ("rss_peak_MiB", "peak RSS MiB/rank", ".0f")])
         notes = "".join(f"\n{m}: skipped ({why})" for m, why in skipped.items())
         notes += (f"\nP={comm.size} run on {platform.node()}: {os.cpu_count()} cores, load "
                   f"average {os.getloadavg()[0]:.1f} at the end")
         ctx.run_dir.write_text("table.md", table + "\n" + notes + "\n")
         print(table + notes)
-        _plot(everything, ctx)
+        _plot(everything, cfg.scaling, ctx)
+        if cfg.projection.ranks:
+            summary["projection"] = write_projection(everything, cfg, ctx.run_dir)
     return summary
 
 
-def _plot(rows: list[dict[str, Any]], ctx: RunContext) -> None:
+def _plot(rows: list[dict[str, Any]], scaling: str, ctx: RunContext) -> None:
     plt = pyplot()
-
+    rows = _with_ratios(rows)
     panels = [("exchange_peak_KiB", "exchange peak memory per rank (KiB)"),
               ("recv_KiB_per_step", "received per step per rank (KiB)"),
-              ("step_ms", "time per step (ms)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4))
+              ("rss_peak_MiB", "peak RSS per rank (MiB)"),
+              ("step_ms", "time per step (ms)"), ("efficiency", f"{scaling} efficiency")]
+    panels = [p for p in panels if any(r.get(p[0]) is not None for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for method in [m for m in METHODS if any(r["method"] == m for r in rows)]:
-            sel = [r for r in rows if r["method"] == method and r[key] is not None]
+            sel = [r for r in rows if r["method"] == method and r.get(key) is not None]
             ax.plot([r["P"] for r in sel], [r[key] for r in sel], "o-", label=method)
         ax.set_xlabel("ranks P")
         ax.set_ylabel(label)
         ax.set_xticks(sorted({r["P"] for r in rows}))
         ax.legend(fontsize=8)
-    fig.suptitle("gradient exchange of the transformer (weak scaling)")
+    fig.suptitle(f"gradient exchange of the transformer ({scaling} scaling)")
     save_figure(fig, ctx.run_dir.path / "reduction.png")
 
 
 def validate_data(cfg: ReductionConfig, comm: Communicator) -> None:
-    """The corpus is well formed (each rank checks its block) and one step fits."""
+    """The corpus is well formed (each rank checks its block) and one step fits; synthetic
+    batches read no corpus."""
+    if cfg.synthetic.vocab:
+        return
     sizes = validate_corpus(cfg.data.path, comm.rank, comm.size)
     steps_per_epoch(sizes["train"], cfg.batch_per_rank, comm.size, "batch_per_rank")
 

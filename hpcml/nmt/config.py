@@ -42,6 +42,9 @@ class TrainConfig:
     optimizer: str = option("adam", choices=OPTIMIZERS, help="optimizer (hpcml.optim): adam, "
                             "mada, lion, ...; Vaswani's betas (0.9, 0.98) and eps 1e-9 where "
                             "it has them, the learning rate from Eq. 3")
+    batch_tokens: int = option(0, min=0, help="length-bucketed batches of at most this many "
+                                              "padded tokens per rank (0 = batch_size "
+                                              "sentences)")
 
 
 @dataclasses.dataclass
@@ -50,15 +53,22 @@ class EvalConfig:
     checkpoint_every: int = option(200, min=0, help="checkpoint every N steps (0 = at the end "
                                                     "and on SIGTERM/SIGUSR1 only)")
     batch_size: int = option(128, min=1, help="sentences per evaluation batch per rank")
-    bleu: bool = option(True, help="greedy-decode the test split and report corpus BLEU")
+    bleu: bool = option(True, help="decode the test split and report corpus BLEU")
+    beam: int = option(1, min=1, help="beam size of the test translations (1 = greedy)")
+    length_penalty: float = option(0.6, min=0.0, help="GNMT length-penalty alpha of the beam")
+
+
+def check_model(model: ModelConfig) -> None:
+    """The model's widths fit together (raise ``ConfigError``)."""
+    if model.d_model % model.heads or model.d_model % 2:
+        raise ConfigError("model.d_model", f"{model.d_model} must be even and divisible by "
+                          f"model.heads = {model.heads}", "choose e.g. d_model = 16 * heads")
 
 
 def check_model_data(model: ModelConfig, data: DataConfig, batch_size: int, size: int,
                      batch_key: str) -> None:
     """Rules shared by both job kinds (raise ``ConfigError``)."""
-    if model.d_model % model.heads or model.d_model % 2:
-        raise ConfigError("model.d_model", f"{model.d_model} must be even and divisible by "
-                          f"model.heads = {model.heads}", "choose e.g. d_model = 16 * heads")
+    check_model(model)
     if batch_size % size:
         raise ConfigError(batch_key, f"{batch_size} sentences do not split evenly over {size} "
                           "ranks", f"use a multiple of {size}")

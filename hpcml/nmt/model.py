@@ -88,15 +88,25 @@ class Transformer(nn.Module):
         mask = src == PAD
         return self.encoder(self._embed(src), src_key_padding_mask=mask), mask
 
-    def decode(self, memory: torch.Tensor, src_mask: torch.Tensor,
-               tgt_in: torch.Tensor) -> torch.Tensor:
+    def _decoder_states(self, memory: torch.Tensor, src_mask: torch.Tensor,
+                        tgt_in: torch.Tensor) -> torch.Tensor:
         t = tgt_in.shape[1]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
-        h = self.decoder(self._embed(tgt_in), memory, tgt_mask=causal,
-                         tgt_key_padding_mask=tgt_in == PAD, memory_key_padding_mask=src_mask)
+        return self.decoder(self._embed(tgt_in), memory, tgt_mask=causal,
+                            tgt_key_padding_mask=tgt_in == PAD, memory_key_padding_mask=src_mask)
+
+    def decode(self, memory: torch.Tensor, src_mask: torch.Tensor,
+               tgt_in: torch.Tensor) -> torch.Tensor:
+        h = self._decoder_states(memory, src_mask, tgt_in)
         if self.sparse:
             return SparseTiedProjection.apply(h, self.embed.weight)
         return F.linear(h, self.embed.weight)
+
+    def next_logits(self, memory: torch.Tensor, src_mask: torch.Tensor,
+                    tgt_in: torch.Tensor) -> torch.Tensor:
+        """(batch, vocab) logits of the token after ``tgt_in``: :meth:`decode`'s last position,
+        projected alone (for decoding)."""
+        return F.linear(self._decoder_states(memory, src_mask, tgt_in)[:, -1], self.embed.weight)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
         memory, mask = self.encode(src)
@@ -109,7 +119,7 @@ class Transformer(nn.Module):
         out = torch.full((src.shape[0], 1), BOS, dtype=torch.long)
         done = torch.zeros(src.shape[0], dtype=torch.bool)
         for _ in range(max_len):
-            nxt = self.decode(memory, mask, out)[:, -1].argmax(-1)
+            nxt = self.next_logits(memory, mask, out).argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
             out = torch.cat([out, nxt.unsqueeze(1)], dim=1)
             done |= nxt == EOS

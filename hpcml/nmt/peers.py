@@ -5,14 +5,14 @@
   node, else rank 0's host name) at a free port that rank 0 picks and broadcasts. DDP gets the
   all-dense model (``sparse=False``): its buckets are allreduced during backward, the dense
   path of the paper.
-- Horovod (``hvd.DistributedOptimizer(..., sparse_as_dense=True)``), only where
-  ``horovod.torch`` imports; :func:`horovod_unavailable` says why not otherwise.
+- Horovod (``hvd.DistributedOptimizer``) with ``sparse_as_dense=True`` (the paper's fix) or
+  ``False`` (Horovod's allgather of sparse gradients), only where ``horovod.torch`` imports
+  (``make horovod``); :func:`horovod_unavailable` says why not otherwise.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 import torch
 from torch import nn
@@ -61,12 +61,34 @@ def horovod_unavailable() -> str | None:
     return None
 
 
-def horovod_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> Any:
-    """Horovod's DistributedOptimizer with ``sparse_as_dense=True`` (the paper's fix), after
-    broadcasting rank 0's parameters; only call when :func:`horovod_unavailable` is None."""
-    import horovod.torch as hvd
+class HorovodPeer:
+    """Horovod's DistributedOptimizer around ``optimizer`` (``sparse_as_dense=True``: the paper's
+    fix; ``False``: Horovod's allgather of sparse gradients), after broadcasting rank 0's
+    parameters. :meth:`step` waits for Horovod's reductions, densifies the averaged sparse
+    gradients (torch's Adam takes dense gradients only) and updates without synchronizing again
+    (Horovod's ``skip_synchronize``). Only build it when :func:`horovod_unavailable` is None.
+    Collective."""
 
-    hvd.init()
-    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    return hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
-                                    sparse_as_dense=True)
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 sparse_as_dense: bool) -> None:
+        import horovod.torch as hvd
+
+        hvd.init()
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        self.model = model
+        self.optimizer = hvd.DistributedOptimizer(optimizer,
+                                                  named_parameters=model.named_parameters(),
+                                                  sparse_as_dense=sparse_as_dense)
+        self.param_groups = self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Horovod's zero_grad takes no arguments and always sets gradients to None."""
+        self.optimizer.zero_grad()
+
+    def step(self) -> None:
+        self.optimizer.synchronize()
+        for p in self.model.parameters():
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
+        with self.optimizer.skip_synchronize():
+            self.optimizer.step()

@@ -1,5 +1,6 @@
 """Job kind ``transformer-nmt``: data-parallel training of :class:`~hpcml.nmt.model.Transformer`
-on the numbers corpus with a chosen gradient reduction of :mod:`hpcml.parallel`
+on an HDF5 parallel corpus (the numbers corpus, or a text corpus prepared by
+:mod:`hpcml.nmt.subword`) with a chosen gradient reduction of :mod:`hpcml.parallel`
 (arXiv 1905.04035).
 
 Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
@@ -8,8 +9,10 @@ stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation 
 ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
 SIGUSR1 on any rank (caught from launch on, :mod:`hpcml.preemption`), checkpoint after the current
 step and stop with ``stopped_by`` set (status ``preempted``; a signal during the last step lets the
-run finish); finally greedy-decode the test split and report corpus BLEU. The optimizer is a
-:class:`~hpcml.parallel.DistributedOptimizer` around Adam; with ``[qsparse] enabled`` it is
+run finish); finally decode the test split (greedy, or beam search with ``eval.beam``) and report
+corpus BLEU with its sacreBLEU signature. Batches hold ``train.batch_size`` sentences, or with
+``train.batch_tokens`` length-bucketed token batches (:mod:`hpcml.nmt.buckets`). The optimizer is
+a :class:`~hpcml.parallel.DistributedOptimizer` around Adam; with ``[qsparse] enabled`` it is
 synchronous Qsparse-local-SGD instead (:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every
 rank's own model, optimizer state and error memory. A run resumed from a checkpoint takes exactly
 the steps the uninterrupted run would (same batches, dropout masks, optimizer state and learning
@@ -26,9 +29,10 @@ import torch
 from tqdm import tqdm
 
 from hpcml.checkpoint import Restored
-from hpcml.comm import Communicator
+from hpcml.comm import Communicator, chunk_bounds
 from hpcml.errors import UsageError
 from hpcml.jobs import JobKind, RunContext
+from hpcml.nmt.buckets import BucketStream
 from hpcml.nmt.config import NMTConfig
 from hpcml.nmt.data import TrainStream, read_shard, read_vocab, steps_per_epoch, validate_corpus
 from hpcml.nmt.decode import corpus_bleu, validation_loss
@@ -36,6 +40,7 @@ from hpcml.nmt.model import Transformer, noam_lr
 from hpcml.nmt.qsparse import accounting, qsparse_optimizer
 from hpcml.nmt.state import broadcast_state, restore, save
 from hpcml.nmt.step import train_step
+from hpcml.nmt.subword import detokenizer, references
 from hpcml.optim.registry import build_optimizer
 from hpcml.parallel import DistributedOptimizer
 
@@ -83,7 +88,8 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
         seed_rank(cfg.seed, comm.rank)
     train = read_shard(cfg.data.path, "train", comm.rank, comm.size)
     valid = read_shard(cfg.data.path, "valid", comm.rank, comm.size)
-    stream = TrainStream(train, t.batch_size // comm.size, comm.size, cfg.seed, comm.rank)
+    stream = (BucketStream(comm, train, t.batch_tokens, cfg.seed) if t.batch_tokens
+              else TrainStream(train, t.batch_size // comm.size, comm.size, cfg.seed, comm.rank))
     ctx.log(f"{train.total} training pairs, vocabulary {len(vocab)}, "
             f"{sum(p.numel() for p in model.parameters())} parameters, "
             f"{stream.steps_per_epoch} steps/epoch, exchange "
@@ -144,8 +150,13 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
                         "auto_choices": stepper.choices})
     if stopped is None and cfg.eval.bleu:
         test = read_shard(cfg.data.path, "test", comm.rank, comm.size)
-        bleu, hyps = corpus_bleu(comm, model, test, cfg.eval.batch_size, vocab)
-        summary["test_bleu"] = bleu
+        refs = references(cfg.data.path, "test", *chunk_bounds(test.total, comm.size,
+                                                               comm.rank))
+        bleu, signature, hyps = corpus_bleu(comm, model, test, cfg.eval.batch_size,
+                                            detokenizer(cfg.data.path), refs, cfg.eval.beam,
+                                            cfg.eval.length_penalty)
+        summary.update(test_bleu=bleu, bleu_signature=signature, beam=cfg.eval.beam)
+        ctx.log(f"sacreBLEU {bleu:.2f} (beam {cfg.eval.beam}): {signature}")
         if ctx.is_root:
             ctx.run_dir.write_text("test-hypotheses.txt", "\n".join(hyps) + "\n")
     ctx.log(f"done: step {step}, valid loss {summary['valid_loss']:.4f}"
