@@ -66,9 +66,14 @@ def memory_passes(n: int, c: int) -> int:
 
 
 def _pass(src: np.ndarray, dst: np.ndarray, r: int, h: int) -> None:
-    """dst = (I ⊗ H_r ⊗ I_h) src for (rows, c) arrays (rows a multiple of r h)."""
+    """dst = (I ⊗ H_r ⊗ I_h) src for (rows, c) arrays (rows a multiple of r h). A pass on
+    single elements (h c = 1) is one (rows / r, r) x (r, r) product (H_r is symmetric) instead of
+    rows / r products of an r-vector, which cost a call each."""
     width = h * src.shape[1]
-    np.matmul(_H[r], src.reshape(-1, r, width), out=dst.reshape(-1, r, width))
+    if width == 1:
+        np.matmul(src.reshape(-1, r), _H[r], out=dst.reshape(-1, r))
+    else:
+        np.matmul(_H[r], src.reshape(-1, r, width), out=dst.reshape(-1, r, width))
 
 
 def _pass_in_place(a: np.ndarray, r: int, h: int, buf: np.ndarray) -> None:
