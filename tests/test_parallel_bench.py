@@ -49,3 +49,25 @@ def test_bench_model_parallel_bad_input_exits_2(tmp_path):
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="batch: 3 sentences do not split into 1 replicas x 2"):
         ModelParallelConfig(batch=3, microbatches=2, layouts=["pp2-1f1b"]).check(2)
+
+
+def test_bench_model_parallel_tensor_and_zero_four_ranks(tmp_path):
+    """Tensor-parallel and ZeRO-1 rows: gradients of the single-process model (gathered over
+    the tensor group / read from the sharded optimizer), with less held per rank: parameters
+    fall with T, Adam state with ZeRO's D."""
+    layouts = ["single", "tp4", "dp4-zero1", "dp2xtp2-zero1"]
+    res = hpcml_cli(4, "bench", "model-parallel", JOB,
+                    *args(tmp_path, f"layouts={layouts}", "checkpoint_stages=[]"),
+                    cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, res.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    rows = {r["layout"]: r for r in json.loads((run / "summary.json").read_text())["rows"]}
+    assert set(rows) == set(layouts)
+    for row in rows.values():
+        assert row["grad_max_rel_diff"] <= 1e-5 and row["loss_abs_diff"] <= 1e-5 * row["loss"]
+    single = rows["single"]
+    assert rows["tp4"]["param_bytes"] < 0.4 * single["param_bytes"]
+    assert rows["dp2xtp2-zero1"]["param_bytes"] < 0.6 * single["param_bytes"]
+    assert rows["dp4-zero1"]["optimizer_bytes"] < 0.3 * single["optimizer_bytes"]
+    assert rows["dp2xtp2-zero1"]["optimizer_bytes"] < 0.3 * single["optimizer_bytes"]
+    assert rows["dp4-zero1"]["param_bytes"] == single["param_bytes"]

@@ -17,6 +17,13 @@ distribution each step). Per layout:
   ``warmup``, slowest rank; tokens/s = global target tokens / step time; the measured bubble
   (mean over stages of 1 - busy / step time) beside the theoretical (S-1)/(M+S-1).
 
+Tensor-parallel layouts split the model with :func:`~hpcml.parallel.tensor.parallelize` (heads,
+feed-forward columns/rows, vocabulary rows of the tied embedding) and compute the loss with
+:func:`~hpcml.parallel.tensor.vocab_parallel_cross_entropy`; their gradients are gathered whole
+(``full_state_dict``) for the comparison. ``-zero1`` layouts shard Adam's state over the data
+group (:class:`~hpcml.parallel.ShardedOptimizer`, which also reduces the gradients); their
+gradients are read from the optimizer's reduced shards. Pipeline x tensor is not combined yet.
+
 Loss per microbatch = label-smoothed cross entropy summed over its tokens x D / global tokens,
 so that the data-parallel average of the summed microbatch gradients is the gradient of the
 global mean loss, which the reference computes directly.
@@ -47,6 +54,8 @@ from hpcml.nmt.vocab import PAD
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline import PipelineModel, step
 from hpcml.parallel.pipeline_schedule import theoretical_bubble
+from hpcml.parallel.sharding import ShardedOptimizer
+from hpcml.parallel.tensor import full_state_dict, parallelize, vocab_parallel_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +65,7 @@ class Layout:
     tensor: int = 1
     schedule: str = "1f1b"
     recompute: bool = False  # activation checkpointing of every stage
+    zero: bool = False  # optimizer state sharded over the data group (ZeRO-1)
 
     @property
     def ranks(self) -> int:
@@ -72,6 +82,12 @@ LAYOUTS: dict[str, Layout] = {
     "pp4-gpipe": Layout(pipeline=4, schedule="gpipe"),
     "pp4-1f1b": Layout(pipeline=4),
     "dp2xpp2": Layout(data=2, pipeline=2),
+    "tp2": Layout(tensor=2),
+    "tp4": Layout(tensor=4),
+    "dp2xtp2": Layout(data=2, tensor=2),
+    "dp2-zero1": Layout(data=2, zero=True),
+    "dp4-zero1": Layout(data=4, zero=True),
+    "dp2xtp2-zero1": Layout(data=2, tensor=2, zero=True),
 }
 
 MODELS: dict[str, dict[str, int]] = {
@@ -140,8 +156,11 @@ def _batch(cfg: ModelParallelConfig, step_index: int) -> tuple[torch.Tensor, ...
 
 @step
 def _train_step(model: PipelineModel, src: torch.Tensor, tgt_in: torch.Tensor,
-                tgt_out: torch.Tensor, scale: float) -> torch.Tensor:
-    loss = smoothed_loss_sum(model(src, tgt_in), tgt_out, 0.1) * scale
+                tgt_out: torch.Tensor, scale: float, tp: Communicator) -> torch.Tensor:
+    logits = model(src, tgt_in)  # this rank's vocabulary slice under tensor parallelism
+    loss = (smoothed_loss_sum(logits, tgt_out, 0.1) if tp.size == 1 else
+            vocab_parallel_cross_entropy(logits, tgt_out, tp, ignore_index=PAD,
+                                         label_smoothing=0.1, reduction="sum")) * scale
     model.backward(loss)
     return loss
 
@@ -156,34 +175,95 @@ def _reference(cfg: ModelParallelConfig, name: str) -> tuple[float, dict[str, to
 
 
 def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
-                 comm: Communicator) -> PipelineModel:
-    """The model of ``name`` split as ``layout`` over ``comm`` (collective)."""
+                 comm: Communicator) -> tuple[Mesh, PipelineModel, Any]:
+    """The mesh of ``layout`` over ``comm``, the model of ``name`` split as ``layout`` and its
+    optimizer (collective): tensor-parallel layers over ``mesh.tensor`` (:func:`parallelize`),
+    stages over ``mesh.pipeline``. Under ZeRO the sharded optimizer reduces the gradients, so
+    the pipeline model sees no data group; it is built first (zero layouts have one stage, so
+    every parameter is held), so that the pipeline model knows the parameters' new storage
+    and does not count them as saved activations."""
     mesh = Mesh(comm, data=layout.data, pipeline=layout.pipeline, tensor=layout.tensor)
+    model = _model(cfg, name)
+    if layout.tensor > 1:
+        parallelize(model, mesh.tensor)
+    # pipeline x (tensor or ZeRO) is not combined yet: no such layout
+    inner = Mesh(mesh.tensor, data=1, tensor=layout.tensor) if layout.zero else mesh
+    optimizer = _optimizer(cfg, layout, mesh, list(model.parameters())) if layout.zero else None
     src, tgt_in, _ = _batch(cfg, 0)
     micro = cfg.batch // (layout.data * cfg.microbatches)
-    return PipelineModel(_model(cfg, name), mesh, sample=(src[:micro], tgt_in[:micro]),
-                         microbatches=cfg.microbatches, schedule=layout.schedule,
-                         checkpoint_stages=(range(layout.pipeline) if layout.recompute
-                                            else cfg.checkpoint_stages),
-                         checkpoint_modules=cfg.checkpoint_modules)
+    pmodel = PipelineModel(model, inner, sample=(src[:micro], tgt_in[:micro]),
+                           microbatches=cfg.microbatches, schedule=layout.schedule,
+                           checkpoint_stages=(range(layout.pipeline) if layout.recompute
+                                              else cfg.checkpoint_stages),
+                           checkpoint_modules=cfg.checkpoint_modules)
+    if optimizer is None:
+        optimizer = _optimizer(cfg, layout, mesh, pmodel.parameters())
+    return mesh, pmodel, optimizer
 
 
-def _optimizer(cfg: ModelParallelConfig, layout: Layout, pmodel: PipelineModel) -> Any:
-    """The optimizer of ``layout`` over the parameters this rank holds."""
-    return torch.optim.Adam(pmodel.parameters(), lr=cfg.lr)
+def _optimizer(cfg: ModelParallelConfig, layout: Layout, mesh: Mesh,
+               params: list[torch.nn.Parameter]) -> Any:
+    """The optimizer of ``layout`` over the parameters this rank holds: Adam, its state
+    sharded over the data group under ZeRO-1 (collective then)."""
+    if layout.zero:
+        return ShardedOptimizer(params, torch.optim.Adam, mesh.data, lr=cfg.lr)
+    return torch.optim.Adam(params, lr=cfg.lr)
 
 
-def _local_step(cfg: ModelParallelConfig, pmodel: PipelineModel, optimizer: Any,
+def _state_bytes(optimizer: Any) -> tuple[int, int]:
+    """Bytes of optimizer state on this rank, and of ZeRO's gradient buffers (flat gradients,
+    this rank's reduced shard and its send buffer; 0 for a plain optimizer)."""
+    if isinstance(optimizer, ShardedOptimizer):
+        buffers = (optimizer.grad_flat, optimizer.grad_shard, optimizer.send)
+        return optimizer.state_bytes(), sum(b.numel() * b.element_size() for b in buffers)
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
+               for t in s.values() if isinstance(t, torch.Tensor)), 0
+
+
+def _reduced_grads(mesh: Mesh, pmodel: PipelineModel, optimizer: Any,
+                   ) -> dict[str, torch.Tensor]:
+    """Single-process name -> the data-averaged gradient this rank's stage used in the last
+    step, gathered whole over the tensor group. Under ZeRO it is read from the optimizer's
+    reduced shards (each element lives on one data rank: an Allreduce sums them). Collective
+    over the mesh; call after ``optimizer.step()``."""
+    named = pmodel.named_parameters()
+    grads = {n: p.grad for n, p in named}
+    if isinstance(optimizer, ShardedOptimizer):
+        names = {id(p): n for n, p in named}
+        flat = torch.zeros(optimizer.numel)
+        lo = mesh.data.rank * optimizer.shard_numel
+        for i, piece, rows in optimizer.pieces:
+            if piece.grad is not None:
+                _, off = optimizer.offsets[i]
+                flat[rows.start + lo:rows.stop + lo].copy_(piece.grad)
+        flat = mesh.data.Allreduce(flat)
+        grads = {names[id(p)]: flat[off:off + p.numel()].view_as(p)
+                 for p, off in optimizer.offsets}
+    if mesh.tensor.size == 1:
+        return grads
+    module = pmodel.module
+    saved = {n: p.data for n, p in module.named_parameters()}
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            p.data = grads[n]
+        try:
+            full = full_state_dict(module, mesh.tensor)
+        finally:
+            for n, p in module.named_parameters():
+                p.data = saved[n]
+    return {n: full[n] for n in grads}
+
+
+def _local_step(cfg: ModelParallelConfig, mesh: Mesh, pmodel: PipelineModel, optimizer: Any,
                 step_index: int) -> tuple[float, int]:
-    """One training step on this rank's shard of global batch ``step_index``: the loss
+    """Forward and backward on this rank's shard of global batch ``step_index``: the loss
     (global mean, on every rank) and the global target tokens."""
     src, tgt_in, tgt_out = _batch(cfg, step_index)
     tokens = int((tgt_out != PAD).sum())
-    mesh = pmodel.mesh
     replica, data = mesh.coords["data"], mesh.sizes["data"]
     shard = [t.tensor_split(data)[replica] for t in (src, tgt_in, tgt_out)]
     optimizer.zero_grad(set_to_none=True)
-    out = _train_step(pmodel, *shard, data / tokens)
+    out = _train_step(pmodel, *shard, data / tokens, mesh.tensor)
     loss = mesh.data.allreduce(out.reduce_sum()) / data
     return loss, tokens
 
@@ -191,24 +271,23 @@ def _local_step(cfg: ModelParallelConfig, pmodel: PipelineModel, optimizer: Any,
 def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Communicator,
              reference: tuple[float, dict[str, torch.Tensor]], ctx: RunContext) -> dict:
     layout = LAYOUTS[layout_name]
-    pmodel = _parallelize(cfg, layout, name, comm)
+    mesh, pmodel, optimizer = _parallelize(cfg, layout, name, comm)
     if layout.pipeline > 1:
         ctx.log(f"\n{name} / {layout_name}: partition\n{pmodel.partition_table()}")
-    optimizer = _optimizer(cfg, layout, pmodel)
-    loss, _ = _local_step(cfg, pmodel, optimizer, 0)
-    ref_loss, ref_grads = reference
-    abs_diff = rel_diff = 0.0
-    for pname, p in pmodel.named_parameters():
-        err = float((p.grad - ref_grads[pname]).abs().max())
-        abs_diff = max(abs_diff, err)
-        rel_diff = max(rel_diff, err / max(float(ref_grads[pname].abs().max()), 1e-30))
+    loss, _ = _local_step(cfg, mesh, pmodel, optimizer, 0)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters())
     optimizer.step()
+    ref_loss, ref_grads = reference
+    abs_diff = rel_diff = 0.0
+    for pname, grad in _reduced_grads(mesh, pmodel, optimizer).items():
+        err = float((grad - ref_grads[pname]).abs().max())
+        abs_diff = max(abs_diff, err)
+        rel_diff = max(rel_diff, err / max(float(ref_grads[pname].abs().max()), 1e-30))
     times, tokens, bubbles, peaks = [], [], [], []
     for i in range(1, cfg.warmup + cfg.steps + 1):
         comm.barrier()
         start = time.perf_counter()
-        _, n = _local_step(cfg, pmodel, optimizer, i)
+        _, n = _local_step(cfg, mesh, pmodel, optimizer, i)
         optimizer.step()
         if i > cfg.warmup:
             times.append(time.perf_counter() - start)
@@ -219,10 +298,9 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
         table = pmodel.stage_table()
         ctx.log(f"{name} / {layout_name}: last step per stage\n{table}")
     param_bytes = sum(p.numel() * p.element_size() for p in pmodel.parameters())
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values()
-                      for t in s.values() if isinstance(t, torch.Tensor))
+    state_bytes, zero_bytes = _state_bytes(optimizer)
     mine = {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_bytes": state_bytes,
-            "activation_bytes": max(peaks), "exchange_bytes": pmodel.exchange_bytes}
+            "activation_bytes": max(peaks), "exchange_bytes": pmodel.exchange_bytes + zero_bytes}
     mine["peak_bytes_per_rank"] = sum(mine.values())
     worst = {k: comm.allreduce(v, op="max") for k, v in mine.items()}
     step_s = comm.allreduce(median(times), op="max")
@@ -337,5 +415,5 @@ def _plot(cfg: ModelParallelConfig, rows: list[dict], ctx: RunContext) -> None:
 
 
 JOB = JobKind(config=ModelParallelConfig, run=run,
-              description="DP / pipeline (GPipe, 1F1B) layouts: memory per rank, time, "
-                          "gradient equality")
+              description="DP / pipeline (GPipe, 1F1B) / tensor / ZeRO-1 layouts: memory per "
+                          "rank, time, gradient equality")
