@@ -376,7 +376,8 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
               "peak_h": human_bytes(r["peak_bytes_per_rank"]),
               "fits": "yes" if r["fits_budget"] else "no"} for r in rows]
     notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations + "
-             f"data-parallel reduction buffers held by the rank (largest rank); budget "
+             f"data-parallel reduction buffers (ZeRO-1: the flat gradients and the reduced "
+             f"shard) held by the rank (largest rank); budget "
              f"{cfg.budget_mib:g} MiB. Global batch {cfg.batch} sentences of "
              f"{cfg.min_len}-{cfg.max_len} tokens, "
              f"{cfg.microbatches} microbatches. Diffs: first step vs the single-process model "
