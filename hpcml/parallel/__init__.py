@@ -10,6 +10,9 @@ same state. Tensor parallelism (:mod:`.tensor`): :func:`parallelize` splits laye
 tensor-parallel communicator. Optimizer-state sharding (:mod:`.sharding`, ZeRO-1):
 :class:`ShardedOptimizer`. Pipeline parallelism (:mod:`.pipeline`): :class:`PipelineModel`
 splits any ``nn.Module`` into stages and :func:`step` runs the user's step over microbatches.
+Checkpoints across layouts (:mod:`.layout_checkpoint`): :func:`save_checkpoint` /
+:func:`load_checkpoint` move a model and its optimizer state between any (D, S, T, ZeRO-1)
+layouts and one process.
 
 Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
 not pay for importing torch.
@@ -33,14 +36,18 @@ _EXPORTS = {
     "allgatherv": "sparse",
     "broadcast_optimizer_state": "broadcast",
     "broadcast_parameters": "broadcast",
+    "full_checkpoint": "layout_checkpoint",
     "full_state_dict": "tensor",
     "gather_counts": "sparse",
+    "load_checkpoint": "layout_checkpoint",
+    "load_full_checkpoint": "layout_checkpoint",
     "load_full_optimizer_state": "pipeline_checkpoint",
     "load_full_state": "pipeline_checkpoint",
     "load_full_state_dict": "tensor",
     "make_reduction": "reductions",
     "parallelize": "tensor",
     "plan_buckets": "buckets",
+    "save_checkpoint": "layout_checkpoint",
     "step": "pipeline",
     "vocab_parallel_cross_entropy": "tensor",
 }

@@ -1,29 +1,27 @@
-"""Checkpoints of a pipelined model: one full, unsharded ``state_dict`` under the module's own
-names, whatever the layout that saved it, loadable in any layout or in one process.
+"""Checkpoints of a pipelined model: which stage saves each entry, and the pipeline-flavoured
+names of :mod:`hpcml.parallel.layout_checkpoint`, the one mechanism that gathers a model and its
+optimizer from any layout (data, pipeline, tensor, ZeRO-1) into the single-process shape.
 
 Every ``module.state_dict()`` entry has an owner stage: for a parameter the first stage that
 holds it (:meth:`~hpcml.parallel.pipeline_plan.Plan.owner`), for a buffer the stage of the first
-call of the unit it belongs to (stage 0 for buffers outside units). :func:`full_state_dict`
-gathers the owners' entries to stage 0 of data replica 0 (``Send``/``Recv`` on the pipeline
-communicator, in key order); :func:`save` writes them with ``torch.save``; :func:`load_full_state`
-reads with ``torch.load(weights_only=True)`` and every rank copies the entries it holds.
-The optimizer's state travels the same way, keyed by parameter name
-(:func:`full_optimizer_state`, :func:`save_optimizer`, :func:`load_full_optimizer_state`).
+call of the unit it belongs to (stage 0 for buffers outside units). :func:`save` writes the
+model's full ``state_dict``; :func:`save_optimizer` writes the full checkpoint (model and
+optimizer, keyed by parameter name); :func:`load_full_state` and
+:func:`load_full_optimizer_state` read either with ``torch.load(weights_only=True)`` into a
+pipelined model of any layout or the plain module in one process.
 """
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from hpcml.errors import UsageError
+from hpcml.parallel import layout_checkpoint as fc
 from hpcml.parallel.pipeline_trace import param_names
-from hpcml.rundir import atomic_write
 
 if TYPE_CHECKING:
     from hpcml.parallel.pipeline import PipelineModel
@@ -48,123 +46,45 @@ def state_owners(pmodel: PipelineModel) -> dict[str, tuple[torch.Tensor, int, st
 
 
 def full_state_dict(pmodel: PipelineModel) -> dict[str, torch.Tensor] | None:
-    """The unsharded ``module.state_dict()`` on stage 0 of data replica 0, None elsewhere.
-    Every rank calls it; only the stages of data replica 0 communicate."""
-    coords = pmodel.mesh.coords
-    if coords["data"] != 0 or coords["tensor"] != 0:
-        return None
-    comm, stage = pmodel.comm, pmodel.stage
-    state: dict[str, torch.Tensor] = {}
-    for i, (key, (t, owner, name)) in enumerate(state_owners(pmodel).items()):
-        if stage == 0 and owner == 0:
-            state[key] = t.detach().clone()
-        elif stage == 0:
-            shape = pmodel.full_shape(name) if name is not None else t.shape
-            state[key] = torch.empty(shape, dtype=t.dtype)
-            comm.Recv(state[key], source=owner, tag=i)
-        elif owner == stage:
-            comm.Send(t.detach().contiguous(), dest=0, tag=i)
-    return state if stage == 0 else None
+    """The unsharded ``module.state_dict()`` (tensor shards gathered too) on the mesh's rank 0,
+    None elsewhere. Collective over the mesh."""
+    full = fc.full_checkpoint(pmodel)
+    return None if full is None else full["model"]
 
 
 def load_full_state_dict(pmodel: PipelineModel, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy the entries this rank holds from a full state dict (saved by any layout). Not
-    collective."""
-    with torch.no_grad():
-        for key, (t, _, name) in state_owners(pmodel).items():
-            if key not in state:
-                raise UsageError(f"checkpoint lacks {key!r}; it was saved from another model")
-            if name is None or pmodel.holds(name):
-                t.copy_(state[key])
+    """Copy the entries this rank holds (cut to its tensor shard) from a full state dict saved
+    by any layout. Not collective: each rank checks its own part."""
+    fc.load_full_checkpoint(pmodel, {"format": fc.FORMAT, "model": state}, collective=False)
 
 
 def save(pmodel: PipelineModel, path: str | Path) -> None:
-    """Write the full state dict with ``torch.save`` from the mesh's rank 0 (atomically).
-    Collective over the mesh: returns when the file is complete."""
-    _write(pmodel, full_state_dict(pmodel), path)
+    """Write the full state dict (a plain ``state_dict``) with ``torch.save`` from the mesh's
+    rank 0, atomically. Collective over the mesh: returns when the file is complete."""
+    fc.write_file(path, full_state_dict(pmodel), pmodel.mesh.world)
 
 
 def save_optimizer(pmodel: PipelineModel, optimizer: torch.optim.Optimizer,
                    path: str | Path) -> None:
-    """Write :func:`full_optimizer_state` like :func:`save`. Collective over the mesh."""
-    _write(pmodel, full_optimizer_state(pmodel, optimizer), path)
-
-
-def _write(pmodel: PipelineModel, payload: Any, path: str | Path) -> None:
-    if pmodel.mesh.world.rank == 0:
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        atomic_write(Path(path), buf.getvalue())
-    pmodel.mesh.world.barrier()
+    """Write the full checkpoint of the model and ``optimizer``
+    (:func:`hpcml.parallel.save_checkpoint`). Collective over the mesh."""
+    fc.save_checkpoint(path, pmodel, optimizer)
 
 
 def load_full_state(target: PipelineModel | nn.Module, path: str | Path) -> None:
-    """Load a checkpoint written by :func:`save` into a pipelined model of any layout, or into
-    the plain module in one process. Reads with ``weights_only=True``."""
-    state = torch.load(Path(path), weights_only=True)
-    if isinstance(target, nn.Module):
-        target.load_state_dict(state)
-    else:
-        load_full_state_dict(target, state)
-
-
-def full_optimizer_state(pmodel: PipelineModel, optimizer: torch.optim.Optimizer,
-                         ) -> dict[str, Any] | None:
-    """The optimizer's state unsharded and keyed by parameter name, ``{"state": {name: {key:
-    value}}, "param_groups": [hyper-parameters]}``, on stage 0 of data replica 0 (None
-    elsewhere). Every rank calls it; the owner stage of each parameter sends its state (shapes
-    and numbers as small objects, tensors by ``Send``)."""
-    coords = pmodel.mesh.coords
-    if coords["data"] != 0 or coords["tensor"] != 0:
-        return None
-    comm, stage = pmodel.comm, pmodel.stage
-    mine = {name: optimizer.state[p] for name, p in pmodel.named_parameters()
-            if p in optimizer.state and pmodel.plan.owner(name) == stage}
-    meta = {name: {k: ("tensor", tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                   if isinstance(v, torch.Tensor) else ("value", v) for k, v in st.items()}
-            for name, st in mine.items()}
-    metas = comm.gather(meta, root=0)
-    if stage != 0:  # tensors in (name, key) order; the root receives them in the same order
-        for name in sorted(meta):
-            for key in sorted(meta[name]):
-                if meta[name][key][0] == "tensor":
-                    comm.Send(mine[name][key].detach().contiguous(), dest=0, tag=1)
-        return None
-    state: dict[str, dict[str, Any]] = {}
-    for source, table in enumerate(metas):
-        for name in sorted(table):
-            entry: dict[str, Any] = {}
-            for key in sorted(table[name]):
-                kind, *spec = table[name][key]
-                if kind == "value":
-                    entry[key] = spec[0]
-                elif source == 0:
-                    entry[key] = mine[name][key].detach().clone()
-                else:
-                    entry[key] = torch.empty(spec[0], dtype=getattr(torch, spec[1]))
-                    comm.Recv(entry[key], source=source, tag=1)
-            state[name] = entry
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    return {"state": state, "param_groups": groups}
+    """Load a file written by :func:`save` (or the model part of a full checkpoint) into a
+    pipelined model of any layout, or into the plain module in one process. Reads with
+    ``weights_only=True``; not collective."""
+    state = fc.read_file(path)
+    if state.get("format") != fc.FORMAT:
+        state = {"format": fc.FORMAT, "model": state}
+    fc.load_full_checkpoint(target, state, collective=False)
 
 
 def load_full_optimizer_state(target: PipelineModel | nn.Module,
                               optimizer: torch.optim.Optimizer, path: str | Path) -> None:
-    """Load a file written by :func:`save_optimizer` into ``optimizer`` over ``target``'s
-    parameters (a pipelined model of any layout, or the plain module in one process). Reads
-    with ``weights_only=True``; not collective."""
-    load_optimizer_state(target.named_parameters(), optimizer,
-                         torch.load(Path(path), weights_only=True))
-
-
-def load_optimizer_state(named_parameters: Iterable[tuple[str, torch.Tensor]],
-                         optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    """Give each parameter (by name: ``pmodel.named_parameters()`` of any layout, or
-    ``module.named_parameters()`` in one process) its saved optimizer state, and the groups
-    their saved hyper-parameters. Not collective."""
-    for name, p in named_parameters:
-        if name in state["state"]:
-            optimizer.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                                  for k, v in state["state"][name].items()}
-    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=False):
-        group.update(saved)
+    """Load the optimizer part of a file written by :func:`save_optimizer` into ``optimizer``
+    over ``target``'s parameters (a pipelined model of any layout, or the plain module in one
+    process). Reads with ``weights_only=True``; not collective."""
+    fc.load_full_checkpoint(target, fc.read_file(path), optimizer, collective=False,
+                            weights=False)

@@ -29,7 +29,6 @@ Its gradients become dense (a shard's projection gradient covers every row of th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ from hpcml.parallel.tensor.layers import (
     RowParallelLinear,
     VocabParallelEmbedding,
 )
-from hpcml.parallel.tensor.mappings import copy_to
+from hpcml.parallel.tensor.mappings import Shard, copy_to, full_tensors
 
 STYLES = {"column": (nn.Linear, ColumnParallelLinear), "row": (nn.Linear, RowParallelLinear),
           "vocab": (nn.Embedding, VocabParallelEmbedding),
@@ -130,8 +129,9 @@ def _keep_off_fused_inference(model: nn.Module) -> None:
             layer.register_forward_pre_hook(lambda _m, _args: None)
 
 
-def _sharded(model: nn.Module) -> dict[str, Any]:
-    """Full parameter name -> Shard for every sharded parameter of ``model``."""
+def sharded_parameters(model: nn.Module) -> dict[str, Shard]:
+    """Parameter name (as in ``model.state_dict()``) -> :class:`Shard` for every parameter a
+    tensor-parallel layer of ``model`` splits; the others are replicated. Pure."""
     out = {}
     for prefix, module in model.named_modules():
         for pname, shard in getattr(module, "tp_shards", {}).items():
@@ -148,18 +148,20 @@ def full_state_dict(model: nn.Module, tp_comm: Communicator) -> dict[str, torch.
     """The state dict the single-process model would have: every sharded parameter gathered
     over ``tp_comm``, replicated entries as they are, same names. Collective over ``tp_comm``;
     every rank gets the whole dict (save it from one rank). It loads with
-    ``single_model.load_state_dict(sd)``, and into another tensor degree T' by loading it into
-    a fresh single-process model and calling :func:`parallelize` with T' ranks."""
-    shards = _sharded(model)
-    return {name: shards[name].full(value, tp_comm) if name in shards else value.detach().clone()
-            for name, value in model.state_dict().items()}
+    ``single_model.load_state_dict(sd)``, and into another tensor degree T' with
+    :func:`load_full_state_dict`. For the optimizer state and for pipeline stages (which hold
+    some parameters only) use :func:`hpcml.parallel.save_checkpoint`."""
+    shards = sharded_parameters(model)
+    state = model.state_dict()
+    whole = full_tensors([(v, shards.get(k)) for k, v in state.items()], tp_comm)
+    return dict(zip(state, whole, strict=True))
 
 
 def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
                          tp_comm: Communicator) -> None:
     """Load a full (single-process) state dict into a parallelized ``model``: each rank keeps
     its shard of every sharded entry. Not collective (slicing only)."""
-    shards = _sharded(model)
+    shards = sharded_parameters(model)
     local = {name: shards[name].local(value, tp_comm.size, tp_comm.rank) if name in shards
              else value for name, value in state.items()}
     model.load_state_dict(local)
