@@ -357,7 +357,8 @@ def _optimizer_loads(view: _View, saved: Any, model_state: Mapping[str, Any],
     for name, p in view.params.items():
         entry = {}
         for key, value in saved["state"].get(name, {}).items():
-            if _elementwise(value, model_state[name]):
+            full = model_state[name]
+            if isinstance(value, torch.Tensor) and value.dim() == full.dim() > 0:
                 value = _fit(view, value, view.shards.get(name), p,
                              f"checkpoint optimizer state [{name!r}][{key!r}]")
                 value = value.to(dtype=p.dtype, device=p.device)
