@@ -150,6 +150,7 @@ def test_tensor_parallel_matches_single_process(comm):
     assert rel_err(tp_transformer_loss(zeroed, half), ref_loss) <= 1e-5
     if comm.size == 4:
         check_tensor_times_data_parallel(comm)
+    check_dropout(comm)
 
 
 def check_tensor_times_data_parallel(comm) -> None:
@@ -177,6 +178,109 @@ def check_tensor_times_data_parallel(comm) -> None:
         if name in shards:
             want = shards[name].local(want, tp.size, tp.rank)
         assert rel_err(p.detach(), want) <= 1e-5, name
+
+
+def dropout_mlp() -> nn.Sequential:
+    """column -> tanh -> dropout of the sharded hidden -> row -> dropout of the replicated output"""
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 6),
+                         nn.Dropout(0.5))
+
+
+def recorded_masks(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict]:
+    """Output and each dropout module's mask (output != 0; inputs are nonzero almost surely)."""
+    masks, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Dropout):
+            hooks.append(m.register_forward_hook(
+                lambda _m, _i, out, name=name: masks.__setitem__(name, out.detach() != 0)))
+    torch.manual_seed(seed)
+    out = model(x)
+    for h in hooks:
+        h.remove()
+    return out, masks
+
+
+def check_dropout(comm) -> None:
+    """Dropout under tensor parallelism: (a) replicated activations stay identical on every
+    tensor rank, (b) masks of sharded activations differ between ranks (hidden layer and
+    attention heads), (c) the parallel MLP equals one process whose masks are the ranks' masks
+    put together, and activation checkpointing recomputes the same masks."""
+    from torch.utils.checkpoint import checkpoint
+
+    from hpcml.parallel.tensor import ShardedDropout
+
+    x = torch.randn(64, 6, generator=torch.Generator().manual_seed(8))
+    ref, par = dropout_mlp(), parallelize(dropout_mlp(), comm)
+    assert isinstance(par[2], ShardedDropout) and type(par[4]) is nn.Dropout
+    out, masks = recorded_masks(par, x, seed=11)
+    hidden, replicated = comm.allgather(masks["2"]), comm.allgather(masks["4"])
+    outs = comm.allgather(out.detach())
+    assert all(torch.equal(o, outs[0]) for o in outs)                      # (a)
+    assert all(torch.equal(m, replicated[0]) for m in replicated)
+    assert all(not torch.equal(hidden[i], hidden[j]) for i in range(comm.size)  # (b)
+               for j in range(i))
+    assert 0.4 < float(masks["2"].float().mean()) < 0.6
+    # (c) the single-process model with those masks, written out by hand
+    full_mask = torch.cat(hidden, dim=1).float()
+    w1, b1, w2, b2 = (t.detach().clone().requires_grad_() for t in
+                      (ref[0].weight, ref[0].bias, ref[3].weight, ref[3].bias))
+    h = torch.tanh(x @ w1.T + b1) * full_mask / 0.5
+    want = (h @ w2.T + b2) * replicated[0].float() / 0.5
+    assert rel_err(out, want) <= 1e-5
+    weights = torch.randn(64, 6, generator=torch.Generator().manual_seed(9))
+    (want * weights).sum().backward()
+    (out * weights).sum().backward()
+    lo, hi = chunk_bounds(16, comm.size, comm.rank)
+    assert rel_err(par[0].weight.grad, w1.grad[lo:hi]) <= 1e-5
+    assert rel_err(par[3].weight.grad, w2.grad[:, lo:hi]) <= 1e-5
+    # activation checkpointing: the recomputation draws the same masks (same gradients)
+    grads = [p.grad.clone() for p in par.parameters()]
+    par.zero_grad()
+    torch.manual_seed(11)
+    again = checkpoint(par, x, use_reentrant=False)
+    assert torch.equal(again, out)
+    (again * weights).sum().backward()
+    for p, g in zip(par.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+    if comm.size > 1:
+        check_attention_dropout(comm)
+
+
+def check_attention_dropout(comm) -> None:
+    """Every head computes the same thing (identical weights), so the ranks' per-head outputs
+    differ only by their dropout masks: equal in eval mode, different in training; and the
+    transformer's replicated activations stay identical on every rank with dropout on."""
+    torch.manual_seed(12)
+    full = nn.MultiheadAttention(8, 4, dropout=0.5, batch_first=True)
+    with torch.no_grad():
+        for w in (full.in_proj_weight, full.in_proj_bias):
+            blocks = w.unflatten(0, (3, 4, 2))
+            blocks.copy_(blocks[:, :1].expand_as(blocks).clone())
+    attn = parallelize(nn.Sequential(full), comm)[0]
+    seen = []
+    attn.out_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(13))
+    for training in (False, True):
+        attn.train(training)
+        seen.clear()
+        attn(x, x, x)
+        ctx = comm.allgather(seen[0].unflatten(-1, (-1, 2))[..., 0, :])  # this rank's first head
+        assert all(torch.equal(c, ctx[0]) for c in ctx) != training, training
+    model = parallelize(Transformer(vocab=13, d_model=16, heads=4, layers=1, ff=32,
+                                    dropout=0.3, sparse=False), comm)
+    states = []
+    model.decoder.register_forward_hook(lambda _m, _i, out: states.append(out.detach()))
+    torch.manual_seed(14)
+    tp_transformer_loss(model, comm).backward()
+    torch.manual_seed(14)
+    model.eval()
+    tp_transformer_loss(model, comm)
+    assert not torch.equal(states[0], states[1])  # dropout did act
+    gathered = comm.allgather(states[0])
+    assert all(torch.equal(s, gathered[0]) for s in gathered)
+    norms = comm.allgather(model.decoder.norm.weight.grad)
+    assert all(rel_err(g, norms[0]) <= 1e-6 for g in norms)
 
 
 def test_shard_slices_tile_the_parameter():

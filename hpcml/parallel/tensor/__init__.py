@@ -1,12 +1,14 @@
 """Tensor parallelism (Megatron-LM, arXiv 1909.08053; the SageMaker model-parallelism library,
 arXiv 2111.05972 §3.3): layers split over a tensor-parallel communicator, the collectives that
-join them as autograd functions, vocabulary-parallel cross entropy, ``parallelize`` and full-state
-checkpoints. Every byte moves through :mod:`hpcml.comm`."""
+join them as autograd functions, vocabulary-parallel cross entropy, dropout random numbers for
+sharded activations, ``parallelize`` and full-state checkpoints. Every byte moves through
+:mod:`hpcml.comm`."""
 
 from hpcml.parallel.tensor.layers import (
     ColumnParallelLinear,
     HeadParallelAttention,
     RowParallelLinear,
+    ShardedDropout,
     VocabParallelEmbedding,
 )
 from hpcml.parallel.tensor.loss import vocab_parallel_cross_entropy, vocab_range
@@ -17,8 +19,10 @@ from hpcml.parallel.tensor.plan import (
     load_full_state_dict,
     parallelize,
 )
+from hpcml.parallel.tensor.rng import sharded_dropout, sharded_generator
 
 __all__ = ["ColumnParallelLinear", "HeadParallelAttention", "RowParallelLinear", "Shard",
-           "VocabParallelEmbedding", "copy_to", "default_plan", "full_state_dict", "gather",
-           "load_full_state_dict", "parallelize", "reduce_from", "scatter",
-           "vocab_parallel_cross_entropy", "vocab_range"]
+           "ShardedDropout", "VocabParallelEmbedding", "copy_to", "default_plan",
+           "full_state_dict", "gather", "load_full_state_dict", "parallelize", "reduce_from",
+           "scatter", "sharded_dropout", "sharded_generator", "vocab_parallel_cross_entropy",
+           "vocab_range"]

@@ -11,12 +11,18 @@ computes what the original computed (Megatron-LM, arXiv 1909.08053 §3).
   :func:`~hpcml.parallel.tensor.loss.vocab_parallel_cross_entropy`.
 - :class:`HeadParallelAttention`: a drop-in for ``nn.MultiheadAttention`` (same call, same
   parameter names) whose heads are split: column-parallel query/key/value, row-parallel output.
+- :class:`ShardedDropout`: ``nn.Dropout`` for an activation split over the group (the hidden
+  layer between a column- and a row-parallel Linear).
+
+Dropout on sharded activations (attention probabilities of this rank's heads,
+:class:`ShardedDropout`) draws masks independent across ranks; dropout on replicated activations
+stays ``nn.Dropout`` on the default generator, identical on every rank
+(:mod:`~hpcml.parallel.tensor.rng`).
 
 Every layer's ``forward`` is collective over its tensor-parallel group (all ranks call it with
 the same replicated inputs, forward and backward). ``tp_shards`` maps each sharded parameter's
 name to its :class:`~hpcml.parallel.tensor.mappings.Shard`; the other parameters are replicated.
-Column, row and head splits must be even (so every rank draws the same number of dropout random
-numbers and replicated activations stay identical); vocabulary splits may be uneven.
+Column, row and head splits must be even; vocabulary splits may be uneven.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from torch import nn
 from hpcml.comm import Communicator, chunk_bounds
 from hpcml.errors import UsageError
 from hpcml.parallel.tensor.mappings import Shard, copy_to, gather, reduce_from, scatter
+from hpcml.parallel.tensor.rng import sharded_dropout
 
 
 def _even(what: str, n: int, comm: Communicator) -> int:
@@ -160,13 +167,32 @@ class HeadParallelAttention(nn.Module):
         q, k, v = (self._heads(F.linear(t, w, b)) for t, w, b in
                    ((q, w_q, b_q), (k, w_k, b_k), (v, w_v, b_v)))
         mask = _additive_mask(attn_mask, key_padding_mask, is_causal, q)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0 and self.comm.size > 1:
+            # this rank's heads: a mask independent of the other ranks' (tensor.rng)
+            scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+            probs = (scores if mask is None else scores + mask).softmax(dim=-1)
+            ctx = sharded_dropout(probs, self.dropout, True, self.comm) @ v
+        else:
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         out = self.out_proj(ctx.transpose(1, 2).flatten(2))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+
+class ShardedDropout(nn.Dropout):
+    """``nn.Dropout`` (same ``p``) for an activation sharded over ``comm``: the mask is drawn by
+    :func:`~hpcml.parallel.tensor.rng.sharded_dropout`, independent across ranks. Not
+    collective (draws one number from the default generator, like every tensor rank)."""
+
+    def __init__(self, full: nn.Dropout, comm: Communicator) -> None:
+        super().__init__(full.p, full.inplace)
+        self.comm = comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sharded_dropout(x, self.p, self.training, self.comm)
 
 
 def _additive_mask(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,

@@ -8,6 +8,9 @@ A plan maps module names (as in ``model.named_modules()``) to a style:
   features sharded) / :class:`RowParallelLinear` (expects sharded input, sums the outputs);
 - ``"vocab"``: an ``nn.Embedding`` becomes :class:`VocabParallelEmbedding`;
 - ``"heads"``: an ``nn.MultiheadAttention`` becomes :class:`HeadParallelAttention`;
+- ``"sharded_dropout"``: an ``nn.Dropout`` applied to a sharded activation becomes
+  :class:`ShardedDropout` (masks independent across ranks; other dropouts stay as they are and
+  draw identical masks on every rank);
 - ``"replicate"``: left as it is (every rank holds and computes all of it).
 
 The **default plan** (``plan=None``, or names a user plan leaves out) is derived from the module
@@ -15,9 +18,12 @@ tree: every ``nn.MultiheadAttention`` is ``"heads"``, every ``nn.Embedding`` ``"
 within each parent the ``nn.Linear`` children, taken in registration order, pair up as
 ``"column"`` then ``"row"`` (an odd last one is ``"replicate"``). That matches the feed-forward
 blocks of ``nn.Transformer*Layer`` (``linear1`` -> activation -> ``linear2``) and MLPs written
-as ``nn.Sequential(Linear, act, Linear, ...)``; a model whose paired Linears are not applied one
-after the other with only elementwise operations between them needs a user plan. A user plan's
-``"replicate"`` keeps the module's whole subtree replicated, except the parts the plan names.
+as ``nn.Sequential(Linear, act, Linear, ...)``; an ``nn.Dropout`` child registered between a
+``"column"`` Linear and its ``"row"`` partner acts on the sharded hidden layer and is
+``"sharded_dropout"`` (``nn.Transformer*Layer.dropout``). A model whose paired Linears are not
+applied one after the other with only elementwise operations between them needs a user plan.
+A user plan's ``"replicate"`` keeps the module's whole subtree replicated, except the parts the
+plan names.
 
 For the hpcml NMT :class:`~hpcml.nmt.model.Transformer`, whose embedding is also its output
 projection, ``forward`` then returns this rank's *vocabulary slice* of the logits; compute the
@@ -39,13 +45,15 @@ from hpcml.parallel.tensor.layers import (
     ColumnParallelLinear,
     HeadParallelAttention,
     RowParallelLinear,
+    ShardedDropout,
     VocabParallelEmbedding,
 )
 from hpcml.parallel.tensor.mappings import Shard, copy_to, full_tensors
 
 STYLES = {"column": (nn.Linear, ColumnParallelLinear), "row": (nn.Linear, RowParallelLinear),
           "vocab": (nn.Embedding, VocabParallelEmbedding),
-          "heads": (nn.MultiheadAttention, HeadParallelAttention), "replicate": (nn.Module, None)}
+          "heads": (nn.MultiheadAttention, HeadParallelAttention),
+          "sharded_dropout": (nn.Dropout, ShardedDropout), "replicate": (nn.Module, None)}
 
 
 def default_plan(model: nn.Module) -> dict[str, str]:
@@ -65,7 +73,24 @@ def default_plan(model: nn.Module) -> dict[str, str]:
         for i, child in enumerate(linears):
             last_odd = i == len(linears) - 1 and len(linears) % 2
             plan[prefix + child] = "replicate" if last_odd else ("column", "row")[i % 2]
-    return plan
+    return _with_sharded_dropouts(model, plan)
+
+
+def _with_sharded_dropouts(model: nn.Module, plan: dict[str, str]) -> dict[str, str]:
+    """``plan`` with every ``nn.Dropout`` child registered between a ``"column"`` Linear and
+    the next ``"row"`` Linear of the same parent marked ``"sharded_dropout"`` (unless the plan
+    names it). Pure."""
+    out = dict(plan)
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        inside = False  # between a column Linear and its row partner
+        for child, c in module.named_children():
+            style = plan.get(prefix + child)
+            if type(c) is nn.Linear:
+                inside = style == "column" or (inside and style not in ("row", "replicate"))
+            elif inside and type(c) is nn.Dropout and style is None:
+                out[prefix + child] = "sharded_dropout"
+    return out
 
 
 def parallelize(model: nn.Module, tp_comm: Communicator,
@@ -89,6 +114,8 @@ def parallelize(model: nn.Module, tp_comm: Communicator,
         if style == "replicate":  # the whole subtree, unless the plan names parts of it
             full = {n: s for n, s in full.items() if not n.startswith(f"{name}.") or n in plan}
         full[name] = style
+    defaults = {n for n, s in full.items() if s == "sharded_dropout" and n not in plan}
+    full = _with_sharded_dropouts(model, {n: s for n, s in full.items() if n not in defaults})
     for name, style in full.items():
         kind, parallel = STYLES[style]
         if parallel is None:
