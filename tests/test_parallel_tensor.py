@@ -151,6 +151,33 @@ def test_tensor_parallel_matches_single_process(comm):
     if comm.size == 4:
         check_tensor_times_data_parallel(comm)
     check_dropout(comm)
+    check_gather_costs_one_collective(comm)
+
+
+def check_gather_costs_one_collective(comm) -> None:
+    """An uneven gather (13 columns) and the backward of an uneven scatter: each one
+    Allgatherv, no other message (the part lengths are computed, not exchanged)."""
+    from hpcml.parallel.tensor import gather, scatter
+
+    def calls() -> dict:
+        return {op: t["calls"] for op, t in comm.ledger.totals().items()}
+
+    full = torch.arange(26, dtype=torch.float32).reshape(2, 13)
+    lo, hi = chunk_bounds(13, comm.size, comm.rank)
+    part = full[:, lo:hi].clone().requires_grad_()
+    whole = full.clone().requires_grad_()
+    before = calls()
+    out = gather(part, comm, -1, total=13)
+    out.backward(full)
+    mine = scatter(whole, comm, -1)
+    mine.backward(full[:, lo:hi] * 2)
+    after = calls()
+    spent = {op: n - before.get(op, 0) for op, n in after.items() if n != before.get(op, 0)}
+    assert spent == ({"Allgatherv": 2} if comm.size > 1 else {}), spent
+    assert torch.equal(out, full) and torch.equal(part.grad, full[:, lo:hi])
+    assert torch.equal(mine, full[:, lo:hi]) and torch.equal(whole.grad, full * 2)
+    with pytest.raises(UsageError, match="pass the full length"):
+        gather(part, comm, -1, total=26)  # every rank's part is too short: no rank communicates
 
 
 def check_tensor_times_data_parallel(comm) -> None:
