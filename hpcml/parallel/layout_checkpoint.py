@@ -65,7 +65,6 @@ class _View:
     pipe: Communicator | None          # the pipeline group, None without one
     module: nn.Module
     tensors: dict[str, torch.Tensor]   # state_dict key -> this rank's tensor (all keys)
-    param_of: dict[str, str | None]    # state_dict key -> canonical parameter name or None
     owner: dict[str, int]              # state_dict key -> the stage that saves it
     held: set[str]                     # state_dict keys whose tensor this rank keeps
     params: dict[str, nn.Parameter]    # canonical name -> parameter, those this rank keeps
@@ -111,9 +110,12 @@ def _view(model: Model, mesh: Mesh | None) -> _View:
                          f"{type(model).__name__}")
     where = (world(), world().rank, None) if mesh is None else \
         (mesh.world, mesh.coords["data"], mesh.tensor)
+    shards = sharded_parameters(module)
+    if mesh is None and shards:
+        raise UsageError("mesh: the model is tensor-parallel; pass mesh=... (the Mesh whose "
+                         "tensor group it was parallelized over)")
     return _View(*where, pipe, module, {k: v[0] for k, v in owners.items()},
-                 {k: v[2] for k, v in owners.items()}, {k: v[1] for k, v in owners.items()},
-                 held, params, sharded_parameters(module))
+                 {k: v[1] for k, v in owners.items()}, held, params, shards)
 
 
 def _elementwise(value: Any, param: torch.Tensor) -> bool:
