@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpcml.comm import Communicator, world
+from hpcml.comm import Communicator
 from hpcml.errors import UsageError
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline_trace import param_names
@@ -59,7 +59,7 @@ Model = Any  # a PipelineModel or an nn.Module (tensor-parallel or not)
 class _View:
     """This rank's part of the single-process model, and where the rank sits."""
 
-    world: Communicator                # every rank that calls (agreement, the writer's errors)
+    world: Communicator | None         # every rank that calls; None: this rank alone
     data_rank: int                     # 0: this rank's replica saves
     tensor: Communicator | None        # the tensor-parallel group, None without one
     pipe: Communicator | None          # the pipeline group, None without one
@@ -85,8 +85,8 @@ class _View:
 
 
 def _view(model: Model, mesh: Mesh | None) -> _View:
-    """Without a mesh, a PipelineModel uses its own and a plain module is this rank's whole
-    model, replicated over the job (world rank 0 saves it)."""
+    """Without a mesh, a PipelineModel uses its own and a plain module is a whole model that
+    this rank handles alone, without communication."""
     from hpcml.parallel.pipeline import PipelineModel
     from hpcml.parallel.pipeline_checkpoint import state_owners
 
@@ -108,8 +108,7 @@ def _view(model: Model, mesh: Mesh | None) -> _View:
     else:
         raise UsageError(f"model: expected a PipelineModel or an nn.Module, got "
                          f"{type(model).__name__}")
-    where = (world(), world().rank, None) if mesh is None else \
-        (mesh.world, mesh.coords["data"], mesh.tensor)
+    where = (None, 0, None) if mesh is None else (mesh.world, mesh.coords["data"], mesh.tensor)
     shards = sharded_parameters(module)
     if mesh is None and shards:
         raise UsageError("mesh: the model is tensor-parallel; pass mesh=... (the Mesh whose "
@@ -137,6 +136,9 @@ def _optimizer_part(view: _View, optimizer: torch.optim.Optimizer,
         groups.append(({k: v for k, v in g.items() if k != "params"},
                        [names[id(p)] for p in g["params"]]))
     if isinstance(optimizer, ShardedOptimizer):
+        if view.world is None:
+            raise UsageError("mesh: a ShardedOptimizer's state is split over its data group; "
+                             "pass mesh=... (the Mesh whose data group it shards over)")
         full = optimizer.full_state_dict()
         return {names[id(optimizer.offsets[i][0])]: s for i, s in full["state"].items()}, groups
     return {names[id(p)]: dict(s) for p, s in optimizer.state.items() if s}, groups
@@ -207,10 +209,10 @@ def full_checkpoint(model: Model, optimizer: torch.optim.Optimizer | None = None
     rank holds, or a :class:`~hpcml.parallel.ShardedOptimizer`), on mesh rank 0 (world rank 0);
     None elsewhere.
 
-    Collective over ``mesh`` (default: the PipelineModel's; for a plain module, none: it is
-    replicated over the job, as under data parallelism): every rank calls it. Data replica 0
-    gathers over the tensor and pipeline groups; the other replicas take part only in the ZeRO-1
-    gather over the data group. Tensors are copies (the model may keep training)."""
+    Collective over ``mesh`` (default: the PipelineModel's): every rank of it calls it. Data
+    replica 0 gathers over the tensor and pipeline groups; the other replicas take part only in
+    the ZeRO-1 gather over the data group. A plain module without a mesh is a whole model on
+    this rank: no communication, the result is returned here. Tensors are copies."""
     view = _view(model, mesh)
     opt_state, groups = _optimizer_part(view, optimizer) if optimizer is not None else (None, [])
     if view.data_rank != 0:
@@ -252,15 +254,15 @@ def save_checkpoint(path: str | Path, model: Model,
                     optimizer: torch.optim.Optimizer | None = None,
                     mesh: Mesh | None = None) -> None:
     """Write :func:`full_checkpoint` to ``path`` (atomically, from mesh rank 0). Collective
-    over the mesh; returns on every rank once the file is complete, or raises the writer's
-    error on every rank."""
+    over the mesh like :func:`full_checkpoint`; returns on every rank once the file is
+    complete, or raises the writer's error on every rank."""
     write_file(path, full_checkpoint(model, optimizer, mesh), _view(model, mesh).world)
 
 
-def write_file(path: str | Path, payload: Any, comm: Communicator) -> None:
-    """``torch.save(payload)`` to ``path`` atomically on the rank(s) where ``payload`` is not
-    None. Collective over ``comm`` (whose rank 0 must be a writer when any rank writes): a
-    write error raises on every rank."""
+def write_file(path: str | Path, payload: Any, comm: Communicator | None) -> None:
+    """``torch.save(payload)`` to ``path`` atomically on the rank where ``payload`` is not
+    None. Collective over ``comm`` (whose rank 0 must be that rank), so that a write error
+    raises on every rank; ``comm=None``: this rank alone."""
     error = None
     if payload is not None:
         try:
@@ -269,7 +271,7 @@ def write_file(path: str | Path, payload: Any, comm: Communicator) -> None:
             atomic_write(Path(path), buf.getvalue())
         except OSError as exc:
             error = f"{path}: cannot write the checkpoint ({exc.strerror or exc})"
-    error = comm.bcast(error) if comm.size > 1 else error
+    error = comm.bcast(error) if comm is not None and comm.size > 1 else error
     if error is not None:
         raise UsageError(error)
 
@@ -398,12 +400,11 @@ def load_full_checkpoint(model: Model, checkpoint: Mapping[str, Any],
     ``model`` and ``optimizer`` in this layout: each rank copies the entries its stage holds,
     cut to its tensor shard; a :class:`~hpcml.parallel.ShardedOptimizer` keeps its data shard.
 
-    Collective over the mesh (``collective=True``; without a mesh: over the job, for a plain
-    module that every rank holds whole): the ranks agree before anything changes, so a
-    checkpoint that does not fit raises the same ``UsageError`` on every rank and modifies
-    nothing. With ``collective=False`` it does not communicate, and each rank checks only its
-    own part. ``weights=False`` loads the optimizer only (the checkpoint's model part still
-    gives the parameters' shapes)."""
+    Collective over the mesh (``collective=True``): the ranks agree before anything changes, so
+    a checkpoint that does not fit raises the same ``UsageError`` on every rank and modifies
+    nothing. With ``collective=False``, or for a plain module without a mesh (a whole model on
+    this rank), it does not communicate, and each rank checks its own part. ``weights=False``
+    loads the optimizer only (the checkpoint's model part still gives the parameters' shapes)."""
     view = _view(model, mesh)
     error, apply = None, None
     try:
@@ -417,9 +418,9 @@ def load_full_checkpoint(model: Model, checkpoint: Mapping[str, Any],
     apply()
 
 
-def _agree(comm: Communicator, error: str | None) -> str | None:
+def _agree(comm: Communicator | None, error: str | None) -> str | None:
     """The first rank's error, on every rank of ``comm``. Collective (one small allgather)."""
-    if comm.size == 1:
+    if comm is None or comm.size == 1:
         return error
     return next((e for e in comm.allgather(error) if e is not None), None)
 
