@@ -60,8 +60,10 @@ def pipeline_step(model, ids, y, scale):
 # name: (data, pipeline, tensor, ZeRO-1)
 LAYOUTS = {"pp4": (1, 4, 1, False), "dp2xtp2": (2, 1, 2, False), "pp2xtp2": (1, 2, 2, False),
            "dp2xtp2-zero1": (2, 1, 2, True), "tp4": (1, 1, 4, False),
+           "dp2xpp2-zero1": (2, 2, 1, True),
            "dp2-zero1": (2, 1, 1, True), "pp2": (1, 2, 1, False), "tp2": (1, 1, 2, False)}
-CHAINS = {2: ["dp2-zero1", "pp2", "tp2"], 4: ["pp4", "dp2xtp2", "pp2xtp2", "dp2xtp2-zero1", "tp4"]}
+CHAINS = {2: ["dp2-zero1", "pp2", "tp2"],
+          4: ["pp4", "dp2xtp2", "pp2xtp2", "dp2xtp2-zero1", "dp2xpp2-zero1", "tp4"]}
 
 
 def build(comm, name: str, seed: int, lr: float):
@@ -70,13 +72,13 @@ def build(comm, name: str, seed: int, lr: float):
     model = net(seed)
     if tensor > 1:
         parallelize(model, mesh.tensor)
+    if stages > 1:  # (with data replicas it averages the gradients itself)
+        model = hp.PipelineModel(model, mesh, sample=(batch(0)[0][:2],), microbatches=2)
     if zero:
         return mesh, model, hp.ShardedOptimizer(list(model.parameters()), torch.optim.Adam,
                                                 mesh.data, lr=lr)
-    if stages > 1:
-        model = hp.PipelineModel(model, mesh, sample=(batch(0)[0][:2],), microbatches=2)
     adam = torch.optim.Adam(model.parameters(), lr=lr)
-    if data > 1:
+    if data > 1 and stages == 1:
         return mesh, model, hp.DistributedOptimizer(adam, model, comm=mesh.data)
     return mesh, model, adam
 
