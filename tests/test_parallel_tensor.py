@@ -294,6 +294,14 @@ def check_attention_dropout(comm) -> None:
         attn(x, x, x)
         ctx = comm.allgather(seen[0].unflatten(-1, (-1, 2))[..., 0, :])  # this rank's first head
         assert all(torch.equal(c, ctx[0]) for c in ctx) != training, training
+    # the training path (explicit softmax, then the sharded dropout) computes what SDPA computes,
+    # fully masked rows included: compare with a dropout that (almost surely) keeps everything
+    mask = torch.zeros(5, 5)
+    mask[2] = float("-inf")
+    attn.dropout = 1e-12
+    want = attn.eval()(x, x, x, attn_mask=mask)[0]
+    got = attn.train()(x, x, x, attn_mask=mask)[0]
+    assert rel_err(got, want) <= 1e-5 and not got.isnan().any()
     model = parallelize(Transformer(vocab=13, d_model=16, heads=4, layers=1, ff=32,
                                     dropout=0.3, sparse=False), comm)
     states = []

@@ -170,7 +170,9 @@ class HeadParallelAttention(nn.Module):
         if self.training and self.dropout > 0 and self.comm.size > 1:
             # this rank's heads: a mask independent of the other ranks' (tensor.rng)
             scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
-            probs = (scores if mask is None else scores + mask).softmax(dim=-1)
+            scores = scores if mask is None else scores + mask
+            dead = scores.isneginf().all(dim=-1, keepdim=True)  # rows that see no key: 0, as
+            probs = scores.masked_fill(dead, 0.0).softmax(dim=-1).masked_fill(dead, 0.0)  # SDPA
             ctx = sharded_dropout(probs, self.dropout, True, self.comm) @ v
         else:
             ctx = F.scaled_dot_product_attention(
