@@ -241,11 +241,12 @@ def full_checkpoint(model: Model, optimizer: torch.optim.Optimizer | None = None
     out: dict[str, Any] = {"format": FORMAT,
                            "model": {k: got[("model", k)] for k in view.tensors}}
     if optimizer is not None:
-        state: dict[str, dict[str, Any]] = {}
-        for name in param_names(view.module).values():
-            keys = [leaf[2] for leaf in got if leaf[:2] == ("optimizer", name)]
-            if keys:
-                state[name] = {k: got[("optimizer", name, k)] for k in sorted(keys)}
+        by_name: dict[str, dict[str, Any]] = {}
+        for leaf, value in got.items():
+            if leaf[0] == "optimizer":
+                by_name.setdefault(leaf[1], {})[leaf[2]] = value
+        state = {n: dict(sorted(by_name[n].items()))
+                 for n in param_names(view.module).values() if n in by_name}
         out["optimizer"] = {"state": state, "param_groups": _merge_groups(view, per_stage)}
     return out
 
