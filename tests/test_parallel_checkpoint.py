@@ -215,6 +215,8 @@ def test_refused_loads_name_the_key_and_change_nothing(tmp_path):
     torch.save({"evil": nn.Linear(2, 2)}, tmp_path / "pickled.pt")
     with pytest.raises(UsageError, match="refused to load"):
         hp.load_checkpoint(tmp_path / "pickled.pt", target)
+    with pytest.raises(UsageError, match="cannot write the checkpoint"):
+        hp.save_checkpoint(tmp_path / "ok.pt" / "under-a-file.pt", model, adam)
     # and the good one loads: model and optimizer equal the saved ones
     hp.load_checkpoint(tmp_path / "ok.pt", target, target_adam)
     for k, v in model.state_dict().items():
