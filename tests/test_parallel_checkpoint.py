@@ -18,6 +18,7 @@ from torch import nn
 
 import hpcml.parallel as hp
 from hpcml.errors import UsageError
+from hpcml.parallel.layout_checkpoint import gather_full
 from hpcml.parallel.tensor import parallelize
 from hpcml.testing import mpi_test
 
@@ -141,9 +142,14 @@ def test_checkpoints_move_between_layouts(comm):
             train(mesh, model, optimizer, steps)
             steps += 1
         hp.save_checkpoint(folder / f"{name}.pt", model, optimizer, mesh)
+        pieces = gather_full(model, dict(model.named_parameters()), mesh)  # the same mechanism
         if comm.rank == 0:
-            assert_checkpoint_is_reference(torch.load(folder / f"{name}.pt", weights_only=True),
-                                           steps)
+            state = torch.load(folder / f"{name}.pt", weights_only=True)
+            assert_checkpoint_is_reference(state, steps)
+            assert pieces.keys() == dict(net(0).named_parameters()).keys()
+            assert all(torch.equal(v, state["model"][k]) for k, v in pieces.items())
+        else:
+            assert pieces is None
     # one process (every rank on its own): load the last layout's checkpoint, one more step
     single = net(99)
     adam = torch.optim.Adam(single.parameters(), lr=0.5)
@@ -212,6 +218,8 @@ def test_refused_loads_name_the_key_and_change_nothing(tmp_path):
     refused({k: v for k, v in state.items() if k != "optimizer"}, "no optimizer state",
             target_adam)
     refused(state["model"], "not a hpcml.parallel.full/1 checkpoint")
+    with pytest.raises(UsageError, match=r"gather_full: \['nope'\] are not keys"):
+        gather_full(model, {"nope": torch.zeros(1)})
     torch.save({"evil": nn.Linear(2, 2)}, tmp_path / "pickled.pt")
     with pytest.raises(UsageError, match="refused to load"):
         hp.load_checkpoint(tmp_path / "pickled.pt", target)

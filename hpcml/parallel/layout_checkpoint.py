@@ -163,6 +163,54 @@ def _owned(view: _View, opt_state: dict[str, dict[str, Any]] | None,
     return leaves
 
 
+def _gather_leaves(view: _View, leaves: list[tuple[tuple[str, ...], Any, Shard | None]],
+                   extra: Any) -> tuple[dict[tuple[str, ...], Any], list[Any]] | None:
+    """This stage's leaves made whole over the tensor group, then every stage's (and its
+    ``extra``) at stage 0 of the calling data replica; None elsewhere. Collective over the
+    replica's tensor and pipeline groups, with the same leaves on every tensor rank of a
+    stage."""
+    tp = view.tensor
+    if tp is not None and tp.size > 1:
+        layout = [(leaf, s) for leaf, _, s in leaves]
+        if any(other != layout for other in tp.allgather(layout)):
+            raise RuntimeError("layout checkpoint: the tensor ranks of a stage hold different "
+                               "entries (an optimizer stepped on some ranks only?)")
+        whole = iter(full_tensors([(v, s) for _, v, s in leaves
+                                   if isinstance(v, torch.Tensor)], tp))
+        leaves = [(leaf, next(whole) if isinstance(v, torch.Tensor) else v, None)
+                  for leaf, v, _ in leaves]
+    if view.tensor_rank != 0:
+        return None
+    items = [(leaf, v) for leaf, v, _ in leaves]
+    if view.pipe is None or view.pipe.size == 1:
+        return dict(items), [extra]
+    return _to_stage0(view.pipe, items, extra)
+
+
+def gather_full(model: Model, tensors: Mapping[str, torch.Tensor],
+                mesh: Mesh | None = None) -> dict[str, torch.Tensor] | None:
+    """The whole, single-process values of per-rank pieces, in ``module.state_dict()`` order,
+    on mesh rank 0; None elsewhere. ``tensors`` maps state-dict keys (parameter names among
+    them) to this rank's piece: for a parameter a tensor of its local shape (the parameter,
+    its gradient, an optimizer moment), for a buffer the buffer. Only the keys this rank's
+    stage saves are used, so a rank may pass everything it holds. Collective over the mesh like
+    :func:`full_checkpoint`, every rank passing the keys the other ranks of its stage pass."""
+    view = _view(model, mesh)
+    unknown = sorted(k for k in tensors if k not in view.tensors)
+    if unknown:
+        raise UsageError(f"gather_full: {unknown[:3]} are not keys of the module's state_dict; "
+                         "pass parameter names as in module.named_parameters()")
+    if view.data_rank != 0:
+        return None
+    leaves = [(("model", k), tensors[k].detach(), view.shards.get(k)) for k in sorted(tensors)
+              if view.owner[k] == view.stage]
+    gathered = _gather_leaves(view, leaves, None)
+    if gathered is None:
+        return None
+    got = gathered[0]
+    return {k: got[("model", k)] for k in view.tensors if ("model", k) in got}
+
+
 def _to_stage0(comm: Communicator, items: list[tuple[tuple[str, ...], Any]], extra: Any,
                ) -> tuple[dict[tuple[str, ...], Any], list[Any]] | None:
     """Every stage's items and ``extra`` at stage 0 (None elsewhere). Collective over
@@ -217,27 +265,10 @@ def full_checkpoint(model: Model, optimizer: torch.optim.Optimizer | None = None
     opt_state, groups = _optimizer_part(view, optimizer) if optimizer is not None else (None, [])
     if view.data_rank != 0:
         return None
-    leaves = _owned(view, opt_state)
-    tp = view.tensor
-    if tp is not None and tp.size > 1:
-        layout = [(leaf, s) for leaf, _, s in leaves]
-        if any(other != layout for other in tp.allgather(layout)):
-            raise RuntimeError("full_checkpoint: the tensor ranks of a stage hold different "
-                               "entries (optimizer stepped on some ranks only?)")
-        whole = iter(full_tensors([(v, s) for _, v, s in leaves
-                                   if isinstance(v, torch.Tensor)], tp))
-        leaves = [(leaf, next(whole) if isinstance(v, torch.Tensor) else v, None)
-                  for leaf, v, _ in leaves]
-    if view.tensor_rank != 0:
+    gathered = _gather_leaves(view, _owned(view, opt_state), groups)
+    if gathered is None:
         return None
-    items = [(leaf, v) for leaf, v, _ in leaves]
-    if view.pipe is None or view.pipe.size == 1:
-        got, per_stage = dict(items), [groups]
-    else:
-        gathered = _to_stage0(view.pipe, items, groups)
-        if gathered is None:
-            return None
-        got, per_stage = gathered
+    got, per_stage = gathered
     out: dict[str, Any] = {"format": FORMAT,
                            "model": {k: got[("model", k)] for k in view.tensors}}
     if optimizer is not None:

@@ -45,6 +45,14 @@ def state_owners(pmodel: PipelineModel) -> dict[str, tuple[torch.Tensor, int, st
     return out
 
 
+def gather_full(pmodel: PipelineModel, tensors: Mapping[str, torch.Tensor],
+                ) -> dict[str, torch.Tensor] | None:
+    """:func:`hpcml.parallel.layout_checkpoint.gather_full` over the model's mesh: the whole
+    values of per-rank pieces (parameters, gradients, optimizer moments) keyed by state-dict
+    key, on the mesh's first rank. Collective over the mesh."""
+    return fc.gather_full(pmodel, tensors)
+
+
 def full_state_dict(pmodel: PipelineModel) -> dict[str, torch.Tensor] | None:
     """The unsharded ``module.state_dict()`` (tensor shards gathered too) on the mesh's rank 0,
     None elsewhere. Collective over the mesh."""
