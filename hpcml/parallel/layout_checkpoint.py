@@ -22,13 +22,16 @@ Saving composes three gathers, innermost first, the same code for every layout:
 3. pipeline: each entry's owner stage sends it to stage 0 (one gather of small metadata, then
    ``Send``/``Recv`` per tensor); mesh rank 0 (coordinates all 0, world rank 0) has it all.
 
-Loading runs the chain backwards without communication: each rank takes the entries its stage
-holds, cuts its tensor shard of parameters and element-wise state alike, and a ZeRO-1 optimizer
-keeps the slices of its data shard. Before anything changes, every rank checks what it will load
-(keys, shapes, parameter names and groups) and the ranks agree (one small allgather): a refused
-checkpoint raises the same one-line ``UsageError``, naming the key, on every rank, and nothing is
-modified. Files are written atomically (:func:`hpcml.rundir.atomic_write`) and read with
-``torch.load(weights_only=True)``: tensors and plain values only, no code.
+:func:`gather_full` runs the tensor and pipeline gathers on any per-rank pieces keyed like the
+state dict (gradients, say). Loading runs the chain backwards without communication: each rank
+takes the entries its stage holds, cuts its tensor shard of parameters and element-wise state
+alike (a state tensor with as many dimensions as its parameter must have its full shape), and a
+ZeRO-1 optimizer keeps the slices of its data shard. Before anything changes, every rank checks
+what it will load (keys, shapes, parameter names and groups) and the ranks agree (one small
+allgather): a refused checkpoint raises the same one-line ``UsageError``, naming the key, on
+every rank, and nothing is modified. Files are written atomically
+(:func:`hpcml.rundir.atomic_write`) and read with ``torch.load(weights_only=True)``: tensors and
+plain values only, no code.
 """
 
 from __future__ import annotations
