@@ -63,6 +63,7 @@ _RAW_16BIT: dict[Any, tuple[MPI.Datatype, int]] = {}
 # when full, so it holds the buffers a program reuses (pipeline and tensor-parallel ones).
 _SPECS: dict[int, tuple[int, Any, tuple[Any, int, int, None]]] = {}
 _SPECS_MAX = 256
+_specs_get = _SPECS.get
 
 
 def _torch_types() -> type | None:
@@ -124,14 +125,17 @@ def message(obj: Any, reduce: bool = False) -> tuple[Any, int, int, Callable[[],
         dtype = obj.dtype
         if obj.is_cpu and obj.is_contiguous():
             ptr, nbytes = obj.data_ptr(), obj.nbytes
-            known = _SPECS.get(ptr)
+            known = _specs_get(ptr)
             if known is not None and known[0] == nbytes and known[1] is dtype:
                 return known[2]
-            entry = _MPI_TYPES.get(dtype) or (None if reduce else _RAW_16BIT.get(dtype))
+            entry = _MPI_TYPES.get(dtype)
+            remember = entry is not None  # then the answer holds for reduce=False and True
+            if not remember and not reduce:
+                entry = _RAW_16BIT.get(dtype)
             if entry is not None and nbytes:
                 mpitype, itemsize = entry
                 answer = [_from_address(ptr, nbytes), mpitype], nbytes, itemsize, None
-                if dtype in _MPI_TYPES:  # the answer for reduce=False and True alike
+                if remember:
                     if len(_SPECS) >= _SPECS_MAX:
                         _SPECS.clear()
                     _SPECS[ptr] = (nbytes, dtype, answer)
