@@ -25,8 +25,23 @@ where it is needed. Forward activations go to the next stage, gradients to the p
 a header with the shapes of all earlier unit outputs, so shapes may change per microbatch.
 
 Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.GradientReducer`
-(its buckets launch during the last microbatch's backward); after the schedule, gradients of
-parameters held by several stages (tied weights) are summed over the pipeline.
+(its buckets launch during the last microbatch's backward), unless ``data_reduction=
+"optimizer"`` leaves that to a :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data``
+(ZeRO-1 reduce-scatters the gradients itself); after the schedule, gradients of parameters
+held by several stages (tied weights) are summed over the pipeline.
+
+Combining with the other parallelisms, in this order (every rank builds the same model):
+
+1. tensor parallelism: ``parallelize(model, mesh.tensor)`` on the whole model first; each
+   stage's units then run their tensor-parallel collectives within ``mesh.tensor`` (all tensor
+   ranks of a stage run the same schedule), activations travel between the stages of each
+   tensor coordinate, and the last stage computes the loss (e.g.
+   :func:`~hpcml.parallel.tensor.vocab_parallel_cross_entropy` over ``mesh.tensor``);
+2. ``PipelineModel(model, mesh, ...)``, with ``data_reduction="optimizer"`` for ZeRO-1;
+3. the optimizer over ``pmodel.parameters()`` (this stage's, this tensor rank's pieces):
+   ``ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, ...)`` for ZeRO-1. It
+   rebinds the parameters' storage to its flat buffer; the pipeline reads the parameters'
+   storages at every step, so they are still not counted as activations.
 Gradients of one step are the *sum* over microbatches of ``model.backward(loss)``: to average,
 divide the loss by ``model.microbatches``. One ``model(...)`` call per step. Under
 ``torch.no_grad()`` a step runs the forwards only (evaluation); the module calls must still
@@ -67,6 +82,8 @@ from hpcml.parallel.pipeline_trace import (
     trace,
 )
 from hpcml.parallel.reductions import make_reduction
+
+DATA_REDUCTIONS = ("allreduce", "optimizer")
 
 
 class _StageDone(Exception):
@@ -152,6 +169,10 @@ class PipelineModel:
     about ``units_per_stage`` per stage).
     ``checkpoint_stages`` / ``checkpoint_modules``: recompute the activations of the units of
     these stages / of modules with these names (or names under them) in the backward pass.
+    ``data_reduction``: ``"allreduce"`` (the model averages every gradient over
+    ``mesh.data``) or ``"optimizer"`` (it leaves them unreduced, for a
+    :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data`` that reduce-scatters them;
+    with any other optimizer the replicas would drift apart).
     The parameters this rank holds (``parameters()``) are broadcast from data replica 0, and
     shared ones from their owner stage, so every replica starts equal."""
 
@@ -161,13 +182,17 @@ class PipelineModel:
                  balance: str = "measured", units_per_stage: int = 2,
                  units: Sequence[str] | None = None,
                  checkpoint_stages: Sequence[int] = (),
-                 checkpoint_modules: Sequence[str] = ()) -> None:
+                 checkpoint_modules: Sequence[str] = (),
+                 data_reduction: str = "allreduce") -> None:
         if schedule not in SCHEDULES:
             raise UsageError(f"schedule: {schedule!r} is not one of {list(SCHEDULES)}")
         if balance not in ("measured", "params"):
             raise UsageError(f"balance: {balance!r} is not 'measured' or 'params'")
         if microbatches < 1:
             raise UsageError(f"microbatches: must be >= 1, got {microbatches}")
+        if data_reduction not in DATA_REDUCTIONS:
+            raise UsageError(f"data_reduction: {data_reduction!r} is not one of "
+                             f"{list(DATA_REDUCTIONS)}")
         self.module, self.mesh, self.microbatches = module, mesh, microbatches
         self.schedule = schedule
         self.comm = mesh.pipeline
@@ -201,14 +226,17 @@ class PipelineModel:
         self._micro: dict[int, _Micro] = {}
         self._current: _Micro | None = None
         self._sends: list[tuple[Request, torch.Tensor]] = []
-        self._storages = param_storages(module)
+        self._storages: set[int] = set()
         self.stats: dict[str, float] = {}
         self._broadcast_parameters()
         # data parallelism: hpcml's one gradient reducer, launched on the last microbatch's
-        # backward (overlapping it), over this stage's parameters
+        # backward (overlapping it), over this stage's parameters -- unless the optimizer
+        # reduces them (ZeRO-1)
+        self.data_reduction = data_reduction
         self._reducer = GradientReducer(
             mesh.data, list(reversed(self.named_parameters())), make_reduction("dense_allreduce"),
-            passes=microbatches) if mesh.data.size > 1 else None
+            passes=microbatches) if mesh.data.size > 1 and data_reduction == "allreduce" \
+            else None
         modules = dict(module.named_modules())
         for unit in self.trace.units:
             mod = modules[unit]
@@ -442,11 +470,14 @@ class PipelineModel:
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, fn: Callable, args: tuple, kwargs: dict) -> StepOutput:
         """Run ``fn`` over the microbatches of ``args``/``kwargs`` with the schedule, then
-        average all gradients over the data group and sum shared ones over the pipeline.
+        average all gradients over the data group (unless ``data_reduction="optimizer"``) and
+        sum shared ones over the pipeline.
         Under ``torch.no_grad()`` only the forwards run (evaluation; ``fn`` must not call
         ``model.backward``). Collective over the mesh."""
         chunks = split_microbatches(args, kwargs, self.microbatches)
         training = torch.is_grad_enabled()
+        # read now: an optimizer built after the model (ZeRO-1) may have moved them
+        self._storages = param_storages(self.module)
         actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage) \
             if training else [("F", m) for m in range(self.microbatches)]
         waited = {"F": 0.0, "B": 0.0}
@@ -488,8 +519,9 @@ class PipelineModel:
                           self.comm)
 
     def _reduce_gradients(self) -> None:
-        """Average every held gradient over the data group (the reducer), then sum shared
-        parameters' gradients over the pipeline (one flat Allreduce). The two commute."""
+        """Average every held gradient over the data group (the reducer, if the model reduces
+        them), then sum shared parameters' gradients over the pipeline (one flat Allreduce).
+        The two commute, so a ZeRO-1 optimizer may average after the sum."""
         if self._reducer is not None:
             self._reducer.synchronize()
         if not self.plan.shared:
@@ -546,12 +578,17 @@ class PipelineModel:
         return name in self._held_set
 
     def full_shape(self, name: str) -> torch.Size:
-        """Parameter ``name``'s shape in the unsplit model (also where this rank freed it)."""
+        """Parameter ``name``'s shape in the unsplit pipeline (also where this rank freed it);
+        under tensor parallelism, that of this tensor rank's piece."""
         return self._shapes[name]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """See :func:`~hpcml.parallel.pipeline_checkpoint.full_state_dict`. Collective."""
         return pipeline_checkpoint.full_state_dict(self)
+
+    def gather_full(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.gather_full`. Collective."""
+        return pipeline_checkpoint.gather_full(self, tensors)
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """See :func:`~hpcml.parallel.pipeline_checkpoint.load_full_state_dict`."""
