@@ -16,9 +16,10 @@ from hpcml.parallel.tensor.plan import (
     full_state_dict,
     load_full_state_dict,
     parallelize,
+    sharded_parameters,
 )
 
 __all__ = ["ColumnParallelLinear", "HeadParallelAttention", "RowParallelLinear", "Shard",
            "VocabParallelEmbedding", "copy_to", "default_plan", "full_state_dict", "gather",
-           "load_full_state_dict", "parallelize", "reduce_from", "scatter",
+           "load_full_state_dict", "parallelize", "reduce_from", "scatter", "sharded_parameters",
            "vocab_parallel_cross_entropy", "vocab_range"]
