@@ -19,6 +19,7 @@ from torch import nn
 
 import hpcml.parallel as hp
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
+from hpcml.parallel.pipeline_trace import trace
 from hpcml.parallel.tensor import sharded_parameters, vocab_parallel_cross_entropy
 from hpcml.testing import mpi_test
 
@@ -136,6 +137,9 @@ def check_pipeline_x_tensor(comm, schedule: str) -> None:
         want = local_piece(pmodel.module, name, ref_grads[name], tp)
         assert p.grad.shape == want.shape, name
         assert rel_err(p.grad, want) <= 1e-5, (schedule, name, rel_err(p.grad, want))
+    # every rank (each tensor rank of each stage) works with the same partition and plan
+    assert len({repr((p.stage_of, p.live, sorted(p.holders.items())))
+                for p in comm.allgather(pmodel.plan)}) == 1
     # every parameter is held somewhere; the embedding by the first and the last stage
     held = comm.allgather(sorted(n for n, _ in pmodel.named_parameters()))
     assert set().union(*held) == set(ref_grads)
@@ -239,3 +243,16 @@ def test_hybrid_layouts_match_single_process(comm):
             check_pipeline_x_tensor(comm, schedule)
         check_pipeline_x_tensor_adam(comm)
     check_pipeline_x_zero(comm, data=comm.size // 2)
+
+
+def test_trace_structure_digest_ignores_shapes_not_structure():
+    """What the ranks compare before sharing rank 0's partition: equal for the same model
+    traced on batches of other shapes (or other weights), different for another model."""
+    def digest(model: nn.Module, n: int, length: int) -> str:
+        return trace(model, lm_batch(0, n, length)[:1], {}, stages=2).structure()
+
+    torch.manual_seed(0)
+    first = digest(TiedLM(), 2, 3)
+    torch.manual_seed(1)
+    assert digest(TiedLM(), 3, 5) == first
+    assert digest(TiedLM(blocks=3), 2, 3) != first

@@ -203,10 +203,13 @@ class PipelineModel:
                                list(units) if units is not None else None)
         except ValueError as exc:
             raise UsageError(f"units: {exc}") from None
-        counts = mesh.world.allgather(len(self.trace.calls))
-        if len(set(counts)) != 1:
-            raise RuntimeError(f"ranks traced different numbers of module calls {counts}: the "
-                               "model or the sample differs between ranks")
+        # the partition is computed from rank 0's measured costs and broadcast; the plan each
+        # rank derives from it is the same only if every rank traced the same structure
+        digests = mesh.world.allgather((len(self.trace.calls), self.trace.structure()))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks traced different module calls (numbers of calls "
+                               f"{[n for n, _ in digests]}, or their outputs or dependencies "
+                               "differ): the model or the sample differs between ranks")
         self.costs, stage_of = self._partition(balance, partition or {})
         names = param_names(module)
         self.plan: Plan = make_plan(self.trace, stage_of, self.stages, list(names.values()))
