@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hpcml.parallel as hp
+from hpcml.errors import UsageError
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
 from hpcml.parallel.pipeline_trace import trace
 from hpcml.parallel.tensor import sharded_parameters, vocab_parallel_cross_entropy
@@ -240,6 +241,10 @@ def check_pipeline_x_zero(comm, data: int) -> None:
                      if v.dim() > 0)
     assert zero_state <= plain_state // data + 2 * data, (zero_state, plain_state)
     assert zero.exchange_bytes == 0  # no gradient buckets: the optimizer reduces
+    with pytest.raises(UsageError, match="gather_full: \\['blocks.9.fc1.weight'\\] are not keys"):
+        zero.gather_full({"blocks.9.fc1.weight": torch.zeros(1)})
+    with pytest.raises(UsageError, match="data_reduction: 'zero' is not one of"):
+        hp.PipelineModel(TiedLM(), mesh, sample=sample, data_reduction="zero")
 
 
 @mpi_test(ranks=[2, 4], timeout=240)

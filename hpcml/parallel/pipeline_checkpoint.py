@@ -63,18 +63,25 @@ def gather_full(pmodel: PipelineModel, tensors: Mapping[str, torch.Tensor],
     sends the whole tensors to stage 0 over the pipeline (shapes first, as one small object).
     Collective over the mesh: every rank calls it, passing the keys the other ranks of its
     stage pass; ranks of data replicas other than 0 return None without communicating."""
+    owners = state_owners(pmodel)
+    unknown = sorted(k for k in tensors if k not in owners)
+    if unknown:
+        raise UsageError(f"gather_full: {unknown[:3]} are not keys of the module's state_dict; "
+                         "pass parameter names as in module.named_parameters()")
     coords = pmodel.mesh.coords
     if coords["data"] != 0:
         return None
-    owners = state_owners(pmodel)
     shards = sharded_parameters(pmodel.module)
     tp = pmodel.mesh.tensor
+    first = coords["tensor"] == 0
     mine: dict[str, torch.Tensor] = {}
     for key in sorted(k for k in tensors if owners[k][1] == pmodel.stage):
         piece = tensors[key].detach()
-        mine[key] = shards[key].full(piece, tp) if key in shards and tp.size > 1 else \
-            piece.clone()
-    if coords["tensor"] != 0:
+        if key in shards and tp.size > 1:
+            mine[key] = shards[key].full(piece, tp)  # collective over the stage's tensor group
+        elif first:  # stage 0 returns it: a copy, not the rank's own tensor
+            mine[key] = piece.clone() if pmodel.stage == 0 else piece
+    if not first:
         return None
     comm = pmodel.comm
     metas = comm.gather({k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
