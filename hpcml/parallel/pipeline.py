@@ -558,6 +558,9 @@ class PipelineModel:
         shared = self.plan.shared
         if shared:
             lines.append(f"\nshared across stages (gradients summed): {', '.join(shared)}")
+        if self.mesh.tensor.size > 1:
+            lines.append(f"\nparameters: tensor rank {self.mesh.tensor.rank}'s pieces (tensor "
+                         f"degree {self.mesh.tensor.size})")
         return "\n".join(lines)
 
     def stage_table(self) -> str:
