@@ -30,6 +30,12 @@ Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.Gradien
 (ZeRO-1 reduce-scatters the gradients itself); after the schedule, gradients of parameters
 held by several stages (tied weights) are summed over the pipeline.
 
+Gradients of one step are the *sum* over microbatches of ``model.backward(loss)``: to average,
+divide the loss by ``model.microbatches``. One ``model(...)`` call per step. Under
+``torch.no_grad()`` a step runs the forwards only (evaluation); the module calls must still
+follow the traced sequence (``nn.TransformerEncoderLayer`` takes a fused path without grad, so
+keep such layers whole units there).
+
 Combining with the other parallelisms, in this order (every rank builds the same model):
 
 1. tensor parallelism: ``parallelize(model, mesh.tensor)`` on the whole model first; each
@@ -42,11 +48,6 @@ Combining with the other parallelisms, in this order (every rank builds the same
    ``ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, ...)`` for ZeRO-1. It
    rebinds the parameters' storage to its flat buffer; the pipeline reads the parameters'
    storages at every step, so they are still not counted as activations.
-Gradients of one step are the *sum* over microbatches of ``model.backward(loss)``: to average,
-divide the loss by ``model.microbatches``. One ``model(...)`` call per step. Under
-``torch.no_grad()`` a step runs the forwards only (evaluation); the module calls must still
-follow the traced sequence (``nn.TransformerEncoderLayer`` takes a fused path without grad, so
-keep such layers whole units there).
 """
 
 from __future__ import annotations
