@@ -103,6 +103,11 @@ def nmt_step(model, src, tgt_in, tgt_out, tp):
 
 
 @hp.step
+def predict(model, src, tgt_in):
+    return model(src, tgt_in)
+
+
+@hp.step
 def lm_step(model, ids, target, tp, scale):
     logits = model(ids)
     loss = scale * (vocab_parallel_cross_entropy(logits, target, tp, reduction="sum")
@@ -163,6 +168,16 @@ def check_pipeline_x_tensor(comm, schedule: str) -> None:
             assert torch.equal(state[name], value), name
     else:
         assert full is None and state is None
+    # evaluation: forward-only steps; the last stage returns its vocabulary slice of the logits
+    with torch.no_grad():
+        out = predict(pmodel, src, tgt_in)
+        if pmodel.stage == 1:
+            lo, hi = pmodel.module.embed.vocab_start, pmodel.module.embed.vocab_end
+            for got, s, i in zip(out.outputs, src.tensor_split(3), tgt_in.tensor_split(3),
+                                 strict=True):
+                assert rel_err(got, ref(s, i)[..., lo:hi]) <= 1e-5
+        else:
+            assert out.outputs == []
 
 
 def check_pipeline_x_tensor_adam(comm) -> None:
