@@ -26,7 +26,8 @@ import hpcml.parallel as hp
 from hpcml.errors import UsageError
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
 from hpcml.parallel.pipeline_trace import trace
-from hpcml.parallel.tensor import sharded_parameters, vocab_parallel_cross_entropy
+from hpcml.parallel.tensor import vocab_parallel_cross_entropy
+from hpcml.parallel.tensor.plan import sharded_parameters
 from hpcml.testing import launch, mpi_test
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pipeline_hybrid_nmt.py"

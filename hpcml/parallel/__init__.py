@@ -10,8 +10,6 @@ same state. Tensor parallelism (:mod:`.tensor`): :func:`parallelize` splits laye
 tensor-parallel communicator. Optimizer-state sharding (:mod:`.sharding`, ZeRO-1):
 :class:`ShardedOptimizer`. Pipeline parallelism (:mod:`.pipeline`): :class:`PipelineModel`
 splits any ``nn.Module`` into stages and :func:`step` runs the user's step over microbatches.
-They combine over one mesh: data x pipeline x tensor, with or without ZeRO-1 (the order is in
-:mod:`.pipeline`'s docstring).
 
 Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
 not pay for importing torch.

@@ -16,10 +16,9 @@ from hpcml.parallel.tensor.plan import (
     full_state_dict,
     load_full_state_dict,
     parallelize,
-    sharded_parameters,
 )
 
 __all__ = ["ColumnParallelLinear", "HeadParallelAttention", "RowParallelLinear", "Shard",
            "VocabParallelEmbedding", "copy_to", "default_plan", "full_state_dict", "gather",
-           "load_full_state_dict", "parallelize", "reduce_from", "scatter", "sharded_parameters",
+           "load_full_state_dict", "parallelize", "reduce_from", "scatter",
            "vocab_parallel_cross_entropy", "vocab_range"]
