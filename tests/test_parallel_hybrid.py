@@ -285,11 +285,11 @@ def test_trace_structure_digest_ignores_shapes_not_structure():
     assert digest(TiedLM(blocks=3), 2, 3) != first
 
 
-def test_example_script_trains_alike_in_every_hybrid_layout(tmp_path):
-    """examples/pipeline_hybrid_nmt.py (the README's script): pipeline x tensor and data x
-    pipeline x ZeRO-1 on 4 ranks reach the single process's loss after the same steps on the
-    same global batches (Adam amplifies float rounding a little: 1e-3 relative), and the
-    pipeline x tensor checkpoint is the single-process state dict."""
+def test_example_script_pipeline_x_tensor_trains_like_one_process(tmp_path):
+    """examples/pipeline_hybrid_nmt.py (the README's script) at pipeline 2 x tensor 2 reaches
+    the single process's loss after the same steps on the same global batches (Adam amplifies
+    float rounding a little: 1e-3 relative), and its checkpoint is the single-process state
+    dict. (Data x pipeline x ZeRO-1 is checked step by step above.)"""
     def run(ranks: int, *args: str) -> float:
         res = launch(ranks, [sys.executable, str(EXAMPLE), "--steps", "10", *args],
                      timeout=120, cwd=tmp_path)
@@ -300,6 +300,5 @@ def test_example_script_trains_alike_in_every_hybrid_layout(tmp_path):
     ckpt = tmp_path / "pp2xtp2.pt"
     assert run(4, "--pipeline", "2", "--tensor", "2", "--checkpoint", str(ckpt)) == \
         pytest.approx(single, rel=1e-3)
-    assert run(4, "--pipeline", "2", "--zero") == pytest.approx(single, rel=1e-3)
     plain = Transformer(40, d_model=32, heads=4, layers=2, ff=64, dropout=0.0, sparse=False)
     plain.load_state_dict(torch.load(ckpt, weights_only=True))

@@ -212,10 +212,11 @@ def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
 
 
 def _state_bytes(optimizer: Any) -> tuple[int, int]:
-    """Bytes of optimizer state on this rank, and of ZeRO's gradient buffers (flat gradients,
-    this rank's reduced shard and its send buffer; 0 for a plain optimizer)."""
+    """Bytes of optimizer state on this rank, and of ZeRO's buffers beside the gradients (which
+    live in its flat gradient buffer): this rank's reduced shard and its Allgather send buffer;
+    0 for a plain optimizer."""
     if isinstance(optimizer, ShardedOptimizer):
-        buffers = (optimizer.grad_flat, optimizer.grad_shard, optimizer.send)
+        buffers = (optimizer.grad_shard, optimizer.send)
         return optimizer.state_bytes(), sum(b.numel() * b.element_size() for b in buffers)
     return sum(t.numel() * t.element_size() for s in optimizer.state.values()
                for t in s.values() if isinstance(t, torch.Tensor)), 0
@@ -370,8 +371,8 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
               "peak_h": human_bytes(r["peak_bytes_per_rank"]),
               "fits": "yes" if r["fits_budget"] else "no"} for r in rows]
     notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations + "
-             f"data-parallel reduction buffers (ZeRO-1: the flat gradients and the reduced "
-             f"shard) held by the rank (largest rank); budget "
+             f"data-parallel reduction buffers (ZeRO-1: the reduced gradient shard and the "
+             f"Allgather send buffer) held by the rank (largest rank); budget "
              f"{cfg.budget_mib:g} MiB. Global batch {cfg.batch} sentences of "
              f"{cfg.min_len}-{cfg.max_len} tokens, "
              f"{cfg.microbatches} microbatches. Diffs: first step vs the single-process model "
