@@ -216,7 +216,9 @@ def _state_bytes(optimizer: Any) -> tuple[int, int]:
     live in its flat gradient buffer): this rank's reduced shard and its Allgather send buffer;
     0 for a plain optimizer."""
     if isinstance(optimizer, ShardedOptimizer):
-        buffers = (optimizer.grad_shard, optimizer.send)
+        buffers = [b for b in (optimizer.grad_shard, optimizer.send)
+                   if b.untyped_storage().data_ptr() !=
+                   optimizer.grad_flat.untyped_storage().data_ptr()]
         return optimizer.state_bytes(), sum(b.numel() * b.element_size() for b in buffers)
     return sum(t.numel() * t.element_size() for s in optimizer.state.values()
                for t in s.values() if isinstance(t, torch.Tensor)), 0

@@ -17,7 +17,7 @@ Bytes per rank and step: gradients in = P (one Reduce_scatter of the padded buff
 out = P (one Allgather), the same volume as one ring Allreduce, while the optimizer state falls
 from k P to k P / D (k = 2 tensors per parameter for Adam, 1 for SGD with momentum). Memory
 beyond the parameters and their gradients: the reduced shard and an Allgather send buffer,
-2 P / D (a dense allreduce keeps a bucket copy of P).
+2 P / D (none at D = 1; a dense allreduce keeps a bucket copy of P).
 
 Gradients: ``zero_grad()`` zeroes the flat buffer and points every ``param.grad`` at its slot
 again (so ``param.grad`` is a zero tensor, not None, between steps). A parameter counts as
@@ -81,8 +81,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         first = flat_params[0]
         self.flat = torch.zeros(self.shard_numel * d, dtype=first.dtype, device=first.device)
         self.grad_flat = torch.zeros_like(self.flat)
-        self.grad_shard = torch.zeros(self.shard_numel, dtype=first.dtype, device=first.device)
-        self.send = torch.zeros_like(self.grad_shard)
+        # the reduced shard and the Allgather send buffer; with one rank the shard is the
+        # whole flat gradient and nothing is sent
+        self.grad_shard = torch.zeros(self.shard_numel, dtype=first.dtype, device=first.device) \
+            if d > 1 else self.grad_flat
+        self.send = torch.zeros_like(self.grad_shard) if d > 1 else self.grad_shard[:0]
         lo = dp_comm.rank * self.shard_numel
         hi = lo + self.shard_numel
         self.offsets: list[tuple[nn.Parameter, int]] = []
@@ -138,8 +141,6 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if self.comm.size > 1:
             self.comm.Reduce_scatter(self.grad_flat, self.grad_shard)
             self.comm.Allreduce(has_grad, op="max")
-        else:
-            self.grad_shard.copy_(self.grad_flat)
         if self.average and self.comm.size > 1:
             self.grad_shard.div_(self.comm.size)
         for i, piece, rows in self.pieces:
