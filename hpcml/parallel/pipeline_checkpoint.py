@@ -4,7 +4,8 @@ names, whatever the layout that saved it, loadable in any layout or in one proce
 Every ``module.state_dict()`` entry has an owner stage: for a parameter the first stage that
 holds it (:meth:`~hpcml.parallel.pipeline_plan.Plan.owner`), for a buffer the stage of the first
 call of the unit it belongs to (stage 0 for buffers outside units). :func:`full_state_dict`
-gathers the owners' entries to stage 0 of data replica 0 (``Send``/``Recv`` on the pipeline
+gathers the owners' entries to stage 0 of data replica 0 (:func:`gather_full`: tensor-parallel
+shards over the tensor group within the owner stage, then ``Send``/``Recv`` on the pipeline
 communicator, in key order); :func:`save` writes them with ``torch.save``; :func:`load_full_state`
 reads with ``torch.load(weights_only=True)`` and every rank copies the entries it holds.
 The optimizer's state travels the same way, keyed by parameter name
@@ -23,6 +24,7 @@ from torch import nn
 
 from hpcml.errors import UsageError
 from hpcml.parallel.pipeline_trace import param_names
+from hpcml.parallel.tensor.plan import sharded_parameters
 from hpcml.rundir import atomic_write
 
 if TYPE_CHECKING:
@@ -47,24 +49,60 @@ def state_owners(pmodel: PipelineModel) -> dict[str, tuple[torch.Tensor, int, st
     return out
 
 
-def full_state_dict(pmodel: PipelineModel) -> dict[str, torch.Tensor] | None:
-    """The unsharded ``module.state_dict()`` on stage 0 of data replica 0, None elsewhere.
-    Every rank calls it; only the stages of data replica 0 communicate."""
+def gather_full(pmodel: PipelineModel, tensors: Mapping[str, torch.Tensor],
+                ) -> dict[str, torch.Tensor] | None:
+    """The whole, single-process value of per-rank pieces, on the mesh's first rank (stage 0,
+    data replica 0, tensor rank 0), in ``module.state_dict()`` order; None on other ranks.
+
+    ``tensors`` maps ``module.state_dict()`` keys (parameter names among them) to this rank's
+    piece: for a parameter a tensor of its local shape (the parameter, its gradient, an
+    optimizer moment), for a buffer the buffer. Only the keys this rank's stage owns
+    (:func:`state_owners`) are used, so a rank may pass everything it holds. Within the owner
+    stage, tensor-parallel shards are gathered over ``mesh.tensor``
+    (:func:`~hpcml.parallel.tensor.plan.sharded_parameters`); that stage's tensor rank 0 then
+    sends the whole tensors to stage 0 over the pipeline (shapes first, as one small object).
+    Collective over the mesh: every rank calls it, passing the keys the other ranks of its
+    stage pass; ranks of data replicas other than 0 return None without communicating."""
+    owners = state_owners(pmodel)
+    unknown = sorted(k for k in tensors if k not in owners)
+    if unknown:
+        raise UsageError(f"gather_full: {unknown[:3]} are not keys of the module's state_dict; "
+                         "pass parameter names as in module.named_parameters()")
     coords = pmodel.mesh.coords
-    if coords["data"] != 0 or coords["tensor"] != 0:
+    if coords["data"] != 0:
         return None
-    comm, stage = pmodel.comm, pmodel.stage
-    state: dict[str, torch.Tensor] = {}
-    for i, (key, (t, owner, name)) in enumerate(state_owners(pmodel).items()):
-        if stage == 0 and owner == 0:
-            state[key] = t.detach().clone()
-        elif stage == 0:
-            shape = pmodel.full_shape(name) if name is not None else t.shape
-            state[key] = torch.empty(shape, dtype=t.dtype)
-            comm.Recv(state[key], source=owner, tag=i)
-        elif owner == stage:
-            comm.Send(t.detach().contiguous(), dest=0, tag=i)
-    return state if stage == 0 else None
+    shards = sharded_parameters(pmodel.module)
+    tp = pmodel.mesh.tensor
+    first = coords["tensor"] == 0
+    mine: dict[str, torch.Tensor] = {}
+    for key in sorted(k for k in tensors if owners[k][1] == pmodel.stage):
+        piece = tensors[key].detach()
+        if key in shards and tp.size > 1:
+            mine[key] = shards[key].full(piece, tp)  # collective over the stage's tensor group
+        elif first:  # stage 0 returns it: a copy, not the rank's own tensor
+            mine[key] = piece.clone() if pmodel.stage == 0 else piece
+    if not first:
+        return None
+    comm = pmodel.comm
+    metas = comm.gather({k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+                         for k, v in mine.items()}, root=0)
+    if pmodel.stage != 0:  # sorted key order; the root receives in the same order
+        for key in sorted(mine):
+            comm.Send(mine[key].contiguous(), dest=0, tag=2)
+        return None
+    for source, meta in enumerate(metas[1:], start=1):
+        for key in sorted(meta):
+            shape, dtype = meta[key]
+            mine[key] = torch.empty(shape, dtype=getattr(torch, dtype))
+            comm.Recv(mine[key], source=source, tag=2)
+    return {key: mine[key] for key in owners if key in mine}
+
+
+def full_state_dict(pmodel: PipelineModel) -> dict[str, torch.Tensor] | None:
+    """The unsharded ``module.state_dict()`` (tensor-parallel shards gathered too) on stage 0
+    of data replica 0, tensor rank 0; None elsewhere. Collective over the mesh
+    (:func:`gather_full`)."""
+    return gather_full(pmodel, {key: t for key, (t, _, _) in state_owners(pmodel).items()})
 
 
 def load_full_state_dict(pmodel: PipelineModel, state: Mapping[str, torch.Tensor]) -> None:

@@ -130,8 +130,9 @@ def _keep_off_fused_inference(model: nn.Module) -> None:
             layer.register_forward_pre_hook(lambda _m, _args: None)
 
 
-def _sharded(model: nn.Module) -> dict[str, Any]:
-    """Full parameter name -> Shard for every sharded parameter of ``model``."""
+def sharded_parameters(model: nn.Module) -> dict[str, Any]:
+    """Full parameter name -> Shard for every sharded parameter of ``model`` (every name of a
+    parameter registered under several). Pure."""
     out = {}
     for prefix, module in model.named_modules():
         for pname, shard in getattr(module, "tp_shards", {}).items():
@@ -150,7 +151,7 @@ def full_state_dict(model: nn.Module, tp_comm: Communicator) -> dict[str, torch.
     every rank gets the whole dict (save it from one rank). It loads with
     ``single_model.load_state_dict(sd)``, and into another tensor degree T' by loading it into
     a fresh single-process model and calling :func:`parallelize` with T' ranks."""
-    shards = _sharded(model)
+    shards = sharded_parameters(model)
     return {name: shards[name].full(value, tp_comm) if name in shards else value.detach().clone()
             for name, value in model.state_dict().items()}
 
@@ -159,7 +160,7 @@ def load_full_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor],
                          tp_comm: Communicator) -> None:
     """Load a full (single-process) state dict into a parallelized ``model``: each rank keeps
     its shard of every sharded entry. Not collective (slicing only)."""
-    shards = _sharded(model)
+    shards = sharded_parameters(model)
     local = {name: shards[name].local(value, tp_comm.size, tp_comm.rank) if name in shards
              else value for name, value in state.items()}
     model.load_state_dict(local)
