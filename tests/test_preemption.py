@@ -6,7 +6,8 @@ boundary with a checkpoint and ``status = "preempted"`` (which ``hpcml sweep sta
 and the run resumes to the uninterrupted result; a signal during the last step lets the run
 finish cleanly (``complete``), never a killed rank.
 
-Every other iterative kind (qsparse sync and async, consensus, coded, Qsparse NMT), configured
+Every other iterative kind (qsparse sync, allreduce and async, consensus, coded, Qsparse NMT,
+bench-optimizers), configured
 for far more iterations than it can do before the signal: it stops soon after the signal with
 exit code 0 and ``preempted``, and what it reports is the state of the iterations it did,
 checked against an independent count (bits, rounds, privacy in closed form, metrics lines, the
@@ -221,6 +222,17 @@ def check_nmt_resumes(run: Path, summary: dict) -> int:
     return steps
 
 
+def check_bench_optimizers(run: Path, summary: dict) -> int:
+    done = summary["runs_done"]
+    assert summary["runs_planned"] == 2 * 4 * 1000 and len(summary["runs"]) == done
+    assert sum(row["seeds"] for row in summary["rows"]) == done  # every run done is complete
+    assert all(r["steps"][-1] == 4 for r in summary["runs"])
+    table = (run / "table.md").read_text()
+    assert f"stopped by {summary['stopped_by']} after {done} of 8000 runs" in table
+    assert (run / "val-loss.png").stat().st_size > 0
+    return done
+
+
 # case: (job kind, ranks, signal, hpcml run arguments, when to send it, check of the results)
 CASES = {
     "qsparse-sync": ("qsparse", 2, signal.SIGUSR1, ["jobs/qsparse-sync.toml", *sets(
@@ -237,6 +249,11 @@ CASES = {
     "coded": ("coded", 3, signal.SIGUSR1, ["jobs/coded.toml", *sets(
         f"solver.iterations={MANY}", "code.wait_for=1")],
         lambda run, out: "solving (" in out, check_coded),
+    "bench-optimizers": ("bench-optimizers", 2, signal.SIGTERM, ["jobs/bench-optimizers.toml",
+        *sets("steps=4", "seeds=1000", "eval_every=2", "eval_windows=4", "batch_size=4",
+              "model.d_model=16", "model.heads=2", "model.layers=1", "model.ff=32",
+              "model.context=16", 'optimizers=["adam", "mada"]')],
+        lambda run, out: "final val loss" in out, check_bench_optimizers),
     "qsparse-nmt": ("transformer-nmt", 2, signal.SIGUSR1, [NMT_JOB, *sets(
         *NMT_SETS, f"train.steps={MANY}")], metrics_lines(2), check_nmt_resumes),
 }
