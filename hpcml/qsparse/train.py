@@ -168,7 +168,7 @@ def _local_training(cfg: QsparseConfig, comm: Communicator, split: Split, worker
                     stop: Callable[[int, Any], bool]) -> Any:
     """Worker ``worker``'s loop: straggle, local SGD step on its shard, sync via ``qs``;
     ends after local step ``t`` when ``stop(t, qs)`` (called after ``on_step``) says so.
-    Returns ``qs``, whose ``local_steps`` counts the steps done."""
+    Returns ``qs``."""
     tc = cfg.train
     lo, hi = shard(len(split.y_train), workers, worker)
     xs, ys = split.x_train[lo:hi], split.y_train[lo:hi]
@@ -219,16 +219,16 @@ def _train_sync(cfg: QsparseConfig, comm: Communicator, split: Split,
             return AllreduceSGD(model, opt, comm)
         return QsparseLocalSGD(model, opt, compressor=comp, H=tc.H, comm=comm, seed=cfg.seed)
 
-    stopped: list[str] = []
+    stopped: str | None = None
 
     def stop(t: int, qs: Any) -> bool:
         # every rank passes the same t: the check is collective at evaluation boundaries only,
         # where rank 0 has just evaluated x_sync (the result when the run ends here)
+        nonlocal stopped
         if preemption is None or (t + 1) % tc.eval_every or t + 1 == tc.steps:
             return False
-        reason = preemption.agreed(comm)
-        stopped.extend([reason] if reason else [])
-        return bool(reason)
+        stopped = preemption.agreed(comm)
+        return stopped is not None
 
     qs = _local_training(cfg, comm, split, comm.rank, comm.size, factory, on_step, stop)
     bits = comm.allreduce(qs.bits_sent, op="max")
@@ -236,7 +236,7 @@ def _train_sync(cfg: QsparseConfig, comm: Communicator, split: Split,
         return None
     seconds = time.perf_counter() - start - evaluate.seconds
     return Result(evaluate.curve, bits, 0, evaluate.curve[-1]["accuracy"], seconds, qs.syncs,
-                  int(evaluate.curve[-1]["step"]), stopped_by=stopped[0] if stopped else None)
+                  int(evaluate.curve[-1]["step"]), stopped_by=stopped)
 
 
 def _train_async(cfg: QsparseConfig, comm: Communicator, split: Split,
