@@ -7,11 +7,12 @@ and the run resumes to the uninterrupted result; a signal during the last step l
 finish cleanly (``complete``), never a killed rank.
 
 Every other iterative kind (qsparse sync, allreduce and async, consensus, coded, Qsparse NMT,
-bench-optimizers), configured
-for far more iterations than it can do before the signal: it stops soon after the signal with
-exit code 0 and ``preempted``, and what it reports is the state of the iterations it did,
-checked against an independent count (bits, rounds, privacy in closed form, metrics lines, the
-single-process simulation, a resumable checkpoint).
+bench-optimizers), configured for far more iterations than it does before the signal: it stops
+soon after the signal with exit code 0 and ``preempted``, and what it reports is the state of
+the iterations it did, checked against an independent count (bits, rounds, privacy in closed
+form, metrics lines, the single-process simulation, a resumable checkpoint). A frozen worker
+does not block the stop of the master/worker kinds, and a stopped coded solve holds exactly the
+iterate of a shorter solve.
 """
 
 import contextlib
@@ -150,7 +151,7 @@ def test_signal_in_the_last_step_lets_the_run_finish(tmp_path, nranks, sig):
     assert checkpoint.latest(run).step == STEPS
 
 
-MANY = 100_000  # iterations no run here gets near: the signal always arrives mid-run
+MANY = 100_000  # iterations (30 s or more of work) configured: the signal arrives mid-run
 NMT_JOB = str(ROOT / "jobs" / "qsparse-transformer.toml")
 NMT_SETS = ["model.d_model=16", "model.heads=2", "model.layers=1", "model.ff=32",
             "train.batch_size=8", "train.warmup=4", "eval.batch_size=64", "eval.valid_every=0",
@@ -224,7 +225,7 @@ def check_nmt_resumes(run: Path, summary: dict) -> int:
 
 def check_bench_optimizers(run: Path, summary: dict) -> int:
     done = summary["runs_done"]
-    assert summary["runs_planned"] == 2 * 4 * 1000 and len(summary["runs"]) == done
+    assert done < summary["runs_planned"] == 2 * 4 * 1000 and len(summary["runs"]) == done
     assert sum(row["seeds"] for row in summary["rows"]) == done  # every run done is complete
     assert all(r["steps"][-1] == 4 for r in summary["runs"])
     table = (run / "table.md").read_text()
