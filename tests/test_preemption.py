@@ -62,8 +62,9 @@ def interrupt(argv: list[str], nranks: int, sig: signal.Signals, runs: Path, rea
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                 start_new_session=True)
-    frozen = ff.rank_pid(proc, freeze) if freeze is not None else None
+    frozen = None
     try:
+        frozen = ff.rank_pid(proc, freeze) if freeze is not None else None
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and proc.poll() is None:
             made = list(runs.glob("*/config.toml"))
@@ -298,24 +299,35 @@ def stop_on_call(n: int) -> Callable[[], str | None]:
     return stop
 
 
+@pytest.fixture
+def simulated():
+    """This process's one-rank world communicator with seeded delays (restored afterwards)."""
+    from hpcml.comm import StragglerConfig, make_delay_model, world
+
+    comm = world()
+    before = comm.delays
+    comm.set_delays(make_delay_model(StragglerConfig(kind="exponential", mean=0.01, seed=2)))
+    yield comm
+    comm.set_delays(before)
+
+
 @pytest.mark.parametrize("algorithm,problem", [("gd", "ridge"), ("lbfgs", "ridge"),
                                                ("async", "ridge"), ("bcd", "ridge"),
                                                ("fista", "lasso")])
-def test_a_stopped_coded_solve_equals_the_shorter_solve(tmp_path, algorithm, problem):
+def test_a_stopped_coded_solve_equals_the_shorter_solve(simulated, tmp_path, algorithm,
+                                                        problem):
     """Simulated workers (one rank, seeded delays: the same erasures in every run): a solve of
     8 iterations stopped at the master's 3rd poll holds exactly the iterate of a 3-iteration
     solve, and says why it stopped."""
     from hpcml.coded.config import CodeConfig, SolverConfig
     from hpcml.coded.problems import Problem, load_data
     from hpcml.coded.solver import solve
-    from hpcml.comm import StragglerConfig, make_delay_model, world
 
-    comm = world()
-    comm.set_delays(make_delay_model(StragglerConfig(kind="exponential", mean=0.01, seed=2)))
     x, y = load_data("synthetic", kind=problem, n=128, p=8, seed=0)
     prob = Problem(problem, x, y, lam=0.01, l1=0.01 if problem == "lasso" else 0.0)
     code = CodeConfig(encoder="etf", wait_for=3)
-    stopped, short = (solve(comm, prob, code, SolverConfig(algorithm=algorithm, iterations=its),
+    stopped, short = (solve(simulated, prob, code,
+                            SolverConfig(algorithm=algorithm, iterations=its),
                             tmp_path / str(its), 0, stop=stop)
                       for its, stop in ((8, stop_on_call(3)), (3, None)))
     assert (stopped.stopped_by, short.stopped_by) == ("SIGUSR1", None)
@@ -323,19 +335,16 @@ def test_a_stopped_coded_solve_equals_the_shorter_solve(tmp_path, algorithm, pro
     np.testing.assert_array_equal(stopped.w, short.w)
 
 
-def test_a_stopped_coded_mf_solve_equals_the_shorter_solve(tmp_path):
+def test_a_stopped_coded_mf_solve_equals_the_shorter_solve(simulated, tmp_path):
     """Collaborative filtering (simulated workers): 2 sweeps of (2 U-steps, 2 V-steps) stopped
     at the master's 4th poll hold exactly the factors of a 1-sweep solve."""
     from hpcml.coded.config import CodeConfig
     from hpcml.coded.mf import solve_cf
     from hpcml.coded.ratings import split, synthetic_ratings
-    from hpcml.comm import StragglerConfig, make_delay_model, world
 
-    comm = world()
-    comm.set_delays(make_delay_model(StragglerConfig(kind="exponential", mean=0.01, seed=2)))
     train, test = split(synthetic_ratings(120, 40, 3, 0.12, 0.5, 0), 0.1, 0)
     code = CodeConfig(encoder="etf", wait_for=3)
-    stopped, short = (solve_cf(comm, train, test, code, 3, 1e-3, outer, 2, 1.0,
+    stopped, short = (solve_cf(simulated, train, test, code, 3, 1e-3, outer, 2, 1.0,
                                tmp_path / str(outer), 0, stop=stop)
                       for outer, stop in ((2, stop_on_call(4)), (1, None)))
     assert (stopped.stopped_by, short.stopped_by) == ("SIGUSR1", None)
