@@ -19,7 +19,11 @@ SIGTERM on to every rank), waits for hpcml to exit and requeues the job, whose n
             ctx.save_checkpoint(...); return {"stopped_by": stopped, ...}
 
 Signals reach ranks at different moments, so the decision must be collective: ``requested`` is
-one small allreduce, or a job may fold ``stop.local`` into an allreduce it already makes.
+one small allreduce, or a job may fold ``stop.local`` into a collective it already makes (the
+NMT step's token count, the consensus round's ``Allgather``), or poll every K iterations (qsparse:
+at evaluations). In master/worker jobs (coded, async qsparse) the master reads its own flag
+(``received``, no communication) and tells the workers through its protocol. Either way the
+summary keeps the shape of a finished run, for the iterations done, plus ``stopped_by``.
 """
 
 from __future__ import annotations

@@ -38,7 +38,9 @@ run_ranks() {
 }
 
 # run_hpcml RUNS_SUBDIR NRANKS [--set ...]: run the job with its run directory under
-# RUNS_SUBDIR; a requeued job resumes the run directory it left there; a finished one is skipped.
+# RUNS_SUBDIR; a requeued job resumes the run directory it left there when that holds a
+# checkpoint (else it starts a new run: kinds without checkpoints start over, the preempted
+# run's results stay); a finished one is skipped.
 run_hpcml() {
   local dir=$1 n=$2; shift 2
   local prev resume=()
@@ -46,7 +48,7 @@ run_hpcml() {
   if [ -n "$prev" ] && grep -qs '"status": "complete"' "$prev/summary.json"; then
     echo "hpcml: $prev is complete; skipping"; return 0
   fi
-  [ -n "$prev" ] && [ -f "$prev/config.toml" ] && resume=(--resume "$prev")
+  [ -n "$prev" ] && [ -f "$prev/checkpoint/latest" ] && resume=(--resume "$prev")
   mkdir -p "$dir"
   run_ranks "$n" "${HPCML[@]}" run "$JOB" "${SETS[@]}" --set "runs_dir=\"$dir\"" "$@" \
     "${resume[@]}"

@@ -52,10 +52,10 @@ def test_bench_model_parallel_bad_input_exits_2(tmp_path):
 
 
 def test_bench_model_parallel_tensor_and_zero_four_ranks(tmp_path):
-    """Tensor-parallel and ZeRO-1 rows: gradients of the single-process model (gathered over
-    the tensor group / read from the sharded optimizer), with less held per rank: parameters
-    fall with T, Adam state with ZeRO's D."""
-    layouts = ["single", "tp4", "dp4-zero1", "dp2xtp2-zero1"]
+    """Tensor-parallel, ZeRO-1 and hybrid rows: gradients of the single-process model (gathered
+    over the tensor group and the stages / read from the sharded optimizer), with less held per
+    rank: parameters fall with T and S, Adam state with ZeRO's D."""
+    layouts = ["single", "tp4", "dp4-zero1", "dp2xtp2-zero1", "pp2xtp2", "dp2xpp2-zero1"]
     res = hpcml_cli(4, "bench", "model-parallel", JOB,
                     *args(tmp_path, f"layouts={layouts}", "checkpoint_stages=[]"),
                     cwd=tmp_path, timeout=240)
@@ -71,3 +71,6 @@ def test_bench_model_parallel_tensor_and_zero_four_ranks(tmp_path):
     assert rows["dp4-zero1"]["optimizer_bytes"] < 0.3 * single["optimizer_bytes"]
     assert rows["dp2xtp2-zero1"]["optimizer_bytes"] < 0.3 * single["optimizer_bytes"]
     assert rows["dp4-zero1"]["param_bytes"] == single["param_bytes"]
+    assert rows["pp2xtp2"]["param_bytes"] < 0.4 * single["param_bytes"]
+    assert rows["dp2xpp2-zero1"]["param_bytes"] < 0.6 * single["param_bytes"]
+    assert rows["dp2xpp2-zero1"]["optimizer_bytes"] < 0.3 * single["optimizer_bytes"]

@@ -73,8 +73,9 @@ def build(comm, name: str, seed: int, lr: float):
     model = net(seed)
     if tensor > 1:
         parallelize(model, mesh.tensor)
-    if stages > 1:  # (with data replicas it averages the gradients itself)
-        model = hp.PipelineModel(model, mesh, sample=(batch(0)[0][:2],), microbatches=2)
+    if stages > 1:  # under ZeRO-1 the optimizer reduces the gradients over the data group
+        model = hp.PipelineModel(model, mesh, sample=(batch(0)[0][:2],), microbatches=2,
+                                 data_reduction="optimizer" if zero else "allreduce")
     if zero:
         return mesh, model, hp.ShardedOptimizer(list(model.parameters()), torch.optim.Adam,
                                                 mesh.data, lr=lr)

@@ -116,6 +116,29 @@ def test_sharded_optimizer_matches_unsharded(comm):
         assert torch.equal(p, q)
 
 
+def test_gradients_accumulate_in_the_flat_buffer():
+    """Backward writes into the flat gradient buffer (no copy at step); a parameter backward
+    did not reach is skipped, as a None gradient is by the plain optimizer; two backward passes
+    accumulate."""
+    net, ref = model(), model()
+    opt = ShardedOptimizer(net.parameters(), torch.optim.Adam, world(), lr=0.1)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.1)
+    lo, hi = opt.grad_flat.data_ptr(), opt.grad_flat.data_ptr() + opt.grad_flat.nbytes
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        for o in (opt, ref_opt):
+            o.zero_grad()
+        for m in (net, ref):
+            for _ in range(2):
+                (m[0](x).square().sum() if step == 0 else m(x).sum()).backward()
+        assert all(lo <= p.grad.data_ptr() < hi for p in net.parameters())
+        opt.step()
+        ref_opt.step()
+        for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+            assert rel_err(p.detach(), q.detach()) <= 1e-6
+    assert not torch.equal(net[2].weight, model()[2].weight)  # reached in step 1
+
+
 def test_bad_input():
     comm = world()
     with pytest.raises(UsageError, match="no parameters"):
@@ -126,8 +149,15 @@ def test_bad_input():
     opt = ShardedOptimizer(model().parameters(), torch.optim.SGD, comm, lr=0.1)
     with pytest.raises(UsageError, match="layout"):
         opt.load_state_dict({"inner": {}, "layout": {"rank": 0, "ranks": 8, "numel": 3}})
-    emb = nn.Embedding(4, 2, sparse=True)
-    opt = ShardedOptimizer(emb.parameters(), torch.optim.SGD, comm, lr=0.1)
-    emb(torch.tensor([1])).sum().backward()
-    with pytest.raises(UsageError, match="dense gradients"):
+    # a sparse gradient is accumulated into (or, made anew, copied into) the dense flat buffer
+    for fresh in (False, True):
+        emb, dense = nn.Embedding(4, 2, sparse=True), nn.Embedding(4, 2)
+        dense.load_state_dict(emb.state_dict())
+        opt = ShardedOptimizer(emb.parameters(), torch.optim.SGD, comm, lr=0.1)
+        if fresh:
+            emb.zero_grad()
+        emb(torch.tensor([1])).sum().backward()
         opt.step()
+        dense(torch.tensor([1])).sum().backward()
+        torch.optim.SGD(dense.parameters(), lr=0.1).step()
+        assert torch.equal(emb.weight, dense.weight)

@@ -22,7 +22,8 @@ and X_i dv_i; the master applies the blocks of the first k workers. For a tight 
 min_v phi(X S.T v) + lam beta / 2 ||v||^2 equals the original minimum, so encoded BCD converges
 to the exact solution under any erasure pattern.
 
-Every solver records (elapsed seconds, iterate) after each iteration into ``trace``.
+Every solver records (elapsed seconds, iterate) after each iteration into ``trace`` and ends
+early when the runtime says so (:meth:`~hpcml.coded.runtime.Runtime.stop_after`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def data_parallel(rt: Runtime, algorithm: str, p: int, *, n: int, beta: float, k
             w_prev, prev = w.copy(), replies
             w = w + step * _lbfgs_direction(g, pairs)
         trace.append((rt.elapsed(), w.copy()))
+        if rt.stop_after(t + 1, iterations):
+            break
     return trace
 
 
@@ -139,6 +142,8 @@ def _asynchronous(rt: Runtime, p: int, *, n: int, beta: float, step: float, iter
         rt.send(worker, u, w)
         if u % m == 0:
             trace.append((rt.elapsed(), w.copy()))
+            if rt.stop_after(u // m, iterations):
+                break
     return trace
 
 
@@ -157,4 +162,6 @@ def block_coordinate_descent(rt: Runtime, loss_grad: Callable[[np.ndarray], np.n
             v[i] = v[i] + payload[: block_sizes[i]]
             z = z + payload[block_sizes[i]:]
         trace.append((rt.elapsed(), np.concatenate(v)))
+        if rt.stop_after(t + 1, iterations):
+            break
     return trace, v

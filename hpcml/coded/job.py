@@ -3,6 +3,12 @@
 Launch with 1 rank (workers simulated with a virtual clock) or ``mpiexec -n M+1`` (rank 0 is the
 master, ranks 1..M the workers). Writes ``trace.jsonl``-style metrics (one record per iteration:
 seconds, suboptimality, relative error) and a summary with the final errors.
+
+Preemption (SIGUSR1/SIGTERM, :mod:`hpcml.preemption`): the master checks its own signal flag
+after every iteration (no communication) and ends the solve through the runtime's stop message
+(a frozen worker is left behind after ``solver.close_timeout``); the metrics and summary then
+cover the iterations done (``iterations_done``; ``mf``: rounds) and name
+``stopped_by`` (status ``preempted``). A signal during the last iteration lets the run finish.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
                    on_start=lambda enc: ctx.log(
                        f"coded: {frame_note(cfg.code.encoder, enc.beta, enc.encoder)}; data "
                        f"encoded and loaded by the workers; solving ({cfg.solver.iterations} "
-                       f"iterations)"))
+                       f"iterations)"), stop=lambda: ctx.preemption.received)
     if result is None:
         return {}
     for t, (sec, sub, rel) in enumerate(zip(result.seconds, result.suboptimality,
@@ -84,9 +90,16 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
     summary = {"workers": m, "wait_for": k, "simulated": comm.size == 1, **result.summary()}
     ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e}, relative error "
             f"{summary['final_relative_error']:.3e}, {summary['seconds']:.2f} s, "
-            f"{result.discarded} late replies discarded")
+            f"{result.discarded} late replies discarded" + stopped_note(summary))
     log_unresponsive(ctx, result.unresponsive)
     return summary
+
+
+def stopped_note(summary: dict[str, Any]) -> str:
+    """``"; stopped by SIGUSR1 after 12 iterations"`` for a run that stopped early, else ''."""
+    if not summary["stopped_by"]:
+        return ""
+    return f"; stopped by {summary['stopped_by']} after {summary['iterations_done']} iterations"
 
 
 def log_unresponsive(ctx: RunContext, ranks: list[int]) -> None:
@@ -105,7 +118,7 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
     out = solve_cf(ctx.comm, train, test, cfg.code, cfg.problem.rank, cfg.problem.lam,
                    cfg.solver.iterations, cfg.solver.inner, cfg.solver.step,
                    ctx.run_dir.path / "shards", cfg.seed,
-                   close_timeout=cfg.solver.close_timeout)
+                   close_timeout=cfg.solver.close_timeout, stop=lambda: ctx.preemption.received)
     if out is None:
         return {}
     for t, (sec, sub, train_rmse, test_rmse) in enumerate(zip(
@@ -116,7 +129,7 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
     ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e} (signed, vs exact ALS), "
             f"test RMSE {summary['final_test_rmse']:.4f} (exact ALS "
             f"{out.reference['test_rmse']:.4f}), {summary['seconds']:.2f} s, "
-            f"{out.discarded} late replies discarded")
+            f"{out.discarded} late replies discarded" + stopped_note(summary))
     log_unresponsive(ctx, out.unresponsive)
     return summary
 

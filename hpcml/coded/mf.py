@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def load_ratings(cfg: ProblemConfig, seed: int) -> tuple[Ratings, Ratings]:
 
 @dataclasses.dataclass
 class CFResult:
-    """Rank 0's record of one solve, per round (one encoded gradient step on one side)."""
+    """Rank 0's record of one solve, per round (one encoded gradient step on one side);
+    ``stopped_by``: why the solve ended before its last round (None when it did not)."""
 
     seconds: list[float]
     suboptimality: list[float]
@@ -76,6 +78,7 @@ class CFResult:
     u: np.ndarray
     v: np.ndarray
     unresponsive: list[int] = dataclasses.field(default_factory=list)
+    stopped_by: str | None = None
 
     def time_to(self, eps: float) -> float | None:
         """Seconds at the first round with suboptimality <= eps (None if never)."""
@@ -88,7 +91,8 @@ class CFResult:
                 "reference": self.reference, "seconds": self.seconds[-1],
                 "seconds_to_suboptimality": {str(e): self.time_to(e) for e in EPS},
                 "discarded_late_replies": self.discarded, "encode_seconds": self.encode_seconds,
-                "unresponsive_ranks": self.unresponsive}
+                "unresponsive_ranks": self.unresponsive, "iterations_done": len(self.seconds),
+                "stopped_by": self.stopped_by}
 
 
 def _shard_arrays(data: WorkerSide) -> dict[str, np.ndarray]:
@@ -150,12 +154,14 @@ def reference(train: Ratings, test: Ratings, rank: int, lam: float,
 def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, code: CodeConfig,
              rank: int, lam: float, outer: int, inner: int, step: float, shard_dir: Path,
              seed: int, ref: dict[str, float] | None = None,
-             close_timeout: float = CLOSE_TIMEOUT) -> CFResult | None:
+             close_timeout: float = CLOSE_TIMEOUT,
+             stop: Callable[[], str | None] | None = None) -> CFResult | None:
     """Collective. ``train``/``test`` (centered ratings) are needed on rank 0 only. Runs
     ``outer`` sweeps of (U-step, V-step), each ``inner`` encoded gradient steps of size
     ``step`` / L_i per owner, with the first k of m workers per step. ``ref`` (rank 0) is
     :func:`reference`, computed here when None. Returns the result on rank 0 and None
-    elsewhere; the shards are deleted once every rank is done."""
+    elsewhere; the shards are deleted once every rank is done. ``stop()`` (rank 0, polled
+    between rounds, no communication) returns a reason to end the solve early."""
     m, k = code.workers_for(comm.size), code.wait_for_k(comm.size)
     n, d = comm.bcast((train.n, train.d) if comm.rank == 0 else None)
     encoded: list[tuple[Side, sp.csr_matrix]] = []
@@ -174,25 +180,27 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
         return None
     computes = [_task(shard_dir, i, n, rank) for i in range(m)] if comm.size == 1 else []
     comm.barrier()
-    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else \
-        MPIMaster(comm, reply_len, close_timeout)
+    rt = SimulatedMaster(computes, comm.delays, stop) if comm.size == 1 else \
+        MPIMaster(comm, reply_len, close_timeout, stop)
     u0, v0 = initial_factors(n, d, rank, seed)
     factors = [u0, v0]
     trace: list[tuple[float, np.ndarray, np.ndarray]] = []
-    t = 0
-    for _ in range(outer):
-        for which, (side, gram) in enumerate(encoded):
-            w, f = factors[which], factors[1 - which]
-            steps = step * step_sizes(side, f, gram, code.beta, lam, len(train))[:, None]
-            for _ in range(inner):
-                msg = np.concatenate([[which], factors[0].ravel(), factors[1].ravel()])
-                replies = rt.round(t, [msg] * m, k)
-                total = sum(p[:-1] for p in replies.values()).reshape(w.shape)
-                eta = len(replies) / m
-                w = w - steps * (total / (eta * code.beta * len(train)) + lam * w)
-                factors[which] = w
-                t += 1
-                trace.append((rt.elapsed(), factors[0], factors[1]))
+    rounds = outer * len(encoded) * inner  # outer sweeps of (inner U-steps, inner V-steps)
+    for t in range(rounds):
+        which = t // inner % len(encoded)
+        w = factors[which]
+        if t % inner == 0:
+            side, gram = encoded[which]
+            steps = step * step_sizes(side, factors[1 - which], gram, code.beta, lam,
+                                      len(train))[:, None]
+        msg = np.concatenate([[which], factors[0].ravel(), factors[1].ravel()])
+        replies = rt.round(t, [msg] * m, k)
+        total = sum(p[:-1] for p in replies.values()).reshape(w.shape)
+        eta = len(replies) / m
+        factors[which] = w - steps * (total / (eta * code.beta * len(train)) + lam * w)
+        trace.append((rt.elapsed(), factors[0], factors[1]))
+        if rt.stop_after(t + 1, rounds):
+            break
     unresponsive = finish(comm, rt)
     shutil.rmtree(shard_dir, ignore_errors=True)
     ref = reference(train, test, rank, lam, seed) if ref is None else ref
@@ -201,4 +209,5 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
                     [(objective(train, u, v, lam) - f_ref) / f_ref for _, u, v in trace],
                     [rmse(train, u, v) for _, u, v in trace],
                     [rmse(test, u, v) for _, u, v in trace],
-                    rt.discarded, encode_seconds, ref, factors[0], factors[1], unresponsive)
+                    rt.discarded, encode_seconds, ref, factors[0], factors[1], unresponsive,
+                    rt.stopped_by)

@@ -25,6 +25,10 @@ Protocol (every message a float64 vector whose first entry is the iteration t):
   ``close_timeout`` seconds have passed. Workers that never acknowledged are listed in
   ``unresponsive`` (world ranks): the master must then not enter any collective with them (see
   :func:`finish`); the job ends by aborting them once its results are written.
+Stopping early (preemption): the master alone decides, between iterations
+(:meth:`Runtime.stop_after`, a local check of its ``stop`` callable, e.g. its own SIGUSR1/SIGTERM
+flag; Slurm and Hydra signal every rank), and ends the solve through the same :meth:`close`:
+the workers learn it from the stop message, a frozen one is left behind after ``close_timeout``.
 Memory bound, per worker: the master holds one reply buffer, one message in flight and one
 waiting message (each at most the message or reply length + 1 float64); a worker holds one
 message. Only the master calls the ``Runtime`` methods; workers call :func:`serve`.
@@ -47,14 +51,24 @@ Compute = Callable[[int, np.ndarray], np.ndarray]
 
 
 class Runtime:
-    """Master-side view of m workers; subclasses move the messages."""
+    """Master-side view of m workers; subclasses move the messages. ``stop()`` (master only,
+    no communication) returns a reason to end the solve early, or None."""
 
     m: int
 
-    def __init__(self) -> None:
+    def __init__(self, stop: Callable[[], str | None] | None = None) -> None:
         self.discarded = 0
         self.answered = 0
         self.unresponsive: list[int] = []
+        self.stop = stop
+        self.stopped_by: str | None = None
+
+    def stop_after(self, done: int, total: int) -> bool:
+        """Whether the solve ends after ``done`` of its ``total`` iterations because ``stop``
+        gave a reason (kept in ``stopped_by``); never after the last one. Master only, local."""
+        if done < total and self.stop is not None and self.stopped_by is None:
+            self.stopped_by = self.stop()
+        return done < total and self.stopped_by is not None
 
     def send(self, worker: int, t: int, message: np.ndarray) -> None:
         """Give iteration t's message to ``worker`` (now, or once it answered its last one)."""
@@ -94,8 +108,9 @@ class MPIMaster(Runtime):
     ``close_timeout``: seconds :meth:`close` waits for the workers' acknowledgements."""
 
     def __init__(self, comm: Communicator, reply_len: int,
-                 close_timeout: float = CLOSE_TIMEOUT) -> None:
-        super().__init__()
+                 close_timeout: float = CLOSE_TIMEOUT,
+                 stop: Callable[[], str | None] | None = None) -> None:
+        super().__init__(stop)
         if comm.rank != 0 or comm.size < 2:
             raise ValueError("MPIMaster runs on rank 0 of a communicator with >= 2 ranks")
         self.comm, self.m = comm, comm.size - 1
@@ -213,8 +228,9 @@ class SimulatedMaster(Runtime):
     would have waited for the injected delays alone (compute time is not counted, so a
     simulated run is deterministic: same seed, same erasure pattern, same iterates)."""
 
-    def __init__(self, computes: list[Compute], delays: DelayModel) -> None:
-        super().__init__()
+    def __init__(self, computes: list[Compute], delays: DelayModel,
+                 stop: Callable[[], str | None] | None = None) -> None:
+        super().__init__(stop)
         self.computes, self.delays, self.m = computes, delays, len(computes)
         self.now = 0.0
         self.busy: dict[int, tuple[float, int, np.ndarray]] = {}

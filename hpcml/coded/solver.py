@@ -39,7 +39,8 @@ class SolveResult:
     """Rank 0's record of one solve: per iteration wall (or virtual) seconds since the clock
     started (at Unix time ``started_unix``), objective suboptimality (f - f*) / |f*| and
     relative error ||w - w*|| / ||w*||; ``unresponsive``: worker ranks that never
-    acknowledged the end."""
+    acknowledged the end; ``stopped_by``: why the solve ended before its last iteration
+    (None when it did not)."""
 
     seconds: list[float]
     suboptimality: list[float]
@@ -49,6 +50,7 @@ class SolveResult:
     w: np.ndarray
     unresponsive: list[int] = dataclasses.field(default_factory=list)
     started_unix: float = 0.0
+    stopped_by: str | None = None
 
     def iterations_to(self, eps: float) -> int | None:
         """First iteration (counted from 1) whose suboptimality is <= eps (None if never)."""
@@ -64,7 +66,8 @@ class SolveResult:
                 "final_relative_error": self.relative_error[-1],
                 "seconds": self.seconds[-1], "discarded_late_replies": self.discarded,
                 "encode_seconds": self.encode_seconds,
-                "unresponsive_ranks": self.unresponsive, "started_unix": self.started_unix}
+                "unresponsive_ranks": self.unresponsive, "started_unix": self.started_unix,
+                "iterations_done": len(self.seconds), "stopped_by": self.stopped_by}
 
 
 @dataclasses.dataclass
@@ -127,14 +130,16 @@ def encode(comm: Communicator, problem: Problem | None, code: CodeConfig, model_
 
 def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
              w_star: np.ndarray | None = None,
-             on_start: Callable[[Encoded], None] | None = None) -> SolveResult | None:
+             on_start: Callable[[Encoded], None] | None = None,
+             stop: Callable[[], str | None] | None = None) -> SolveResult | None:
     """Collective: one solve of ``enc`` waiting for the first k of its m workers per round,
     under the communicator's current delay model. Returns the result on rank 0 (errors against
     ``w_star``, the exact solution, computed when None) and None elsewhere. The clock starts
     after a barrier that every worker reaches ready to answer. When a worker never
     acknowledged the end (``result.unresponsive``), rank 0 returns without the closing
     barrier and must enter no further collective. ``on_start(enc)`` runs on rank 0 when the
-    clock starts."""
+    clock starts. ``stop()`` (rank 0, polled between iterations, no communication) returns a
+    reason to end the solve early (see :class:`~hpcml.coded.runtime.Runtime`)."""
     step = solver.step / enc.smoothness
     n, p, blocks = enc.n, enc.p, enc.blocks
 
@@ -158,8 +163,8 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     started = time.time()
     if on_start is not None:
         on_start(enc)
-    rt = SimulatedMaster(computes, comm.delays) if comm.size == 1 else \
-        MPIMaster(comm, reply_len, solver.close_timeout)
+    rt = SimulatedMaster(computes, comm.delays, stop) if comm.size == 1 else \
+        MPIMaster(comm, reply_len, solver.close_timeout, stop)
     if enc.model_parallel:
         trace, _ = block_coordinate_descent(rt, problem.loss_grad, blocks, n, k=k,
                                             iterations=solver.iterations)
@@ -182,16 +187,17 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     rel = [float(np.linalg.norm(w - w_star) / max(np.linalg.norm(w_star), 1e-300))
            for _, w in iterates]
     return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, iterates[-1][1],
-                       unresponsive, started)
+                       unresponsive, started, rt.stopped_by)
 
 
 def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver: SolverConfig,
           shard_dir: Path, seed: int, w_star: np.ndarray | None = None,
-          on_start: Callable[[Encoded], None] | None = None) -> SolveResult | None:
+          on_start: Callable[[Encoded], None] | None = None,
+          stop: Callable[[], str | None] | None = None) -> SolveResult | None:
     """Collective: :func:`encode` then one :func:`optimize` with k = ``code``'s wait_for.
     ``problem`` is needed on rank 0 only (others may pass None); the result is on rank 0."""
     enc = encode(comm, problem, code, solver.algorithm == "bcd", shard_dir, seed)
-    return optimize(comm, enc, solver, code.wait_for_k(comm.size), w_star, on_start)
+    return optimize(comm, enc, solver, code.wait_for_k(comm.size), w_star, on_start, stop)
 
 
 def problem_lam(problem: Problem) -> float:

@@ -22,6 +22,7 @@ from mpi4py import MPI
 
 REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 _from_address = MPI.buffer.fromaddress
+_NDARRAY = np.ndarray
 
 
 class Staged:
@@ -58,6 +59,11 @@ class Staged:
 _TORCH_TENSOR: type | None = None
 _MPI_TYPES: dict[Any, tuple[MPI.Datatype, int]] = {}
 _RAW_16BIT: dict[Any, tuple[MPI.Datatype, int]] = {}
+# message()'s answers for contiguous CPU tensors: data address -> (bytes, dtype, answer); cleared
+# when full, so it holds the buffers a program reuses (pipeline and tensor-parallel ones).
+_SPECS: dict[int, tuple[int, Any, tuple[Any, int, int, None]]] = {}
+_SPECS_MAX = 256
+_specs_get = _SPECS.get
 
 
 def _torch_types() -> type | None:
@@ -104,18 +110,36 @@ def message(obj: Any, reduce: bool = False) -> tuple[Any, int, int, Callable[[],
     keeps ``obj`` alive). The hot path of small messages: a contiguous numpy array, or a
     contiguous CPU tensor of a dtype MPI knows (handed over by address with a datatype from one
     table, as heat does), costs a few attribute reads and no object of ours; everything else
-    goes through :class:`Staged`."""
+    goes through :class:`Staged`.
+
+    A tensor's answer is remembered under its address (:data:`_SPECS`) and reused only while
+    address, byte size and dtype all match: the answer is a function of those three alone (for
+    a contiguous CPU tensor, checked on every call), so it can never describe a stale buffer,
+    even after the tensor was resized or re-allocated in place or freed and another one took
+    its address."""
     tp = type(obj)
-    if tp is np.ndarray:
+    if tp is _NDARRAY:
         if obj.flags.c_contiguous and obj.dtype.char != "e":
             return obj, obj.nbytes, obj.itemsize, None
     elif tp is _TORCH_TENSOR or (_TORCH_TENSOR is None and _torch_types() is tp):
-        entry = _MPI_TYPES.get(obj.dtype) or (None if reduce else _RAW_16BIT.get(obj.dtype))
-        if entry is not None and obj.is_cpu and obj.is_contiguous():
-            mpitype, itemsize = entry
-            nbytes = obj.numel() * itemsize
-            if nbytes:
-                return [_from_address(obj.data_ptr(), nbytes), mpitype], nbytes, itemsize, None
+        dtype = obj.dtype
+        if obj.is_cpu and obj.is_contiguous():
+            ptr, nbytes = obj.data_ptr(), obj.nbytes
+            known = _specs_get(ptr)
+            if known is not None and known[0] == nbytes and known[1] is dtype:
+                return known[2]
+            entry = _MPI_TYPES.get(dtype)
+            remember = entry is not None  # then the answer holds for reduce=False and True
+            if not remember and not reduce:
+                entry = _RAW_16BIT.get(dtype)
+            if entry is not None and nbytes:
+                mpitype, itemsize = entry
+                answer = [_from_address(ptr, nbytes), mpitype], nbytes, itemsize, None
+                if remember:
+                    if len(_SPECS) >= _SPECS_MAX:
+                        _SPECS.clear()
+                    _SPECS[ptr] = (nbytes, dtype, answer)
+                return answer
     staged = _stage_other(obj, reduce)
     return staged.spec, staged.nbytes, staged.itemsize, staged.write_back
 

@@ -105,6 +105,12 @@ class NoisePlan:
     def releasing_rounds(self) -> int:
         return int(np.count_nonzero(self.sensitivity))
 
+    def prefix(self, rounds: int) -> NoisePlan:
+        """The plan of a run that ended after ``rounds`` rounds and released its round-
+        ``rounds`` message (rounds 0..rounds of this plan): what such a run spent."""
+        return dataclasses.replace(self, sensitivity=self.sensitivity[:rounds + 1],
+                                   scale=self.scale[:rounds + 1])
+
     def per_round_cost(self) -> np.ndarray:
         """rho_t (Gaussian, zCDP; ``mu_t^2 = 2 rho_t``) or epsilon_t (Laplace) of every round;
         0 where no noise is needed."""

@@ -94,12 +94,16 @@ def graph_comm(comm: Communicator, adj: np.ndarray) -> Communicator:
 
 def run_node(graph: Communicator, task: Task, w: np.ndarray, plan: NoisePlan,
              steps: Sequence[float], clip: float, seed: int,
-             observe: Callable[[int, np.ndarray], None] | None = None,
+             observe: Callable[[int, np.ndarray], bool | None] | None = None,
              straggle: Callable[[int], float] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Collective over ``graph``: run node ``graph.rank``; returns (x_i^T, released x_i^T+n_i^T).
 
     ``observe(t, x)`` is called on every rank after round t (t = 0 is the start) and may itself
-    be collective; ``straggle(t)`` injects the configured delay before each round's exchange."""
+    be collective; when it returns True after a round t < T (it must return the same on every
+    rank) the run ends there: the node releases ``x_i^t + n_i^t``, exactly round t's planned
+    message, so the privacy spent is that of rounds 0..t of the plan and the result equals
+    :func:`simulate` over ``steps[:t]``. ``straggle(t)`` injects the configured delay before
+    each round's exchange."""
     i, d = graph.rank, task.dim
     sources = graph.neighbors()[0]
     order = np.argsort([i, *sources])  # node-id order, as in simulate(): same float sums
@@ -109,6 +113,7 @@ def run_node(graph: Communicator, task: Task, w: np.ndarray, plan: NoisePlan,
     recv = np.empty(len(sources) * d)
     if observe:
         observe(0, x)
+    rounds = len(steps)
     for t, alpha in enumerate(steps):
         msg = x + sample_noise(rng, plan.mechanism, plan.scale[t], d)
         if straggle:
@@ -116,9 +121,10 @@ def run_node(graph: Communicator, task: Task, w: np.ndarray, plan: NoisePlan,
         graph.Neighbor_allgather(msg, recv)
         messages = np.vstack([msg[None, :], recv.reshape(len(sources), d)])[order]
         x = consensus_update(x, messages, weights, task.grad(i, x), alpha, clip)
-        if observe:
-            observe(t + 1, x)
-    return x, x + sample_noise(rng, plan.mechanism, plan.scale[len(steps)], d)
+        if observe and observe(t + 1, x) and t + 1 < len(steps):
+            rounds = t + 1
+            break
+    return x, x + sample_noise(rng, plan.mechanism, plan.scale[rounds], d)
 
 
 def mse(states: np.ndarray, optimum: np.ndarray) -> float:

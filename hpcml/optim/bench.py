@@ -21,6 +21,11 @@ cores inflate less than wall time; each the slowest rank's), and the optimizer s
 rank (exact, from its tensors). Files: ``table.md``, ``val-loss.png`` (curves, mean over seeds,
 shaded min-max), ``mada-coefficients.png`` (MADA's coefficients during training, per setting)
 and the summary JSON.
+
+Preemption (SIGUSR1/SIGTERM, :mod:`hpcml.preemption`): the ranks agree after every training run
+(one small allreduce) and stop before the next; the table, plots and summary then cover the
+runs done (``runs_done`` of ``runs_planned``; never a half-trained run) and name ``stopped_by``
+(status ``preempted``).
 """
 
 from __future__ import annotations
@@ -231,15 +236,20 @@ def run(cfg: BenchOptimizersConfig, ctx: RunContext) -> dict[str, Any]:
     train = read_split(cfg.data, "train", comm.rank, comm.size).tokens
     valid = validation_windows(read_split(cfg.data, "valid").tokens, cfg.eval_windows,
                                cfg.model.context + 1)
-    runs = []
+    runs: list[dict[str, Any]] = []
     started = time.perf_counter()
-    for setting in cfg.settings:
-        for name in cfg.optimizers:
-            for i in range(cfg.seeds):
-                res = train_once(cfg, comm, train, valid, name, setting, cfg.seed + i)
-                runs.append(res)
-                ctx.log(f"  {setting:<10} {name:<8} seed {cfg.seed + i}: final val loss "
-                        f"{res['final']:.4f}, {res['step_ms']:.1f} ms/step")
+    planned = [(setting, name, cfg.seed + i) for setting in cfg.settings
+               for name in cfg.optimizers for i in range(cfg.seeds)]
+    stopped = None
+    for setting, name, seed in planned:
+        res = train_once(cfg, comm, train, valid, name, setting, seed)
+        runs.append(res)
+        ctx.log(f"  {setting:<10} {name:<8} seed {seed}: final val loss "
+                f"{res['final']:.4f}, {res['step_ms']:.1f} ms/step")
+        stopped = ctx.stop_requested() if len(runs) < len(planned) else None
+        if stopped:
+            ctx.log(f"stopped by {stopped} after {len(runs)} of {len(planned)} runs")
+            break
     rows = aggregate(runs)
     params = sum(p.numel() for p in CausalLM(VOCAB, cfg.model.d_model, cfg.model.heads,
                                              cfg.model.layers, cfg.model.ff,
@@ -247,7 +257,8 @@ def run(cfg: BenchOptimizersConfig, ctx: RunContext) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "rows": rows, "ranks": comm.size, "cores": os.cpu_count(), "load_average_1min": load,
         "parameters": params, "tokens_per_step": cfg.batch_size * cfg.model.context,
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started, "runs_planned": len(planned),
+        "runs_done": len(runs), "stopped_by": stopped,
         "runs": [{k: v for k, v in r.items()} for r in runs]}
     if ctx.is_root:
         _report(cfg, ctx, rows, runs, summary)
@@ -269,7 +280,9 @@ def _report(cfg: BenchOptimizersConfig, ctx: RunContext, rows: list[dict[str, An
             f"{cfg.model.d_model}, context {cfg.model.context}; {cfg.steps} steps of "
             f"{cfg.batch_size} windows = {summary['tokens_per_step']} tokens; {cfg.seeds} seeds; "
             f"data parallel on {summary['ranks']} ranks, {summary['cores']} cores, load average "
-            f"{summary['load_average_1min']:.1f} at start; {summary['seconds']:.0f} s)\n")
+            f"{summary['load_average_1min']:.1f} at start; {summary['seconds']:.0f} s"
+            + (f"; stopped by {summary['stopped_by']} after {summary['runs_done']} of "
+               f"{summary['runs_planned']} runs" if summary["stopped_by"] else "") + ")\n")
     ctx.run_dir.write_text("table.md", f"{head}\n{table}\n")
     print(head, flush=True)
     print(table, flush=True)
@@ -293,6 +306,8 @@ def _plot_losses(cfg: BenchOptimizersConfig, ctx: RunContext,
     for ax, setting in zip(axes, cfg.settings, strict=False):
         for name in cfg.optimizers:
             recs = [r for r in runs if (r["setting"], r["optimizer"]) == (setting, name)]
+            if not recs:  # not run: the benchmark was stopped early
+                continue
             length = min(len(r["val_loss"]) for r in recs)
             steps = recs[0]["steps"][:length]
             curves = np.array([r["val_loss"][:length] for r in recs])

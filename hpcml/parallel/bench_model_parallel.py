@@ -6,9 +6,10 @@ and a deeper, wider one), on synthetic sentences of varying length (PAD-filled, 
 distribution each step). Per layout:
 
 - correctness: the first step's loss and gradients against the single-process model on the
-  same global batch (every rank computes that reference itself): ``loss_abs_diff`` and
-  ``grad_max_abs_diff`` (largest over parameters and ranks), ``grad_max_rel_diff`` (that
-  difference over the parameter's largest reference gradient);
+  same global batch (every rank computes that reference itself): ``loss_abs_diff`` (largest
+  over ranks) and ``grad_max_abs_diff`` (largest over parameters, gradients gathered whole to
+  the first rank), ``grad_max_rel_diff`` (that difference over the parameter's largest
+  reference gradient);
 - memory per rank (largest over the layout's ranks): parameters, gradients and Adam state that
   the rank holds, the peak bytes of activations saved for backward (in-flight microbatches of
   the schedule) and of the data-parallel reduction buffers; ``peak_bytes_per_rank`` is their
@@ -17,20 +18,26 @@ distribution each step). Per layout:
   ``warmup``, slowest rank; tokens/s = global target tokens / step time; the measured bubble
   (mean over stages of 1 - busy / step time) beside the theoretical (S-1)/(M+S-1).
 
-Tensor-parallel layouts split the model with :func:`~hpcml.parallel.tensor.parallelize` (heads,
-feed-forward columns/rows, vocabulary rows of the tied embedding) and compute the loss with
-:func:`~hpcml.parallel.tensor.vocab_parallel_cross_entropy`; their gradients are gathered whole
-(``full_state_dict``) for the comparison. ``-zero1`` layouts shard Adam's state over the data
-group (:class:`~hpcml.parallel.ShardedOptimizer`, which also reduces the gradients); their
-gradients are read from the optimizer's reduced shards. Pipeline x tensor is not combined yet.
+Every layout builds its model the way a user script would (the order documented in
+:mod:`hpcml.parallel.pipeline`): tensor-parallel layouts split the whole model with
+:func:`~hpcml.parallel.tensor.parallelize` (heads, feed-forward columns/rows, vocabulary rows of
+the tied embedding) and compute the loss with
+:func:`~hpcml.parallel.tensor.vocab_parallel_cross_entropy` on the last stage; every layout then
+wraps it in a :class:`~hpcml.parallel.PipelineModel` over the layout's mesh (one stage when
+``pipeline`` is 1). ``-zero1`` layouts build it with ``data_reduction="optimizer"`` and shard
+Adam's state over the data group with a :class:`~hpcml.parallel.ShardedOptimizer` over
+``pmodel.parameters()`` (it reduce-scatters the gradients); their gradients are read from the
+optimizer's reduced shards. For the comparison the gradients are gathered whole to the first
+rank with :meth:`~hpcml.parallel.PipelineModel.gather_full` (tensor shards within each stage,
+then the stages), the same gather that writes full checkpoints.
 
 Loss per microbatch = label-smoothed cross entropy summed over its tokens x D / global tokens,
 so that the data-parallel average of the summed microbatch gradients is the gradient of the
 global mean loss, which the reference computes directly.
 
 Layouts are rows of :data:`LAYOUTS` (data, pipeline, tensor sizes and schedule): a new kind of
-parallelism plugs in by adding rows and its case in :func:`_parallelize` (the model) and
-:func:`_optimizer` (e.g. sharded optimizer state).
+parallelism plugs in by adding rows and its case in :func:`_parallelize` (the model and its
+optimizer).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline import PipelineModel, step
 from hpcml.parallel.pipeline_schedule import theoretical_bubble
 from hpcml.parallel.sharding import ShardedOptimizer
-from hpcml.parallel.tensor import full_state_dict, parallelize, vocab_parallel_cross_entropy
+from hpcml.parallel.tensor import parallelize, vocab_parallel_cross_entropy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,10 @@ LAYOUTS: dict[str, Layout] = {
     "dp2-zero1": Layout(data=2, zero=True),
     "dp4-zero1": Layout(data=4, zero=True),
     "dp2xtp2-zero1": Layout(data=2, tensor=2, zero=True),
+    "pp2xtp2": Layout(pipeline=2, tensor=2),
+    "pp2xtp2-gpipe": Layout(pipeline=2, tensor=2, schedule="gpipe"),
+    "pp2-zero1": Layout(pipeline=2, zero=True),
+    "dp2xpp2-zero1": Layout(data=2, pipeline=2, zero=True),
 }
 
 MODELS: dict[str, dict[str, int]] = {
@@ -177,57 +188,50 @@ def _reference(cfg: ModelParallelConfig, name: str) -> tuple[float, dict[str, to
 def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
                  comm: Communicator) -> tuple[Mesh, PipelineModel, Any]:
     """The mesh of ``layout`` over ``comm``, the model of ``name`` split as ``layout`` and its
-    optimizer (collective): tensor-parallel layers over ``mesh.tensor`` (:func:`parallelize`),
-    stages over ``mesh.pipeline``. Under ZeRO the sharded optimizer reduces the gradients, so
-    the pipeline model sees no data group; it is built first (zero layouts have one stage, so
-    every parameter is held), so that the pipeline model knows the parameters' new storage
-    and does not count them as saved activations."""
+    optimizer (collective), in the documented order: tensor-parallel layers over
+    ``mesh.tensor`` (:func:`parallelize`), stages over ``mesh.pipeline``, then the optimizer
+    over the parameters this rank holds (Adam, its state sharded over the data group under
+    ZeRO-1, which then reduces the gradients instead of the pipeline model)."""
     mesh = Mesh(comm, data=layout.data, pipeline=layout.pipeline, tensor=layout.tensor)
     model = _model(cfg, name)
     if layout.tensor > 1:
         parallelize(model, mesh.tensor)
-    # pipeline x (tensor or ZeRO) is not combined yet: no such layout
-    inner = Mesh(mesh.tensor, data=1, tensor=layout.tensor) if layout.zero else mesh
-    optimizer = _optimizer(cfg, layout, mesh, list(model.parameters())) if layout.zero else None
     src, tgt_in, _ = _batch(cfg, 0)
     micro = cfg.batch // (layout.data * cfg.microbatches)
-    pmodel = PipelineModel(model, inner, sample=(src[:micro], tgt_in[:micro]),
+    pmodel = PipelineModel(model, mesh, sample=(src[:micro], tgt_in[:micro]),
                            microbatches=cfg.microbatches, schedule=layout.schedule,
                            checkpoint_stages=(range(layout.pipeline) if layout.recompute
                                               else cfg.checkpoint_stages),
-                           checkpoint_modules=cfg.checkpoint_modules)
-    if optimizer is None:
-        optimizer = _optimizer(cfg, layout, mesh, pmodel.parameters())
+                           checkpoint_modules=cfg.checkpoint_modules,
+                           data_reduction="optimizer" if layout.zero else "allreduce")
+    if layout.zero:
+        optimizer = ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.Adam(pmodel.parameters(), lr=cfg.lr)
     return mesh, pmodel, optimizer
 
 
-def _optimizer(cfg: ModelParallelConfig, layout: Layout, mesh: Mesh,
-               params: list[torch.nn.Parameter]) -> Any:
-    """The optimizer of ``layout`` over the parameters this rank holds: Adam, its state
-    sharded over the data group under ZeRO-1 (collective then)."""
-    if layout.zero:
-        return ShardedOptimizer(params, torch.optim.Adam, mesh.data, lr=cfg.lr)
-    return torch.optim.Adam(params, lr=cfg.lr)
-
-
 def _state_bytes(optimizer: Any) -> tuple[int, int]:
-    """Bytes of optimizer state on this rank, and of ZeRO's gradient buffers (flat gradients,
-    this rank's reduced shard and its send buffer; 0 for a plain optimizer)."""
+    """Bytes of optimizer state on this rank, and of ZeRO's buffers beside the gradients (which
+    live in its flat gradient buffer): this rank's reduced shard and its Allgather send buffer;
+    0 for a plain optimizer."""
     if isinstance(optimizer, ShardedOptimizer):
-        buffers = (optimizer.grad_flat, optimizer.grad_shard, optimizer.send)
+        buffers = [b for b in (optimizer.grad_shard, optimizer.send)
+                   if b.untyped_storage().data_ptr() !=
+                   optimizer.grad_flat.untyped_storage().data_ptr()]
         return optimizer.state_bytes(), sum(b.numel() * b.element_size() for b in buffers)
     return sum(t.numel() * t.element_size() for s in optimizer.state.values()
                for t in s.values() if isinstance(t, torch.Tensor)), 0
 
 
 def _reduced_grads(mesh: Mesh, pmodel: PipelineModel, optimizer: Any,
-                   ) -> dict[str, torch.Tensor]:
-    """Single-process name -> the data-averaged gradient this rank's stage used in the last
-    step, gathered whole over the tensor group. Under ZeRO it is read from the optimizer's
-    reduced shards (each element lives on one data rank: an Allreduce sums them). Collective
-    over the mesh; call after ``optimizer.step()``."""
+                   ) -> dict[str, torch.Tensor] | None:
+    """Single-process name -> the data-averaged gradient the optimizer used in the last step,
+    whole (tensor shards and stages gathered), on the mesh's first rank; None elsewhere. Under
+    ZeRO it is read from the optimizer's reduced shards (each element lives on one data rank:
+    an Allreduce sums them). Collective over the mesh; call after ``optimizer.step()``."""
     named = pmodel.named_parameters()
-    grads = {n: p.grad for n, p in named}
+    grads = {n: p.grad for n, p in named if p.grad is not None}
     if isinstance(optimizer, ShardedOptimizer):
         names = {id(p): n for n, p in named}
         flat = torch.zeros(optimizer.numel)
@@ -239,19 +243,7 @@ def _reduced_grads(mesh: Mesh, pmodel: PipelineModel, optimizer: Any,
         flat = mesh.data.Allreduce(flat)
         grads = {names[id(p)]: flat[off:off + p.numel()].view_as(p)
                  for p, off in optimizer.offsets}
-    if mesh.tensor.size == 1:
-        return grads
-    module = pmodel.module
-    saved = {n: p.data for n, p in module.named_parameters()}
-    with torch.no_grad():
-        for n, p in module.named_parameters():
-            p.data = grads[n]
-        try:
-            full = full_state_dict(module, mesh.tensor)
-        finally:
-            for n, p in module.named_parameters():
-                p.data = saved[n]
-    return {n: full[n] for n in grads}
+    return pmodel.gather_full(grads)
 
 
 def _local_step(cfg: ModelParallelConfig, mesh: Mesh, pmodel: PipelineModel, optimizer: Any,
@@ -279,10 +271,15 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
     optimizer.step()
     ref_loss, ref_grads = reference
     abs_diff = rel_diff = 0.0
-    for pname, grad in _reduced_grads(mesh, pmodel, optimizer).items():
-        err = float((grad - ref_grads[pname]).abs().max())
-        abs_diff = max(abs_diff, err)
-        rel_diff = max(rel_diff, err / max(float(ref_grads[pname].abs().max()), 1e-30))
+    full = _reduced_grads(mesh, pmodel, optimizer)
+    if full is not None:
+        if full.keys() != ref_grads.keys():
+            raise RuntimeError(f"{layout_name}: gathered gradients of "
+                               f"{sorted(ref_grads.keys() - full.keys())} are missing")
+        for pname, grad in full.items():
+            err = float((grad - ref_grads[pname]).abs().max())
+            abs_diff = max(abs_diff, err)
+            rel_diff = max(rel_diff, err / max(float(ref_grads[pname].abs().max()), 1e-30))
     times, tokens, bubbles, peaks = [], [], [], []
     for i in range(1, cfg.warmup + cfg.steps + 1):
         comm.barrier()
@@ -376,8 +373,8 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
               "peak_h": human_bytes(r["peak_bytes_per_rank"]),
               "fits": "yes" if r["fits_budget"] else "no"} for r in rows]
     notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations + "
-             f"data-parallel reduction buffers (ZeRO-1: the flat gradients and the reduced "
-             f"shard) held by the rank (largest rank); budget "
+             f"data-parallel reduction buffers (ZeRO-1: the reduced gradient shard and the "
+             f"Allgather send buffer) held by the rank (largest rank); budget "
              f"{cfg.budget_mib:g} MiB. Global batch {cfg.batch} sentences of "
              f"{cfg.min_len}-{cfg.max_len} tokens, "
              f"{cfg.microbatches} microbatches. Diffs: first step vs the single-process model "
@@ -416,5 +413,5 @@ def _plot(cfg: ModelParallelConfig, rows: list[dict], ctx: RunContext) -> None:
 
 
 JOB = JobKind(config=ModelParallelConfig, run=run,
-              description="DP / pipeline (GPipe, 1F1B) / tensor / ZeRO-1 layouts: memory per "
-                          "rank, time, gradient equality")
+              description="DP / pipeline (GPipe, 1F1B) / tensor / ZeRO-1 layouts and their "
+                          "combinations: memory per rank, time, gradient equality")

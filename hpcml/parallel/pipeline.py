@@ -25,13 +25,29 @@ where it is needed. Forward activations go to the next stage, gradients to the p
 a header with the shapes of all earlier unit outputs, so shapes may change per microbatch.
 
 Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.GradientReducer`
-(its buckets launch during the last microbatch's backward); after the schedule, gradients of
-parameters held by several stages (tied weights) are summed over the pipeline.
+(its buckets launch during the last microbatch's backward), unless ``data_reduction=
+"optimizer"`` leaves that to a :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data``
+(ZeRO-1 reduce-scatters the gradients itself); after the schedule, gradients of parameters
+held by several stages (tied weights) are summed over the pipeline.
+
 Gradients of one step are the *sum* over microbatches of ``model.backward(loss)``: to average,
 divide the loss by ``model.microbatches``. One ``model(...)`` call per step. Under
 ``torch.no_grad()`` a step runs the forwards only (evaluation); the module calls must still
 follow the traced sequence (``nn.TransformerEncoderLayer`` takes a fused path without grad, so
 keep such layers whole units there).
+
+Combining with the other parallelisms, in this order (every rank builds the same model):
+
+1. tensor parallelism: ``parallelize(model, mesh.tensor)`` on the whole model first; each
+   stage's units then run their tensor-parallel collectives within ``mesh.tensor`` (all tensor
+   ranks of a stage run the same schedule), activations travel between the stages of each
+   tensor coordinate, and the last stage computes the loss (e.g.
+   :func:`~hpcml.parallel.tensor.vocab_parallel_cross_entropy` over ``mesh.tensor``);
+2. ``PipelineModel(model, mesh, ...)``, with ``data_reduction="optimizer"`` for ZeRO-1;
+3. the optimizer over ``pmodel.parameters()`` (this stage's, this tensor rank's pieces):
+   ``ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, ...)`` for ZeRO-1. It
+   rebinds the parameters' storage to its flat buffer; the pipeline reads the parameters'
+   storages at every step, so they are still not counted as activations.
 """
 
 from __future__ import annotations
@@ -67,6 +83,8 @@ from hpcml.parallel.pipeline_trace import (
     trace,
 )
 from hpcml.parallel.reductions import make_reduction
+
+DATA_REDUCTIONS = ("allreduce", "optimizer")
 
 
 class _StageDone(Exception):
@@ -152,6 +170,10 @@ class PipelineModel:
     about ``units_per_stage`` per stage).
     ``checkpoint_stages`` / ``checkpoint_modules``: recompute the activations of the units of
     these stages / of modules with these names (or names under them) in the backward pass.
+    ``data_reduction``: ``"allreduce"`` (the model averages every gradient over
+    ``mesh.data``) or ``"optimizer"`` (it leaves them unreduced, for a
+    :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data`` that reduce-scatters them;
+    with any other optimizer the replicas would drift apart).
     The parameters this rank holds (``parameters()``) are broadcast from data replica 0, and
     shared ones from their owner stage, so every replica starts equal."""
 
@@ -161,13 +183,17 @@ class PipelineModel:
                  balance: str = "measured", units_per_stage: int = 2,
                  units: Sequence[str] | None = None,
                  checkpoint_stages: Sequence[int] = (),
-                 checkpoint_modules: Sequence[str] = ()) -> None:
+                 checkpoint_modules: Sequence[str] = (),
+                 data_reduction: str = "allreduce") -> None:
         if schedule not in SCHEDULES:
             raise UsageError(f"schedule: {schedule!r} is not one of {list(SCHEDULES)}")
         if balance not in ("measured", "params"):
             raise UsageError(f"balance: {balance!r} is not 'measured' or 'params'")
         if microbatches < 1:
             raise UsageError(f"microbatches: must be >= 1, got {microbatches}")
+        if data_reduction not in DATA_REDUCTIONS:
+            raise UsageError(f"data_reduction: {data_reduction!r} is not one of "
+                             f"{list(DATA_REDUCTIONS)}")
         self.module, self.mesh, self.microbatches = module, mesh, microbatches
         self.schedule = schedule
         self.comm = mesh.pipeline
@@ -178,10 +204,13 @@ class PipelineModel:
                                list(units) if units is not None else None)
         except ValueError as exc:
             raise UsageError(f"units: {exc}") from None
-        counts = mesh.world.allgather(len(self.trace.calls))
-        if len(set(counts)) != 1:
-            raise RuntimeError(f"ranks traced different numbers of module calls {counts}: the "
-                               "model or the sample differs between ranks")
+        # the partition is computed from rank 0's measured costs and broadcast; the plan each
+        # rank derives from it is the same only if every rank traced the same structure
+        digests = mesh.world.allgather((len(self.trace.calls), self.trace.structure()))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"ranks traced different module calls (numbers of calls "
+                               f"{[n for n, _ in digests]}, or their outputs or dependencies "
+                               "differ): the model or the sample differs between ranks")
         self.costs, stage_of = self._partition(balance, partition or {})
         names = param_names(module)
         self.plan: Plan = make_plan(self.trace, stage_of, self.stages, list(names.values()))
@@ -201,14 +230,17 @@ class PipelineModel:
         self._micro: dict[int, _Micro] = {}
         self._current: _Micro | None = None
         self._sends: list[tuple[Request, torch.Tensor]] = []
-        self._storages = param_storages(module)
+        self._storages: set[int] = set()
         self.stats: dict[str, float] = {}
         self._broadcast_parameters()
         # data parallelism: hpcml's one gradient reducer, launched on the last microbatch's
-        # backward (overlapping it), over this stage's parameters
+        # backward (overlapping it), over this stage's parameters -- unless the optimizer
+        # reduces them (ZeRO-1)
+        self.data_reduction = data_reduction
         self._reducer = GradientReducer(
             mesh.data, list(reversed(self.named_parameters())), make_reduction("dense_allreduce"),
-            passes=microbatches) if mesh.data.size > 1 else None
+            passes=microbatches) if mesh.data.size > 1 and data_reduction == "allreduce" \
+            else None
         modules = dict(module.named_modules())
         for unit in self.trace.units:
             mod = modules[unit]
@@ -442,11 +474,14 @@ class PipelineModel:
     # -- one step ------------------------------------------------------------------------------
     def run_step(self, fn: Callable, args: tuple, kwargs: dict) -> StepOutput:
         """Run ``fn`` over the microbatches of ``args``/``kwargs`` with the schedule, then
-        average all gradients over the data group and sum shared ones over the pipeline.
+        average all gradients over the data group (unless ``data_reduction="optimizer"``) and
+        sum shared ones over the pipeline.
         Under ``torch.no_grad()`` only the forwards run (evaluation; ``fn`` must not call
         ``model.backward``). Collective over the mesh."""
         chunks = split_microbatches(args, kwargs, self.microbatches)
         training = torch.is_grad_enabled()
+        # read now: an optimizer built after the model (ZeRO-1) may have moved them
+        self._storages = param_storages(self.module)
         actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage) \
             if training else [("F", m) for m in range(self.microbatches)]
         waited = {"F": 0.0, "B": 0.0}
@@ -488,8 +523,9 @@ class PipelineModel:
                           self.comm)
 
     def _reduce_gradients(self) -> None:
-        """Average every held gradient over the data group (the reducer), then sum shared
-        parameters' gradients over the pipeline (one flat Allreduce). The two commute."""
+        """Average every held gradient over the data group (the reducer, if the model reduces
+        them), then sum shared parameters' gradients over the pipeline (one flat Allreduce).
+        The two commute, so a ZeRO-1 optimizer may average after the sum."""
         if self._reducer is not None:
             self._reducer.synchronize()
         if not self.plan.shared:
@@ -523,6 +559,9 @@ class PipelineModel:
         shared = self.plan.shared
         if shared:
             lines.append(f"\nshared across stages (gradients summed): {', '.join(shared)}")
+        if self.mesh.tensor.size > 1:
+            lines.append(f"\nparameters: tensor rank {self.mesh.tensor.rank}'s pieces (tensor "
+                         f"degree {self.mesh.tensor.size})")
         return "\n".join(lines)
 
     def stage_table(self) -> str:
@@ -546,12 +585,17 @@ class PipelineModel:
         return name in self._held_set
 
     def full_shape(self, name: str) -> torch.Size:
-        """Parameter ``name``'s shape in the unsplit model (also where this rank freed it)."""
+        """Parameter ``name``'s shape in the unsplit pipeline (also where this rank freed it);
+        under tensor parallelism, that of this tensor rank's piece."""
         return self._shapes[name]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """See :func:`~hpcml.parallel.pipeline_checkpoint.full_state_dict`. Collective."""
         return pipeline_checkpoint.full_state_dict(self)
+
+    def gather_full(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.gather_full`. Collective."""
+        return pipeline_checkpoint.gather_full(self, tensors)
 
     def load_full_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """See :func:`~hpcml.parallel.pipeline_checkpoint.load_full_state_dict`."""

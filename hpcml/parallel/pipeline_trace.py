@@ -25,6 +25,7 @@ checks it on every call and stops with a clear error when it does.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import statistics
 import time
@@ -79,6 +80,23 @@ class Trace:
     unit_params: dict[str, list[str]]
     tree: dict[str, Node]
     glue_params: dict[str, int]
+
+    def structure(self) -> str:
+        """A digest of everything the partition and the plan use besides the measured costs:
+        the units called in order, each call's output structure and dependencies, the
+        parameters read where. Ranks that traced the same model alike get the same digest
+        (tensor-parallel ranks too: shards differ in shape, not in structure)."""
+        def leaf(x: Any) -> Any:
+            if isinstance(x, Leaf):
+                return str(x.dtype), x.ndim, x.requires_grad
+            plain = x is None or isinstance(x, (bool, int, float, str))
+            return repr(x) if plain else type(x).__name__  # no addresses in the digest
+
+        calls = [(c.unit, str(c.spec), [leaf(x) for x in c.leaves], sorted(c.deps),
+                  sorted(c.params)) for c in self.calls]
+        text = repr((self.units, calls, sorted(self.output_deps), sorted(self.output_params),
+                     sorted(self.glue_params.items())))
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def tensors(obj: Any) -> list[torch.Tensor]:

@@ -5,15 +5,26 @@ Every data-parallel rank keeps the whole model but only 1/D of the optimizer sta
 parameters are laid out in one flat buffer (padded to a multiple of D; each ``param.data``
 becomes a view of it), cut into D equal shards. A step is:
 
-1. the gradients are copied into a flat buffer and ``Reduce_scatter``-ed (summed, then divided
-   by D unless ``average=False``): rank r receives the averaged gradient of shard r only;
+1. the gradients, which backward accumulates straight into a flat buffer (each ``param.grad``
+   is a view of it, as with torch DDP's ``gradient_as_bucket_view``), are ``Reduce_scatter``-ed
+   (summed, then divided by D unless ``average=False``): rank r receives the averaged gradient
+   of shard r only;
 2. an *inner* optimizer, built from the user's optimizer class or factory over views of shard r
    (one view per parameter piece in the shard, in the user's parameter groups), steps it;
 3. ``Allgather`` of the shards writes every rank's updated parameters into every rank's buffer.
 
 Bytes per rank and step: gradients in = P (one Reduce_scatter of the padded buffer), parameters
 out = P (one Allgather), the same volume as one ring Allreduce, while the optimizer state falls
-from k P to k P / D (k = 2 tensors per parameter for Adam, 1 for SGD with momentum).
+from k P to k P / D (k = 2 tensors per parameter for Adam, 1 for SGD with momentum). Memory
+beyond the parameters and their gradients: the reduced shard and an Allgather send buffer,
+2 P / D (none at D = 1; a dense allreduce keeps a bucket copy of P).
+
+Gradients: ``zero_grad()`` zeroes the flat buffer and points every ``param.grad`` at its slot
+again (so ``param.grad`` is a zero tensor, not None, between steps). A parameter counts as
+having a gradient in a step if backward accumulated into it, or its ``.grad`` holds non-zeros,
+or ``.grad`` was replaced by another tensor (copied in at ``step``; a sparse one densified); one
+whose ``.grad`` is None or untouched zeros on every rank is skipped, as the unsharded optimizer
+skips a None gradient.
 
 For element-wise optimizers (SGD, Adam, AdamW, RMSprop, Adagrad, ...) the result equals the
 unsharded optimizer on the averaged gradient, up to float rounding. An optimizer that uses
@@ -70,8 +81,11 @@ class ShardedOptimizer(torch.optim.Optimizer):
         first = flat_params[0]
         self.flat = torch.zeros(self.shard_numel * d, dtype=first.dtype, device=first.device)
         self.grad_flat = torch.zeros_like(self.flat)
-        self.grad_shard = torch.zeros(self.shard_numel, dtype=first.dtype, device=first.device)
-        self.send = torch.zeros_like(self.grad_shard)
+        # the reduced shard and the Allgather send buffer; with one rank the shard is the
+        # whole flat gradient and nothing is sent
+        self.grad_shard = torch.zeros(self.shard_numel, dtype=first.dtype, device=first.device) \
+            if d > 1 else self.grad_flat
+        self.send = torch.zeros_like(self.grad_shard) if d > 1 else self.grad_shard[:0]
         lo = dp_comm.rank * self.shard_numel
         hi = lo + self.shard_numel
         self.offsets: list[tuple[nn.Parameter, int]] = []
@@ -94,6 +108,12 @@ class ShardedOptimizer(torch.optim.Optimizer):
                     offset += n
                 inner_groups.append({**{k: v for k, v in g.items() if k != "params"},
                                      "params": views})
+        self._slots = [self.grad_flat[off:off + p.numel()].view_as(p) for p, off in self.offsets]
+        self._touched = torch.zeros(len(self.offsets), dtype=torch.float32)
+        for i, (p, _) in enumerate(self.offsets):
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: self._touched.__setitem__(i, 1))
+            if p.grad is None:
+                p.grad = self._slots[i]
         self.inner = optimizer(inner_groups) if not isinstance(optimizer, type) \
             else optimizer(inner_groups, **kwargs)
         outer = [{**{k: v for k, v in ig.items() if k != "params"}, "params": g["params"]}
@@ -108,20 +128,19 @@ class ShardedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        has_grad = torch.zeros(len(self.offsets), dtype=torch.float32)
-        self.grad_flat.zero_()
-        for i, (p, off) in enumerate(self.offsets):
-            if p.grad is not None:
-                if p.grad.is_sparse:
-                    raise UsageError("ShardedOptimizer needs dense gradients; build the model "
-                                     "with sparse=False (e.g. nn.Embedding(sparse=False))")
-                self.grad_flat[off:off + p.numel()].copy_(p.grad.reshape(-1))
+        has_grad = self._touched.clone()
+        for i, ((p, _), slot) in enumerate(zip(self.offsets, self._slots, strict=True)):
+            if p.grad is None:
+                slot.zero_()
+                has_grad[i] = 0.0
+            elif p.grad.is_sparse or p.grad.data_ptr() != slot.data_ptr():
+                slot.copy_(p.grad.to_dense())  # replaced, e.g. set to None and made anew
+                has_grad[i] = 1.0
+            elif not has_grad[i] and bool(slot.any()):
                 has_grad[i] = 1.0
         if self.comm.size > 1:
             self.comm.Reduce_scatter(self.grad_flat, self.grad_shard)
             self.comm.Allreduce(has_grad, op="max")
-        else:
-            self.grad_shard.copy_(self.grad_flat)
         if self.average and self.comm.size > 1:
             self.grad_shard.div_(self.comm.size)
         for i, piece, rows in self.pieces:
@@ -134,6 +153,15 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.send.copy_(self.flat[lo:lo + self.shard_numel])
             self.comm.Allgather(self.send, self.flat)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the flat gradient buffer and make every ``param.grad`` its slot again (whatever
+        ``set_to_none`` says: backward then accumulates in place, and ``step`` copies nothing).
+        Not collective."""
+        self.grad_flat.zero_()
+        self._touched.zero_()
+        for (p, _), slot in zip(self.offsets, self._slots, strict=True):
+            p.grad = slot
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (tensors) held by this rank."""

@@ -11,6 +11,12 @@
   wait for each other. The server polls with ``Iprobe`` and applies ``x <- x - g_r / R`` to
   whichever update arrives (``R`` = number of workers), then answers that worker with a
   non-blocking send; a frozen or dead worker never stalls it (see :class:`Server`).
+
+Stopping early (preemption): the server alone decides (its ``stop`` callable, e.g. its own
+SIGUSR1/SIGTERM flag; Slurm and Hydra signal every rank). From then on it answers every update
+with the model tagged ``STOP_TAG`` instead of ``MODEL_TAG``; a worker sees the tag on the reply it
+waits for anyway (:attr:`ServerExchange.stopped`), so it stops within its own sync period, with
+no extra message and no race with its ``DONE``. ``DONE`` carries the worker's local step count.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from hpcml.comm.polling import POLL_SECONDS, poll_all
 from hpcml.parallel import allgatherv, broadcast_parameters, gather_counts
 from hpcml.qsparse.compressors import Compressor, Payload
 
-UPDATE_TAG, MODEL_TAG, DONE_TAG = 41, 42, 43
+UPDATE_TAG, MODEL_TAG, DONE_TAG, STOP_TAG = 41, 42, 43, 44
 WORKER_TIMEOUT = 30.0
 
 
@@ -55,14 +61,15 @@ class AllgatherExchange:
             offset += n
         return x_sync - total / comm.size
 
-    def close(self) -> None:
+    def close(self, local_steps: int) -> None:
         """Nothing to release."""
 
 
 class ServerExchange:
     """Worker side of the asynchronous variant (not collective except :meth:`initial`). A
     worker has at most one update in flight: it waits (polling, not spinning) for the server's
-    model before its next local step, so a frozen server or worker never queues messages."""
+    model before its next local step, so a frozen server or worker never queues messages.
+    ``stopped`` turns True when a reply said the server is stopping the run."""
 
     def __init__(self, comm: Communicator, server: int = 0,
                  poll_seconds: float = POLL_SECONDS) -> None:
@@ -71,6 +78,7 @@ class ServerExchange:
                              "worker)")
         self.comm, self.server, self.poll_seconds = comm, server, poll_seconds
         self.workers = comm.size - 1
+        self.stopped = False
 
     def initial(self, x: torch.Tensor) -> torch.Tensor:
         """Collective (with :class:`Server`): the server's starting point."""
@@ -78,16 +86,17 @@ class ServerExchange:
 
     def exchange(self, payload: Payload, compressor: Compressor,
                  x_sync: torch.Tensor) -> torch.Tensor:
-        """Send this worker's update; return the server's model after applying it."""
+        """Send this worker's update; return the server's model after applying it (and note
+        in ``stopped`` whether the server is stopping the run)."""
         model = torch.empty_like(x_sync)
-        reply = self.comm.Irecv(model, source=self.server, tag=MODEL_TAG)
+        reply = self.comm.Irecv(model, source=self.server, tag=ANY_TAG)
         update = self.comm.Isend(payload.data, dest=self.server, tag=UPDATE_TAG)
-        poll_all([update, reply], self.poll_seconds)
+        self.stopped |= poll_all([update, reply], self.poll_seconds)[1].tag == STOP_TAG
         return model
 
-    def close(self) -> None:
-        """Tell the server this worker has finished."""
-        self.comm.Send(np.zeros(0, dtype=np.uint8), dest=self.server, tag=DONE_TAG)
+    def close(self, local_steps: int) -> None:
+        """Tell the server this worker has finished after ``local_steps`` local steps."""
+        self.comm.Send(np.array([local_steps], dtype=np.int64), dest=self.server, tag=DONE_TAG)
 
 
 class Server:
@@ -99,7 +108,9 @@ class Server:
     the reply to the last one, so per worker at most one update and one reply (d values each)
     are in flight: the server's memory is bounded by ``2 * workers * d`` values whatever a
     frozen worker does. A worker silent for ``timeout`` seconds once all the others finished
-    is named in ``unresponsive`` (world ranks) and :meth:`serve` returns without it."""
+    is named in ``unresponsive`` (world ranks) and :meth:`serve` returns without it.
+    ``local_steps``: each finished worker's local step count (world rank -> steps);
+    ``stopped_by``: why the server stopped the run early (None when it ran to the end)."""
 
     def __init__(self, comm: Communicator, x: torch.Tensor, compressor: Compressor,
                  server: int = 0, poll_seconds: float = 2e-4,
@@ -112,11 +123,16 @@ class Server:
         self.bits_up = {r: 0 for r in range(comm.size) if r != server}
         self.bits_down = 0
         self.unresponsive: list[int] = []
+        self.local_steps: dict[int, int] = {}
+        self.stopped_by: str | None = None
 
-    def serve(self, on_update: Callable[[Server], None] | None = None) -> torch.Tensor:
+    def serve(self, on_update: Callable[[Server], None] | None = None,
+              stop: Callable[[], str | None] | None = None) -> torch.Tensor:
         """Apply updates as they arrive until every worker has sent DONE (or the rest are
         unresponsive, see the class); returns the model. ``on_update(self)`` runs after each
-        applied update (e.g. to evaluate). Replies to unresponsive workers stay pending."""
+        applied update (e.g. to evaluate). ``stop()`` (local, polled between messages) returns
+        a reason to end the run early: from then on every reply tells its worker to stop (see
+        the module). Replies to unresponsive workers stay pending."""
         d, dtype = self.x.numel(), self.x.dtype
         update_bits = self.compressor.bits(d, dtype)
         receiving: dict[int, tuple[Request, np.ndarray, int]] = {}
@@ -124,6 +140,8 @@ class Server:
         heard = dict.fromkeys(self.bits_up, time.monotonic())
         finished: set[int] = set()
         while len(finished) < self.workers:
+            if stop is not None and self.stopped_by is None:
+                self.stopped_by = stop()
             status = self.comm.Iprobe(ANY_SOURCE, ANY_TAG)
             progressed = status is not None and status.source not in receiving
             if progressed:
@@ -137,12 +155,13 @@ class Server:
                 heard[src], progressed = time.monotonic(), True
                 if tag == DONE_TAG:
                     finished.add(src)
+                    self.local_steps[src] = int(buf.view(np.int64)[0])
                     continue
                 self.x -= self.compressor.decode(buf, d, dtype) / self.workers
                 snapshot = self.x.clone()
                 replies[src] = [(r, b) for r, b in replies[src] if r.test() is None]
-                replies[src].append((self.comm.Isend(snapshot, dest=src, tag=MODEL_TAG),
-                                     snapshot))
+                tag = STOP_TAG if self.stopped_by else MODEL_TAG
+                replies[src].append((self.comm.Isend(snapshot, dest=src, tag=tag), snapshot))
                 self.updates += 1
                 self.bits_up[src] += update_bits
                 self.bits_down += d * torch.finfo(dtype).bits

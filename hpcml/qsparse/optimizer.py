@@ -107,7 +107,7 @@ class QsparseLocalSGD(WrappedOptimizer):
 
     def close(self) -> None:
         """End of training (asynchronous workers tell the server they are done)."""
-        self.exchange.close()
+        self.exchange.close(self.local_steps)
 
     def _load(self, vector: torch.Tensor) -> None:
         load_flat(self.params, vector)

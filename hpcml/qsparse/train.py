@@ -12,6 +12,13 @@ Accounting: ``bits`` is the exact uplink payload size per worker (sum of
 ``seconds`` is training wall time on rank 0 excluding evaluation; accuracy is measured on the
 360 held-out test images with the synchronized model (``x_sync`` / the server's model).
 
+Preemption (SIGUSR1/SIGTERM, :mod:`hpcml.preemption`): ``sync`` and ``allreduce`` runs agree
+to stop at an evaluation boundary (one small allreduce every ``train.eval_every`` local steps,
+so the evaluated ``x_sync`` is the result); in ``async`` runs the server stops on its own signal
+and tells each worker in its next reply (:mod:`hpcml.qsparse.exchange`). The summary then
+names ``stopped_by`` and ``steps_done`` (local steps; async: the most any worker did) and the
+run's status is ``preempted``; a signal during the last evaluation interval lets the run finish.
+
 Async faults: a worker that is frozen or dead never stalls the server (see
 :class:`~hpcml.qsparse.exchange.Server`); one silent for ``train.worker_timeout`` seconds after
 the others finished is listed in the summary's ``unresponsive_ranks`` and the job ends by
@@ -31,6 +38,7 @@ from hpcml.comm import Communicator, StragglerConfig
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
+from hpcml.preemption import Preemption
 from hpcml.qsparse.compressors import NAMES, Compressor, make_compressor
 from hpcml.qsparse.data import (
     Split,
@@ -121,7 +129,9 @@ def compressor_of(cfg: CompressorConfig) -> Compressor:
 
 @dataclasses.dataclass
 class Result:
-    """A training run seen from rank 0: the evaluation curve and the totals."""
+    """A training run seen from rank 0: the evaluation curve and the totals; ``steps``: the
+    local steps done per worker (async: the most any worker did); ``stopped_by``: the reason
+    the run stopped early, None when it ran to the end."""
 
     curve: list[dict[str, float]]
     bits_per_worker: int
@@ -129,7 +139,9 @@ class Result:
     final_accuracy: float
     seconds: float
     syncs: int
+    steps: int
     unresponsive: list[int] = dataclasses.field(default_factory=list)
+    stopped_by: str | None = None
 
 
 class _Evaluator:
@@ -152,8 +164,11 @@ class _Evaluator:
 
 def _local_training(cfg: QsparseConfig, comm: Communicator, split: Split, worker: int,
                     workers: int, qs_factory: Callable[..., Any],
-                    on_step: Callable[[int, Any], None]) -> Any:
-    """Worker ``worker``'s loop: straggle, local SGD step on its shard, sync via ``qs``."""
+                    on_step: Callable[[int, Any], None],
+                    stop: Callable[[int, Any], bool]) -> Any:
+    """Worker ``worker``'s loop: straggle, local SGD step on its shard, sync via ``qs``;
+    ends after local step ``t`` when ``stop(t, qs)`` (called after ``on_step``) says so.
+    Returns ``qs``."""
     tc = cfg.train
     lo, hi = shard(len(split.y_train), workers, worker)
     xs, ys = split.x_train[lo:hi], split.y_train[lo:hi]
@@ -169,22 +184,27 @@ def _local_training(cfg: QsparseConfig, comm: Communicator, split: Split, worker
         loss.backward()
         qs.step()
         on_step(t, qs)
+        if stop(t, qs):
+            break
     return qs
 
 
 def train(cfg: QsparseConfig, comm: Communicator, split: Split,
-          log: Callable[[dict[str, float]], None] = lambda point: None) -> Result | None:
+          log: Callable[[dict[str, float]], None] = lambda point: None,
+          preemption: Preemption | None = None) -> Result | None:
     """Run one Qsparse-local-SGD training (collective). Returns the result on rank 0, None
     elsewhere. ``log`` is called on rank 0 with each evaluation point. The clock starts
-    after a barrier, so the ranks' start-up skew is not counted."""
+    after a barrier, so the ranks' start-up skew is not counted. With ``preemption``, a
+    signal stops the run early (see the module; without it the run always goes to the end)."""
     comm.barrier()
     if cfg.mode != "async":
-        return _train_sync(cfg, comm, split, log)
-    return _train_async(cfg, comm, split, log)
+        return _train_sync(cfg, comm, split, log, preemption)
+    return _train_async(cfg, comm, split, log, preemption)
 
 
 def _train_sync(cfg: QsparseConfig, comm: Communicator, split: Split,
-                log: Callable[[dict[str, float]], None]) -> Result | None:
+                log: Callable[[dict[str, float]], None],
+                preemption: Preemption | None) -> Result | None:
     tc, comp = cfg.train, compressor_of(cfg.compressor)
     evaluate = _Evaluator(cfg.data.hidden, split) if comm.rank == 0 else None
     start = time.perf_counter()
@@ -199,16 +219,29 @@ def _train_sync(cfg: QsparseConfig, comm: Communicator, split: Split,
             return AllreduceSGD(model, opt, comm)
         return QsparseLocalSGD(model, opt, compressor=comp, H=tc.H, comm=comm, seed=cfg.seed)
 
-    qs = _local_training(cfg, comm, split, comm.rank, comm.size, factory, on_step)
+    stopped: str | None = None
+
+    def stop(t: int, qs: Any) -> bool:
+        # every rank passes the same t: the check is collective at evaluation boundaries only,
+        # where rank 0 has just evaluated x_sync (the result when the run ends here)
+        nonlocal stopped
+        if preemption is None or (t + 1) % tc.eval_every or t + 1 == tc.steps:
+            return False
+        stopped = preemption.agreed(comm)
+        return stopped is not None
+
+    qs = _local_training(cfg, comm, split, comm.rank, comm.size, factory, on_step, stop)
     bits = comm.allreduce(qs.bits_sent, op="max")
     if evaluate is None:
         return None
     seconds = time.perf_counter() - start - evaluate.seconds
-    return Result(evaluate.curve, bits, 0, evaluate.curve[-1]["accuracy"], seconds, qs.syncs)
+    return Result(evaluate.curve, bits, 0, evaluate.curve[-1]["accuracy"], seconds, qs.syncs,
+                  int(evaluate.curve[-1]["step"]), stopped_by=stopped)
 
 
 def _train_async(cfg: QsparseConfig, comm: Communicator, split: Split,
-                 log: Callable[[dict[str, float]], None]) -> Result | None:
+                 log: Callable[[dict[str, float]], None],
+                 preemption: Preemption | None) -> Result | None:
     tc, comp = cfg.train, compressor_of(cfg.compressor)
     workers = comm.size - 1
     if comm.rank == 0:
@@ -223,20 +256,22 @@ def _train_async(cfg: QsparseConfig, comm: Communicator, split: Split,
 
         x0 = torch.nn.utils.parameters_to_vector(mlp(cfg.data.hidden, cfg.seed).parameters())
         server = Server(comm, x0.detach(), comp, timeout=tc.worker_timeout)
-        server.serve(on_update)
+        server.serve(on_update, None if preemption is None else lambda: preemption.received)
         x = server.x.clone() if server.unresponsive else comm.Bcast(server.x.clone())
         seconds = time.perf_counter() - start - evaluate.seconds
         bits = sum(server.bits_up.values()) / workers
+        steps = server.local_steps.values()  # a stop signal after the last sync changes nothing
         evaluate(x, step=server.updates, seconds=seconds, bits=bits)
         log(evaluate.curve[-1])
         return Result(evaluate.curve, round(bits), round(server.bits_down / workers),
                       evaluate.curve[-1]["accuracy"], seconds, server.updates,
-                      server.unresponsive)
+                      max(steps, default=0), server.unresponsive,
+                      server.stopped_by if any(s < tc.steps for s in steps) else None)
     worker = comm.rank - 1
     period = tc.periods[worker] if tc.periods else tc.H
     qs = _local_training(cfg, comm, split, worker, workers, lambda m, o: QsparseLocalSGD(
         m, o, compressor=comp, H=period, exchange=ServerExchange(comm), seed=cfg.seed),
-        lambda t, qs: None)
+        lambda t, qs: None, lambda t, qs: qs.exchange.stopped)
     qs.close()
     comm.Bcast(torch.empty_like(qs.x_sync))
     return None
@@ -259,7 +294,7 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
         print(f"  step {point['step']:>6.0f}  bits/worker {point['bits']:>12.0f}  "
               f"acc {point['accuracy']:.4f}  loss {point['loss']:.4f}", flush=True)
 
-    result = train(cfg, ctx.comm, split, log)
+    result = train(cfg, ctx.comm, split, log, ctx.preemption)
     if result is None:
         return {}
     reached = next((p for p in result.curve if p["accuracy"] >= cfg.train.target), None)
@@ -269,14 +304,17 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
                "bits_down_per_worker": result.bits_down_per_worker,
                "final_accuracy": result.final_accuracy, "train_seconds": result.seconds,
                "syncs": result.syncs, "target": cfg.train.target,
-               "bits_to_target": reached["bits"] if reached else None}
+               "bits_to_target": reached["bits"] if reached else None,
+               "steps_done": result.steps, "stopped_by": result.stopped_by}
     if cfg.mode == "async":
         summary["unresponsive_ranks"] = result.unresponsive
     if result.unresponsive:
         ctx.log(f"workers on ranks {result.unresponsive} stopped answering (frozen or dead): "
                 "the results are complete; the job aborts them to end (exit code 3)")
     ctx.log(f"final accuracy {result.final_accuracy:.4f}; {result.bits_per_worker} bits per "
-            f"worker; bits to {cfg.train.target:.2f}: {summary['bits_to_target']}")
+            f"worker; bits to {cfg.train.target:.2f}: {summary['bits_to_target']}"
+            + (f"; stopped by {result.stopped_by} after {result.steps} of {cfg.train.steps} "
+               "local steps" if result.stopped_by else ""))
     return summary
 
 
