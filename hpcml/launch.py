@@ -16,7 +16,8 @@ Order of events (all ranks):
    ``config.segment-N.toml`` and ``env.segment-N.json``;
 4. run the job under abort-on-error;
 5. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0), whose
-   ``status`` is ``preempted`` when the job stopped early, else ``complete``. A job whose summary
+   ``status`` is ``failed`` when the job could not go on (``failed_by``), ``preempted`` when it
+   stopped early, else ``complete``. A job whose summary
    names ``unresponsive_ranks`` (workers that stopped answering) skips the gather: rank 0 saves
    its own ledger and the summary, then aborts the job with exit code 3.
 """
@@ -231,8 +232,10 @@ def end_without_unresponsive(comm: Communicator, run_dir: RunDir, kind_name: str
     run_dir.write_json("summary.json", {"kind": kind_name, "status": run_status(summary),
                                         "ranks": comm.size, "seconds": elapsed, **summary})
     print(f"\nresults in {run_dir.path}", flush=True)
+    done = ("are complete" if not summary.get("failed_by")
+            else f"cover the work done before it failed ({summary['failed_by']})")
     sys.stderr.write(f"hpcml: ranks {lost} never answered the end of the run; the results in "
-                     f"{run_dir.path} are complete; aborting the job so that it ends (exit "
+                     f"{run_dir.path} {done}; aborting the job so that it ends (exit "
                      f"code {UNRESPONSIVE_EXIT})\n")
     sys.stderr.flush()
     time.sleep(0.5)  # mpiexec forwards output asynchronously; the abort would cut it off

@@ -77,8 +77,11 @@ class Preemption:
 
 
 def run_status(summary: dict[str, object]) -> str:
-    """``"preempted"`` when the job stopped early (its summary names ``stopped_by``), else
+    """``"failed"`` when the job could not go on (its summary names ``failed_by``, e.g. too few
+    coded workers answering), ``"preempted"`` when it stopped early (``stopped_by``), else
     ``"complete"``: the ``status`` of every run's ``summary.json``."""
+    if summary.get("failed_by"):
+        return "failed"
     return "preempted" if summary.get("stopped_by") else "complete"
 
 

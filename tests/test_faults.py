@@ -1,6 +1,7 @@
 """Real faults, not seeded delays: a worker frozen with SIGSTOP must not stall the encoded master
-(5 ranks, k = 3 of 4) or the asynchronous Qsparse server (4 ranks), and a worker frozen for good
-must not keep the job from ending once its results are written.
+(5 ranks, k = 3 of 4) or the asynchronous Qsparse server (4 ranks), a worker frozen for good
+must not keep the job from ending once its results are written, and too few live workers
+(below k; every async worker) must end the job as failed, or preempted on a signal, never hang.
 
 Timed assertions (the only ones allowed: progress rates of fault tests), with generous margins
 because the machine (2 cores) is shared: while one worker is stopped for STOP_S seconds, the
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import fault_fixture as ff
+import pytest
 
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
 from hpcml.coded.job import make_problem
@@ -40,9 +42,9 @@ def kill_quietly(pid):
         os.kill(pid, signal.SIGKILL)
 
 
-def coded(cwd, *sets):
-    return ff.start(5, "run", str(ROOT / "jobs" / "coded.toml"), "--set", f"runs_dir={cwd}/runs",
-                    *(a for s in sets for a in ("--set", s)), cwd=cwd)
+def coded(cwd, *sets, nranks=5):
+    return ff.start(nranks, "run", str(ROOT / "jobs" / "coded.toml"), "--set",
+                    f"runs_dir={cwd}/runs", *(a for s in sets for a in ("--set", s)), cwd=cwd)
 
 
 def undisturbed_errors(iterations, seeds=3):
@@ -112,6 +114,86 @@ def test_coded_job_ends_when_a_worker_is_stopped_for_good(tmp_path):
     got = summary(tmp_path)
     assert got["status"] == "complete" and got["unresponsive_ranks"] == [2]
     assert len(ff.metrics(tmp_path)) == 60
+
+
+@contextlib.contextmanager
+def frozen(proc, ranks):
+    """SIGSTOP the given ranks of ``proc``'s job on entry (their PIDs are found first); on exit
+    SIGKILL them and, if the job is still running, its whole session."""
+    pids = [ff.rank_pid(proc, r) for r in ranks]
+    try:
+        yield lambda: [os.kill(pid, signal.SIGSTOP) for pid in pids]
+    finally:
+        for pid in pids:
+            kill_quietly(pid)
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def well_formed_metrics(cwd, got, key):
+    """Every line of metrics.jsonl is a whole JSON record, one per iteration done, numbered
+    0..n-1, the last equal to the summary's final value."""
+    lines = next(Path(cwd, "runs").glob("*/metrics.jsonl")).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r[key] for r in records] == list(range(got["iterations_done"]))
+    assert records[-1]["suboptimality"] == got["final_suboptimality"]
+
+
+# case: (solver.progress_timeout, signal sent to the launcher, status, stopped_by)
+BELOW_K = {"progress-timeout": (3, None, "failed", None),
+           "signal": (600, signal.SIGUSR1, "preempted", "SIGUSR1")}
+
+
+@pytest.mark.parametrize("case", list(BELOW_K))
+def test_coded_master_below_k_ends_the_job(tmp_path, case):
+    """4 ranks, k = 2 of 3: workers 2 and 3 stopped for good leave the master one reply short
+    of every round. ``progress-timeout``: after solver.progress_timeout (3 s) with no reply it
+    ends the solve as failed; ``signal``: a SIGUSR1 to the launcher ends the wait (the timeout
+    is 600 s, so only the signal can). Either way the iterations done are written (whole metrics
+    records, summary naming ranks 2 and 3) and the job ends with exit code 3 within a generous
+    margin (before the fix the master waited forever, signal or not)."""
+    timeout, sig, status, stopped_by = BELOW_K[case]
+    proc = coded(tmp_path, "solver.iterations=100000", "code.wait_for=2", "solver.algorithm=gd",
+                 f"solver.progress_timeout={timeout}", "solver.close_timeout=1", nranks=4)
+    with frozen(proc, (2, 3)) as stop:
+        ff.wait_for_line(tmp_path, "solving", proc)
+        time.sleep(0.5)  # let the start barrier finish on every worker (it needs ranks 2, 3)
+        stop()
+        sent = None
+        if sig is not None:
+            time.sleep(1.0)  # the master is stuck in a round within one iteration (~ms)
+            os.kill(proc.pid, sig)
+            sent = time.time()
+        code, out = ff.finish(proc, tmp_path, timeout + 45 if sig is None else 45)
+    assert code == 3, out
+    got = summary(tmp_path)
+    assert (got["status"], got["stopped_by"]) == (status, stopped_by)
+    assert got["unresponsive_ranks"] == [2, 3]
+    assert 0 < got["iterations_done"] < 100000
+    well_formed_metrics(tmp_path, got, "iteration")
+    if sig is None:
+        assert f"no reply for {timeout} s" in got["failed_by"] and "[2, 3]" in got["failed_by"]
+        assert "workers on ranks [2, 3] stopped answering" in out
+    else:
+        assert got["failed_by"] is None
+        assert got["started_unix"] + got["seconds"] < sent, "the master was not waiting"
+
+
+def test_async_job_fails_when_every_worker_is_stopped(tmp_path):
+    """All three workers stopped for good mid-run, none finished: the server, which goes on
+    with any live worker by design, has none left; after train.worker_timeout (1 s) it writes
+    the results (status failed, ranks 1-3 named) and the job ends with exit code 3."""
+    proc = qsparse(tmp_path, "train.steps=100000", "train.worker_timeout=1")
+    with frozen(proc, (1, 2, 3)) as stop:
+        ff.wait_for_metrics(tmp_path, 1, proc)
+        stop()
+        code, out = ff.finish(proc, tmp_path, 60)
+    assert code == 3, out
+    got = summary(tmp_path)
+    assert (got["status"], got["unresponsive_ranks"]) == ("failed", [1, 2, 3])
+    assert "none finished" in got["failed_by"]
 
 
 def qsparse(cwd, *sets):

@@ -23,7 +23,8 @@ min_v phi(X S.T v) + lam beta / 2 ||v||^2 equals the original minimum, so encode
 to the exact solution under any erasure pattern.
 
 Every solver records (elapsed seconds, iterate) after each iteration into ``trace`` and ends
-early when the runtime says so (:meth:`~hpcml.coded.runtime.Runtime.stop_after`).
+early when the runtime says so (:meth:`~hpcml.coded.runtime.Runtime.stop_after`, or a round /
+reply of None: a stop signal or too few workers while waiting; the trace may then be empty).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ def data_parallel(rt: Runtime, algorithm: str, p: int, *, n: int, beta: float, k
     for t in range(iterations):
         point = momentum if algorithm == "fista" else w
         replies = rt.round(t, [point] * m, k)
+        if replies is None:
+            break
         g = _gradient(replies, m, beta, n) + lam * point
         if algorithm == "gd":
             w = w - step * g
@@ -137,7 +140,10 @@ def _asynchronous(rt: Runtime, p: int, *, n: int, beta: float, step: float, iter
     for i in range(m):
         rt.send(i, 0, w)
     for u in range(1, iterations * m + 1):
-        worker, _, payload = rt.next_reply()
+        reply = rt.next_reply()
+        if reply is None:
+            break
+        worker, _, payload = reply
         w = w - step * (payload[:-1] / (beta * n) + lam * w / m)
         rt.send(worker, u, w)
         if u % m == 0:
@@ -158,6 +164,8 @@ def block_coordinate_descent(rt: Runtime, loss_grad: Callable[[np.ndarray], np.n
     for t in range(iterations):
         gz = loss_grad(z)
         replies = rt.round(t, [np.concatenate([gz, vi]) for vi in v], k)
+        if replies is None:
+            break
         for i, payload in replies.items():
             v[i] = v[i] + payload[: block_sizes[i]]
             z = z + payload[block_sizes[i]:]

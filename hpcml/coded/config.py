@@ -122,6 +122,10 @@ class SolverConfig:
     close_timeout: float = option(10.0, gt=0.0, help="seconds the master waits at the end "
                                   "for each worker's acknowledgement before it names the "
                                   "worker unresponsive and the job ends without it")
+    progress_timeout: float = option(60.0, gt=0.0, max=86400.0, help="seconds the master "
+                                     "waits with no reply at all (more than m - k workers "
+                                     "frozen or dead) before it ends the solve as failed, "
+                                     "names the silent workers and the job exits with code 3")
 
     def check(self, problem: str, prefix: str = "solver") -> None:
         if self.algorithm not in ALLOWED[problem]:

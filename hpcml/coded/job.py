@@ -8,7 +8,13 @@ Preemption (SIGUSR1/SIGTERM, :mod:`hpcml.preemption`): the master checks its own
 after every iteration (no communication) and ends the solve through the runtime's stop message
 (a frozen worker is left behind after ``solver.close_timeout``); the metrics and summary then
 cover the iterations done (``iterations_done``; ``mf``: rounds) and name
-``stopped_by`` (status ``preempted``). A signal during the last iteration lets the run finish.
+``stopped_by`` (status ``preempted``). On MPI the master also reads the flag while it waits for
+replies, so a signal ends the solve even when too few workers answer.
+
+Too few workers (more than m - k frozen or dead): after ``solver.progress_timeout`` seconds
+without any reply the master ends the solve; the metrics and summary cover the iterations done,
+``failed_by`` says why (status ``failed``), ``unresponsive_ranks`` names the silent workers and
+the job ends with exit code 3 once the results are written (see :mod:`hpcml.launch`).
 """
 
 from __future__ import annotations
@@ -88,24 +94,39 @@ def run(cfg: CodedConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.run_dir.log_metrics(iteration=t, seconds=sec, suboptimality=sub,
                                 relative_error=rel)
     summary = {"workers": m, "wait_for": k, "simulated": comm.size == 1, **result.summary()}
-    ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e}, relative error "
-            f"{summary['final_relative_error']:.3e}, {summary['seconds']:.2f} s, "
-            f"{result.discarded} late replies discarded" + stopped_note(summary))
-    log_unresponsive(ctx, result.unresponsive)
+    ctx.log(f"final suboptimality {num(summary['final_suboptimality'], '.3e')}, relative "
+            f"error {num(summary['final_relative_error'], '.3e')}, "
+            f"{num(summary['seconds'], '.2f')} s, {result.discarded} late replies discarded"
+            + stopped_note(summary))
+    log_unresponsive(ctx, summary)
     return summary
 
 
+def num(value: float | None, spec: str) -> str:
+    """``value`` formatted with ``spec``; ``none`` when no iteration gave one."""
+    return "none" if value is None else format(value, spec)
+
+
 def stopped_note(summary: dict[str, Any]) -> str:
-    """``"; stopped by SIGUSR1 after 12 iterations"`` for a run that stopped early, else ''."""
+    """``"; stopped by SIGUSR1 after 12 iterations"`` for a run that stopped early (or
+    ``"; failed after ...: <why>"`` when too few workers answered), else ''."""
+    done = summary["iterations_done"]
+    if summary["failed_by"]:
+        return f"; failed after {done} iterations: {summary['failed_by']}"
     if not summary["stopped_by"]:
         return ""
-    return f"; stopped by {summary['stopped_by']} after {summary['iterations_done']} iterations"
+    return f"; stopped by {summary['stopped_by']} after {done} iterations"
 
 
-def log_unresponsive(ctx: RunContext, ranks: list[int]) -> None:
-    """Say which worker ranks never acknowledged the end of the solve (the job then ends by
-    aborting them once the results are written, exit code 3)."""
-    if ranks:
+def log_unresponsive(ctx: RunContext, summary: dict[str, Any]) -> None:
+    """Say which worker ranks went silent or never acknowledged the end of the solve (the
+    job then ends by aborting them once the results are written, exit code 3)."""
+    ranks = summary["unresponsive_ranks"]
+    if ranks and summary["failed_by"]:
+        ctx.log(f"workers on ranks {ranks} stopped answering (frozen or dead) and too few "
+                f"were left: the results cover the {summary['iterations_done']} iterations "
+                "done; the job aborts them to end (exit code 3)")
+    elif ranks:
         ctx.log(f"workers on ranks {ranks} never acknowledged the end of the solve (frozen or "
                 f"dead): the results are complete; the job aborts them to end (exit code 3)")
 
@@ -118,7 +139,8 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
     out = solve_cf(ctx.comm, train, test, cfg.code, cfg.problem.rank, cfg.problem.lam,
                    cfg.solver.iterations, cfg.solver.inner, cfg.solver.step,
                    ctx.run_dir.path / "shards", cfg.seed,
-                   close_timeout=cfg.solver.close_timeout, stop=lambda: ctx.preemption.received)
+                   close_timeout=cfg.solver.close_timeout, stop=lambda: ctx.preemption.received,
+                   progress_timeout=cfg.solver.progress_timeout)
     if out is None:
         return {}
     for t, (sec, sub, train_rmse, test_rmse) in enumerate(zip(
@@ -126,11 +148,11 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
         ctx.run_dir.log_metrics(round=t, seconds=sec, suboptimality=sub, train_rmse=train_rmse,
                                 test_rmse=test_rmse)
     summary = {"workers": m, "wait_for": k, "simulated": ctx.comm.size == 1, **out.summary()}
-    ctx.log(f"final suboptimality {summary['final_suboptimality']:.3e} (signed, vs exact ALS), "
-            f"test RMSE {summary['final_test_rmse']:.4f} (exact ALS "
-            f"{out.reference['test_rmse']:.4f}), {summary['seconds']:.2f} s, "
+    ctx.log(f"final suboptimality {num(summary['final_suboptimality'], '.3e')} (signed, vs "
+            f"exact ALS), test RMSE {num(summary['final_test_rmse'], '.4f')} (exact ALS "
+            f"{out.reference['test_rmse']:.4f}), {num(summary['seconds'], '.2f')} s, "
             f"{out.discarded} late replies discarded" + stopped_note(summary))
-    log_unresponsive(ctx, out.unresponsive)
+    log_unresponsive(ctx, summary)
     return summary
 
 

@@ -42,8 +42,17 @@ from hpcml.coded.cf import (
 )
 from hpcml.coded.config import CodeConfig, ProblemConfig
 from hpcml.coded.ratings import Ratings, digits_ratings, split, synthetic_ratings
-from hpcml.coded.runtime import CLOSE_TIMEOUT, Compute, MPIMaster, SimulatedMaster, finish, serve
+from hpcml.coded.runtime import (
+    CLOSE_TIMEOUT,
+    PROGRESS_TIMEOUT,
+    Compute,
+    MPIMaster,
+    SimulatedMaster,
+    finish,
+    serve,
+)
 from hpcml.coded.shards import load_sparse_shard, write_sparse_shards
+from hpcml.coded.solver import last
 from hpcml.comm import Communicator
 
 EPS = (1e-1, 1e-2, 1e-3)
@@ -66,7 +75,9 @@ def load_ratings(cfg: ProblemConfig, seed: int) -> tuple[Ratings, Ratings]:
 @dataclasses.dataclass
 class CFResult:
     """Rank 0's record of one solve, per round (one encoded gradient step on one side);
-    ``stopped_by``: why the solve ended before its last round (None when it did not)."""
+    ``stopped_by``: why the solve ended before its last round (None when it did not);
+    ``failed_by``: why it ended because too few workers answered (the lists may then be empty
+    and the final values None, as in :class:`~hpcml.coded.solver.SolveResult`)."""
 
     seconds: list[float]
     suboptimality: list[float]
@@ -79,6 +90,7 @@ class CFResult:
     v: np.ndarray
     unresponsive: list[int] = dataclasses.field(default_factory=list)
     stopped_by: str | None = None
+    failed_by: str | None = None
 
     def time_to(self, eps: float) -> float | None:
         """Seconds at the first round with suboptimality <= eps (None if never)."""
@@ -86,13 +98,14 @@ class CFResult:
                      if f <= eps), None)
 
     def summary(self) -> dict[str, Any]:
-        return {"final_suboptimality": self.suboptimality[-1],
-                "final_train_rmse": self.train_rmse[-1], "final_test_rmse": self.test_rmse[-1],
-                "reference": self.reference, "seconds": self.seconds[-1],
+        return {"final_suboptimality": last(self.suboptimality),
+                "final_train_rmse": last(self.train_rmse),
+                "final_test_rmse": last(self.test_rmse),
+                "reference": self.reference, "seconds": last(self.seconds),
                 "seconds_to_suboptimality": {str(e): self.time_to(e) for e in EPS},
                 "discarded_late_replies": self.discarded, "encode_seconds": self.encode_seconds,
                 "unresponsive_ranks": self.unresponsive, "iterations_done": len(self.seconds),
-                "stopped_by": self.stopped_by}
+                "stopped_by": self.stopped_by, "failed_by": self.failed_by}
 
 
 def _shard_arrays(data: WorkerSide) -> dict[str, np.ndarray]:
@@ -155,13 +168,16 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
              rank: int, lam: float, outer: int, inner: int, step: float, shard_dir: Path,
              seed: int, ref: dict[str, float] | None = None,
              close_timeout: float = CLOSE_TIMEOUT,
-             stop: Callable[[], str | None] | None = None) -> CFResult | None:
+             stop: Callable[[], str | None] | None = None,
+             progress_timeout: float = PROGRESS_TIMEOUT) -> CFResult | None:
     """Collective. ``train``/``test`` (centered ratings) are needed on rank 0 only. Runs
     ``outer`` sweeps of (U-step, V-step), each ``inner`` encoded gradient steps of size
     ``step`` / L_i per owner, with the first k of m workers per step. ``ref`` (rank 0) is
     :func:`reference`, computed here when None. Returns the result on rank 0 and None
     elsewhere; the shards are deleted once every rank is done. ``stop()`` (rank 0, polled
-    between rounds, no communication) returns a reason to end the solve early."""
+    between rounds and while waiting, no communication) returns a reason to end the solve
+    early; ``close_timeout`` and ``progress_timeout`` as in
+    :class:`~hpcml.coded.runtime.MPIMaster`."""
     m, k = code.workers_for(comm.size), code.wait_for_k(comm.size)
     n, d = comm.bcast((train.n, train.d) if comm.rank == 0 else None)
     encoded: list[tuple[Side, sp.csr_matrix]] = []
@@ -181,7 +197,7 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
     computes = [_task(shard_dir, i, n, rank) for i in range(m)] if comm.size == 1 else []
     comm.barrier()
     rt = SimulatedMaster(computes, comm.delays, stop) if comm.size == 1 else \
-        MPIMaster(comm, reply_len, close_timeout, stop)
+        MPIMaster(comm, reply_len, close_timeout, stop, progress_timeout)
     u0, v0 = initial_factors(n, d, rank, seed)
     factors = [u0, v0]
     trace: list[tuple[float, np.ndarray, np.ndarray]] = []
@@ -195,6 +211,8 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
                                       len(train))[:, None]
         msg = np.concatenate([[which], factors[0].ravel(), factors[1].ravel()])
         replies = rt.round(t, [msg] * m, k)
+        if replies is None:
+            break
         total = sum(p[:-1] for p in replies.values()).reshape(w.shape)
         eta = len(replies) / m
         factors[which] = w - steps * (total / (eta * code.beta * len(train)) + lam * w)
@@ -210,4 +228,4 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
                     [rmse(train, u, v) for _, u, v in trace],
                     [rmse(test, u, v) for _, u, v in trace],
                     rt.discarded, encode_seconds, ref, factors[0], factors[1], unresponsive,
-                    rt.stopped_by)
+                    rt.stopped_by, rt.failed_by)

@@ -27,8 +27,13 @@ Protocol (every message a float64 vector whose first entry is the iteration t):
   :func:`finish`); the job ends by aborting them once its results are written.
 Stopping early (preemption): the master alone decides, between iterations
 (:meth:`Runtime.stop_after`, a local check of its ``stop`` callable, e.g. its own SIGUSR1/SIGTERM
-flag; Slurm and Hydra signal every rank), and ends the solve through the same :meth:`close`:
-the workers learn it from the stop message, a frozen one is left behind after ``close_timeout``.
+flag; Slurm and Hydra signal every rank) and, on MPI, also while it waits for replies, and ends
+the solve through the same :meth:`close`: the workers learn it from the stop message, a frozen
+one is left behind after ``close_timeout``.
+Too few workers (more than m - k frozen or dead): the master waits for a reply at most
+``progress_timeout`` seconds after the last reply of any kind arrived; then it ends the solve
+(``failed_by`` says why, :meth:`Runtime.round` returns None), names the workers that still owe
+it an answer in ``unresponsive`` and closes as above. The solve keeps the iterations done.
 Memory bound, per worker: the master holds one reply buffer, one message in flight and one
 waiting message (each at most the message or reply length + 1 float64); a worker holds one
 message. Only the master calls the ``Runtime`` methods; workers call :func:`serve`.
@@ -47,12 +52,16 @@ from hpcml.comm.polling import POLL_SECONDS, poll_any
 TAG_PERIOD = 32000
 STOP = 32767
 CLOSE_TIMEOUT = 10.0
+PROGRESS_TIMEOUT = 60.0
+CHECK_SECONDS = 0.05  # how often a waiting master looks at its stop flag and its deadline
+Reply = tuple[int, int, np.ndarray]
 Compute = Callable[[int, np.ndarray], np.ndarray]
 
 
 class Runtime:
     """Master-side view of m workers; subclasses move the messages. ``stop()`` (master only,
-    no communication) returns a reason to end the solve early, or None."""
+    no communication) returns a reason to end the solve early, or None. ``failed_by``: why
+    the solve ended because too few workers answered (None when it did not)."""
 
     m: int
 
@@ -62,20 +71,26 @@ class Runtime:
         self.unresponsive: list[int] = []
         self.stop = stop
         self.stopped_by: str | None = None
+        self.failed_by: str | None = None
+
+    def stop_requested(self) -> bool:
+        """Whether ``stop`` gave a reason to end the solve (kept in ``stopped_by``). Local."""
+        if self.stop is not None and self.stopped_by is None:
+            self.stopped_by = self.stop()
+        return self.stopped_by is not None
 
     def stop_after(self, done: int, total: int) -> bool:
         """Whether the solve ends after ``done`` of its ``total`` iterations because ``stop``
         gave a reason (kept in ``stopped_by``); never after the last one. Master only, local."""
-        if done < total and self.stop is not None and self.stopped_by is None:
-            self.stopped_by = self.stop()
-        return done < total and self.stopped_by is not None
+        return done < total and self.stop_requested()
 
     def send(self, worker: int, t: int, message: np.ndarray) -> None:
         """Give iteration t's message to ``worker`` (now, or once it answered its last one)."""
         raise NotImplementedError
 
-    def next_reply(self) -> tuple[int, int, np.ndarray]:
-        """Block for the next reply from any worker: (worker, its iteration, payload)."""
+    def next_reply(self) -> Reply | None:
+        """Block for the next reply from any worker: (worker, its iteration, payload); None
+        when the solve must end first (``stopped_by`` or ``failed_by`` says why)."""
         raise NotImplementedError
 
     def elapsed(self) -> float:
@@ -85,14 +100,18 @@ class Runtime:
     def close(self) -> None:
         """Stop the workers (MPI) and drain late replies; fills ``unresponsive``."""
 
-    def round(self, t: int, messages: list[np.ndarray], k: int) -> dict[int, np.ndarray]:
+    def round(self, t: int, messages: list[np.ndarray], k: int) -> dict[int, np.ndarray] | None:
         """Send iteration t's message to every worker and return the first k replies to it,
-        keyed by worker; late replies to earlier iterations are discarded."""
+        keyed by worker; late replies to earlier iterations are discarded. None when the solve
+        must end before k replies came (see :meth:`next_reply`): iteration t is not done."""
         for i in range(self.m):
             self.send(i, t, messages[i])
         fresh: dict[int, np.ndarray] = {}
         while len(fresh) < k:
-            worker, it, payload = self.next_reply()
+            reply = self.next_reply()
+            if reply is None:
+                return None
+            worker, it, payload = reply
             if it == t:
                 fresh[worker] = payload
             elif it < t:
@@ -105,22 +124,26 @@ class Runtime:
 
 class MPIMaster(Runtime):
     """The master on world rank 0; ``reply_len`` is the longest reply (without the t entry).
-    ``close_timeout``: seconds :meth:`close` waits for the workers' acknowledgements."""
+    ``close_timeout``: seconds :meth:`close` waits for the workers' acknowledgements;
+    ``progress_timeout``: seconds :meth:`next_reply` waits after the last reply of any kind
+    before it ends the solve (fewer workers answer than the algorithm waits for)."""
 
     def __init__(self, comm: Communicator, reply_len: int,
                  close_timeout: float = CLOSE_TIMEOUT,
-                 stop: Callable[[], str | None] | None = None) -> None:
+                 stop: Callable[[], str | None] | None = None,
+                 progress_timeout: float = PROGRESS_TIMEOUT) -> None:
         super().__init__(stop)
         if comm.rank != 0 or comm.size < 2:
             raise ValueError("MPIMaster runs on rank 0 of a communicator with >= 2 ranks")
         self.comm, self.m = comm, comm.size - 1
-        self.close_timeout = close_timeout
+        self.close_timeout, self.progress_timeout = close_timeout, progress_timeout
         self.bufs = [np.empty(reply_len + 1) for _ in range(self.m)]
         self.recvs = [comm.Irecv(self.bufs[i], source=i + 1) for i in range(self.m)]
         self.sends: list[list[tuple[Request, np.ndarray]]] = [[] for _ in range(self.m)]
         self.busy = [False] * self.m
         self.waiting: list[np.ndarray | None] = [None] * self.m
         self.start = time.perf_counter()
+        self.last_reply = time.monotonic()
 
     def _post(self, worker: int, tag: int, buf: np.ndarray) -> None:
         """Isend ``buf``; completed sends to ``worker`` are released first (at most two stay:
@@ -148,8 +171,20 @@ class MPIMaster(Runtime):
             self._post(worker, int(waiting[0]) % TAG_PERIOD, waiting)
         return payload
 
-    def next_reply(self) -> tuple[int, int, np.ndarray]:
-        worker, status = poll_any(self.recvs)
+    def next_reply(self) -> Reply | None:
+        """The next reply; checks the stop flag and the progress deadline every
+        ``CHECK_SECONDS`` while none comes. At the deadline the workers still owing an answer
+        (busy) are named in ``unresponsive`` and ``failed_by`` says why."""
+        while (found := poll_any(self.recvs, timeout=CHECK_SECONDS)) is None:
+            if self.stop_requested():
+                return None
+            if time.monotonic() - self.last_reply >= self.progress_timeout:
+                self.unresponsive = [i + 1 for i in range(self.m) if self.busy[i]]
+                self.failed_by = (f"no reply for {self.progress_timeout:g} s; worker ranks "
+                                  f"{self.unresponsive} silent, too few to go on")
+                return None
+        worker, status = found
+        self.last_reply = time.monotonic()
         if status.tag == STOP:
             raise RuntimeError(f"worker rank {worker + 1} stopped before the master said so")
         payload = self._take(worker, status.count)
@@ -163,13 +198,14 @@ class MPIMaster(Runtime):
 
     def close(self) -> None:
         """Send stop to every worker and drain late replies until each acknowledged, for at
-        most ``close_timeout`` seconds; the rest are named in ``unresponsive`` and their
+        most ``close_timeout`` seconds; the rest (and any already named silent by
+        :meth:`next_reply`) are named in ``unresponsive`` and their
         requests are left pending (cancelling a receive a frozen sender has half delivered
         would block): never waits on anything a frozen worker would have to complete."""
         self.waiting = [None] * self.m
         for i in range(self.m):
             self._post(i, STOP, np.zeros(1))
-        open_ = set(range(self.m))
+        open_ = set(range(self.m)) - {r - 1 for r in self.unresponsive}
         deadline = time.monotonic() + self.close_timeout
         while open_ and time.monotonic() < deadline:
             for i in sorted(open_):
@@ -182,7 +218,7 @@ class MPIMaster(Runtime):
                     self.discarded += 1
                     self._take(i, status.count)
             time.sleep(POLL_SECONDS)
-        self.unresponsive = [i + 1 for i in sorted(open_)]
+        self.unresponsive = sorted(set(self.unresponsive) | {i + 1 for i in open_})
         for i in set(range(self.m)) - open_:
             Request.waitall([r for r, _ in self.sends[i]])
             self.sends[i] = []
@@ -246,7 +282,7 @@ class SimulatedMaster(Runtime):
         else:
             self._start(worker, t, message.copy(), self.now)
 
-    def next_reply(self) -> tuple[int, int, np.ndarray]:
+    def next_reply(self) -> Reply:
         worker = min(self.busy, key=lambda i: (self.busy[i][0], i))
         finish, t, reply = self.busy.pop(worker)
         self.now = max(self.now, finish)

@@ -39,8 +39,10 @@ class SolveResult:
     """Rank 0's record of one solve: per iteration wall (or virtual) seconds since the clock
     started (at Unix time ``started_unix``), objective suboptimality (f - f*) / |f*| and
     relative error ||w - w*|| / ||w*||; ``unresponsive``: worker ranks that never
-    acknowledged the end; ``stopped_by``: why the solve ended before its last iteration
-    (None when it did not)."""
+    acknowledged the end or went silent; ``stopped_by``: why the solve ended before its last
+    iteration (None when it did not); ``failed_by``: why it ended because too few workers
+    answered (see :class:`~hpcml.coded.runtime.Runtime`). The lists may be empty when it ended
+    in its first iteration; ``w`` is then the starting point and the final values are None."""
 
     seconds: list[float]
     suboptimality: list[float]
@@ -51,6 +53,7 @@ class SolveResult:
     unresponsive: list[int] = dataclasses.field(default_factory=list)
     started_unix: float = 0.0
     stopped_by: str | None = None
+    failed_by: str | None = None
 
     def iterations_to(self, eps: float) -> int | None:
         """First iteration (counted from 1) whose suboptimality is <= eps (None if never)."""
@@ -62,12 +65,18 @@ class SolveResult:
         return None if it is None else self.seconds[it - 1]
 
     def summary(self) -> dict[str, Any]:
-        return {"final_suboptimality": self.suboptimality[-1],
-                "final_relative_error": self.relative_error[-1],
-                "seconds": self.seconds[-1], "discarded_late_replies": self.discarded,
+        return {"final_suboptimality": last(self.suboptimality),
+                "final_relative_error": last(self.relative_error),
+                "seconds": last(self.seconds), "discarded_late_replies": self.discarded,
                 "encode_seconds": self.encode_seconds,
                 "unresponsive_ranks": self.unresponsive, "started_unix": self.started_unix,
-                "iterations_done": len(self.seconds), "stopped_by": self.stopped_by}
+                "iterations_done": len(self.seconds), "stopped_by": self.stopped_by,
+                "failed_by": self.failed_by}
+
+
+def last(values: list[float]) -> float | None:
+    """The last value of a per-iteration list; None when no iteration was done."""
+    return values[-1] if values else None
 
 
 @dataclasses.dataclass
@@ -138,8 +147,10 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     after a barrier that every worker reaches ready to answer. When a worker never
     acknowledged the end (``result.unresponsive``), rank 0 returns without the closing
     barrier and must enter no further collective. ``on_start(enc)`` runs on rank 0 when the
-    clock starts. ``stop()`` (rank 0, polled between iterations, no communication) returns a
-    reason to end the solve early (see :class:`~hpcml.coded.runtime.Runtime`)."""
+    clock starts. ``stop()`` (rank 0, polled between iterations and while waiting, no
+    communication) returns a reason to end the solve early; a solve that gets no reply for
+    ``solver.progress_timeout`` seconds ends as failed (see
+    :class:`~hpcml.coded.runtime.Runtime`)."""
     step = solver.step / enc.smoothness
     n, p, blocks = enc.n, enc.p, enc.blocks
 
@@ -164,7 +175,7 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     if on_start is not None:
         on_start(enc)
     rt = SimulatedMaster(computes, comm.delays, stop) if comm.size == 1 else \
-        MPIMaster(comm, reply_len, solver.close_timeout, stop)
+        MPIMaster(comm, reply_len, solver.close_timeout, stop, solver.progress_timeout)
     if enc.model_parallel:
         trace, _ = block_coordinate_descent(rt, problem.loss_grad, blocks, n, k=k,
                                             iterations=solver.iterations)
@@ -186,8 +197,9 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     sub = [(problem.objective(w) - f_star) / max(abs(f_star), 1e-300) for _, w in iterates]
     rel = [float(np.linalg.norm(w - w_star) / max(np.linalg.norm(w_star), 1e-300))
            for _, w in iterates]
-    return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, iterates[-1][1],
-                       unresponsive, started, rt.stopped_by)
+    w = iterates[-1][1] if iterates else np.zeros(p)
+    return SolveResult(seconds, sub, rel, rt.discarded, enc.encode_seconds, w, unresponsive,
+                       started, rt.stopped_by, rt.failed_by)
 
 
 def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver: SolverConfig,

@@ -107,8 +107,10 @@ class Server:
     with ``Isend`` and is completed later. A worker sends its next update only after it got
     the reply to the last one, so per worker at most one update and one reply (d values each)
     are in flight: the server's memory is bounded by ``2 * workers * d`` values whatever a
-    frozen worker does. A worker silent for ``timeout`` seconds once all the others finished
-    is named in ``unresponsive`` (world ranks) and :meth:`serve` returns without it.
+    frozen worker does. The server goes on as long as any worker sends updates; once every
+    worker that has not finished has been silent for ``timeout`` seconds they are named in
+    ``unresponsive`` (world ranks) and :meth:`serve` returns without them. When no worker
+    finished at all (every one frozen or dead), ``failed_by`` says so.
     ``local_steps``: each finished worker's local step count (world rank -> steps);
     ``stopped_by``: why the server stopped the run early (None when it ran to the end)."""
 
@@ -125,6 +127,7 @@ class Server:
         self.unresponsive: list[int] = []
         self.local_steps: dict[int, int] = {}
         self.stopped_by: str | None = None
+        self.failed_by: str | None = None
 
     def serve(self, on_update: Callable[[Server], None] | None = None,
               stop: Callable[[], str | None] | None = None) -> torch.Tensor:
@@ -170,8 +173,11 @@ class Server:
             if not progressed:
                 silent = [r for r in heard if r not in finished
                           and time.monotonic() - heard[r] > self.timeout]
-                if finished and len(finished) + len(silent) == self.workers:
+                if len(finished) + len(silent) == self.workers:
                     self.unresponsive = sorted(silent)
+                    if not finished:
+                        self.failed_by = (f"every worker silent for {self.timeout:g} s, none "
+                                          "finished")
                     break
                 time.sleep(self.poll_seconds)
         for src, pending in replies.items():

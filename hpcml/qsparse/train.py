@@ -22,7 +22,9 @@ run's status is ``preempted``; a signal during the last evaluation interval lets
 Async faults: a worker that is frozen or dead never stalls the server (see
 :class:`~hpcml.qsparse.exchange.Server`); one silent for ``train.worker_timeout`` seconds after
 the others finished is listed in the summary's ``unresponsive_ranks`` and the job ends by
-aborting it once the results are written (exit code 3, see :mod:`hpcml.launch`).
+aborting it once the results are written (exit code 3, see :mod:`hpcml.launch`); when every
+worker is silent that long and none finished, the summary also names ``failed_by`` (status
+``failed``). A stop signal is honoured the same way (the server polls its flag meanwhile).
 """
 
 from __future__ import annotations
@@ -86,8 +88,9 @@ class TrainConfig:
     target: float = option(0.9, gt=0.0, max=1.0, help="test accuracy whose first crossing "
                            "gives bits-to-target")
     worker_timeout: float = option(WORKER_TIMEOUT, gt=0.0, help="async: seconds a worker may "
-                                   "stay silent once all others finished before the server "
-                                   "names it unresponsive and the job ends without it")
+                                   "stay silent when no other worker is still sending updates "
+                                   "before the server names it unresponsive and the job ends "
+                                   "without it (exit code 3)")
 
 
 @dataclasses.dataclass
@@ -131,7 +134,8 @@ def compressor_of(cfg: CompressorConfig) -> Compressor:
 class Result:
     """A training run seen from rank 0: the evaluation curve and the totals; ``steps``: the
     local steps done per worker (async: the most any worker did); ``stopped_by``: the reason
-    the run stopped early, None when it ran to the end."""
+    the run stopped early, None when it ran to the end; ``failed_by``: why it could not go on
+    (async: every worker silent, none finished)."""
 
     curve: list[dict[str, float]]
     bits_per_worker: int
@@ -142,6 +146,7 @@ class Result:
     steps: int
     unresponsive: list[int] = dataclasses.field(default_factory=list)
     stopped_by: str | None = None
+    failed_by: str | None = None
 
 
 class _Evaluator:
@@ -266,7 +271,8 @@ def _train_async(cfg: QsparseConfig, comm: Communicator, split: Split,
         return Result(evaluate.curve, round(bits), round(server.bits_down / workers),
                       evaluate.curve[-1]["accuracy"], seconds, server.updates,
                       max(steps, default=0), server.unresponsive,
-                      server.stopped_by if any(s < tc.steps for s in steps) else None)
+                      server.stopped_by if any(s < tc.steps for s in steps) else None,
+                      server.failed_by)
     worker = comm.rank - 1
     period = tc.periods[worker] if tc.periods else tc.H
     qs = _local_training(cfg, comm, split, worker, workers, lambda m, o: QsparseLocalSGD(
@@ -308,9 +314,12 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
                "steps_done": result.steps, "stopped_by": result.stopped_by}
     if cfg.mode == "async":
         summary["unresponsive_ranks"] = result.unresponsive
+        summary["failed_by"] = result.failed_by
     if result.unresponsive:
+        done = f"{result.failed_by}: the run failed" if result.failed_by else \
+            "the results are complete"
         ctx.log(f"workers on ranks {result.unresponsive} stopped answering (frozen or dead): "
-                "the results are complete; the job aborts them to end (exit code 3)")
+                f"{done}; the job aborts them to end (exit code 3)")
     ctx.log(f"final accuracy {result.final_accuracy:.4f}; {result.bits_per_worker} bits per "
             f"worker; bits to {cfg.train.target:.2f}: {summary['bits_to_target']}"
             + (f"; stopped by {result.stopped_by} after {result.steps} of {cfg.train.steps} "
