@@ -39,7 +39,10 @@ def batch(gen: torch.Generator, rows: int, length: int,
 @hp.step  # hpcml: runs once per microbatch on every stage
 def train_step(model, src, tgt_in, tgt_out, tp, tokens):
     logits = model(src, tgt_in)  # this tensor rank's vocabulary slice of the logits
+    embed = model.module.embed  # its vocabulary slice: [vocab_start, vocab_start + local)
     loss = hp.vocab_parallel_cross_entropy(logits, tgt_out, tp, ignore_index=PAD,  # hpcml
+                                           vocab_start=embed.vocab_start,
+                                           vocab_size=embed.num_embeddings,
                                            reduction="sum") / tokens
     model.backward(loss)  # hpcml: instead of loss.backward()
     return loss

@@ -64,7 +64,8 @@ def main() -> None:
         src, tgt_in, tgt_out = batch(data, rows, 8, vocab)
         optimizer.zero_grad()
         loss = hpcml.parallel.vocab_parallel_cross_entropy(  # hpcml
-            model(src, tgt_in), tgt_out, tp, ignore_index=PAD)
+            model(src, tgt_in), tgt_out, tp, vocab_start=model.embed.vocab_start,
+            vocab_size=model.embed.num_embeddings, ignore_index=PAD)
         loss.backward()
         optimizer.step()
         if comm.rank == 0 and (step + 1) % 20 == 0:

@@ -169,8 +169,10 @@ def _batch(cfg: ModelParallelConfig, step_index: int) -> tuple[torch.Tensor, ...
 def _train_step(model: PipelineModel, src: torch.Tensor, tgt_in: torch.Tensor,
                 tgt_out: torch.Tensor, scale: float, tp: Communicator) -> torch.Tensor:
     logits = model(src, tgt_in)  # this rank's vocabulary slice under tensor parallelism
+    embed = model.module.embed  # its slice bounds: no exchange of the slice sizes per step
     loss = (smoothed_loss_sum(logits, tgt_out, 0.1) if tp.size == 1 else
-            vocab_parallel_cross_entropy(logits, tgt_out, tp, ignore_index=PAD,
+            vocab_parallel_cross_entropy(logits, tgt_out, tp, vocab_start=embed.vocab_start,
+                                         vocab_size=embed.num_embeddings, ignore_index=PAD,
                                          label_smoothing=0.1, reduction="sum")) * scale
     model.backward(loss)
     return loss

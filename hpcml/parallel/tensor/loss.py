@@ -33,7 +33,9 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     holds ``logits[..., v]`` for ``v`` in ``[vocab_start, vocab_start + logits.shape[-1])``.
 
     Collective over ``comm`` (forward and backward); the result is replicated. ``vocab_start``
-    and ``vocab_size`` are found with :func:`vocab_range` when not given.
+    and ``vocab_size`` are found with :func:`vocab_range` when not given (one small pickled
+    allgather per call: pass them, e.g. ``embed.vocab_start`` and ``embed.num_embeddings`` of a
+    :class:`~hpcml.parallel.tensor.VocabParallelEmbedding`, in a training loop).
     ``reduction``: ``"mean"`` (over non-ignored targets), ``"sum"`` or ``"none"`` (shape of
     ``target``)."""
     if reduction not in ("mean", "sum", "none"):
