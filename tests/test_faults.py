@@ -181,6 +181,30 @@ def test_coded_master_below_k_ends_the_job(tmp_path, case):
         assert got["started_unix"] + got["seconds"] < sent, "the master was not waiting"
 
 
+def test_coded_worker_frozen_during_setup_ends_the_job(tmp_path):
+    """4 ranks, k = 3 of 3: worker rank 3 is stopped for good as soon as the master starts the
+    job, while the master generates and encodes a large synthetic problem (~1-2 s here), so
+    before the worker can load its shard and report ready. The master waits for the ready
+    messages at most solver.progress_timeout (3 s), then writes the results of a solve that
+    never started (status failed, failed_by naming the phase and rank 3, no metrics record)
+    and the job ends with exit code 3 (before the fix the master waited in a barrier
+    forever)."""
+    proc = coded(tmp_path, "problem.data=synthetic", "problem.n=200000", "solver.algorithm=gd",
+                 "solver.progress_timeout=3", "solver.close_timeout=1", nranks=4)
+    with frozen(proc, (3,)) as stop:
+        ff.wait_for_line(tmp_path, "coded: ridge on synthetic", proc)
+        stop()
+        code, out = ff.finish(proc, tmp_path, 60)
+    assert code == 3, out
+    assert "solving" not in out, "the worker was stopped too late (after its ready message)"
+    got = summary(tmp_path)
+    assert (got["status"], got["unresponsive_ranks"]) == ("failed", [3])
+    assert got["failed_by"].startswith("loading the shards: no ready message for 3 s")
+    assert "[3]" in got["failed_by"] and "workers on ranks [3] stopped answering" in out
+    assert got["iterations_done"] == 0 and got["final_suboptimality"] is None
+    assert not list(Path(tmp_path, "runs").glob("*/metrics.jsonl")), "no iteration, no record"
+
+
 def test_async_job_fails_when_every_worker_is_stopped(tmp_path):
     """All three workers stopped for good mid-run, none finished: the server, which goes on
     with any live worker by design, has none left; after train.worker_timeout (1 s) it writes

@@ -10,9 +10,11 @@ Layout as in :mod:`hpcml.coded.solver`: rank 0 encodes both sides once (each use
 item's observations with their own code) and writes one HDF5 shard per worker
 (:func:`~hpcml.coded.shards.write_sparse_shards`); ranks 1..m load theirs and serve; with one
 rank the workers are simulated with a virtual clock. Every message is (side, U, V), every reply
-a side's summed gradient and ||e||^2. The clock starts after a barrier that every worker
-reaches holding its shard; the iterates are stored and every metric (suboptimality against
-exact ALS from the same initialization, train and test RMSE) is computed after the timed loop.
+a side's summed gradient and ||e||^2. The clock starts once every worker told the master it
+holds its shard (:func:`~hpcml.coded.runtime.await_ready`: a worker silent for
+``progress_timeout`` ends the solve as failed before its first round, never a hang); the
+iterates are stored and every metric (suboptimality against exact ALS from the same
+initialization, train and test RMSE) is computed after the timed loop.
 Suboptimality (f - f_ref) / f_ref is signed: the problem is non-convex, so a run may end at a
 different (lower or higher) stationary point than the reference ALS.
 """
@@ -47,8 +49,11 @@ from hpcml.coded.runtime import (
     PROGRESS_TIMEOUT,
     Compute,
     MPIMaster,
+    SetupFailed,
     SimulatedMaster,
+    await_ready,
     finish,
+    report_ready,
     serve,
 )
 from hpcml.coded.shards import load_sparse_shard, write_sparse_shards
@@ -177,25 +182,34 @@ def solve_cf(comm: Communicator, train: Ratings | None, test: Ratings | None, co
     elsewhere; the shards are deleted once every rank is done. ``stop()`` (rank 0, polled
     between rounds and while waiting, no communication) returns a reason to end the solve
     early; ``close_timeout`` and ``progress_timeout`` as in
-    :class:`~hpcml.coded.runtime.MPIMaster`."""
+    :class:`~hpcml.coded.runtime.MPIMaster`, also while rank 0 waits for the workers to load
+    their shards (a solve that never started names the silent workers, as in
+    :func:`~hpcml.coded.solver.optimize`)."""
     m, k = code.workers_for(comm.size), code.wait_for_k(comm.size)
-    n, d = comm.bcast((train.n, train.d) if comm.rank == 0 else None)
     encoded: list[tuple[Side, sp.csr_matrix]] = []
     encode_seconds = 0.0
     if comm.rank == 0:
         start = time.perf_counter()
         encoded = _encode(train, code, m, seed, shard_dir)
         encode_seconds = time.perf_counter() - start
-    comm.barrier()
+    n, d = comm.bcast((train.n, train.d) if comm.rank == 0 else None)  # the shards exist now
     message_len, reply_len = 1 + (n + d) * rank, max(n, d) * rank + 1
     if comm.rank > 0:
         compute = _task(shard_dir, comm.rank - 1, n, rank)
-        comm.barrier()
+        report_ready(comm)
         serve(comm, compute, message_len)
         comm.barrier()
         return None
     computes = [_task(shard_dir, i, n, rank) for i in range(m)] if comm.size == 1 else []
-    comm.barrier()
+    if comm.size > 1:
+        try:
+            await_ready(comm, 1, "loading the shards", progress_timeout, stop)
+        except SetupFailed as exc:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            ref = reference(train, test, rank, lam, seed) if ref is None else ref
+            u0, v0 = initial_factors(n, d, rank, seed)
+            return CFResult([], [], [], [], 0, encode_seconds, ref, u0, v0, exc.silent,
+                            exc.stopped_by, exc.failed_by)
     rt = SimulatedMaster(computes, comm.delays, stop) if comm.size == 1 else \
         MPIMaster(comm, reply_len, close_timeout, stop, progress_timeout)
     u0, v0 = initial_factors(n, d, rank, seed)

@@ -34,6 +34,11 @@ Too few workers (more than m - k frozen or dead): the master waits for a reply a
 ``progress_timeout`` seconds after the last reply of any kind arrived; then it ends the solve
 (``failed_by`` says why, :meth:`Runtime.round` returns None), names the workers that still owe
 it an answer in ``unresponsive`` and closes as above. The solve keeps the iterations done.
+Setup (:func:`await_ready`): before the clock starts each worker sends the master one message
+tagged ``READY`` (carrying what the master needs from it, e.g. its Gram matrix) and goes on
+without waiting for an answer it could only get from the master; the master polls for them with
+the same ``progress_timeout`` and ``stop`` as above, so a worker frozen during setup ends the
+job as failed (``failed_by`` names the phase) instead of holding the master in a barrier.
 Memory bound, per worker: the master holds one reply buffer, one message in flight and one
 waiting message (each at most the message or reply length + 1 float64); a worker holds one
 message. Only the master calls the ``Runtime`` methods; workers call :func:`serve`.
@@ -51,11 +56,60 @@ from hpcml.comm.polling import POLL_SECONDS, poll_any
 
 TAG_PERIOD = 32000
 STOP = 32767
+READY = 32766
 CLOSE_TIMEOUT = 10.0
 PROGRESS_TIMEOUT = 60.0
 CHECK_SECONDS = 0.05  # how often a waiting master looks at its stop flag and its deadline
 Reply = tuple[int, int, np.ndarray]
 Compute = Callable[[int, np.ndarray], np.ndarray]
+
+
+class SetupFailed(Exception):
+    """The master gave up waiting for the workers' ready messages in ``phase``: ``silent``
+    (world ranks) never sent theirs; ``stopped_by`` is the stop reason when ``stop`` ended
+    the wait, else ``failed_by`` says why; ``encode_seconds``: rank 0's encoding time when
+    the encoding was done. Raised on rank 0 only; rank 0 must then enter no collective with
+    the workers (the job ends by aborting them, see :mod:`hpcml.launch`)."""
+
+    encode_seconds = 0.0
+
+    def __init__(self, phase: str, silent: list[int], stopped_by: str | None,
+                 failed_by: str | None) -> None:
+        super().__init__(failed_by or f"{phase}: stopped by {stopped_by}")
+        self.phase, self.silent = phase, silent
+        self.stopped_by, self.failed_by = stopped_by, failed_by
+
+
+def report_ready(comm: Communicator, payload: np.ndarray | None = None) -> None:
+    """Worker side of :func:`await_ready` (ranks 1..m, not collective): send ``payload``
+    (float64; one zero when None) to the master tagged ``READY``."""
+    comm.Send(np.zeros(1) if payload is None else payload, 0, tag=READY)
+
+
+def await_ready(comm: Communicator, length: int, phase: str,
+                progress_timeout: float = PROGRESS_TIMEOUT,
+                stop: Callable[[], str | None] | None = None) -> list[np.ndarray]:
+    """Master side (rank 0 of >= 2 ranks, not collective): the ``READY`` payload (``length``
+    float64) of every worker, in worker order, once each called :func:`report_ready`. Checks
+    ``stop`` and the deadline every ``CHECK_SECONDS``; raises :class:`SetupFailed` naming the
+    workers not heard from when ``stop`` gives a reason or no message came for
+    ``progress_timeout`` seconds. Their receives are left pending (never waited on)."""
+    bufs = [np.empty(length) for _ in range(comm.size - 1)]
+    recvs = [comm.Irecv(b, source=i + 1, tag=READY) for i, b in enumerate(bufs)]
+    last = time.monotonic()
+    while open_ := [i for i, r in enumerate(recvs) if not r.done]:
+        if poll_any([recvs[i] for i in open_], timeout=CHECK_SECONDS) is not None:
+            last = time.monotonic()
+            continue
+        silent = [i + 1 for i in open_]
+        reason = stop() if stop is not None else None
+        if reason is not None:
+            raise SetupFailed(phase, silent, reason, None)
+        if time.monotonic() - last >= progress_timeout:
+            raise SetupFailed(phase, silent, None,
+                              f"{phase}: no ready message for {progress_timeout:g} s; "
+                              f"worker ranks {silent} silent, the solve cannot start")
+    return bufs
 
 
 class Runtime:

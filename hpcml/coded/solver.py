@@ -3,8 +3,10 @@ evaluate. Rank 0 encodes the data into per-worker HDF5 shards (streaming, see
 :mod:`hpcml.coded.shards`), the workers load their shard (:func:`encode`, once per problem and
 code), then for each solve (:func:`optimize`) the workers :func:`~hpcml.coded.runtime.serve` and
 rank 0 runs the master side of the algorithm; on one rank the workers are simulated
-(:class:`~hpcml.coded.runtime.SimulatedMaster`). The clock starts after a barrier that every
-worker reaches holding its shard, so shard loading is not counted as straggling. The reference
+(:class:`~hpcml.coded.runtime.SimulatedMaster`). The clock starts once every worker told the
+master it holds its shard and is ready to answer (:func:`~hpcml.coded.runtime.await_ready`, no
+barrier: a worker frozen during setup ends the solve as failed after ``progress_timeout``), so
+shard loading is not counted as straggling. The reference
 solution and every reported error are computed on rank 0 from the full, unencoded data after
 the timed loop.
 """
@@ -29,7 +31,16 @@ from hpcml.coded.algorithms import (
 from hpcml.coded.config import CodeConfig, SolverConfig
 from hpcml.coded.encoders import Encoder, make_encoder
 from hpcml.coded.problems import Problem
-from hpcml.coded.runtime import MPIMaster, SimulatedMaster, finish, serve
+from hpcml.coded.runtime import (
+    PROGRESS_TIMEOUT,
+    MPIMaster,
+    SetupFailed,
+    SimulatedMaster,
+    await_ready,
+    finish,
+    report_ready,
+    serve,
+)
 from hpcml.coded.shards import encode_to_shards, load_shard
 from hpcml.comm import Communicator
 
@@ -54,6 +65,13 @@ class SolveResult:
     started_unix: float = 0.0
     stopped_by: str | None = None
     failed_by: str | None = None
+
+    @classmethod
+    def not_started(cls, exc: SetupFailed, encode_seconds: float, p: int) -> SolveResult:
+        """The result of a solve whose setup ended with ``exc``: no iteration, the clock
+        never started (``started_unix`` 0), ``w`` zero, the silent workers named."""
+        return cls([], [], [], 0, encode_seconds, np.zeros(p), exc.silent,
+                   stopped_by=exc.stopped_by, failed_by=exc.failed_by)
 
     def iterations_to(self, eps: float) -> int | None:
         """First iteration (counted from 1) whose suboptimality is <= eps (None if never)."""
@@ -102,12 +120,17 @@ class Encoded:
 
 
 def encode(comm: Communicator, problem: Problem | None, code: CodeConfig, model_parallel: bool,
-           shard_dir: Path, seed: int) -> Encoded:
+           shard_dir: Path, seed: int, progress_timeout: float = PROGRESS_TIMEOUT,
+           stop: Callable[[], str | None] | None = None) -> Encoded:
     """Collective. Rank 0 encodes ``problem`` (needed there only) into one HDF5 shard per
     worker under ``shard_dir``; the workers load theirs and the directory is removed. L of the
     encoded objective: data parallel, lambda_max(sum_i X_i.T X_i) / (beta n) + lam from the
-    workers' Gram matrices (one Allreduce of p x p); model parallel, c_phi sigma_max(X S.T)^2
-    + lam beta, computed on rank 0."""
+    workers' Gram matrices (each worker's p x p in its ready message, L broadcast back); model
+    parallel, c_phi sigma_max(X S.T)^2 + lam beta, computed on rank 0. Rank 0 waits for the
+    workers' ready messages as :func:`~hpcml.coded.runtime.await_ready` (``progress_timeout``,
+    ``stop``) and raises :class:`~hpcml.coded.runtime.SetupFailed` when they do not all come;
+    it then enters no further collective with the workers. Rank 0 waits on a worker only
+    there (the two broadcasts from it are of a few small objects)."""
     m = code.workers_for(comm.size)
     n, p = comm.bcast(problem.x.shape if comm.rank == 0 else None)
     encoder = None
@@ -125,14 +148,25 @@ def encode(comm: Communicator, problem: Problem | None, code: CodeConfig, model_
     header = comm.bcast(header)
     mine = range(m) if comm.size == 1 else [comm.rank - 1] if comm.rank > 0 else []
     shards = [load_shard(shard_dir, i) for i in mine]
-    comm.barrier()
-    if comm.rank == 0:
-        shutil.rmtree(shard_dir, ignore_errors=True)
     beta, lam, smoothness = header["beta"], header["lam"], header["smoothness"]
+    gram = np.zeros(1) if model_parallel else \
+        sum((x.T @ x for x, _ in shards), np.zeros((p, p))).ravel()
+    if comm.rank > 0:
+        report_ready(comm, gram)
+    elif comm.size > 1:
+        try:
+            gram = sum(await_ready(comm, gram.size, "loading the shards", progress_timeout,
+                                   stop))
+        except SetupFailed as exc:
+            exc.encode_seconds = header["encode_seconds"]
+            raise
+        finally:
+            shutil.rmtree(shard_dir, ignore_errors=True)
+    else:
+        shutil.rmtree(shard_dir, ignore_errors=True)
     if not model_parallel:
-        gram = sum((x.T @ x for x, _ in shards), np.zeros((p, p)))
-        comm.Allreduce(gram)
-        smoothness = float(np.linalg.eigvalsh(gram)[-1]) / (beta * n) + lam
+        smoothness = comm.bcast(float(np.linalg.eigvalsh(gram.reshape(p, p))[-1])
+                                / (beta * n) + lam if comm.rank == 0 else None)
     return Encoded(n, p, m, beta, lam, smoothness, header["blocks"], model_parallel,
                    header["encode_seconds"], shards, problem, encoder)
 
@@ -144,9 +178,12 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     """Collective: one solve of ``enc`` waiting for the first k of its m workers per round,
     under the communicator's current delay model. Returns the result on rank 0 (errors against
     ``w_star``, the exact solution, computed when None) and None elsewhere. The clock starts
-    after a barrier that every worker reaches ready to answer. When a worker never
-    acknowledged the end (``result.unresponsive``), rank 0 returns without the closing
-    barrier and must enter no further collective. ``on_start(enc)`` runs on rank 0 when the
+    once every worker sent its ready message (:func:`~hpcml.coded.runtime.await_ready`); when
+    one does not within ``solver.progress_timeout`` (or ``stop()`` gives a reason first) the
+    solve ends before its first iteration, the silent workers named in ``unresponsive``.
+    When a worker never acknowledged the end (or stayed silent at the start; both in
+    ``result.unresponsive``), rank 0 returns without the closing barrier and must enter no
+    further collective. ``on_start(enc)`` runs on rank 0 when the
     clock starts. ``stop()`` (rank 0, polled between iterations and while waiting, no
     communication) returns a reason to end the solve early; a solve that gets no reply for
     ``solver.progress_timeout`` seconds ends as failed (see
@@ -164,13 +201,17 @@ def optimize(comm: Communicator, enc: Encoded, solver: SolverConfig, k: int,
     reply_len = max(blocks) + n if enc.model_parallel else p + 1
     if comm.rank > 0:
         compute = task(enc.shards[0])
-        comm.barrier()
+        report_ready(comm)
         serve(comm, compute, message_len)
         comm.barrier()
         return None
     problem = enc.problem
     computes = [task(shard) for shard in enc.shards]
-    comm.barrier()
+    if comm.size > 1:
+        try:
+            await_ready(comm, 1, "start of the solve", solver.progress_timeout, stop)
+        except SetupFailed as exc:
+            return SolveResult.not_started(exc, enc.encode_seconds, p)
     started = time.time()
     if on_start is not None:
         on_start(enc)
@@ -207,8 +248,13 @@ def solve(comm: Communicator, problem: Problem | None, code: CodeConfig, solver:
           on_start: Callable[[Encoded], None] | None = None,
           stop: Callable[[], str | None] | None = None) -> SolveResult | None:
     """Collective: :func:`encode` then one :func:`optimize` with k = ``code``'s wait_for.
-    ``problem`` is needed on rank 0 only (others may pass None); the result is on rank 0."""
-    enc = encode(comm, problem, code, solver.algorithm == "bcd", shard_dir, seed)
+    ``problem`` is needed on rank 0 only (others may pass None); the result is on rank 0 (one
+    that did not start when a worker stayed silent during setup, see :func:`encode`)."""
+    try:
+        enc = encode(comm, problem, code, solver.algorithm == "bcd", shard_dir, seed,
+                     solver.progress_timeout, stop)
+    except SetupFailed as exc:
+        return SolveResult.not_started(exc, exc.encode_seconds, problem.x.shape[1])
     return optimize(comm, enc, solver, code.wait_for_k(comm.size), w_star, on_start, stop)
 
 
