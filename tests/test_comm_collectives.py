@@ -98,6 +98,18 @@ def test_nonblocking_allreduce_and_point_to_point(comm):
     sreq.wait()
     assert recv.tolist() == [prv] * 4
     assert (status.source, status.tag, status.count, status.nbytes) == (prv, 7, 4, 32)
+    comm.ledger.reset()
+    half = torch.full((8,), 1.5, dtype=torch.bfloat16)  # staged through float32, written back
+    req = comm.Iallreduce(half)
+    words = torch.zeros(16, dtype=torch.bfloat16)  # 16-bit words move raw; a shorter message
+    rreq = comm.Irecv(words, source=prv, tag=8)
+    comm.Isend(torch.arange(5, dtype=torch.bfloat16) + r, dest=nxt, tag=8).wait()
+    req.wait()
+    assert rreq.wait().count == 5
+    assert half.tolist() == [1.5 * p] * 8 and words[:5].tolist() == [prv + i for i in range(5)]
+    t = comm.ledger.totals()
+    assert [(t[op]["calls"], t[op]["bytes_sent"], t[op]["bytes_received"]) for op in (
+        "Iallreduce", "Isend", "Irecv")] == [(1, 32, 32), (1, 10, 0), (1, 0, 10)]
 
 
 @mpi_test()

@@ -6,10 +6,13 @@ from :class:`hpcml.parallel.Mesh`) and never import mpi4py themselves.
 
 from hpcml.comm.abort import abort_on_error, install_excepthook
 from hpcml.comm.chunk import chunk_bounds, chunk_counts
-from hpcml.comm.communicator import ANY_SOURCE, ANY_TAG, Communicator, Request, Status, world
+from hpcml.comm.communicator import ANY_SOURCE, ANY_TAG, Communicator, world
 from hpcml.comm.ledger import Ledger
+from hpcml.comm.persistent import Persistent
+from hpcml.comm.request import Request
+from hpcml.comm.status import Status
 from hpcml.comm.stragglers import DelayModel, StragglerConfig, make_delay_model
 
-__all__ = ["ANY_SOURCE", "ANY_TAG", "Communicator", "DelayModel", "Ledger", "Request",
+__all__ = ["ANY_SOURCE", "ANY_TAG", "Communicator", "DelayModel", "Ledger", "Persistent", "Request",
            "Status", "StragglerConfig", "abort_on_error", "chunk_bounds", "chunk_counts",
            "install_excepthook", "make_delay_model", "world"]

@@ -15,110 +15,22 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Sequence
 from time import perf_counter, sleep
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from mpi4py import MPI
 
-from hpcml.comm.buffers import REDUCE_OPS, Staged, message, reduce_op, stage
-from hpcml.comm.ledger import Ledger, OpTotals
+from hpcml.comm.buffers import REDUCE_OPS, message, reduce_op, stage
+from hpcml.comm.ledger import ARRIVED, Ledger, OpTotals
+from hpcml.comm.persistent import Persistent, bind, persistent_request
+from hpcml.comm.request import Request
+from hpcml.comm.status import Status, new_status, status_of
 from hpcml.comm.stragglers import DelayModel, StragglerConfig, freeze_process
 
 ANY_SOURCE = MPI.ANY_SOURCE
 ANY_TAG = MPI.ANY_TAG
 IN_PLACE = MPI.IN_PLACE
 _BYTE = MPI.BYTE
-
-
-class Status(NamedTuple):
-    """What a completed receive got: sender, tag, and the number of elements and bytes."""
-
-    source: int
-    tag: int
-    count: int
-    nbytes: int
-
-
-_new_status = tuple.__new__  # Status(...) without the Python-level __new__ of a NamedTuple
-
-
-def _status(st: MPI.Status, itemsize: int) -> Status:
-    n = st.Get_count(_BYTE)
-    return Status(st.Get_source(), st.Get_tag(), n // max(itemsize, 1), n)
-
-
-class Request:
-    """A pending non-blocking operation. ``wait``/``test`` finish it: the ledger gets the time
-    this rank was blocked in ``wait``/``test`` (``seconds``) and the time from posting to
-    completion (``outstanding_seconds``), and staged results are written back to the caller's
-    buffer."""
-
-    def __init__(self, comm: Communicator, op: str, req: MPI.Request, staged: Staged,
-                 sent: int, receives: bool) -> None:
-        self._comm, self._op, self._req, self._staged = comm, op, req, staged
-        self._sent, self._receives = sent, receives
-        self._start = perf_counter()
-        self._blocked = 0.0
-        self.status: Status | None = None
-
-    def _complete(self, st: MPI.Status, blocked_since: float) -> Status:
-        status = _status(st, self._staged.itemsize)
-        received = 0
-        if self._receives:
-            received = status.nbytes if self._op == "Irecv" else self._staged.nbytes
-            self._staged.finish()
-        now = perf_counter()
-        self._comm._record(self._op, self._sent, received,
-                           self._blocked + now - blocked_since, now - self._start)
-        self.status = status
-        return status
-
-    @property
-    def done(self) -> bool:
-        return self.status is not None
-
-    def wait(self) -> Status:
-        """Block until complete; idempotent."""
-        if self.status is None:
-            st = MPI.Status()
-            since = perf_counter()
-            self._req.Wait(st)
-            self._complete(st, since)
-        return self.status
-
-    def test(self) -> Status | None:
-        """Complete the request if it has finished; ``None`` if still pending."""
-        if self.status is None:
-            st = MPI.Status()
-            since = perf_counter()
-            if not self._req.Test(st):
-                self._blocked += perf_counter() - since
-                return None
-            self._complete(st, since)
-        return self.status
-
-    def cancel(self) -> None:
-        """Cancel a pending receive (e.g. one no longer needed at the end of a run)."""
-        if self.status is None:
-            self._req.Cancel()
-            self._req.Wait()
-            self.status = Status(ANY_SOURCE, ANY_TAG, 0, 0)
-
-    @staticmethod
-    def waitany(requests: Sequence[Request]) -> tuple[int, Status]:
-        """Wait for whichever pending request completes first; returns its index and status."""
-        pending = [i for i, r in enumerate(requests) if not r.done]
-        if not pending:
-            raise ValueError("waitany: every request is already complete")
-        st = MPI.Status()
-        since = perf_counter()
-        j = MPI.Request.Waitany([requests[i]._req for i in pending], st)
-        i = pending[j]
-        return i, requests[i]._complete(st, since)
-
-    @staticmethod
-    def waitall(requests: Sequence[Request]) -> list[Status]:
-        return [r.wait() for r in requests]
 
 
 class Communicator:
@@ -136,8 +48,8 @@ class Communicator:
         self._status = MPI.Status()  # reused by blocking receives (a Communicator is not
         # thread-safe anyway), which saves an allocation per receive
         # The small-message hot paths call these bound methods (one lookup saved per call).
-        self._mpi_allreduce, self._mpi_send, self._mpi_recv = (
-            mpi_comm.Allreduce, mpi_comm.Send, mpi_comm.Recv)
+        self._mpi_allreduce, self._mpi_send, self._mpi_recv, self._mpi_isend, self._mpi_irecv = (
+            mpi_comm.Allreduce, mpi_comm.Send, mpi_comm.Recv, mpi_comm.Isend, mpi_comm.Irecv)
 
     def __repr__(self) -> str:
         return f"Communicator({self.name!r}, rank={self.rank}, size={self.size})"
@@ -153,8 +65,9 @@ class Communicator:
         self._entries: dict[str, OpTotals] = {}
         # The hot paths' accumulators, made now so that a call reads one attribute (an op
         # never called stays at zero calls, which Ledger.totals leaves out).
-        self._allreduce_totals, self._send_totals, self._recv_totals = (
-            self._entry("Allreduce"), self._entry("Send"), self._entry("Recv"))
+        (self._allreduce_totals, self._send_totals, self._recv_totals, self._isend_totals,
+         self._irecv_totals) = (self._entry(op) for op in ("Allreduce", "Send", "Recv", "Isend",
+                                                            "Irecv"))
 
     def _entry(self, op: str) -> OpTotals:
         """This communicator's ledger accumulator for ``op`` (kept, so hot paths skip lookups)."""
@@ -208,9 +121,29 @@ class Communicator:
 
     def Iallreduce(self, buf: Any, op: str = "sum") -> Request:
         """Start an in-place allreduce of ``buf``; the result is in ``buf`` after ``wait()``."""
-        src = stage(buf, reduce=True)
-        req = self.mpi.Iallreduce(MPI.IN_PLACE, src.spec, reduce_op(op))
-        return Request(self, "Iallreduce", req, src, src.nbytes, receives=True)
+        spec, nbytes, itemsize, back = message(buf, True)
+        return Request(self.mpi.Iallreduce(IN_PLACE, spec, reduce_op(op)),
+                       self._entry("Iallreduce"), nbytes, nbytes, itemsize, back, (buf, spec))
+
+    def Allreduce_init(self, buf: Any, out: Any = None, op: str = "sum") -> Persistent:
+        """Collective: bind an allreduce of ``buf`` (in place when ``out`` is None, else into
+        ``out``) to be started many times (MPI_Allreduce_init; see
+        :mod:`hpcml.comm.persistent`). Every rank binds it, and starts it, in the same order as
+        its other collectives on this communicator."""
+        mop = reduce_op(op)
+        buffers = [bind(buf, "Allreduce_init", reduce=True)]
+        send_spec, recv_spec, sent = IN_PLACE, buffers[0].spec, buffers[0].nbytes
+        if out is not None:
+            buffers.append(bind(out, "Allreduce_init", reduce=True))
+            send_spec, recv_spec = recv_spec, buffers[1].spec
+            if buffers[1].nbytes != sent or buffers[1].itemsize != buffers[0].itemsize:
+                raise ValueError(f"Allreduce_init: buffers of {sent} and {buffers[1].nbytes} "
+                                 f"bytes (items of {buffers[0].itemsize} and "
+                                 f"{buffers[1].itemsize}) do not match")
+        request = persistent_request(self.mpi.Allreduce_init, self.mpi.Iallreduce, send_spec,
+                                     recv_spec, mop)
+        return Persistent(request, self.ledger, self._prefix + "Allreduce_init", sent, sent,
+                          *buffers)
 
     def Reduce_scatter(self, send: Any, recv: Any, counts: Sequence[int] | None = None,
                        op: str = "sum") -> Any:
@@ -311,27 +244,42 @@ class Communicator:
         entry.bytes_received += n
         if back is not None:
             back()
-        return _new_status(Status, (source if source >= 0 else st.Get_source(),
+        return new_status(Status, (source if source >= 0 else st.Get_source(),
                                     tag if tag >= 0 else st.Get_tag(), n // itemsize, n))
 
     def Isend(self, buf: Any, dest: int, tag: int = 0) -> Request:
         """Start sending ``buf``; do not modify it until the request completes."""
-        b = stage(buf)
-        return Request(self, "Isend", self.mpi.Isend(b.spec, dest=dest, tag=tag), b, b.nbytes,
-                       receives=False)
+        spec, nbytes, itemsize, _ = message(buf)  # a send never writes back
+        return Request(self._mpi_isend(spec, dest, tag), self._isend_totals, nbytes, 0, itemsize,
+                       None, (buf, spec))
 
     def Irecv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """Start receiving into ``buf``; its contents are valid after the request completes."""
-        b = stage(buf)
-        return Request(self, "Irecv", self.mpi.Irecv(b.spec, source=source, tag=tag), b, 0,
-                       receives=True)
+        spec, _, itemsize, back = message(buf)
+        return Request(self._mpi_irecv(spec, source, tag), self._irecv_totals, 0, ARRIVED,
+                       itemsize, back, (buf, spec))
+
+    def Send_init(self, buf: Any, dest: int, tag: int = 0) -> Persistent:
+        """Bind a send of ``buf`` to ``dest`` with ``tag`` (MPI_Send_init), to be started many
+        times; not collective (see :mod:`hpcml.comm.persistent`)."""
+        bound = bind(buf, "Send_init")
+        return Persistent(self.mpi.Send_init(bound.spec, dest, tag), self.ledger,
+                          self._prefix + "Send_init", bound.nbytes, 0, bound)
+
+    def Recv_init(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Persistent:
+        """Bind a receive into ``buf`` (messages no longer than ``buf``) from ``source`` with
+        ``tag`` (MPI_Recv_init), to be started many times; not collective. After each
+        completion ``status`` tells what arrived."""
+        bound = bind(buf, "Recv_init")
+        return Persistent(self.mpi.Recv_init(bound.spec, source, tag), self.ledger,
+                          self._prefix + "Recv_init", 0, ARRIVED, bound)
 
     def Iprobe(self, source: int = ANY_SOURCE, tag: int = ANY_TAG,
                itemsize: int = 1) -> Status | None:
         """Status of a message waiting to be received, or None; does not receive it."""
         st = MPI.Status()
         if self.mpi.Iprobe(source=source, tag=tag, status=st):
-            return _status(st, itemsize)
+            return status_of(st, itemsize)
         return None
 
     # -- neighbourhood collectives (graph / Cartesian communicators) ---------------------------

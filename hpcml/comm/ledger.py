@@ -6,6 +6,9 @@ n-byte buffer: Allreduce sends n and receives n; Allgather sends n and receives 
 at the root and receives n elsewhere; Isend sends its buffer; a receive counts the bytes that
 actually arrived. Staged 16-bit reductions count the float32 bytes actually moved.
 
+Bound (persistent) operations keep their own :class:`BoundTotals` (a completion costs two adds
+instead of four), which the ledger folds into the op's totals whenever it is read.
+
 Time convention: ``seconds`` is the time this rank was *blocked* on the operation (inside the
 blocking call; for a non-blocking request, inside ``wait``/``test``), i.e. what communication
 cost the caller. ``outstanding_seconds`` is, for non-blocking requests only, the time from
@@ -37,6 +40,36 @@ class OpTotals:
         self.outstanding_seconds += outstanding
 
 
+ARRIVED = -1  # BoundTotals.received of a receive: count the bytes that actually arrived
+
+
+@dataclasses.dataclass(slots=True)
+class BoundTotals:
+    """The counts of one bound operation: ``runs`` completions, of ``sent`` bytes sent and
+    ``received`` bytes received each (``ARRIVED``: a receive adds the bytes that arrived to
+    ``arrived`` instead), ``seconds`` blocked and ``outstanding_seconds`` in flight."""
+
+    sent: int
+    received: int
+    runs: int = 0
+    arrived: int = 0
+    seconds: float = 0.0
+    outstanding_seconds: float = 0.0
+
+    def fold_into(self, totals: OpTotals) -> None:
+        """Add these counts to ``totals``."""
+        totals.calls += self.runs
+        totals.bytes_sent += self.runs * self.sent
+        totals.bytes_received += (self.arrived if self.received == ARRIVED
+                                  else self.runs * self.received)
+        totals.seconds += self.seconds
+        totals.outstanding_seconds += self.outstanding_seconds
+
+    def reset(self) -> None:
+        self.runs = self.arrived = 0
+        self.seconds = self.outstanding_seconds = 0.0
+
+
 class Ledger:
     """Accumulates :class:`OpTotals` per operation name for one rank. Not thread-safe.
 
@@ -46,6 +79,7 @@ class Ledger:
 
     def __init__(self) -> None:
         self.ops: dict[str, OpTotals] = {}
+        self.bound: list[tuple[str, BoundTotals]] = []
 
     def entry(self, op: str) -> OpTotals:
         """The accumulator of ``op``, created at zero if new."""
@@ -60,21 +94,45 @@ class Ledger:
         completion (non-blocking requests only)."""
         self.entry(op).add(sent, received, seconds, outstanding)
 
+    def bind(self, op: str, sent: int, received: int) -> BoundTotals:
+        """Counters for one bound operation of ``op`` (see :class:`BoundTotals`), included in
+        every read of the ledger until :meth:`unbind`."""
+        counts = BoundTotals(sent, received)
+        self.bound.append((op, counts))
+        return counts
+
+    def unbind(self, counts: BoundTotals) -> None:
+        """Fold a bound operation's counts into its op's totals and stop tracking it."""
+        for i, (op, known) in enumerate(self.bound):
+            if known is counts:
+                counts.fold_into(self.entry(op))
+                del self.bound[i]
+                return
+
     def reset(self) -> None:
         for totals in self.ops.values():
             totals.calls = totals.bytes_sent = totals.bytes_received = 0
             totals.seconds = totals.outstanding_seconds = 0.0
+        for _, counts in self.bound:
+            counts.reset()
+
+    def merged(self) -> dict[str, OpTotals]:
+        """Every op's totals with the bound operations' counts folded in (copies)."""
+        out = {op: dataclasses.replace(t) for op, t in self.ops.items()}
+        for op, counts in self.bound:
+            counts.fold_into(out.setdefault(op, OpTotals()))
+        return out
 
     def totals(self) -> dict[str, dict[str, Any]]:
         """``{op: {calls, bytes_sent, bytes_received, seconds, outstanding_seconds}}`` of the ops
         called since the last ``reset``, sorted by op name."""
-        return {op: dataclasses.asdict(t) for op, t in sorted(self.ops.items()) if t.calls}
+        return {op: dataclasses.asdict(t) for op, t in sorted(self.merged().items()) if t.calls}
 
     def bytes_sent(self) -> int:
-        return sum(t.bytes_sent for t in self.ops.values())
+        return sum(t.bytes_sent for t in self.merged().values())
 
     def bytes_received(self) -> int:
-        return sum(t.bytes_received for t in self.ops.values())
+        return sum(t.bytes_received for t in self.merged().values())
 
 
 def format_table(per_rank: list[dict[str, dict[str, Any]]]) -> str:

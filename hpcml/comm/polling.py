@@ -11,7 +11,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from hpcml.comm.communicator import Request, Status
+from hpcml.comm.request import Request
+from hpcml.comm.status import Status
 
 POLL_SECONDS = 5e-5
 

@@ -1,0 +1,97 @@
+"""``Request``: a pending non-blocking operation of a :class:`~hpcml.comm.Communicator`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from time import perf_counter
+from typing import Any
+
+from mpi4py import MPI
+
+from hpcml.comm.ledger import ARRIVED, OpTotals
+from hpcml.comm.status import Status, new_status
+
+_BYTE = MPI.BYTE
+_STATUS = MPI.Status()  # filled by one wait/test and read at once (requests are not thread-safe)
+
+
+class Request:
+    """A pending non-blocking operation. ``wait``/``test`` finish it: the ledger entry gets one
+    call, the bytes sent and received (a receive counts the bytes that arrived), the time this
+    rank was blocked in ``wait``/``test`` (``seconds``) and the time from posting to completion
+    (``outstanding_seconds``); a staged buffer's result is written back to the caller's. The
+    request keeps its buffers alive until it completes. Not collective, not thread-safe."""
+
+    __slots__ = ("_back", "_blocked", "_entry", "_itemsize", "_keep", "_posted", "_received",
+                 "_req", "_sent", "status")
+
+    def __init__(self, req: MPI.Request, entry: OpTotals, sent: int, received: int,
+                 itemsize: int, back: Callable[[], None] | None, keep: tuple[Any, ...]) -> None:
+        """``received``: bytes the operation fills, or ``ARRIVED`` for a receive (what came);
+        ``back``: the staged buffer's write-back; ``keep``: what must outlive the operation."""
+        self._req, self._entry, self._sent, self._received = req, entry, sent, received
+        self._itemsize, self._back, self._keep = itemsize, back, keep
+        self._posted = perf_counter()
+        self._blocked = 0.0
+        self.status: Status | None = None
+
+    def _complete(self, st: MPI.Status, blocked_since: float) -> Status:
+        now = perf_counter()
+        n = st.Get_count(_BYTE)
+        if self._back is not None:
+            self._back()
+        entry, received = self._entry, self._received
+        entry.calls += 1
+        entry.bytes_sent += self._sent
+        entry.bytes_received += n if received == ARRIVED else received
+        entry.seconds += self._blocked + now - blocked_since
+        entry.outstanding_seconds += now - self._posted
+        self.status = status = new_status(Status, (st.Get_source(), st.Get_tag(),
+                                                   n // self._itemsize, n))
+        self._keep = ()
+        return status
+
+    @property
+    def done(self) -> bool:
+        return self.status is not None
+
+    def wait(self) -> Status:
+        """Block until complete; idempotent."""
+        if self.status is None:
+            since = perf_counter()
+            self._req.Wait(_STATUS)
+            return self._complete(_STATUS, since)
+        return self.status
+
+    def test(self) -> Status | None:
+        """Complete the request if it has finished; ``None`` if still pending."""
+        if self.status is None:
+            since = perf_counter()
+            if not self._req.Test(_STATUS):
+                self._blocked += perf_counter() - since
+                return None
+            return self._complete(_STATUS, since)
+        return self.status
+
+    def cancel(self) -> None:
+        """Cancel a pending receive (e.g. one no longer needed at the end of a run)."""
+        if self.status is None:
+            self._req.Cancel()
+            self._req.Wait()
+            self.status = Status(MPI.ANY_SOURCE, MPI.ANY_TAG, 0, 0)
+            self._keep = ()
+
+    @staticmethod
+    def waitany(requests: Sequence[Request]) -> tuple[int, Status]:
+        """Wait for whichever pending request completes first; returns its index and status."""
+        pending = [i for i, r in enumerate(requests) if not r.done]
+        if not pending:
+            raise ValueError("waitany: every request is already complete")
+        since = perf_counter()
+        j = MPI.Request.Waitany([requests[i]._req for i in pending], _STATUS)
+        i = pending[j]
+        return i, requests[i]._complete(_STATUS, since)
+
+    @staticmethod
+    def waitall(requests: Sequence[Request]) -> list[Status]:
+        return [r.wait() for r in requests]
