@@ -120,7 +120,11 @@ def test_bench_collectives_writes_a_complete_run_directory(tmp_path, nranks):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["ranks"] == nranks
     ops = {(r["op"], r["buffer"]) for r in summary["rows"]}
-    assert len(ops) == (6 if nranks == 1 else 8) and all(r["ratio"] > 0 for r in summary["rows"])
+    assert len(ops) == (6 if nranks == 1 else 10) and all(r["ratio"] > 0 for r in summary["rows"])
+    bound = {r["op"] for r in summary["rows"] if r["hpcml_persistent_us"] is not None}
+    assert bound == ({"Allreduce"} if nranks == 1 else {"Allreduce", "SendRecv"})
+    assert all(r["ratio_persistent"] > 0 and r["raw_persistent_us"] > 0
+               for r in summary["rows"] if r["op"] in bound)
     env = json.loads((run / "env.json").read_text())
     assert env["ranks"] == nranks and "MPICH" in env["mpi_library"]
     assert "hpcml/raw" in res.stdout

@@ -11,13 +11,22 @@ speed / this peer's) is the strict comparison. Programs whose tensors are new ev
 (activations, gradients) have to make the view in every call; for torch buffers that third path
 is timed too (``raw_view_us``, ``ratio_view``), as context, never as the goal's peer.
 
+Allreduce and SendRecv are also timed as bound (persistent) operations, the buffers bound once
+and each call a start and a wait: hpcml's ``Allreduce_init`` / ``Send_init`` / ``Recv_init``
+(``hpcml_persistent_us``) against mpi4py's own on the same views (``raw_persistent_us``);
+``ratio_persistent`` compares the two, ``ratio_persistent_raw`` hpcml's bound form with raw
+mpi4py's plain call. Torch buffers are tensors torch allocated (resizable storage, so the bound
+form's re-allocation guard runs on every start, as in a program).
+
 Sizes follow the nccl-tests convention: Allreduce = vector size, Allgather = gathered (output)
 size, Reduce_scatter = input size. Bus bandwidth = size / time x (2(P-1)/P for Allreduce, (P-1)/P
 for Allgather and Reduce_scatter), which is comparable across P; at P = 1 it is 0 and only the
 algorithm bandwidth (size / time) is meaningful. ``SendRecv`` is a ping-pong between ranks 2i and
 2i+1 (a blocking ``Send`` answered by a blocking ``Recv`` and back; an odd last rank idles): its
 time is the round trip, its bus bandwidth 2 x size / time (one message each way), and it needs at
-least 2 ranks. A memcpy of the same size on one core is the local reference.
+least 2 ranks. ``IsendIrecv`` is the same ping-pong with each message an ``Isend`` / ``Irecv``
+completed by a wait (what a pipeline stage does per activation and gradient). A memcpy of the
+same size on one core is the local reference.
 """
 
 from __future__ import annotations
@@ -35,9 +44,11 @@ from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 
-OPS = ("Allreduce", "Allgather", "Reduce_scatter", "SendRecv")
+OPS = ("Allreduce", "Allgather", "Reduce_scatter", "SendRecv", "IsendIrecv")
+PING_PONGS = ("SendRecv", "IsendIrecv")
 BUS_FACTOR = {"Allreduce": lambda p: 2 * (p - 1) / p, "Allgather": lambda p: (p - 1) / p,
-              "Reduce_scatter": lambda p: (p - 1) / p, "SendRecv": lambda p: 2.0}
+              "Reduce_scatter": lambda p: (p - 1) / p, "SendRecv": lambda p: 2.0,
+              "IsendIrecv": lambda p: 2.0}
 
 
 @dataclasses.dataclass
@@ -72,55 +83,82 @@ def _sizes(cfg: CollectivesConfig, ranks: int) -> list[int]:
 
 def _buffers(op: str, nbytes: int, ranks: int, kind: str) -> tuple[Any, Any]:
     n = nbytes // 4
-    send_n = {"Allreduce": n, "Allgather": n // ranks, "Reduce_scatter": n, "SendRecv": n}[op]
-    recv_n = {"Allreduce": n, "Allgather": n, "Reduce_scatter": n // ranks, "SendRecv": n}[op]
+    send_n = {"Allgather": n // ranks}.get(op, n)
+    recv_n = {"Reduce_scatter": n // ranks}.get(op, n)
     send = np.random.default_rng(0).standard_normal(send_n).astype(np.float32)
     recv = np.zeros(recv_n, dtype=np.float32)
-    if kind == "torch":
-        return torch.from_numpy(send), torch.from_numpy(recv)
+    if kind == "torch":  # tensors torch allocated (resizable storage), as a program's are
+        return torch.from_numpy(send).clone(), torch.from_numpy(recv).clone()
     return send, recv
 
 
-def _calls(comm: Communicator, op: str, send: Any, recv: Any) -> list[Any]:
-    """[hpcml call, raw mpi4py call] on the same buffers, and for torch tensors a third: raw
-    mpi4py making the numpy views in every call."""
+PERSISTENT_OPS = ("Allreduce", "SendRecv")  # the ops hpcml can bind once (``*_init``)
+
+
+def _calls(comm: Communicator, op: str, send: Any,
+           recv: Any) -> tuple[dict[str, Any], list[Any]]:
+    """The timed paths on the same buffers, by name: ``hpcml`` and ``raw`` (mpi4py on views made
+    once); for torch tensors ``raw_view`` (mpi4py making the views in every call); for the
+    ops with a persistent form, ``hpcml_persistent`` and ``raw_persistent`` (the buffers bound
+    once, each call a start and a wait). Also the calls that free the persistent handles."""
     mpi = comm.mpi
-    if op == "SendRecv":
-        paths = [_ping_pong(comm, comm.Send, comm.Recv, send, recv), _ping_pong(
-            comm, mpi.Send, mpi.Recv, *_views(send, recv))]
-        if isinstance(send, torch.Tensor):
-            paths.append(_ping_pong(comm, mpi.Send, mpi.Recv, send, recv, view=True))
-        return paths
+    raw_send, raw_recv = _views(send, recv)
+    is_tensor = isinstance(send, torch.Tensor)
+    frees: list[Any] = []
+    if op in PING_PONGS:
+        peer = comm.rank ^ 1
+        if peer >= comm.size:  # an odd last rank idles
+            names = ["hpcml", "raw"] + ["raw_view"] * is_tensor + [
+                "hpcml_persistent", "raw_persistent"] * (op in PERSISTENT_OPS)
+            return {name: lambda: None for name in names}, frees
+        if op == "SendRecv":
+            ends = {"hpcml": (lambda: comm.Send(send, peer, 0), lambda: comm.Recv(recv, peer, 0)),
+                    "raw": (lambda: mpi.Send(raw_send, peer, 0),
+                            lambda: mpi.Recv(raw_recv, peer, 0)),
+                    "raw_view": (lambda: mpi.Send(send.numpy(), peer, 0),
+                                 lambda: mpi.Recv(recv.numpy(), peer, 0))}
+        else:
+            ends = {"hpcml": (lambda: comm.Isend(send, peer, 0).wait(),
+                              lambda: comm.Irecv(recv, peer, 0).wait()),
+                    "raw": (lambda: mpi.Isend(raw_send, peer, 0).Wait(),
+                            lambda: mpi.Irecv(raw_recv, peer, 0).Wait()),
+                    "raw_view": (lambda: mpi.Isend(send.numpy(), peer, 0).Wait(),
+                                 lambda: mpi.Irecv(recv.numpy(), peer, 0).Wait())}
+        paths = {name: _ping_pong(comm, *pair) for name, pair in ends.items()
+                 if name != "raw_view" or is_tensor}
+        if op not in PERSISTENT_OPS:
+            return paths, frees
+        hp_send, hp_recv = comm.Send_init(send, peer, 1), comm.Recv_init(recv, peer, 1)
+        raw_bound = [mpi.Send_init(raw_send, peer, 2), mpi.Recv_init(raw_recv, peer, 2)]
+        paths["hpcml_persistent"] = _ping_pong(comm, hp_send.run, hp_recv.run)
+        paths["raw_persistent"] = _ping_pong(*[comm] + [
+            lambda r=r: (r.Start(), r.Wait()) for r in raw_bound])
+        return paths, [hp_send.free, hp_recv.free] + [r.Free for r in raw_bound]
     call = {"Allreduce": mpi.Allreduce, "Allgather": mpi.Allgather,
             "Reduce_scatter": mpi.Reduce_scatter_block}[op]
     hp = {"Allreduce": comm.Allreduce, "Allgather": comm.Allgather,
           "Reduce_scatter": comm.Reduce_scatter}[op]
-    raw_send, raw_recv = _views(send, recv)
-    paths = [lambda: hp(send, recv), lambda: call(raw_send, raw_recv)]
-    if isinstance(send, torch.Tensor):
-        paths.append(lambda: call(send.numpy(), recv.numpy()))
-    return paths
+    paths = {"hpcml": lambda: hp(send, recv), "raw": lambda: call(raw_send, raw_recv)}
+    if is_tensor:
+        paths["raw_view"] = lambda: call(send.numpy(), recv.numpy())
+    if op in PERSISTENT_OPS:
+        hp_bound = comm.Allreduce_init(send, recv)
+        raw_bound = mpi.Allreduce_init(raw_send, raw_recv)
+        paths["hpcml_persistent"] = hp_bound.run
+        paths["raw_persistent"] = lambda: (raw_bound.Start(), raw_bound.Wait())
+        frees = [hp_bound.free, raw_bound.Free]
+    return paths, frees
 
 
 def _views(*bufs: Any) -> list[Any]:
     return [b.numpy() if isinstance(b, torch.Tensor) else b for b in bufs]
 
 
-def _ping_pong(comm: Communicator, send_fn: Any, recv_fn: Any, send: Any, recv: Any,
-               view: bool = False) -> Any:
-    """One round trip between this rank and its partner (rank ^ 1) with ``send_fn(buf, dest,
-    tag)`` and ``recv_fn(buf, source, tag)`` (handed ``buf.numpy()`` made in the call if
-    ``view``); a no-op on an odd last rank."""
-    peer = comm.rank ^ 1
-    if peer >= comm.size:
-        return lambda: None
-    if view:
-        if comm.rank % 2 == 0:
-            return lambda: (send_fn(send.numpy(), peer, 0), recv_fn(recv.numpy(), peer, 0))
-        return lambda: (recv_fn(recv.numpy(), peer, 0), send_fn(send.numpy(), peer, 0))
+def _ping_pong(comm: Communicator, send_once: Any, recv_once: Any) -> Any:
+    """One round trip between this rank and its partner (rank ^ 1): even ranks send first."""
     if comm.rank % 2 == 0:
-        return lambda: (send_fn(send, peer, 0), recv_fn(recv, peer, 0))
-    return lambda: (recv_fn(recv, peer, 0), send_fn(send, peer, 0))
+        return lambda: (send_once(), recv_once())
+    return lambda: (recv_once(), send_once())
 
 
 def _time_paths(comm: Communicator, paths: list[Any], calls: int, warmup: int) -> list[float]:
@@ -155,16 +193,20 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
     comm, p = ctx.comm, ctx.comm.size
     rows = []
     for op in cfg.ops:
-        if op == "SendRecv" and p < 2:
-            ctx.log("  SendRecv        skipped: a ping-pong needs 2 ranks")
+        if op in PING_PONGS and p < 2:
+            ctx.log(f"  {op:<15} skipped: a ping-pong needs 2 ranks")
             continue
         for kind in cfg.buffers:
             for nbytes in _sizes(cfg, p):
                 calls = max(3, min(cfg.iterations, cfg.bytes_per_size // nbytes))
                 send, recv = _buffers(op, nbytes, p, kind)
-                t_hp, t_raw, *t_view = _time_paths(comm, _calls(comm, op, send, recv), calls,
-                                                   cfg.warmup)
-                bus = BUS_FACTOR[op](p)
+                paths, frees = _calls(comm, op, send, recv)
+                t = dict(zip(paths, _time_paths(comm, list(paths.values()), calls, cfg.warmup),
+                             strict=True))
+                for free in frees:
+                    free()
+                t_hp, t_raw, bus = t["hpcml"], t["raw"], BUS_FACTOR[op](p)
+                t_php, t_praw = t.get("hpcml_persistent"), t.get("raw_persistent")
                 rows.append({
                     "op": op, "buffer": kind, "bytes": nbytes, "size": human_bytes(nbytes),
                     "calls": calls, "hpcml_us": t_hp * 1e6, "raw_us": t_raw * 1e6,
@@ -172,8 +214,12 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
                     "raw_busbw_GBs": nbytes / t_raw * bus / 1e9,
                     "hpcml_algbw_GBs": nbytes / t_hp / 1e9,
                     "ratio": t_raw / t_hp,
-                    "raw_view_us": t_view[0] * 1e6 if t_view else None,
-                    "ratio_view": t_view[0] / t_hp if t_view else None,
+                    "raw_view_us": t["raw_view"] * 1e6 if "raw_view" in t else None,
+                    "ratio_view": t["raw_view"] / t_hp if "raw_view" in t else None,
+                    "hpcml_persistent_us": t_php * 1e6 if t_php else None,
+                    "raw_persistent_us": t_praw * 1e6 if t_praw else None,
+                    "ratio_persistent": t_praw / t_php if t_php else None,
+                    "ratio_persistent_raw": t_raw / t_php if t_php else None,
                     "memcpy_GBs": nbytes / _memcpy_seconds(nbytes, min(calls, 10)) / 1e9,
                 })
             ctx.log(f"  {op:<15} {kind:<6} done")
@@ -189,6 +235,10 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
             ("raw_busbw_GBs", "raw busbw GB/s", ".3f"), ("ratio", "hpcml/raw", ".3f"),
             ("raw_view_us", "raw, t.numpy() per call µs", ".1f"),
             ("ratio_view", "hpcml/that", ".3f"),
+            ("hpcml_persistent_us", "hpcml bound µs", ".1f"),
+            ("raw_persistent_us", "raw bound µs", ".1f"),
+            ("ratio_persistent", "bound hpcml/raw", ".3f"),
+            ("ratio_persistent_raw", "bound hpcml/raw plain", ".3f"),
             ("memcpy_GBs", "memcpy GB/s", ".2f")])
         ctx.run_dir.write_text("table.md", table + "\n")
         print(table)

@@ -251,13 +251,13 @@ class Communicator:
         """Start sending ``buf``; do not modify it until the request completes."""
         spec, nbytes, itemsize, _ = message(buf)  # a send never writes back
         return Request(self._mpi_isend(spec, dest, tag), self._isend_totals, nbytes, 0, itemsize,
-                       None, (buf, spec))
+                       None, (buf, spec), dest, tag)
 
     def Irecv(self, buf: Any, source: int = ANY_SOURCE, tag: int = ANY_TAG) -> Request:
         """Start receiving into ``buf``; its contents are valid after the request completes."""
         spec, _, itemsize, back = message(buf)
         return Request(self._mpi_irecv(spec, source, tag), self._irecv_totals, 0, ARRIVED,
-                       itemsize, back, (buf, spec))
+                       itemsize, back, (buf, spec), source, tag)
 
     def Send_init(self, buf: Any, dest: int, tag: int = 0) -> Persistent:
         """Bind a send of ``buf`` to ``dest`` with ``tag`` (MPI_Send_init), to be started many

@@ -20,34 +20,48 @@ class Request:
     call, the bytes sent and received (a receive counts the bytes that arrived), the time this
     rank was blocked in ``wait``/``test`` (``seconds``) and the time from posting to completion
     (``outstanding_seconds``); a staged buffer's result is written back to the caller's. The
-    request keeps its buffers alive until it completes. Not collective, not thread-safe."""
+    request keeps its buffers alive until it completes. Not collective, not thread-safe.
 
-    __slots__ = ("_back", "_blocked", "_entry", "_itemsize", "_keep", "_posted", "_received",
-                 "_req", "_sent", "status")
+    ``status`` once complete: for a receive, the sender, tag and size of what arrived; for a
+    send, its destination, tag and size; for a collective, its buffer's size (source and tag
+    ``ANY_SOURCE``, ``ANY_TAG``)."""
+
+    __slots__ = ("_back", "_blocked", "_entry", "_itemsize", "_keep", "_peer", "_posted",
+                 "_received", "_req", "_sent", "_tag", "status")
 
     def __init__(self, req: MPI.Request, entry: OpTotals, sent: int, received: int,
-                 itemsize: int, back: Callable[[], None] | None, keep: tuple[Any, ...]) -> None:
+                 itemsize: int, back: Callable[[], None] | None, keep: tuple[Any, ...],
+                 peer: int = MPI.ANY_SOURCE, tag: int = MPI.ANY_TAG) -> None:
         """``received``: bytes the operation fills, or ``ARRIVED`` for a receive (what came);
-        ``back``: the staged buffer's write-back; ``keep``: what must outlive the operation."""
+        ``back``: the staged buffer's write-back; ``keep``: what must outlive the operation;
+        ``peer``, ``tag``: as posted (a receive may leave them ``ANY_*``)."""
         self._req, self._entry, self._sent, self._received = req, entry, sent, received
         self._itemsize, self._back, self._keep = itemsize, back, keep
+        self._peer, self._tag = peer, tag
         self._posted = perf_counter()
         self._blocked = 0.0
         self.status: Status | None = None
 
     def _complete(self, st: MPI.Status, blocked_since: float) -> Status:
         now = perf_counter()
-        n = st.Get_count(_BYTE)
         if self._back is not None:
             self._back()
-        entry, received = self._entry, self._received
+        source, tag, received = self._peer, self._tag, self._received
+        if received == ARRIVED:  # a receive: what came, from whom (only MPI knows)
+            n = received = st.Get_count(_BYTE)
+            if source < 0:
+                source = st.Get_source()
+            if tag < 0:
+                tag = st.Get_tag()
+        else:
+            n = received or self._sent
+        entry = self._entry
         entry.calls += 1
         entry.bytes_sent += self._sent
-        entry.bytes_received += n if received == ARRIVED else received
+        entry.bytes_received += received
         entry.seconds += self._blocked + now - blocked_since
         entry.outstanding_seconds += now - self._posted
-        self.status = status = new_status(Status, (st.Get_source(), st.Get_tag(),
-                                                   n // self._itemsize, n))
+        self.status = status = new_status(Status, (source, tag, n // self._itemsize, n))
         self._keep = ()
         return status
 
