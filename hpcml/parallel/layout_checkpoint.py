@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -55,7 +55,26 @@ from hpcml.parallel.tensor.plan import sharded_parameters
 from hpcml.rundir import atomic_write
 
 FORMAT = "hpcml.parallel.full/1"
-Model = Any  # a PipelineModel or an nn.Module (tensor-parallel or not)
+
+
+@runtime_checkable
+class Pipelined(Protocol):
+    """What these functions need of a pipelined model (:class:`~hpcml.parallel.PipelineModel`
+    is one): its mesh and module, its pipeline group, which parameters its stage holds, and
+    who owns each state-dict entry."""
+
+    mesh: Mesh
+    module: nn.Module
+    comm: Communicator
+
+    def holds(self, name: str) -> bool: ...
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]: ...
+
+    def state_owners(self) -> dict[str, tuple[torch.Tensor, int, str | None]]: ...
+
+
+Model = Pipelined | nn.Module  # an nn.Module may be tensor-parallel
 
 
 @dataclasses.dataclass
@@ -90,12 +109,9 @@ class _View:
 def _view(model: Model, mesh: Mesh | None) -> _View:
     """Without a mesh, a PipelineModel uses its own and a plain module is a whole model that
     this rank handles alone, without communication."""
-    from hpcml.parallel.pipeline import PipelineModel
-    from hpcml.parallel.pipeline_checkpoint import state_owners
-
-    if isinstance(model, PipelineModel):
+    if isinstance(model, Pipelined):
         mesh = model.mesh if mesh is None else mesh
-        owners, module, pipe = state_owners(model), model.module, model.comm
+        owners, module, pipe = model.state_owners(), model.module, model.comm
         held = {k for k, (_, _, name) in owners.items() if name is None or model.holds(name)}
         params = dict(model.named_parameters())
     elif isinstance(model, nn.Module):

@@ -589,6 +589,11 @@ class PipelineModel:
         under tensor parallelism, that of this tensor rank's piece."""
         return self._shapes[name]
 
+    def state_owners(self) -> dict[str, tuple[torch.Tensor, int, str | None]]:
+        """See :func:`~hpcml.parallel.pipeline_checkpoint.state_owners`. Not collective."""
+        return pipeline_checkpoint.state_owners(self.module, [c.unit for c in self.trace.calls],
+                                                self.plan)
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """See :func:`~hpcml.parallel.pipeline_checkpoint.full_state_dict`. Collective."""
         return pipeline_checkpoint.full_state_dict(self)

@@ -13,39 +13,38 @@ pipelined model of any layout or the plain module in one process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from hpcml.parallel import layout_checkpoint as fc
+from hpcml.parallel.layout_checkpoint import Pipelined
+from hpcml.parallel.pipeline_plan import Plan
 from hpcml.parallel.pipeline_trace import param_names
 
-if TYPE_CHECKING:
-    from hpcml.parallel.pipeline import PipelineModel
 
-
-def state_owners(pmodel: PipelineModel) -> dict[str, tuple[torch.Tensor, int, str | None]]:
+def state_owners(module: nn.Module, units: Sequence[str], plan: Plan,
+                 ) -> dict[str, tuple[torch.Tensor, int, str | None]]:
     """Every ``module.state_dict()`` key: its tensor on this rank, its owner stage, and the
-    canonical parameter name (None for a buffer)."""
-    names = param_names(pmodel.module)
+    canonical parameter name (None for a buffer). ``units[k]``: the unit of traced call k."""
+    names = param_names(module)
     buffer_stage: dict[str, int] = {}
-    for k, call in enumerate(pmodel.trace.calls):
-        buffer_stage.setdefault(call.unit, pmodel.plan.stage_of[k])
+    for k, unit in enumerate(units):
+        buffer_stage.setdefault(unit, plan.stage_of[k])
     out = {}
-    for key, t in pmodel.module.state_dict(keep_vars=True).items():
+    for key, t in module.state_dict(keep_vars=True).items():
         if isinstance(t, nn.Parameter) and id(t) in names:
             name = names[id(t)]
-            out[key] = (t, pmodel.plan.owner(name), name)
+            out[key] = (t, plan.owner(name), name)
         else:
             owners = [s for u, s in buffer_stage.items() if key.startswith(u + ".")]
             out[key] = (t, owners[0] if owners else 0, None)
     return out
 
 
-def gather_full(pmodel: PipelineModel, tensors: Mapping[str, torch.Tensor],
+def gather_full(pmodel: Pipelined, tensors: Mapping[str, torch.Tensor],
                 ) -> dict[str, torch.Tensor] | None:
     """:func:`hpcml.parallel.layout_checkpoint.gather_full` over the model's mesh: the whole
     values of per-rank pieces (parameters, gradients, optimizer moments) keyed by state-dict
@@ -53,33 +52,33 @@ def gather_full(pmodel: PipelineModel, tensors: Mapping[str, torch.Tensor],
     return fc.gather_full(pmodel, tensors)
 
 
-def full_state_dict(pmodel: PipelineModel) -> dict[str, torch.Tensor] | None:
+def full_state_dict(pmodel: Pipelined) -> dict[str, torch.Tensor] | None:
     """The unsharded ``module.state_dict()`` (tensor shards gathered too) on the mesh's rank 0,
     None elsewhere. Collective over the mesh."""
     full = fc.full_checkpoint(pmodel)
     return None if full is None else full["model"]
 
 
-def load_full_state_dict(pmodel: PipelineModel, state: Mapping[str, torch.Tensor]) -> None:
+def load_full_state_dict(pmodel: Pipelined, state: Mapping[str, torch.Tensor]) -> None:
     """Copy the entries this rank holds (cut to its tensor shard) from a full state dict saved
     by any layout. Not collective: each rank checks its own part."""
     fc.load_full_checkpoint(pmodel, {"format": fc.FORMAT, "model": state}, collective=False)
 
 
-def save(pmodel: PipelineModel, path: str | Path) -> None:
+def save(pmodel: Pipelined, path: str | Path) -> None:
     """Write the full state dict (a plain ``state_dict``) with ``torch.save`` from the mesh's
     rank 0, atomically. Collective over the mesh: returns when the file is complete."""
     fc.write_file(path, full_state_dict(pmodel), pmodel.mesh.world)
 
 
-def save_optimizer(pmodel: PipelineModel, optimizer: torch.optim.Optimizer,
+def save_optimizer(pmodel: Pipelined, optimizer: torch.optim.Optimizer,
                    path: str | Path) -> None:
     """Write the full checkpoint of the model and ``optimizer``
     (:func:`hpcml.parallel.save_checkpoint`). Collective over the mesh."""
     fc.save_checkpoint(path, pmodel, optimizer)
 
 
-def load_full_state(target: PipelineModel | nn.Module, path: str | Path) -> None:
+def load_full_state(target: Pipelined | nn.Module, path: str | Path) -> None:
     """Load a file written by :func:`save` (or the model part of a full checkpoint) into a
     pipelined model of any layout, or into the plain module in one process. Reads with
     ``weights_only=True``; not collective."""
@@ -89,7 +88,7 @@ def load_full_state(target: PipelineModel | nn.Module, path: str | Path) -> None
     fc.load_full_checkpoint(target, state, collective=False)
 
 
-def load_full_optimizer_state(target: PipelineModel | nn.Module,
+def load_full_optimizer_state(target: Pipelined | nn.Module,
                               optimizer: torch.optim.Optimizer, path: str | Path) -> None:
     """Load the optimizer part of a file written by :func:`save_optimizer` into ``optimizer``
     over ``target``'s parameters (a pipelined model of any layout, or the plain module in one
