@@ -226,6 +226,10 @@ def test_refused_loads_name_the_key_and_change_nothing(tmp_path):
         hp.load_checkpoint(tmp_path / "pickled.pt", target)
     with pytest.raises(UsageError, match="cannot write the checkpoint"):
         hp.save_checkpoint(tmp_path / "ok.pt" / "under-a-file.pt", model, adam)
+    with pytest.raises(UsageError, match="model: expected a PipelineModel or an nn.Module, "
+                                         "got OrderedDict"):
+        hp.save_checkpoint(tmp_path / "never.pt", model.state_dict(), adam)
+    assert not (tmp_path / "never.pt").exists()
     # and the good one loads: model and optimizer equal the saved ones
     hp.load_checkpoint(tmp_path / "ok.pt", target, target_adam)
     for k, v in model.state_dict().items():
