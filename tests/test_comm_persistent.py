@@ -142,3 +142,19 @@ def test_the_operation_is_bound_to_memory_and_never_uses_freed_memory():
         assert receive.wait().count == 4
     with pytest.raises(RuntimeError, match="not resizable"):
         a.resize_(8)
+
+
+def test_an_exception_never_waits_for_a_pending_operation():
+    """A receive started inside ``with`` that nobody will ever match: the exception leaves the
+    block at once (waiting would hang the job the exception is meant to abort)."""
+    comm = world()
+    buf = torch.zeros(4)
+    with (pytest.raises(KeyError, match="user code failed"),
+          comm.Recv_init(buf, source=0, tag=4242) as receive):
+        receive.start()
+        raise KeyError("user code failed")
+    with pytest.raises(RuntimeError, match="freed"):
+        receive.start()
+    with comm.Send_init(torch.ones(4), 0, tag=4242) as send:  # the abandoned receive is
+        send.run()  # still posted: a matching message lands in its (kept) buffer
+    assert buf.tolist() == [1.0] * 4

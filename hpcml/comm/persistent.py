@@ -104,6 +104,9 @@ def persistent_request(init: Callable[..., Any], post: Callable[..., MPI.Request
         return Reposted(lambda: post(*args))
 
 
+_ABANDONED: list[tuple[Any, ...]] = []  # buffers of operations abandoned while still pending
+
+
 def _refuse_freed() -> None:
     raise RuntimeError("this persistent operation was freed; bind the buffer again")
 
@@ -197,15 +200,26 @@ class Persistent:
         if self._start is not _refuse_freed:
             self.wait()
             self._request.Free()
-            self._ledger.unbind(self._counts)
-            self._start = _refuse_freed
-            self._keep = self._guards = ()
+            self._retire()
 
     def __enter__(self) -> Persistent:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.free()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """``free()``; but while an exception leaves the block with a start still pending, the
+        operation is abandoned instead of waited for (its peer may never answer, and waiting
+        would hang the job the exception is about to abort): its buffers stay alive for MPI."""
+        if exc_type is not None and self._active:
+            _ABANDONED.append(self._keep)
+            self._retire()
+        else:
+            self.free()
+
+    def _retire(self) -> None:
+        self._ledger.unbind(self._counts)
+        self._start = _refuse_freed
+        self._keep = self._guards = ()
+        self._active = False
 
     def _complete(self, blocked_since: float) -> None:
         now = perf_counter()
