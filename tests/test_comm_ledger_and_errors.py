@@ -72,12 +72,25 @@ def rank_one_raises(comm):
     time.sleep(60)
 
 
-def test_exception_on_rank_one_aborts_four_ranks_quickly():
+def rank_one_raises_in_bound_operations(comm):
+    """Rank 1 raises inside a bound receive's block with the receive pending, while the other
+    ranks block in a bound Allreduce."""
+    t = torch.zeros(4)
+    if comm.rank == 1:
+        with comm.Recv_init(t, source=0, tag=9) as receive:
+            receive.start()
+            raise RuntimeError("deliberate failure on rank 1")
+    with comm.Allreduce_init(t) as bound:
+        bound.run()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("body", ["rank_one_raises", "rank_one_raises_in_bound_operations"])
+def test_exception_on_rank_one_aborts_four_ranks_quickly(body):
     # The other ranks would sleep 60 s after the collective; the launch bound (TimeoutError)
     # is what proves the abort did not wait for them.
-    res = launch(4, [sys.executable, "-m", "hpcml.testing", __file__, "rank_one_raises"],
-                 timeout=40)
+    res = launch(4, [sys.executable, "-m", "hpcml.testing", __file__, body], timeout=40)
     assert res.returncode != 0
     assert "hpcml: rank 1 of 4 failed" in res.stderr
     assert "RuntimeError: deliberate failure on rank 1" in res.stderr
-    assert "in rank_one_raises" in res.stderr
+    assert f"in {body}" in res.stderr
