@@ -1,7 +1,7 @@
 """Persistent operations: a buffer bound to an MPI operation once, started many times.
 
-A program that moves the same buffer again and again (a pipeline's receive buffer, a gradient
-bucket, a halo) can bind it once with ``Communicator.Send_init`` / ``Recv_init`` /
+A program that moves the same buffer again and again (a receive buffer reused every step, a
+gradient bucket, a halo) can bind it once with ``Communicator.Send_init`` / ``Recv_init`` /
 ``Allreduce_init`` (MPI_Send_init, MPI_Recv_init and MPI-4's MPI_Allreduce_init, mpi4py's
 names). The buffer's MPI description, the peer, tag and operation are fixed at binding; each
 ``start()`` posts the operation again and ``wait()`` completes it, or ``run()`` does both (the
