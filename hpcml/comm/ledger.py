@@ -56,12 +56,19 @@ class BoundTotals:
     seconds: float = 0.0
     outstanding_seconds: float = 0.0
 
+    @property
+    def bytes_sent(self) -> int:
+        return self.runs * self.sent
+
+    @property
+    def bytes_received(self) -> int:
+        return self.arrived if self.received == ARRIVED else self.runs * self.received
+
     def fold_into(self, totals: OpTotals) -> None:
         """Add these counts to ``totals``."""
         totals.calls += self.runs
-        totals.bytes_sent += self.runs * self.sent
-        totals.bytes_received += (self.arrived if self.received == ARRIVED
-                                  else self.runs * self.received)
+        totals.bytes_sent += self.bytes_sent
+        totals.bytes_received += self.bytes_received
         totals.seconds += self.seconds
         totals.outstanding_seconds += self.outstanding_seconds
 
@@ -129,10 +136,12 @@ class Ledger:
         return {op: dataclasses.asdict(t) for op, t in sorted(self.merged().items()) if t.calls}
 
     def bytes_sent(self) -> int:
-        return sum(t.bytes_sent for t in self.merged().values())
+        return (sum(t.bytes_sent for t in self.ops.values())
+                + sum(counts.bytes_sent for _, counts in self.bound))
 
     def bytes_received(self) -> int:
-        return sum(t.bytes_received for t in self.merged().values())
+        return (sum(t.bytes_received for t in self.ops.values())
+                + sum(counts.bytes_received for _, counts in self.bound))
 
 
 def format_table(per_rank: list[dict[str, dict[str, Any]]]) -> str:
