@@ -8,6 +8,7 @@ from scipy import optimize, stats
 
 from hpcml.consensus import accounting, algorithm, mixing, tasks, topology
 from hpcml.errors import UsageError
+from hpcml.privacy.noise import node_rngs
 
 
 def analytic_delta(eps: float, mu: float) -> float:
@@ -80,13 +81,13 @@ def test_laplace_needs_no_delta_and_none_needs_nothing():
 @pytest.mark.parametrize("mechanism,var_factor", [("gaussian", 1.0), ("laplace", 2.0)])
 def test_added_noise_has_calibrated_variance(mechanism, var_factor):
     """The noise simulate() adds to messages, standardized by its planned scale, has variance 1
-    (variance s^2 for Gaussian, 2 b^2 for Laplace): a chi-square-style test at fixed seed."""
+    (variance s^2 for Gaussian, 2 b^2 for Laplace): a chi-square-style test, reproducible noise."""
     n = 40
     task = tasks.load_task("mean", n)
     w = mixing.mixing_matrix(topology.complete(n), "metropolis")
     steps = algorithm.step_sizes(0.5, 0.5, 40)
     plan = accounting.plan_noise(mechanism, 2.0, 1e-5, steps, 0.5, task.dim)
-    traj = algorithm.simulate(task, w, plan, steps, 0.5, seed=3)
+    traj = algorithm.simulate(task, w, plan, steps, 0.5, node_rngs("reproducible", 3, n))
     np.testing.assert_array_equal(traj.noise[0], 0.0)
     z = (traj.noise[1:] / plan.scale[1:, None, None]).ravel()
     samples = z.size

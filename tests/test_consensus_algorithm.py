@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from hpcml.consensus import accounting, algorithm, mixing, tasks, theory, topology
+from hpcml.privacy.noise import node_rngs
 
 
 def no_noise(rounds):
@@ -44,7 +45,7 @@ def test_zero_noise_constant_step_reaches_closed_form_fixed_point():
     task = tasks.load_task("mean", n)
     thetas = np.stack([-task.grad(i, np.zeros(task.dim)) for i in range(n)])
     w = mixing.mixing_matrix(topology.ring(n), "lazy")
-    traj = algorithm.simulate(task, w, no_noise(400), [a] * 400, clip=10.0, seed=0)
+    traj = algorithm.simulate(task, w, no_noise(400), [a] * 400, clip=10.0)
     fixed = a * np.linalg.solve((1 + a) * np.eye(n) - w, thetas)
     np.testing.assert_allclose(traj.states[-1], fixed, atol=1e-12)
     # the average of the iterates is exactly the average of the local optima (W doubly stoch.)
@@ -57,7 +58,7 @@ def test_zero_noise_decaying_step_converges_to_optimum(name):
     task = tasks.load_task(name, n, lam=0.05)
     w = mixing.mixing_matrix(topology.ring(n), "metropolis")
     steps = algorithm.step_sizes(1.0, 0.5, 3000)
-    traj = algorithm.simulate(task, w, no_noise(3000), steps, clip=100.0, seed=0)
+    traj = algorithm.simulate(task, w, no_noise(3000), steps, clip=100.0)
     errors = [algorithm.mse(traj.states[t], task.optimum) for t in (0, 30, 300, 3000)]
     assert errors[0] > errors[1] > errors[2] > errors[3]
     assert errors[3] < 1e-5 * errors[0]
@@ -77,7 +78,7 @@ def test_zero_noise_ridge_reaches_closed_form_fixed_point():
     for i in range(n):
         system[i * d:(i + 1) * d, i * d:(i + 1) * d] += a * hs[i]
     fixed = np.linalg.solve(system, a * bs).reshape(n, d)
-    traj = algorithm.simulate(task, w, no_noise(2000), [a] * 2000, clip=100.0, seed=0)
+    traj = algorithm.simulate(task, w, no_noise(2000), [a] * 2000, clip=100.0)
     np.testing.assert_allclose(traj.states[-1], fixed, atol=1e-11)
 
 
@@ -104,12 +105,13 @@ def test_theory_matches_monte_carlo_when_clip_is_inactive():
     steps = algorithm.step_sizes(0.5, 0.5, rounds)
     plan = accounting.plan_noise("gaussian", 200.0, 1e-5, steps, 0.5, task.dim)
     curve, released = theory.expected_mse(w, thetas, steps, plan)
-    sims = [algorithm.simulate(task, w, plan, steps, 100.0, seed=s) for s in range(trials)]
+    sims = [algorithm.simulate(task, w, plan, steps, 100.0, node_rngs("reproducible", s, n))
+            for s in range(trials)]
     measured = np.array([algorithm.mse(s.released, task.optimum) for s in sims])
     assert abs(measured.mean() - released) < 4 * measured.std() / np.sqrt(trials)
     mid = np.array([algorithm.mse(s.states[7], task.optimum) for s in sims])
     assert abs(mid.mean() - curve[7]) < 4 * mid.std() / np.sqrt(trials)
     zero = theory.expected_mse(w, thetas, steps, no_noise(rounds))[0]
-    exact = algorithm.simulate(task, w, no_noise(rounds), steps, 100.0, seed=0)
+    exact = algorithm.simulate(task, w, no_noise(rounds), steps, 100.0)
     np.testing.assert_allclose(zero, [algorithm.mse(s, task.optimum) for s in exact.states],
                                rtol=1e-10)

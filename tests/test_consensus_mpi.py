@@ -10,6 +10,7 @@ from hpcml.testing import hpcml_cli, mpi_test
 @mpi_test(ranks=[1, 2, 4])
 def test_distributed_equals_simulation(comm):
     from hpcml.consensus import accounting, algorithm, mixing, tasks, topology
+    from hpcml.privacy.noise import node_rngs, noise_rng
 
     for kind, rule, mechanism in (("ring", "metropolis", "gaussian"),
                                   ("complete", "lazy", "laplace"),
@@ -22,13 +23,17 @@ def test_distributed_equals_simulation(comm):
         graph = algorithm.graph_comm(comm, adj)
         assert sorted(graph.neighbors()[0]) == np.flatnonzero(adj[comm.rank]).tolist()
         seen = []
-        x, released = algorithm.run_node(graph, task, w, plan, steps, 1.0, seed=11,
-                                         observe=lambda t, v, out=seen: out.append(v.copy()))
-        ref = algorithm.simulate(task, w, plan, steps, 1.0, seed=11)
+        x, released = algorithm.run_node(
+            graph, task, w, plan, steps, 1.0, noise_rng("reproducible", 11, comm.rank),
+            observe=lambda t, v, m, out=seen: out.append((v.copy(), m.copy())))
+        ref = algorithm.simulate(task, w, plan, steps, 1.0, node_rngs("reproducible", 11,
+                                                                      comm.size))
         assert len(seen) == 13
-        for t, v in enumerate(seen):
+        for t, (v, m) in enumerate(seen):
             np.testing.assert_array_equal(v, ref.states[t, comm.rank])
+            np.testing.assert_array_equal(m, ref.states[t, comm.rank] + ref.noise[t, comm.rank])
         np.testing.assert_array_equal(released, ref.released[comm.rank])
+        np.testing.assert_array_equal(x, ref.states[-1, comm.rank])
     calls = comm.ledger.totals().get("consensus.Neighbor_allgather", {}).get("calls")
     assert calls == 36
 
@@ -36,11 +41,16 @@ def test_distributed_equals_simulation(comm):
 def test_job_runs_and_writes_privacy_ledger(tmp_path):
     res = hpcml_cli(2, "run", "jobs/consensus-mean.toml", "--set", f"runs_dir={tmp_path}",
                     "--set", "optim.rounds=8", "--set", "privacy.epsilon=3.0",
+                    "--set", 'privacy.noise="reproducible"', "--set", "verify=true",
                     cwd=_root())
     assert res.returncode == 0, res.stderr
     (run,) = tmp_path.iterdir()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["matches_simulation"] is True and summary["nodes"] == 2
+    # reproducible noise is asked for by name and makes the run non-private, visibly
+    assert summary["private"] is False and len(summary["not_private_because"]) == 1
+    assert "reproducible" in summary["not_private_because"][0]
+    assert 'NOT PRIVATE ("private": false): noise = "reproducible"' in res.stdout
     ledger = json.loads((run / "privacy.json").read_text())
     assert abs(ledger["spent"]["epsilon"] - 3.0) < 1e-9 and ledger["releasing_rounds"] == 8
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 9
@@ -49,7 +59,9 @@ def test_job_runs_and_writes_privacy_ledger(tmp_path):
 
 def test_bad_input_exits_2_without_output(tmp_path):
     for setting, needle in (("privacy.epsilon=0", "privacy.epsilon"),
-                            ("privacy.delta=1.5", "privacy.delta")):
+                            ("privacy.delta=1.5", "privacy.delta"),
+                            ('privacy.noise="seed"', "privacy.noise"),
+                            ("verify=true", "verify: the simulation must redraw")):
         res = hpcml_cli(1, "run", "jobs/consensus-mean.toml", "--set", f"runs_dir={tmp_path}/runs",
                         "--set", setting, cwd=_root())
         assert res.returncode == 2, (setting, res.stderr)
@@ -80,6 +92,7 @@ def test_bench_consensus_small(tmp_path):
     assert "MPI = simulation" in (run / "table.md").read_text()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["mpi_equals_simulation"] is True and len(summary["rows"]) == 8
+    assert summary["private"] is False and summary["noise"] == "reproducible"
     assert {r["nodes"] for r in summary["rows"]} == {2, 4}
 
 

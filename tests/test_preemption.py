@@ -243,7 +243,8 @@ CASES = {
     "qsparse-async": ("qsparse", 4, signal.SIGTERM, ["jobs/qsparse-async.toml", *sets(
         f"train.steps={MANY}")], metrics_lines(1), check_qsparse_async),
     "consensus": ("consensus", 2, signal.SIGTERM, ["jobs/consensus-mean.toml", *sets(
-        f"optim.rounds={MANY}", "log_every=10", 'stragglers.kind="fixed"',
+        f"optim.rounds={MANY}", "log_every=10", 'privacy.noise="reproducible"', "verify=true",
+        'stragglers.kind="fixed"',
         "stragglers.slow_ranks=[0]", "stragglers.delay=0.001")], metrics_lines(3),
         check_consensus),
     "coded": ("coded", 4, signal.SIGUSR1, ["jobs/coded.toml", *sets(

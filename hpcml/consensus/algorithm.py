@@ -13,8 +13,9 @@ with W the doubly stochastic mixing matrix (``W_ii`` weighs the node's own noisy
 The arithmetic of a round is :func:`consensus_update`, a pure function of the node's iterate
 and the messages it received; the single-process simulation (:func:`simulate`) and the MPI
 implementation (:func:`run_node`, one node per rank on a distributed-graph communicator, messages
-by ``Neighbor_allgather``) both call it, and both draw node i's noise from the same stream
-``default_rng([seed, i])``, so they produce the same iterates bit for bit.
+by ``Neighbor_allgather``) both call it. Neither chooses where the noise comes from: the caller
+passes node i's generator (:func:`hpcml.privacy.noise.noise_rng`: secret OS entropy for a private
+run; given the same reproducible generators both produce the same iterates bit for bit).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from hpcml.comm import Communicator
 from hpcml.consensus.accounting import NoisePlan, sample_noise
 from hpcml.consensus.tasks import Task
+from hpcml.privacy.noise import node_rngs
 
 
 def step_sizes(alpha0: float, decay: float, rounds: int) -> np.ndarray:
@@ -52,10 +54,6 @@ def consensus_update(x: np.ndarray, messages: np.ndarray, weights: np.ndarray,
     return weights @ messages - alpha * clip_norm(grad, clip)
 
 
-def node_rng(seed: int, node: int) -> np.random.Generator:
-    return np.random.default_rng([seed, node])
-
-
 @dataclasses.dataclass
 class Trajectory:
     """``states[t]``: the iterates of all nodes after t rounds, ``(T+1, n, d)``;
@@ -67,10 +65,11 @@ class Trajectory:
 
 
 def simulate(task: Task, w: np.ndarray, plan: NoisePlan, steps: Sequence[float], clip: float,
-             seed: int) -> Trajectory:
-    """All nodes of the graph in one process (the reference for the MPI path)."""
+             rngs: Sequence[np.random.Generator] | None = None) -> Trajectory:
+    """All nodes of the graph in one process (the reference for the MPI path); node i's noise
+    comes from ``rngs[i]`` (default: a fresh secret generator per node)."""
     n, d, rounds = task.nodes, task.dim, len(steps)
-    rngs = [node_rng(seed, i) for i in range(n)]
+    rngs = node_rngs("secret", 0, n) if rngs is None else rngs
     x = np.zeros((n, d))
     states, noise = [x.copy()], []
     for t in range(rounds):
@@ -93,38 +92,39 @@ def graph_comm(comm: Communicator, adj: np.ndarray) -> Communicator:
 
 
 def run_node(graph: Communicator, task: Task, w: np.ndarray, plan: NoisePlan,
-             steps: Sequence[float], clip: float, seed: int,
-             observe: Callable[[int, np.ndarray], bool | None] | None = None,
+             steps: Sequence[float], clip: float, rng: np.random.Generator,
+             observe: Callable[[int, np.ndarray, np.ndarray], bool | None] | None = None,
              straggle: Callable[[int], float] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Collective over ``graph``: run node ``graph.rank``; returns (x_i^T, released x_i^T+n_i^T).
+    """Collective over ``graph``: run node ``graph.rank`` with its noise drawn from ``rng``;
+    returns (x_i^T, released x_i^T + n_i^T).
 
-    ``observe(t, x)`` is called on every rank after round t (t = 0 is the start) and may itself
-    be collective; when it returns True after a round t < T (it must return the same on every
-    rank) the run ends there: the node releases ``x_i^t + n_i^t``, exactly round t's planned
-    message, so the privacy spent is that of rounds 0..t of the plan and the result equals
-    :func:`simulate` over ``steps[:t]``. ``straggle(t)`` injects the configured delay before
+    The only data this function sends is round t's message ``x_i^t + n_i^t`` (one
+    ``Neighbor_allgather`` of ``d`` float64 per round t < T). ``observe(t, x, m)`` is called on
+    every rank with the iterate ``x = x_i^t`` and the message ``m = x_i^t + n_i^t`` of round t,
+    before it is sent (t = 0..T; round T's message is the release), and may itself be
+    collective; when it returns True at a round t < T (it must return the same on every rank)
+    the run ends there and the node releases ``m``, exactly round t's planned message, so the
+    privacy spent is that of rounds 0..t of the plan and the result equals :func:`simulate` over
+    ``steps[:t]`` with the same generators. ``straggle(t)`` injects the configured delay before
     each round's exchange."""
     i, d = graph.rank, task.dim
     sources = graph.neighbors()[0]
     order = np.argsort([i, *sources])  # node-id order, as in simulate(): same float sums
     weights = w[i, np.array([i, *sources])[order]]
-    rng = node_rng(seed, i)
     x = np.zeros(d)
     recv = np.empty(len(sources) * d)
-    if observe:
-        observe(0, x)
-    rounds = len(steps)
-    for t, alpha in enumerate(steps):
+    t = 0
+    while True:
         msg = x + sample_noise(rng, plan.mechanism, plan.scale[t], d)
+        stop = observe(t, x, msg) if observe else False
+        if stop or t == len(steps):
+            return x, msg
         if straggle:
             straggle(t)
         graph.Neighbor_allgather(msg, recv)
         messages = np.vstack([msg[None, :], recv.reshape(len(sources), d)])[order]
-        x = consensus_update(x, messages, weights, task.grad(i, x), alpha, clip)
-        if observe and observe(t + 1, x) and t + 1 < len(steps):
-            rounds = t + 1
-            break
-    return x, x + sample_noise(rng, plan.mechanism, plan.scale[rounds], d)
+        x = consensus_update(x, messages, weights, task.grad(i, x), steps[t], clip)
+        t += 1
 
 
 def mse(states: np.ndarray, optimum: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from hpcml.consensus.mixing import RULES
 from hpcml.consensus.tasks import TASKS
 from hpcml.consensus.topology import GRAPHS
 from hpcml.errors import ConfigError
+from hpcml.privacy.noise import NOISE_MODES
 
 
 @dataclasses.dataclass
@@ -29,6 +30,10 @@ class PrivacyConfig:
     epsilon: float = option(10.0, help="privacy budget of the whole run (> 0)")
     delta: float = option(1e-5, help="delta of (epsilon, delta)-DP, in (0, 1)")
     clip: float = option(2.0, gt=0.0, help="gradient clipping bound C (the sensitivity scale)")
+    noise: str = option("secret", choices=NOISE_MODES,
+                        help="secret: noise from OS entropy, never written anywhere (private); "
+                             "reproducible: noise regenerated from the job's seed, for "
+                             "debugging (anyone can subtract it: the run is not private)")
 
     def check(self) -> None:
         if self.mechanism == "none":

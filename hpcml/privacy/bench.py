@@ -3,9 +3,13 @@
 For each MI-DP budget (nats) the additive scheme and the projection scheme (for each projected
 row count m) are calibrated to exactly that budget (:mod:`hpcml.privacy.midp`), released
 ``trials`` times on the diabetes regression set, and scored by the relative objective error of
-least squares (:mod:`hpcml.privacy.release`). Trial t uses the generator ``[seed, t]`` whatever
-the rank count; the trials are split across ranks (``chunk_bounds``) and summed with one
-``Allreduce``, so the table is the same at any rank count up to float summation order.
+least squares (:mod:`hpcml.privacy.release`). The trials are split across ranks
+(``chunk_bounds``) and summed with one ``Allreduce``. The noise is secret (OS entropy) unless
+``noise = "reproducible"``, where trial t of point j uses the generator ``[seed, t, j]`` whatever
+the rank count, so the table is the same at any rank count up to float summation order.
+
+The benchmark is an evaluation: it scores every release against the true records and publishes
+no release, so its summary says ``"private": false``, with the reasons.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.privacy import midp
+from hpcml.privacy.noise import NOISE_MODES, noise_rng, privacy_status, reproducible_reason
 from hpcml.privacy.release import (
     least_squares,
     records,
@@ -37,6 +42,9 @@ class PrivacyBenchConfig(JobConfig):
     projections: list[int] = option([32, 64, 128], min=1,
                                     help="projected row counts m of the projection scheme")
     trials: int = option(20, min=1, help="independent releases per point")
+    noise: str = option("secret", choices=NOISE_MODES,
+                        help="secret: noise from OS entropy; reproducible: from the seed, so "
+                             "the table is the same at any rank count")
 
     def check(self, size: int) -> None:
         bad = [e for e in self.epsilons if not e > 0]
@@ -85,7 +93,7 @@ def run(cfg: PrivacyBenchConfig, ctx: RunContext) -> dict[str, Any]:
     sums = np.zeros((len(points), 2))
     for t in range(lo, hi):
         for j, point in enumerate(points):
-            u = utility(data, point, np.random.default_rng([cfg.seed, t, j]))
+            u = utility(data, point, noise_rng(cfg.noise, cfg.seed, t, j))
             sums[j] += (u, u * u)
     comm.Allreduce(sums)
     for point, (s, s2) in zip(points, sums, strict=True):
@@ -93,6 +101,9 @@ def run(cfg: PrivacyBenchConfig, ctx: RunContext) -> dict[str, Any]:
         var = max(s2 / cfg.trials - point["error"] ** 2, 0.0)
         point["stderr"] = float(np.sqrt(var / cfg.trials))
         point["label"] = "additive" if point["m"] is None else f"projection m={point['m']}"
+    status, line = privacy_status(
+        ["benchmark: every release is scored against the true records (an evaluation)",
+         *reproducible_reason(cfg.noise, cfg.seed)])
     if ctx.is_root:
         table = markdown_table(points, [
             ("label", "scheme", ""), ("epsilon", "MI-DP epsilon (nats)", "g"),
@@ -101,9 +112,9 @@ def run(cfg: PrivacyBenchConfig, ctx: RunContext) -> dict[str, Any]:
         ctx.run_dir.write_text("table.md", table + "\n")
         print(table)
         print(f"\ndiabetes: n = {data.shape[0]} records, d = {data.shape[1] - 1} features, "
-              f"{cfg.trials} releases per point over {comm.size} ranks")
+              f"{cfg.trials} releases per point over {comm.size} ranks\n{line}")
         _plot(points, ctx)
-    return {"points": points}
+    return {"points": points, **status, "noise": cfg.noise}
 
 
 def _plot(points: list[dict[str, Any]], ctx: RunContext) -> None:

@@ -4,7 +4,8 @@ MI-DP (Cuff & Yu 2016, the notion arXiv 1902.04688 adopts): a release ``R`` of t
 ``D`` (n records, rows of ``[X, y]``, each of dimension k = d + 1) is epsilon-MI-DP when
 ``sup I(D_i; R | D_-i) <= epsilon`` (nats), the supremum over records i and over distributions
 of the data. We bound records by a power constraint ``E ||D_i||^2 <= P`` (the release code
-enforces ``||D_i|| <= 1``, so P = 1).
+clips every record onto the unit ball before it adds noise,
+:func:`hpcml.privacy.release.clip_records`, so ``||D_i|| <= 1`` and P = 1 hold for any input).
 
 Additive noise, ``R = D + Z`` with ``Z`` iid N(0, sigma^2): given ``D_-i`` the adversary sees
 ``D_i + Z_i``, a k-dimensional Gaussian channel, so the supremum is its capacity
