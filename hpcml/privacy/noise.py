@@ -45,7 +45,7 @@ def reproducible_reason(mode: str, seed: int) -> list[str]:
     if mode != "reproducible":
         return []
     return [f"noise = \"reproducible\" regenerates every noise vector from seed = {seed} "
-            "(config.toml), so anyone who sees the messages can subtract it"]
+            "(config.toml), so anyone who sees the noised outputs can subtract it"]
 
 
 def privacy_status(reasons: list[str]) -> tuple[dict[str, object], str]:
