@@ -6,14 +6,13 @@ python and mpiexec replaced by stubs, passes every value through verbatim and ru
 from __future__ import annotations
 
 import shlex
-import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from slurm_stubs import run_script, stubs  # noqa: F401 (the fixture)
 
 from hpcml.config.schema import parse_override
 from hpcml.errors import UsageError
@@ -78,47 +77,16 @@ def _one_line(exc: UsageError, field: str) -> None:
     assert "\n" not in str(exc) and "\r" not in str(exc) and field in str(exc), str(exc)
 
 
-STUB = """#!/bin/bash
-# records its argv (NUL-separated, one record per call) and does nothing else
-{ printf '%s\\0' "$(basename "$0")" "$@"; printf '\\n'; } >> "$STUB_LOG"
-"""
-MPIEXEC_STUB = STUB + """[ "$1" = -n ] && shift 2
-[ "$1" = -ppn ] && shift 2
-exec "$@"
-"""
-
-
-@pytest.fixture
-def stubs(tmp_path, monkeypatch):
-    """python, mpiexec (beside it), srun and scontrol that record their calls; the script is
-    rendered with this python, so it calls the stubs. Returns (bin dir, log path)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, body in (("python", STUB), ("mpiexec", MPIEXEC_STUB), ("srun", STUB),
-                       ("scontrol", STUB)):
-        (bin_dir / name).write_text(body)
-        (bin_dir / name).chmod(stat.S_IRWXU)
-    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
-    return bin_dir, tmp_path / "calls.log"
-
-
-def _run_script(text: str, tmp_path: Path, bin_dir: Path, log: Path) -> list[list[str]]:
-    """Execute the rendered script in ``tmp_path`` as a Slurm job would; returns the stubs'
-    calls. The first call must be in the workdir and no sentinel may appear."""
-    script = tmp_path / "job.sbatch"
-    script.write_text(text)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log), "SLURM_JOB_ID": "7",
-           "SLURM_NTASKS": "1", "SLURM_ARRAY_JOB_ID": "7", "SLURM_ARRAY_TASK_ID": "0"}
-    res = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=60)
+def _run_script(text: str, workdir: Path) -> list[list[str]]:
+    """Run the script with the stubs; it must succeed and no sentinel may appear."""
+    res, calls = run_script(text, workdir)
     assert res.returncode == 0, res.stderr
-    assert not list(tmp_path.rglob("SENTINEL")), res.stdout
-    return [record.split("\0")[:-1] for record in log.read_text().split("\n")[:-1]]
+    assert not list(workdir.rglob("SENTINEL")), res.stdout
+    return calls
 
 
-def _hpcml_run(calls: list[list[str]]) -> list[str]:
-    (run,) = [c for c in calls if c[:4] == ["python", "-m", "hpcml", "run"]]
-    return run[4:]
+def _hpcml_runs(calls: list[list[str]]) -> list[list[str]]:
+    return [c[4:] for c in calls if c[:4] == ["python", "-m", "hpcml", "run"]]
 
 
 # --- hostile values through every field, executed ---------------------------------------------
@@ -158,8 +126,8 @@ def _check_round_trip(text: str, field: str, value: str) -> None:
 
 @pytest.mark.parametrize("value", INJECTIONS)
 @pytest.mark.parametrize("field", FIELDS)
-def test_hostile_values_are_refused_or_reach_the_job_verbatim(tmp_path, stubs, field, value):
-    bin_dir, log = stubs
+@pytest.mark.usefixtures("stubs")
+def test_hostile_values_are_refused_or_reach_the_job_verbatim(tmp_path, field, value):
     if field == "slurm.job_name" and not value:
         value = "-"  # an empty job_name means "the job's name"
     expected = _refusal(field, value)
@@ -173,7 +141,7 @@ def test_hostile_values_are_refused_or_reach_the_job_verbatim(tmp_path, stubs, f
     text = render.render(s, tmp_path)
     _bash_n(text)
     _check_round_trip(text, field, value)
-    run = _hpcml_run(_run_script(text, tmp_path, bin_dir, log))
+    (run,) = _hpcml_runs(_run_script(text, tmp_path))
     assert run[0] == str((tmp_path / "job.toml").resolve())
     name = {"slurm.job_name": value, "name": value or "scaling"}.get(field, "lsq")
     runs = (tmp_path / "runs").resolve()
@@ -184,8 +152,8 @@ def test_hostile_values_are_refused_or_reach_the_job_verbatim(tmp_path, stubs, f
 
 @pytest.mark.parametrize("value", ["lr", "a b", "$(touch SENTINEL)", 'q"uote', "x\ny",
                                    "x\u2028y", "back\\slash"])
-def test_sweep_string_values_render_as_toml_or_are_refused(tmp_path, stubs, value):
-    bin_dir, log = stubs
+@pytest.mark.usefixtures("stubs")
+def test_sweep_string_values_render_as_toml_or_are_refused(tmp_path, value):
     try:
         s = _load(tmp_path, sweep=value)
     except UsageError as exc:
@@ -194,9 +162,33 @@ def test_sweep_string_values_render_as_toml_or_are_refused(tmp_path, stubs, valu
         return
     text = render.render(s, tmp_path)
     _bash_n(text)
-    run = _hpcml_run(_run_script(text, tmp_path, bin_dir, log))
+    (run,) = _hpcml_runs(_run_script(text, tmp_path))
     assert run[-2:] == ["--set", f"name={toml_value(value)}"]
     assert parse_override(run[-1]) == (["name"], value)
+
+
+@pytest.mark.parametrize("template, extra, dirs", [
+    ("single", "", ["{name}-7"]),
+    ("multi-node", "nodes = 2\n", ["{name}-7"]),
+    ("array", "[sweep]\nlr = [0.1, 0.2]\n", ["{name}-7/point-0"]),
+    ("scaling", "ntasks_per_node = 2\n[scaling]\nranks = [1, 2]\n",
+     ["{name}-7/p1", "{name}-7/p2"]),
+])
+@pytest.mark.usefixtures("stubs")
+def test_every_template_runs_the_hostile_name_verbatim(tmp_path, template, extra, dirs):
+    name = "n $(touch SENTINEL) `touch SENTINEL` \"; touch SENTINEL; ' *"
+    _job(tmp_path, name)
+    path = tmp_path / "sub.toml"
+    path.write_text(f'job = "job.toml"\n[slurm]\ntemplate = "{template}"\n'
+                    f'runs_dir = "{tmp_path / "runs"}"\n{extra}')
+    text = render.render(spec.load(path), tmp_path)
+    calls = _run_script(text, tmp_path)
+    runs = (tmp_path / "runs").resolve()
+    assert [run[run.index("--set", 1) + 1] for run in _hpcml_runs(calls)] == [
+        f"runs_dir={runs}/{d.format(name=name)}" for d in dirs]
+    if template == "scaling":
+        assert f"runs_dir={runs}/{name}-7/bench" in calls[1]
+        assert calls[-1][:4] == ["python", "-m", "hpcml", "report"]
 
 
 # --- property: any text is refused in one line or round-trips ----------------------------------
