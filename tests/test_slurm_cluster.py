@@ -17,6 +17,8 @@ import pytest
 from slurm_fixture import slurm_cluster, states, wait_for  # noqa: F401 (the fixture)
 
 from hpcml.rundir import read_metrics
+from hpcml.slurm import spec
+from hpcml.slurm.submit import submit
 from hpcml.slurm.sweep import toml_value
 from hpcml.testing import hpcml_cli
 
@@ -108,41 +110,43 @@ def _restarts(job_id: str) -> int:
     return int(re.search(r"Restarts=(\d+)", res.stdout).group(1))
 
 
-# how each case is signalled once its run has done 5 steps
+# how each case is signalled once its run has done 3 steps (of 80 at 0.1 s: the signal must
+# land while hpcml runs, also when a loaded machine takes seconds to deliver it)
 SIGNALS = {"cancel": [], "steps": ["--signal=USR1"], "batch": ["--batch", "--signal=USR1"]}
 HOSTILE = "pre $(touch SENTINEL) `touch SENTINEL` \"; touch SENTINEL; '"
 
 
 def test_scancel_ends_the_job_and_usr1_in_either_form_requeues_and_resumes(tmp_path):
-    """Three jobs at once (2 ranks each): a plain `scancel` ends the job for good although its
+    """Three jobs at once (2 ranks each under Hydra's mpiexec, whose proxies run as a job step;
+    2-rank `srun --mpi=pmi2` steps starting beside other jobs failed intermittently in MPI_Init
+    on the test node, a known MPICH/UCX issue): a plain `scancel` ends the job for good although its
     run stopped "preempted"; `scancel --signal=USR1` (the steps only, not the batch shell) and
     `scancel --batch --signal=USR1` both checkpoint, requeue (the run's summary says
     "preempted") and resume to the end. The --batch job has a hostile name and --comment."""
     jobs, runs = {}, {}
-    for case, launcher, steps in (("cancel", "mpiexec", 2000), ("steps", "mpiexec", 80),
-                                  ("batch", "srun", 80)):
+    for case, steps in (("cancel", 400), ("steps", 80), ("batch", 80)):
         work = tmp_path / case
         work.mkdir()
         name = HOSTILE if case == "batch" else case
         extra = f"extra = [{toml_value('--comment=' + HOSTILE)}]" if case == "batch" else ""
-        path = _submission(work, f'"steps={steps}", "step_sleep=0.02", \'mode="strong"\'',
-                           f'ntasks_per_node = 2\novercommit = true\nlauncher = "{launcher}"\n'
+        path = _submission(work, f'"steps={steps}", "step_sleep=0.1", \'mode="strong"\'',
+                           'ntasks_per_node = 2\novercommit = true\nlauncher = "mpiexec"\n'
                            f"job_name = {toml_value(name)}\n{extra}")
-        jobs[case] = _submit(path)
-        runs[case] = work / "runs" / f"{name}-{jobs[case]}"
+        done = submit(spec.load(path), work)  # in-process: three CLI starts cost seconds each
+        jobs[case], runs[case] = done.job_id, done.results
     metrics = {}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while len(metrics) < len(jobs) and time.monotonic() < deadline:
         for case in jobs.keys() - metrics.keys():
             found = list(runs[case].glob("*/metrics.jsonl"))
-            if found and len(read_metrics(found[0])) >= 5:
+            if found and len(read_metrics(found[0])) >= 3:
                 subprocess.run(["scancel", *SIGNALS[case], jobs[case]], check=True)
                 metrics[case] = found[0]
         time.sleep(0.3)
     assert len(metrics) == len(jobs), {case: states(job) for case, job in jobs.items()}
     assert wait_for(jobs["cancel"]) == ["CANCELLED"] and _restarts(jobs["cancel"]) == 0
     (summary,) = _summaries(runs["cancel"])
-    assert summary["status"] == "preempted" and summary["steps_done"] < 2000
+    assert summary["status"] == "preempted" and summary["steps_done"] < 400
     out = (tmp_path / "cancel" / "runs" / f"cancel-{jobs['cancel']}.out").read_text()
     assert "requeueing" not in out and "restart 1" not in out
     for case in ("steps", "batch"):
