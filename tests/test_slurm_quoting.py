@@ -293,3 +293,16 @@ def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path):
     res = hpcml_cli(1, "slurm", "render", "sub.toml", "--partition", "a\nb", cwd=tmp_path)
     assert res.returncode == 2 and "slurm.partition" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "sub.toml"]
+
+
+def test_render_refuses_a_working_directory_it_cannot_quote(tmp_path, monkeypatch):
+    s = _load(tmp_path)
+    with pytest.raises(UsageError, match="working directory: contains the non-printing") as info:
+        render.render(s, tmp_path / "a\nb")
+    _one_line(info.value, "working directory")
+    odd = tmp_path / "50%"
+    odd.mkdir()
+    monkeypatch.chdir(odd)
+    s.slurm.runs_dir = "runs"  # relative: resolved against the submit directory, with its '%'
+    with pytest.raises(UsageError, match=r"slurm\.runs_dir: .*50%.* contains '%'"):
+        render.render(s, odd)

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from hpcml.errors import ConfigError, UsageError
-from hpcml.slurm.spec import Spec, check_text
+from hpcml.slurm.spec import Spec, check_runs_dir, check_text
 from hpcml.slurm.sweep import point_overrides
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -107,14 +107,14 @@ def _cases(spec: Spec) -> str:
 def render(spec: Spec, workdir: str | Path | None = None) -> str:
     """The complete sbatch script for ``spec``. ``workdir`` (default: the current directory) is
     where the job runs and relative paths resolve. Raises ``UsageError`` when that directory,
-    the runs directory or the interpreter's path holds a non-printing character."""
+    the resolved runs directory or the interpreter's path cannot be quoted safely."""
     s = spec.slurm
     workdir = Path(workdir or Path.cwd()).resolve()
     runs_dir = Path(s.runs_dir).resolve()
     try:
-        for field, text in (("working directory", str(workdir)), ("slurm.runs_dir",
-                            str(runs_dir)), ("python", sys.executable)):
-            check_text(field, text, header=field == "slurm.runs_dir")
+        check_text("working directory", str(workdir))
+        check_text("python", sys.executable)
+        check_runs_dir(str(runs_dir))
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     values = {

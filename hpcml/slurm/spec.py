@@ -136,6 +136,15 @@ def check_name(field: str, name: str) -> None:
                           "use letters, digits, '-', '_' or '.' and no '/'")
 
 
+def check_runs_dir(path: str) -> None:
+    """``runs_dir`` (as given, or resolved) reaches ``#SBATCH --output``: printable, no
+    backslash, and no ``%``, which sbatch would expand there. Raises ``ConfigError``."""
+    check_text("slurm.runs_dir", path, header=True)
+    if "%" in path:
+        raise ConfigError("slurm.runs_dir", f"{path!r} contains '%', which sbatch expands in "
+                          "--output", "choose a directory without '%'")
+
+
 def _check_extra(extra: list[str]) -> None:
     for i, item in enumerate(extra):
         field = f"slurm.extra[{i}]"
@@ -163,11 +172,9 @@ def _check_sweep_value(field: str, value: Any) -> None:
 
 
 def _check(sub: SubmitFile, template: str) -> None:
-    for key in ("partition", "account", "runs_dir"):
+    for key in ("partition", "account"):
         check_text(f"slurm.{key}", getattr(sub.slurm, key), header=True)
-    if "%" in sub.slurm.runs_dir:
-        raise ConfigError("slurm.runs_dir", "contains '%', which sbatch expands in --output",
-                          "choose a directory without '%'")
+    check_runs_dir(sub.slurm.runs_dir)
     if sub.slurm.job_name:
         check_name("slurm.job_name", sub.slurm.job_name)
     _check_extra(sub.slurm.extra)
