@@ -8,9 +8,10 @@ it as ``ctx.preemption`` / ``ctx.stop_requested()`` and names the signal as ``st
 summary, which makes the run's ``status`` ``"preempted"`` (:func:`run_status`).
 
 The Slurm templates ask for ``--signal=B:USR1@<seconds>`` and ``--requeue``; the batch shell
-forwards the signal to the launcher (Hydra's ``mpiexec`` and ``srun`` both pass SIGUSR1 and
-SIGTERM on to every rank), waits for hpcml to exit and requeues the job, whose next run passes
-``--resume`` to the run directory it left. A job uses it like this::
+forwards SIGUSR1 to the launcher (Hydra's ``mpiexec`` and ``srun`` both pass it on to every
+rank), waits for hpcml to exit and requeues the job when the run's summary says ``"preempted"``
+and the shell was not sent SIGTERM (a plain ``scancel`` ends the job for good); the next run
+passes ``--resume`` to the run directory it left. A job uses it like this::
 
     for step in range(start, cfg.steps):        # every rank
         ...work...

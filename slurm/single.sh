@@ -1,3 +1,3 @@
 # One hpcml run on the allocation's ranks.
-run_hpcml "$RUNS/{{name}}-${SLURM_JOB_ID}" "${SLURM_NTASKS}"
-finish $?
+run_hpcml "$RUNS/$NAME-${SLURM_JOB_ID}" "${SLURM_NTASKS}"
+finish "$RUNS/$NAME-${SLURM_JOB_ID}" $?

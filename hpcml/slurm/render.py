@@ -2,9 +2,16 @@
 
 A script is the ``#SBATCH`` header made from ``[slurm]``, the shared preamble
 (``templates/common.sh``: launcher, signal forwarding, resume-or-skip, requeue) and the body of
-one template (``templates/<template>.sh``). Placeholders are ``{{name}}``; every value is
-shell-quoted where it lands in a command, and an unknown placeholder is an error, so a template
-and this module cannot drift apart silently.
+one template (``templates/<template>.sh``). Placeholders are ``{{name}}``, and an unknown
+placeholder is an error, so a template and this module cannot drift apart silently.
+
+Quoting contract: every substituted string — in ``#SBATCH`` lines, comments and commands — is
+one ``shlex.quote``d word (integers are written by this module), and :mod:`hpcml.slurm.spec`
+has refused every string with a non-printing character (so nothing ends a line early) and every
+``#SBATCH`` value with a backslash (sbatch's own parser reads ``'...'`` and ``"..."`` like the
+shell but takes a backslash as an escape even inside quotes). So ``shlex.split`` of a rendered
+line gives back the values, and sbatch reads the same ones. ``extra`` items are ``--name`` or
+``--name=value`` with the value quoted the same way.
 
 Launchers: ``mpiexec`` is the Hydra launcher of the mpich wheel hpcml installs; inside an
 allocation it reads ``SLURM_*`` and starts its proxies with ``srun`` itself. ``srun`` uses
@@ -20,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from hpcml.slurm.spec import Spec
+from hpcml.errors import ConfigError, UsageError
+from hpcml.slurm.spec import Spec, check_runs_dir, check_text
 from hpcml.slurm.sweep import point_overrides
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -44,23 +52,30 @@ def launcher() -> Path:
     return beside if beside.exists() else Path("mpiexec")
 
 
+def _extra(item: str) -> str:
+    """``--name=value`` with the value quoted, ``--name`` as it is (checked by the spec)."""
+    name, eq, value = item.partition("=")
+    return f"{name}={shlex.quote(value)}" if eq else name
+
+
 def header(spec: Spec) -> list[str]:
-    """The ``#SBATCH`` lines (pure)."""
+    """The ``#SBATCH`` lines, every value quoted (pure)."""
     s = spec.slurm
+    q = shlex.quote
     out_name = "%x-%A_%a.out" if spec.template == "array" else "%x-%j.out"
     lines = [
-        f"--job-name={spec.name}",
+        f"--job-name={q(spec.name)}",
         f"--nodes={s.nodes}",
         f"--ntasks={spec.ntasks}",
         f"--cpus-per-task={s.cpus_per_task}",
-        f"--time={s.time}",
-        f"--output={Path(s.runs_dir).resolve() / out_name}",
+        f"--time={q(s.time)}",
+        f"--output={q(str(Path(s.runs_dir).resolve() / out_name))}",
         "--open-mode=append",
     ]
     if s.partition:
-        lines.append(f"--partition={s.partition}")
+        lines.append(f"--partition={q(s.partition)}")
     if s.account:
-        lines.append(f"--account={s.account}")
+        lines.append(f"--account={q(s.account)}")
     if s.overcommit:
         lines.append("--overcommit")  # with --ntasks-per-node Slurm would still count CPUs
     else:
@@ -70,7 +85,7 @@ def header(spec: Spec) -> list[str]:
     lines.append("--requeue" if s.requeue else "--no-requeue")
     if spec.template == "array":
         lines.append(f"--array=0-{len(spec.points) - 1}")
-    lines += s.extra
+    lines += [_extra(item) for item in s.extra]
     return [f"#SBATCH {line}" for line in lines]
 
 
@@ -91,18 +106,27 @@ def _cases(spec: Spec) -> str:
 
 def render(spec: Spec, workdir: str | Path | None = None) -> str:
     """The complete sbatch script for ``spec``. ``workdir`` (default: the current directory) is
-    where the job runs and relative paths resolve."""
+    where the job runs and relative paths resolve. Raises ``UsageError`` when that directory,
+    the resolved runs directory or the interpreter's path cannot be quoted safely."""
     s = spec.slurm
+    workdir = Path(workdir or Path.cwd()).resolve()
+    runs_dir = Path(s.runs_dir).resolve()
+    try:
+        check_text("working directory", str(workdir))
+        check_text("python", sys.executable)
+        check_runs_dir(str(runs_dir))
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
     values = {
         "python": shlex.quote(sys.executable),
         "job": shlex.quote(str(spec.job)),
         "sets": " ".join(f"--set {shlex.quote(o)}" for o in spec.sets),
-        "runs_dir": shlex.quote(str(Path(s.runs_dir).resolve())),
-        "workdir": shlex.quote(str(Path(workdir or Path.cwd()).resolve())),
+        "runs_dir": shlex.quote(str(runs_dir)),
+        "workdir": shlex.quote(str(workdir)),
         "signal_seconds": str(s.signal_seconds),
         "requeue": "1" if s.requeue else "0",
         "launch": _launch_line(spec),
-        "name": spec.name,
+        "name": shlex.quote(spec.name),
         "ntasks_per_node": str(s.ntasks_per_node),
         "cases": _cases(spec),
         "ranks": " ".join(str(p) for p in spec.ranks),
@@ -113,9 +137,9 @@ def render(spec: Spec, workdir: str | Path | None = None) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     intro = [
         "#!/bin/bash",
-        f"# Rendered by `hpcml slurm render {spec.source.name}` on {stamp}; template "
-        f"{spec.template!r}.",
-        f"# Job file: {spec.job} (kind {spec.kind}). Submit with `sbatch` or `hpcml slurm "
-        "submit`.",
+        f"# Rendered by `hpcml slurm render {shlex.quote(spec.source.name)}` on {stamp}; "
+        f"template {spec.template!r}.",
+        f"# Job file: {shlex.quote(str(spec.job))} (kind {shlex.quote(spec.kind)}). Submit with "
+        "`sbatch` or `hpcml slurm submit`.",
     ]
     return "\n".join([*intro, *header(spec), "", common.rstrip(), "", body.rstrip(), ""])

@@ -59,14 +59,16 @@ class Submitted:
 def submit(spec: Spec, workdir: Path | None = None) -> Submitted:
     """Render ``spec``, save the script under ``[slurm] runs_dir`` and ``sbatch`` it.
 
-    Raises ``SubmitError`` when sbatch refuses and ``FileNotFoundError`` without sbatch."""
+    Raises ``SubmitError`` when sbatch refuses, ``FileNotFoundError`` without sbatch and
+    ``UsageError`` (nothing written) when the script cannot be rendered safely."""
     if shutil.which("sbatch") is None:
         raise FileNotFoundError("sbatch not found on PATH (load the Slurm module or run on a "
                                 "login node)")
+    text = render(spec, workdir)  # refuses a bad working directory before anything is written
     runs = Path(spec.slurm.runs_dir).resolve()
     runs.mkdir(parents=True, exist_ok=True)
     script = runs / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{spec.template}.sbatch"
-    script.write_text(render(spec, workdir))
+    script.write_text(text)
     res = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True,
                          cwd=workdir)
     if res.returncode != 0:

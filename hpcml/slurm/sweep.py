@@ -56,7 +56,13 @@ def point_index(grid: dict[str, list[Any]], point: dict[str, Any]) -> int:
 
 
 def toml_value(value: Any) -> str:
-    """``value`` written as a TOML literal, the form ``--set key=VALUE`` parses back (pure)."""
+    """``value`` (a scalar or an array of them) written as a one-line TOML literal, the form
+    ``--set key=VALUE`` parses back (pure). ``ValueError`` for a table, which ``--set`` would
+    put in place of a whole section."""
+    if isinstance(value, dict):
+        raise ValueError(f"a table is not a --set value: {value!r}")
+    if isinstance(value, list):
+        return "[" + ", ".join(map(toml_value, value)) + "]"
     return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
 
 
