@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from hpcml.errors import UsageError
+from hpcml.preemption import catch_early_usr1
 
 if TYPE_CHECKING:
     from hpcml.slurm.spec import Spec
@@ -207,6 +208,7 @@ def report_scaling(runs: tuple[str, ...], bench: str | None, mode: str | None, m
 
 
 def main() -> None:
+    catch_early_usr1()
     try:
         cli.main(standalone_mode=True)
     except UsageError as exc:

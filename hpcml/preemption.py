@@ -32,10 +32,27 @@ from __future__ import annotations
 import os
 import signal
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from hpcml.comm import Communicator
+if TYPE_CHECKING:
+    from hpcml.comm import Communicator
 
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+_early: list[str] = []  # SIGUSR1s caught by catch_early_usr1 before a Preemption was active
+
+
+def _record_early(signum: int, _frame: FrameType | None) -> None:
+    _early.append(signal.Signals(signum).name)
+
+
+def catch_early_usr1() -> None:
+    """Make SIGUSR1 harmless for the whole ``hpcml`` process (its default action kills it): a
+    SIGUSR1 that arrives before a run has installed its :class:`Preemption` (while Python starts
+    and imports torch and MPI) is kept and becomes that run's preemption signal, and one that
+    arrives after the run ended (Slurm's ``--signal`` warning, late) is ignored instead of
+    failing a finished job. The command-line entry point calls it first; library use does not."""
+    signal.signal(signal.SIGUSR1, _record_early)
 
 
 class Preemption:
@@ -49,6 +66,9 @@ class Preemption:
     def __enter__(self) -> Preemption:
         for sig in SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
+        if _early:
+            self.received = _early[0]
+            _early.clear()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -352,3 +352,54 @@ def test_a_stopped_coded_mf_solve_equals_the_shorter_solve(simulated, tmp_path):
     assert len(stopped.seconds) == len(short.seconds) == 4
     np.testing.assert_array_equal(stopped.u, short.u)
     np.testing.assert_array_equal(stopped.v, short.v)
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process ``pid`` has a handler installed for ``sig`` (/proc SigCgt)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+def test_a_usr1_while_hpcml_starts_becomes_the_runs_preemption(tmp_path):
+    """Slurm's warning can arrive while Python is still importing torch and MPI: the entry point
+    catches it from its first line, and the run then stops at its first step boundary instead
+    of the rank dying of the signal's default action."""
+    cmd = [sys.executable, "-m", "hpcml", "run", JOB, *SETS, "--set", f"step_sleep={SLEEP}",
+           "--set", f"runs_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        while not catches(proc.pid, signal.SIGUSR1):
+            time.sleep(0.002)
+        maps = Path(f"/proc/{proc.pid}/maps").read_text()
+        os.kill(proc.pid, signal.SIGUSR1)
+        assert "libtorch" not in maps  # caught before torch (and the run's handler) loaded
+        out, err = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    (run,) = [p.parent for p in tmp_path.glob("*/summary.json")]
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["status"], summary["stopped_by"], summary["steps_done"]) == (
+        "preempted", "SIGUSR1", 1)
+
+
+def test_a_usr1_after_the_run_is_ignored():
+    """After a run's Preemption ends, a late SIGUSR1 (the run finished before Slurm's warning)
+    leaves the process alive; it is only recorded (a later run in the same process would take
+    it as its preemption)."""
+    from hpcml.preemption import Preemption, catch_early_usr1
+    old = signal.getsignal(signal.SIGUSR1)
+    try:
+        catch_early_usr1()
+        with Preemption() as first:
+            pass
+        os.kill(os.getpid(), signal.SIGUSR1)  # would end this process without the catcher
+        assert first.received is None
+        with Preemption() as second:
+            assert second.received == "SIGUSR1"  # the pending signal reaches the next run
+    finally:
+        signal.signal(signal.SIGUSR1, old)
