@@ -3,6 +3,8 @@ or refused by ``parallelize``, a sharded weight read outside its module, global 
 clipping in every layout (DP, ZeRO-1, TP, PP) equal to ``torch.nn.utils.clip_grad_norm_``,
 microbatch splits, the deterministic default partition, and the data-parallel misuses."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,6 +179,9 @@ def check_pipeline_clip(comm) -> None:
                                                      "blocks.2", "head"])
     if comm.size > 1:
         assert pmodel.plan.shared == ["shared.bias", "shared.weight"]
+    # defect 7: the default partition is by parameter count, not by measured time
+    counts = [c.param_count for c in pmodel.trace.calls]
+    assert pmodel.costs == pytest.approx([n / sum(counts) for n in counts], rel=1e-12)
     pipeline_step(pmodel, x, y)
     norm = hp.clip_grad_norm_(pmodel, MAX_NORM)
     assert rel_err(norm, want_norm) <= 1e-5, ("pp", norm, want_norm)
@@ -185,8 +190,73 @@ def check_pipeline_clip(comm) -> None:
         assert rel_err(p.grad, grads[n].grad) <= 1e-5, ("pp", n)
 
 
+def check_data_parallel_misuse(comm) -> None:
+    # an extra backward pass after zero_grad(set_to_none=False): param.grad is a view of the
+    # bucket whose Iallreduce is in flight; the pass is refused before it accumulates
+    lin = nn.Linear(3, 1, bias=False)
+    hp.broadcast_parameters(lin, comm)
+    opt = hp.DistributedOptimizer(torch.optim.SGD(lin.parameters(), lr=0.1), lin, comm=comm)
+    inp = torch.full((1, 3), float(comm.rank + 1))
+    lin(inp).sum().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    lin(inp).sum().backward()
+    with pytest.raises(RuntimeError, match="got a gradient 2 times before step"):
+        lin(inp).sum().backward()
+    opt.synchronize()
+    assert lin.weight.grad.tolist() == [[(comm.size + 1) / 2] * 3]
+    # a parameter unfrozen after the optimizer was built: refused, then rebuilt and averaged
+    torch.manual_seed(5)
+    net, ref = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1)), None
+    net[0].requires_grad_(False)
+    opt = hp.DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), net, comm=comm)
+    net[0].requires_grad_(True)
+    net(inp).sum().backward()
+    with pytest.raises(ValueError, match="parameter '0.weight' was unfrozen") as err:
+        opt.step()
+    assert "\n" not in str(err.value)
+    opt.reducer.synchronize()  # drain the exchange the refused step left posted
+    opt.zero_grad()
+    opt.rebuild()
+    net(inp).sum().backward()
+    opt.synchronize()
+    ref = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    ref.load_state_dict(net.state_dict())
+    ref(torch.full((1, 3), (comm.size + 1) / 2)).sum().backward()  # linear: mean input
+    for (n, p), q in zip(net.named_parameters(), ref.parameters(), strict=True):
+        assert rel_err(p.grad, q.grad) <= 1e-6, n
+
+
 @mpi_test(ranks=[1, 2, 4], timeout=240)
-def test_tensor_parallel_ties_shard_reads_and_global_clipping(comm):
+def test_ties_shard_reads_clipping_and_data_parallel_misuse(comm):
     check_ties(comm)
     check_shard_read_outside_its_module(comm)
     check_clip(comm)
+    check_data_parallel_misuse(comm)
+
+
+def test_microbatch_splits_are_equal_and_batch_arguments_explicit():
+    """Defect 6: batch 10 over 4 microbatches is refused (the loss / M normalization would
+    weigh unequal chunks unequally); a tensor that is not batch-sized is refused unless the
+    step names its batch arguments, and then only those are split."""
+    from hpcml.parallel.pipeline import _positional_names, split_microbatches
+
+    x, y = torch.arange(10.0), torch.arange(10.0)
+    with pytest.raises(UsageError, match="a batch of 10 does not split into 4 equal"):
+        split_microbatches((x, y), {}, 4, ["x", "y"])
+    table = torch.ones(3, 2)
+    with pytest.raises(UsageError, match=r"argument 'table' has first dimension 3.*batch=\("):
+        split_microbatches((x[:8], table), {}, 4, ["x", "table"])
+    square = torch.ones(8, 8)  # batch-sized but not batch data: declared by batch=
+    chunks = split_microbatches((x[:8], square), {"y": y[:8]}, 4, ["x", "square"],
+                                batch=("x", "y"))
+    assert [c[0][0].tolist() for c in chunks] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all(c[0][1] is square and c[1]["y"].shape == (2,) for c in chunks)
+    with pytest.raises(UsageError, match=r"\['z'\] are not arguments"):
+        split_microbatches((x[:8],), {}, 4, ["x"], batch=("z",))
+
+    def fn(model, a, *rest):
+        return a
+
+    assert _positional_names(inspect.signature(fn), 4) == \
+        ["model", "a", "rest[0]", "rest[1]"]
