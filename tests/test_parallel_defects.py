@@ -4,6 +4,7 @@ clipping in every layout (DP, ZeRO-1, TP, PP) equal to ``torch.nn.utils.clip_gra
 microbatch splits, the deterministic default partition, and the data-parallel misuses."""
 
 import inspect
+import sys
 
 import pytest
 import torch
@@ -11,11 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import hpcml.parallel as hp
+from hpcml.comm import world
 from hpcml.errors import UsageError
 from hpcml.parallel.sharding import ShardedOptimizer
 from hpcml.parallel.tensor import parallelize, vocab_parallel_cross_entropy
 from hpcml.parallel.tensor.plan import sharded_parameters
-from hpcml.testing import mpi_test
+from hpcml.testing import launch, mpi_test
 
 V, D = 12, 8  # vocabulary and width: split evenly over 1, 2 and 4 ranks
 MAX_NORM = 0.05  # far below every norm below, so clipping always scales
@@ -260,3 +262,60 @@ def test_microbatch_splits_are_equal_and_batch_arguments_explicit():
 
     assert _positional_names(inspect.signature(fn), 4) == \
         ["model", "a", "rest[0]", "rest[1]"]
+
+
+class Wide(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(6)
+        self.a, self.b = nn.Linear(4, 64), nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_activations_kept_for_recomputation_are_counted():
+    """Defect 8, one process: a checkpointed unit keeps its input (a's output, 8 x 64 floats)
+    alive until the backward; the stage's peak counts it, and x (8 x 4 floats) that a saves."""
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    pmodel = hp.PipelineModel(Wide(), hp.Mesh(world()), sample=(x,), microbatches=1,
+                              units=["a", "b"], checkpoint_modules=["b"])
+    pipeline_step(pmodel, x, y)
+    assert pmodel.stats["peak_activation_bytes"] >= 4 * 8 * (64 + 4)
+
+
+class Counted(nn.Module):
+    """Unit ``a`` returns the sequence length as a Python int, which later code slices by."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = Length(), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, n = self.a(x)
+        return self.b(h[:, :n])
+
+
+class Length(nn.Linear):
+    def __init__(self) -> None:
+        super().__init__(3, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return super().forward(x), int(x.shape[1]) - 1
+
+
+def varying_non_tensor_output(comm) -> None:
+    pmodel = hp.PipelineModel(Counted(), hp.Mesh(comm, pipeline=2),
+                              sample=(torch.randn(2, 5, 3),), microbatches=2, units=["a", "b"])
+    for length in (5, 4):  # the trace saw 5; the second step's int differs
+        pipeline_step(pmodel, torch.randn(4, length, 3), torch.randn(4, length - 1, 3))
+
+
+def test_non_tensor_output_that_varies_is_refused():
+    """Defect 5, two stages: the int that unit a returns changes with the batch; stage 1 would
+    replay the traced one, so stage 0 refuses with one line (and the job stops)."""
+    res = launch(2, [sys.executable, "-m", "hpcml.testing", __file__,
+                     "varying_non_tensor_output"], timeout=120)
+    assert res.returncode != 0
+    assert "hpcml: error (rank 0): pipeline: unit 'a' (call 0) returned the non-tensor " \
+           "output 3 where the trace recorded 4" in res.stderr, res.stderr[-3000:]

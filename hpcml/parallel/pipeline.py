@@ -83,6 +83,7 @@ from hpcml.parallel.pipeline_trace import (
     Trace,
     param_names,
     param_storages,
+    tensors,
     trace,
 )
 from hpcml.parallel.reductions import make_reduction
@@ -105,6 +106,7 @@ class _Micro:
     loss: torch.Tensor | None = None
     result: Any = None
     activation_bytes: int = 0
+    counter: ActivationCounter | None = None
     next_call: int = 0
     inside: bool = False
     training: bool = True
@@ -232,6 +234,11 @@ class PipelineModel:
             if stage_of[k] in set(checkpoint_stages)
             or any(c.unit == m or c.unit.startswith(m + ".") or m.startswith(c.unit + ".")
                    for m in checkpoint_modules)}
+        # the largest traced activation of a checkpointed unit call of this stage: what a
+        # backward pass holds again while it recomputes that call
+        self._recomputed_bytes = max((self.trace.calls[k].activation_bytes
+                                      for k in self._checkpointed
+                                      if stage_of[k] == self.stage), default=0)
         self._micro: dict[int, _Micro] = {}
         self._current: _Micro | None = None
         self._sends: list[tuple[Request, torch.Tensor]] = []
@@ -339,17 +346,38 @@ class PipelineModel:
             try:
                 if k in self._checkpointed:
                     # a closure keeps argument identity (MultiheadAttention takes another
-                    # path when key is value) for the recomputation
+                    # path when key is value) for the recomputation; it also keeps the
+                    # arguments alive until the backward: they count as activations
+                    for t in tensors((args, kwargs)):
+                        micro.counter.count(t)
                     out = checkpoint(lambda: original(*args, **kwargs), use_reentrant=False)
                 else:
                     out = original(*args, **kwargs)
             finally:
                 micro.inside = False
-            for j, leaf in enumerate(tree_flatten(out)[0]):
+            leaves, spec = tree_flatten(out)
+            for j, leaf in enumerate(leaves):
                 if isinstance(leaf, torch.Tensor):
                     micro.outputs[(k, j)] = leaf
+                elif self.stage < self.stages - 1:
+                    self._check_replayed(k, j, leaf, spec)
             return out
         return dispatch
+
+    def _check_replayed(self, k: int, j: int, value: Any, spec: Any) -> None:
+        """Later stages replay call ``k``'s non-tensor outputs from the trace: refuse a value
+        (or output structure) that differs from the traced one."""
+        call = self.trace.calls[k]
+        traced = call.leaves[j] if j < len(call.leaves) else None
+        try:
+            same = spec == call.spec and type(value) is type(traced) and bool(value == traced)
+        except Exception:  # noqa: BLE001 -- a value without a plain ==: cannot be compared
+            same = False
+        if not same:
+            raise UsageError(f"pipeline: unit {call.unit!r} (call {k}) returned the non-tensor "
+                             f"output {value!r} where the trace recorded {traced!r}; later "
+                             "stages replay the traced value, so return it as a tensor (or "
+                             "keep it the same for every batch)")
 
     def _stub(self, micro: _Micro, k: int) -> Any:
         """Call ``k`` of an earlier stage: the received tensors, zeros for unneeded ones."""
@@ -420,6 +448,9 @@ class PipelineModel:
         finished = False
         try:
             with ActivationCounter(self._storages) as counter:
+                counter.seen.update(t.untyped_storage().data_ptr()  # counted on receipt
+                                    for t in micro.received.values())
+                micro.counter = counter
                 micro.result = fn(*args, **kwargs)
                 finished = True
         except _StageDone:
@@ -427,6 +458,7 @@ class PipelineModel:
         finally:
             self._current = None
         micro.activation_bytes += counter.bytes
+        micro.counter = None
         last = self.stage == self.stages - 1
         if finished != last:
             where = "returned before the next stage's modules" if finished else "stopped early"
@@ -509,6 +541,8 @@ class PipelineModel:
                 live_bytes += act[m]
                 peak_bytes = max(peak_bytes, live_bytes)
             else:
+                # a checkpointed unit's activations exist again while its backward runs
+                peak_bytes = max(peak_bytes, live_bytes + self._recomputed_bytes)
                 w = self._backward(m)
                 live_bytes -= act[m]
             waited[kind] += w
