@@ -319,3 +319,33 @@ def test_non_tensor_output_that_varies_is_refused():
     assert res.returncode != 0
     assert "hpcml: error (rank 0): pipeline: unit 'a' (call 0) returned the non-tensor " \
            "output 3 where the trace recorded 4" in res.stderr, res.stderr[-3000:]
+
+
+class Branch(nn.Module):
+    """Which way the forward goes depends on unit a's output, which b (stage 1) never reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(7)
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(x) if bool(self.a(x).sum() > 0) else self.b(-x)
+
+
+def branch_on_unreceived_activation(comm) -> None:
+    x = torch.ones(4, 3)
+    assert float(Branch().a(x).sum()) > 0  # stage 0 takes b(x); zeros would take b(-x)
+    pmodel = hp.PipelineModel(Branch(), hp.Mesh(comm, pipeline=2), sample=(x[:2],),
+                              microbatches=2, units=["a", "b"])
+    pipeline_step(pmodel, x, torch.zeros(4, 3))
+
+
+def test_control_flow_on_an_activation_a_stage_does_not_receive_is_refused():
+    """Defect 4, two stages: stage 1 would branch on zeros standing in for a's output; it
+    refuses with one line naming the unit."""
+    res = launch(2, [sys.executable, "-m", "hpcml.testing", __file__,
+                     "branch_on_unreceived_activation"], timeout=120)
+    assert res.returncode != 0
+    assert "hpcml: error (rank 1): pipeline: the forward turned the output of unit 'a' " \
+           "(call 0) into a Python value (__bool__)" in res.stderr, res.stderr[-3000:]

@@ -389,7 +389,9 @@ class PipelineModel:
             elif (k, j) in micro.received:
                 leaves.append(micro.received[(k, j)])
             else:
-                leaves.append(torch.zeros(micro.shapes[(k, j)], dtype=leaf.dtype))
+                absent = torch.zeros(micro.shapes[(k, j)], dtype=leaf.dtype).as_subclass(Absent)
+                absent.origin = f"unit {call.unit!r} (call {k})"
+                leaves.append(absent)
         return tree_unflatten(leaves, call.spec)
 
     # -- schedule actions ------------------------------------------------------------------
@@ -655,6 +657,38 @@ class PipelineModel:
     def save_optimizer(self, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
         """See :func:`~hpcml.parallel.pipeline_checkpoint.save_optimizer`. Collective."""
         pipeline_checkpoint.save_optimizer(self, optimizer, path)
+
+
+class Absent(torch.Tensor):
+    """Stands in, on a later stage, for an earlier stage's unit output that this stage does
+    not receive (the trace saw no later module depend on it): zeros of the right shape, so
+    code between modules still runs, and what is computed from them is ``Absent`` too. Turning
+    it into a Python value (``bool``, ``int``, ``item``, ``tolist``, ``torch.equal``: control
+    flow on the activation) raises ``UsageError``, since the zeros are not the activation.
+    Metadata (shape, dtype, ``size()``, ``dim()``) is free."""
+
+    origin = "an earlier stage's unit"
+    _METADATA = frozenset({"size", "dim", "numel", "stride", "__len__", "element_size",
+                           "is_contiguous", "is_floating_point", "is_complex", "__get__",
+                           "data_ptr", "untyped_storage", "__set__", "_is_view"})
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        name = getattr(func, "__name__", "")
+        origin = next((a.origin for a in tree_flatten((args, kwargs))[0]
+                       if isinstance(a, Absent)), cls.origin)
+        if isinstance(out, (bool, int, float, complex, list)) and name not in cls._METADATA:
+            raise UsageError(f"pipeline: the forward turned the output of {origin} into a "
+                             f"Python value ({name}), but this stage does not receive that "
+                             "output (no later module depends on it in the trace); make the "
+                             "decision a tensor operation, or pin the modules that depend on "
+                             "it to that unit's stage")
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Absent):
+                t.origin = origin
+        return out
 
 
 def split_microbatches(args: tuple, kwargs: dict, micro: int,
