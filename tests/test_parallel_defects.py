@@ -143,6 +143,18 @@ def check_clip(comm) -> None:
         for n, p in model.named_parameters():
             ref = shards[n].local(want[n], comm.size, comm.rank) if n in shards else want[n]
             assert rel_err(p.grad, ref) <= 1e-5, ("tp", n)
+        if comm.size == 4:  # ZeRO-1 over data 2 of a tensor-parallel (T = 2) model
+            mesh = hp.Mesh(comm, data=2, tensor=2)
+            model = parallelize(mlp(), mesh.tensor)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            opt = ShardedOptimizer(model.parameters(), torch.optim.SGD, mesh.data, lr=1.0)
+            local_loss(model, mesh.data).backward()
+            norm = hp.clip_grad_norm_(opt, MAX_NORM, norm_type)
+            opt.step()
+            assert rel_err(norm, want_norm) <= 1e-5, ("zero1 x tp", norm, want_norm)
+            for n, p in model.named_parameters():
+                ref = shards[n].local(want[n], 2, mesh.tensor.rank) if n in shards else want[n]
+                assert rel_err(before[n] - p.detach(), ref) <= 1e-5, ("zero1 x tp", n)
     check_pipeline_clip(comm)
 
 
