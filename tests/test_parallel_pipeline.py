@@ -265,7 +265,7 @@ def test_bad_use_is_a_one_line_error():
     with pytest.raises(UsageError, match=r"partition\['decoder'\]: no module of that name"):
         hp.PipelineModel(SkipNet(), mesh, sample=x, partition={"decoder": 0})
     pmodel = hp.PipelineModel(SkipNet(), mesh, sample=x, microbatches=2)
-    with pytest.raises(UsageError, match="2 microbatches need a batch of at least 2"):
+    with pytest.raises(UsageError, match="a batch of 1 does not split into 2 equal"):
         train_step(pmodel, *batch(0, 1, 3))
     with pytest.raises(UsageError, match="inside a function decorated"):
         pmodel(*x)

@@ -12,7 +12,8 @@ tensor-parallel communicator. Optimizer-state sharding (:mod:`.sharding`, ZeRO-1
 splits any ``nn.Module`` into stages and :func:`step` runs the user's step over microbatches.
 Checkpoints across layouts (:mod:`.layout_checkpoint`): :func:`save_checkpoint` /
 :func:`load_checkpoint` move a model and its optimizer state between any (D, S, T, ZeRO-1)
-layouts and one process.
+layouts and one process. :func:`clip_grad_norm_` (:mod:`.clip`) clips the global gradient norm
+of any of these layouts.
 
 Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
 not pay for importing torch.
@@ -35,6 +36,7 @@ _EXPORTS = {
     "allgather_sparse": "sparse",
     "allgatherv": "sparse",
     "broadcast_optimizer_state": "broadcast",
+    "clip_grad_norm_": "clip",
     "broadcast_parameters": "broadcast",
     "full_checkpoint": "layout_checkpoint",
     "full_state_dict": "tensor",

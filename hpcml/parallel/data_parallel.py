@@ -24,7 +24,9 @@ only *how* each tensor travels:
   number of sparse rows on any rank (a collective value, so all ranks choose alike).
 
 Correctness rules enforced rather than assumed: a gradient arriving more often than the declared
-``passes`` raises (it would otherwise be written into a buffer MPI owns); backward inside
+``passes`` raises in a hook that runs *before* autograd accumulates it (``param.grad`` may be a
+view of a bucket an ``Iallreduce`` owns, e.g. after ``zero_grad(set_to_none=False)``), so the
+step's reduction stays exact when the error is caught; backward inside
 :meth:`GradientReducer.no_sync` accumulates locally without communication, and raises when the
 exchange of the step has already begun. Exchange memory (:class:`ExchangeMemory`) counts the bytes
 of every buffer allocated for the exchange; ``peak`` is the per-rank high-water mark.
@@ -33,6 +35,7 @@ of every buffer allocated for the exchange; ``peak`` is the per-rank high-water 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -80,7 +83,9 @@ class GradientReducer:
         self._pending = False
         self._skip = False
         self.synchronized = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for _, p in params]
+        self._handles = [h for _, p in params for h in (
+            p.register_hook(functools.partial(self._before_grad, p)),
+            p.register_post_accumulate_grad_hook(self._on_grad))]
 
     @property
     def posted(self) -> int:
@@ -106,14 +111,16 @@ class GradientReducer:
         finally:
             self._skip = previous
 
-    def _on_grad(self, p: torch.Tensor) -> None:
+    def _before_grad(self, p: torch.Tensor, _grad: torch.Tensor) -> None:
+        """Runs before autograd accumulates into ``p.grad`` (which may be a view of a bucket
+        that an ``Iallreduce`` owns): a pass the step cannot take raises here, so nothing is
+        written into a buffer MPI owns and the step's reduction stays exact."""
         name = self.names[id(p)]
         if self._skip:
             if self._started:
                 raise RuntimeError(f"backward inside no_sync() after the exchange of this step "
                                    f"began (parameter {name!r} already reduced); run the "
                                    "no_sync() passes before the last counted pass")
-            self.synchronized = False  # a step() now reduces what accumulated
             return
         count = self._count[id(p)] + 1
         if count > self.passes:
@@ -121,6 +128,12 @@ class GradientReducer:
                                f"but backward_passes_per_step = {self.passes}; declare the "
                                "number of micro-batches per step, wrap the extra passes in "
                                "no_sync(), or call step() after every pass")
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        if self._skip:
+            self.synchronized = False  # a step() now reduces what accumulated
+            return
+        count = self._count[id(p)] + 1
         self._count[id(p)] = count
         self._pending = True
         self.synchronized = False

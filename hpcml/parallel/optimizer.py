@@ -56,7 +56,9 @@ class DistributedOptimizer(WrappedOptimizer):
     Every rank must build it for the same model (construction is collective and raises
     ``ValueError`` on every rank when the ranks' parameters differ in name, shape or dtype) and
     call ``step()`` (collective) the same number of times. It reduces the parameters of the
-    optimizer that require a gradient; the model supplies their names, their backward order
+    optimizer that require a gradient when it is built (or at :meth:`rebuild`): a parameter
+    unfrozen later is refused at ``step()``/``synchronize()`` with ``ValueError``; the model
+    supplies their names, their backward order
     and which gradients are sparse. It does not broadcast: call
     :func:`~hpcml.parallel.broadcast_parameters` and
     :func:`~hpcml.parallel.broadcast_optimizer_state` once before training."""
@@ -110,8 +112,8 @@ class DistributedOptimizer(WrappedOptimizer):
 
     def _added(self, params: list[torch.Tensor]) -> None:
         if self.reducer.pending:
-            raise RuntimeError("add_param_group() between backward() and step(); add groups "
-                               "between steps")
+            raise RuntimeError("add_param_group() or rebuild() between backward() and step(); "
+                               "call it between steps")
         self.reducer.remove_hooks()
         self.reducer = self._build_reducer()
 
@@ -128,7 +130,25 @@ class DistributedOptimizer(WrappedOptimizer):
     def synchronize(self) -> None:
         """Finish the reduction now (collective); ``step()`` then does not repeat it. Use it to
         read or clip the reduced gradients before stepping (e.g. ``GradScaler.unscale_``)."""
+        self._check_trainable()
         self.reducer.synchronize()
+
+    def _check_trainable(self) -> None:
+        """Refuse a parameter that requires a gradient now but did not when the reducer was
+        built (it would be stepped on this rank's gradient alone, never averaged)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in self.reducer.names:
+                    name = next((n for n, q in self.model.named_parameters() if q is p), "?")
+                    raise ValueError(f"parameter {name!r} was unfrozen (requires_grad=True) "
+                                     "after DistributedOptimizer was built, so its gradient is "
+                                     "never averaged; call opt.rebuild() on every rank after "
+                                     "changing requires_grad, between steps")
+
+    def rebuild(self) -> None:
+        """Rebuild the gradient reduction for the parameters that require a gradient now
+        (after freezing or unfreezing some). Between steps; collective."""
+        self._added([])
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -145,7 +165,7 @@ class DistributedOptimizer(WrappedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         if not self.reducer.synchronized:
-            self.reducer.synchronize()
+            self.synchronize()
         self.optimizer.step()
         return loss
 

@@ -2,8 +2,10 @@
 
 ``PipelineModel(model, mesh, sample=(x,))`` traces the model once on the sample
 (:mod:`~hpcml.parallel.pipeline_trace`), splits its unit calls into ``mesh.pipeline.size``
-contiguous stages balancing measured time and memory (:mod:`~hpcml.parallel.pipeline_partition`;
-pins by module name), and frees, on each rank, the parameters its stage does not hold.
+contiguous stages balancing their parameter counts -- deterministic, the same in every run and
+layout -- or, when asked (``balance="measured"``), measured time and memory
+(:mod:`~hpcml.parallel.pipeline_partition`; pins by module name), and frees, on each rank,
+the parameters its stage does not hold.
 
 The user's training step stays theirs (like SageMaker's ``smp.step``)::
 
@@ -54,8 +56,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +83,7 @@ from hpcml.parallel.pipeline_trace import (
     Trace,
     param_names,
     param_storages,
+    tensors,
     trace,
 )
 from hpcml.parallel.reductions import make_reduction
@@ -102,6 +106,7 @@ class _Micro:
     loss: torch.Tensor | None = None
     result: Any = None
     activation_bytes: int = 0
+    counter: ActivationCounter | None = None
     next_call: int = 0
     inside: bool = False
     training: bool = True
@@ -165,7 +170,9 @@ class PipelineModel:
     """A model split into ``mesh.pipeline.size`` stages; collective constructor over the mesh.
 
     ``sample``/``sample_kwargs``: one microbatch of inputs to trace. ``partition``: pins,
-    module name -> stage. ``balance``: ``"measured"`` (time and memory) or ``"params"``.
+    module name -> stage. ``balance``: ``"params"`` (default: parameter counts, the same
+    partition in every run) or ``"measured"`` (time and memory of rank 0's trace, which vary
+    from run to run).
     ``units``: the modules that are the partition's atoms (default: chosen automatically,
     about ``units_per_stage`` per stage).
     ``checkpoint_stages`` / ``checkpoint_modules``: recompute the activations of the units of
@@ -180,7 +187,7 @@ class PipelineModel:
     def __init__(self, module: nn.Module, mesh: Mesh, *, sample: tuple,
                  sample_kwargs: Mapping[str, Any] | None = None, microbatches: int = 4,
                  schedule: str = "1f1b", partition: Mapping[str, int] | None = None,
-                 balance: str = "measured", units_per_stage: int = 2,
+                 balance: str = "params", units_per_stage: int = 2,
                  units: Sequence[str] | None = None,
                  checkpoint_stages: Sequence[int] = (),
                  checkpoint_modules: Sequence[str] = (),
@@ -227,6 +234,11 @@ class PipelineModel:
             if stage_of[k] in set(checkpoint_stages)
             or any(c.unit == m or c.unit.startswith(m + ".") or m.startswith(c.unit + ".")
                    for m in checkpoint_modules)}
+        # the largest traced activation of a checkpointed unit call of this stage: what a
+        # backward pass holds again while it recomputes that call
+        self._recomputed_bytes = max((self.trace.calls[k].activation_bytes
+                                      for k in self._checkpointed
+                                      if stage_of[k] == self.stage), default=0)
         self._micro: dict[int, _Micro] = {}
         self._current: _Micro | None = None
         self._sends: list[tuple[Request, torch.Tensor]] = []
@@ -334,17 +346,38 @@ class PipelineModel:
             try:
                 if k in self._checkpointed:
                     # a closure keeps argument identity (MultiheadAttention takes another
-                    # path when key is value) for the recomputation
+                    # path when key is value) for the recomputation; it also keeps the
+                    # arguments alive until the backward: they count as activations
+                    for t in tensors((args, kwargs)):
+                        micro.counter.count(t)
                     out = checkpoint(lambda: original(*args, **kwargs), use_reentrant=False)
                 else:
                     out = original(*args, **kwargs)
             finally:
                 micro.inside = False
-            for j, leaf in enumerate(tree_flatten(out)[0]):
+            leaves, spec = tree_flatten(out)
+            for j, leaf in enumerate(leaves):
                 if isinstance(leaf, torch.Tensor):
                     micro.outputs[(k, j)] = leaf
+                elif self.stage < self.stages - 1:
+                    self._check_replayed(k, j, leaf, spec)
             return out
         return dispatch
+
+    def _check_replayed(self, k: int, j: int, value: Any, spec: Any) -> None:
+        """Later stages replay call ``k``'s non-tensor outputs from the trace: refuse a value
+        (or output structure) that differs from the traced one."""
+        call = self.trace.calls[k]
+        traced = call.leaves[j] if j < len(call.leaves) else None
+        try:
+            same = spec == call.spec and type(value) is type(traced) and bool(value == traced)
+        except Exception:  # noqa: BLE001 -- a value without a plain ==: cannot be compared
+            same = False
+        if not same:
+            raise UsageError(f"pipeline: unit {call.unit!r} (call {k}) returned the non-tensor "
+                             f"output {value!r} where the trace recorded {traced!r}; later "
+                             "stages replay the traced value, so return it as a tensor (or "
+                             "keep it the same for every batch)")
 
     def _stub(self, micro: _Micro, k: int) -> Any:
         """Call ``k`` of an earlier stage: the received tensors, zeros for unneeded ones."""
@@ -356,7 +389,9 @@ class PipelineModel:
             elif (k, j) in micro.received:
                 leaves.append(micro.received[(k, j)])
             else:
-                leaves.append(torch.zeros(micro.shapes[(k, j)], dtype=leaf.dtype))
+                absent = torch.zeros(micro.shapes[(k, j)], dtype=leaf.dtype).as_subclass(Absent)
+                absent.origin = f"unit {call.unit!r} (call {k})"
+                leaves.append(absent)
         return tree_unflatten(leaves, call.spec)
 
     # -- schedule actions ------------------------------------------------------------------
@@ -415,6 +450,9 @@ class PipelineModel:
         finished = False
         try:
             with ActivationCounter(self._storages) as counter:
+                counter.seen.update(t.untyped_storage().data_ptr()  # counted on receipt
+                                    for t in micro.received.values())
+                micro.counter = counter
                 micro.result = fn(*args, **kwargs)
                 finished = True
         except _StageDone:
@@ -422,6 +460,7 @@ class PipelineModel:
         finally:
             self._current = None
         micro.activation_bytes += counter.bytes
+        micro.counter = None
         last = self.stage == self.stages - 1
         if finished != last:
             where = "returned before the next stage's modules" if finished else "stopped early"
@@ -472,13 +511,16 @@ class PipelineModel:
         return waited
 
     # -- one step ------------------------------------------------------------------------------
-    def run_step(self, fn: Callable, args: tuple, kwargs: dict) -> StepOutput:
+    def run_step(self, fn: Callable, args: tuple, kwargs: dict,
+                 names: Sequence[str] | None = None,
+                 batch: Collection[str] | None = None) -> StepOutput:
         """Run ``fn`` over the microbatches of ``args``/``kwargs`` with the schedule, then
         average all gradients over the data group (unless ``data_reduction="optimizer"``) and
         sum shared ones over the pipeline.
         Under ``torch.no_grad()`` only the forwards run (evaluation; ``fn`` must not call
-        ``model.backward``). Collective over the mesh."""
-        chunks = split_microbatches(args, kwargs, self.microbatches)
+        ``model.backward``). ``names``/``batch``: see :func:`split_microbatches`. Collective
+        over the mesh."""
+        chunks = split_microbatches(args, kwargs, self.microbatches, names, batch)
         training = torch.is_grad_enabled()
         # read now: an optimizer built after the model (ZeRO-1) may have moved them
         self._storages = param_storages(self.module)
@@ -501,6 +543,8 @@ class PipelineModel:
                 live_bytes += act[m]
                 peak_bytes = max(peak_bytes, live_bytes)
             else:
+                # a checkpointed unit's activations exist again while its backward runs
+                peak_bytes = max(peak_bytes, live_bytes + self._recomputed_bytes)
                 w = self._backward(m)
                 live_bytes -= act[m]
             waited[kind] += w
@@ -615,32 +659,96 @@ class PipelineModel:
         pipeline_checkpoint.save_optimizer(self, optimizer, path)
 
 
-def split_microbatches(args: tuple, kwargs: dict, micro: int) -> list[tuple[tuple, dict]]:
-    """Split every tensor whose first dimension equals the batch size (that of the first such
-    tensor argument) into ``micro`` chunks along it; other arguments go to every chunk."""
-    flat = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0]
-    if not flat:
+class Absent(torch.Tensor):
+    """Stands in, on a later stage, for an earlier stage's unit output that this stage does
+    not receive (the trace saw no later module depend on it): zeros of the right shape, so
+    code between modules still runs, and what is computed from them is ``Absent`` too. Turning
+    it into a Python value (``bool``, ``int``, ``item``, ``tolist``, ``torch.equal``: control
+    flow on the activation) raises ``UsageError``, since the zeros are not the activation.
+    Metadata (shape, dtype, ``size()``, ``dim()``) is free."""
+
+    origin = "an earlier stage's unit"
+    _METADATA = frozenset({"size", "dim", "numel", "stride", "__len__", "element_size",
+                           "is_contiguous", "is_floating_point", "is_complex", "__get__",
+                           "data_ptr", "untyped_storage", "__set__", "_is_view"})
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        name = getattr(func, "__name__", "")
+        origin = next((a.origin for a in tree_flatten((args, kwargs))[0]
+                       if isinstance(a, Absent)), cls.origin)
+        if isinstance(out, (bool, int, float, complex, list)) and name not in cls._METADATA:
+            raise UsageError(f"pipeline: the forward turned the output of {origin} into a "
+                             f"Python value ({name}), but this stage does not receive that "
+                             "output (no later module depends on it in the trace); make the "
+                             "decision a tensor operation, or pin the modules that depend on "
+                             "it to that unit's stage")
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, Absent):
+                t.origin = origin
+        return out
+
+
+def split_microbatches(args: tuple, kwargs: dict, micro: int,
+                       names: Sequence[str] | None = None,
+                       batch: Collection[str] | None = None) -> list[tuple[tuple, dict]]:
+    """Split the batch arguments into ``micro`` equal chunks along their first dimension; the
+    other arguments go whole to every chunk. ``names``: the names of ``args`` (for messages and
+    ``batch``). ``batch``: the names of the batch arguments; ``None`` means every tensor
+    argument of one or more dimensions. Every batch argument must have the same first
+    dimension (the batch size) and it must be a multiple of ``micro``; otherwise
+    ``UsageError``: a tensor that is not batch data must be left out by ``batch``, and
+    unequal microbatches would weigh the documented ``loss / model.microbatches`` unequally."""
+    names = list(names) if names is not None else [f"argument {i}" for i in range(len(args))]
+    named = [*zip(names, args, strict=True), *kwargs.items()]
+    if batch is not None:
+        unknown = sorted(set(batch) - {n for n, _ in named})
+        if unknown:
+            raise UsageError(f"@hpcml.parallel.step(batch=...): {unknown} are not arguments "
+                             f"of the step call; name arguments among {[n for n, _ in named]}")
+
+    def is_batch(name: str, a: Any) -> bool:
+        if batch is not None:
+            return name in batch
+        return isinstance(a, torch.Tensor) and a.dim() > 0
+
+    split = [(n, a) for n, a in named if is_batch(n, a)]
+    if not split:
         raise UsageError("@hpcml.parallel.step: no tensor argument to split into microbatches")
-    batch = flat[0].shape[0]
-    if batch < micro:
-        raise UsageError(f"microbatches: {micro} microbatches need a batch of at least {micro}, "
-                         f"got {batch}")
-
-    def parts(a: Any) -> list[Any]:
-        if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == batch:
-            return list(torch.tensor_split(a, micro))
-        return [a] * micro
-
-    split_args = [parts(a) for a in args]
-    split_kwargs = {k: parts(v) for k, v in kwargs.items()}
-    return [(tuple(p[i] for p in split_args), {k: v[i] for k, v in split_kwargs.items()})
+    first, size = split[0][0], None
+    for name, a in split:
+        if not isinstance(a, torch.Tensor) or a.dim() == 0:
+            raise UsageError(f"@hpcml.parallel.step: batch argument {name!r} is not a tensor "
+                             "with a batch dimension; leave it out of batch=(...)")
+        size = a.shape[0] if size is None else size
+        if a.shape[0] != size:
+            raise UsageError(f"@hpcml.parallel.step: argument {name!r} has first dimension "
+                             f"{a.shape[0]}, the batch {first!r} has {size}; every tensor "
+                             "argument is split into microbatches unless the step names its "
+                             "batch arguments: @hpcml.parallel.step(batch=('x', 'y'))")
+    if size < micro or size % micro:
+        raise UsageError(f"microbatches: a batch of {size} does not split into {micro} equal "
+                         f"microbatches; use a batch size that is a multiple of {micro}")
+    parts = {n: list(torch.tensor_split(a, micro)) for n, a in split}
+    return [(tuple(parts[n][i] if n in parts else a for n, a in zip(names, args, strict=True)),
+             {k: parts[k][i] if k in parts else v for k, v in kwargs.items()})
             for i in range(micro)]
 
 
-def step(fn: Callable) -> Callable[..., StepOutput]:
+def step(fn: Callable | None = None, *,
+         batch: Sequence[str] | None = None) -> Callable[..., Any]:
     """Decorator: ``fn(model, *batch)`` becomes a pipelined step over microbatches of the
     batch (see the module docstring). Exactly one argument must be a :class:`PipelineModel`.
-    Collective over that model's mesh."""
+    Every tensor argument is batch data, split into ``model.microbatches`` equal chunks along
+    its first dimension, unless ``@step(batch=("x", "y"))`` names the batch arguments (then the
+    others go whole to every microbatch). Collective over that model's mesh."""
+    if fn is None:
+        return functools.partial(step, batch=batch)
+    if batch is not None:
+        batch = tuple(batch)
+    signature = inspect.signature(fn)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> StepOutput:
@@ -648,6 +756,18 @@ def step(fn: Callable) -> Callable[..., StepOutput]:
         if len(models) != 1:
             raise UsageError(f"@hpcml.parallel.step: {fn.__name__} needs exactly one "
                              f"PipelineModel argument, got {len(models)}")
-        return models[0].run_step(fn, args, kwargs)
+        return models[0].run_step(fn, args, kwargs, _positional_names(signature, len(args)),
+                                  batch)
 
     return wrapper
+
+
+def _positional_names(signature: inspect.Signature, n: int) -> list[str]:
+    """Names of the first ``n`` positional arguments of a call (``name[i]`` under ``*name``)."""
+    names: list[str] = []
+    for p in signature.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            names.append(p.name)
+        elif p.kind == p.VAR_POSITIONAL:
+            names += [f"{p.name}[{i}]" for i in range(n - len(names))]
+    return (names + [f"argument {i}" for i in range(len(names), n)])[:n]

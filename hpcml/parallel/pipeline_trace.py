@@ -144,9 +144,11 @@ class ActivationCounter:
         self.param_storages = param_storages
         self.seen: set[int] = set()
         self.bytes = 0
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self.count, lambda t: t)
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def count(self, t: torch.Tensor) -> torch.Tensor:
+        """Count ``t``'s storage (once, unless it is a parameter's) and return ``t``; the
+        saved-tensors hook, and usable for tensors kept alive otherwise."""
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in self.seen and ptr not in self.param_storages:

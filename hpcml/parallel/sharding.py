@@ -26,6 +26,12 @@ or ``.grad`` was replaced by another tensor (copied in at ``step``; a sparse one
 whose ``.grad`` is None or untouched zeros on every rank is skipped, as the unsharded optimizer
 skips a None gradient.
 
+Clipping: backward leaves each rank's *unreduced* gradient in ``param.grad``, so
+``torch.nn.utils.clip_grad_norm_`` before ``step`` clips the wrong norm (and each rank a
+different one). Use :func:`hpcml.parallel.clip_grad_norm_` (optimizer, max_norm): it
+reduce-scatters now (:meth:`ShardedOptimizer.reduce_gradients`), computes the global norm of
+the averaged gradient over the shards and scales the shard that ``step`` then applies.
+
 For element-wise optimizers (SGD, Adam, AdamW, RMSprop, Adagrad, ...) the result equals the
 unsharded optimizer on the averaged gradient, up to float rounding. An optimizer that uses
 per-tensor statistics (a norm over the whole parameter, as LAMB or LARS do) sees the piece of a
@@ -110,6 +116,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
                                      "params": views})
         self._slots = [self.grad_flat[off:off + p.numel()].view_as(p) for p, off in self.offsets]
         self._touched = torch.zeros(len(self.offsets), dtype=torch.float32)
+        self._reduced = False
         for i, (p, _) in enumerate(self.offsets):
             p.register_post_accumulate_grad_hook(lambda _p, i=i: self._touched.__setitem__(i, 1))
             if p.grad is None:
@@ -122,12 +129,32 @@ class ShardedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Reduce-scatter the gradients, step this rank's shard, allgather the parameters.
-        Collective over ``dp_comm``: every rank calls it, every step."""
+        """Reduce-scatter the gradients (unless :meth:`reduce_gradients` already did), step
+        this rank's shard, allgather the parameters. Collective over ``dp_comm``: every rank
+        calls it, every step."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.reduce_gradients()
+        for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
+            inner.update({k: v for k, v in outer.items() if k != "params"})
+        self.inner.step()
+        self._reduced = False
+        if self.comm.size > 1:
+            lo = self.comm.rank * self.shard_numel
+            self.send.copy_(self.flat[lo:lo + self.shard_numel])
+            self.comm.Allgather(self.send, self.flat)
+        return loss
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Reduce-scatter this step's gradients now (``step`` then does not repeat it): the
+        averaged gradient of this rank's shard is in ``grad_shard`` (and in the inner
+        optimizer's ``.grad`` s), for :func:`hpcml.parallel.clip_grad_norm_`. Collective over
+        ``dp_comm``; once per step."""
+        if self._reduced:
+            return
         has_grad = self._touched.clone()
         for i, ((p, _), slot) in enumerate(zip(self.offsets, self._slots, strict=True)):
             if p.grad is None:
@@ -145,14 +172,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
             self.grad_shard.div_(self.comm.size)
         for i, piece, rows in self.pieces:
             piece.grad = self.grad_shard[rows] if has_grad[i] else None
-        for outer, inner in zip(self.param_groups, self.inner.param_groups, strict=True):
-            inner.update({k: v for k, v in outer.items() if k != "params"})
-        self.inner.step()
-        if self.comm.size > 1:
-            lo = self.comm.rank * self.shard_numel
-            self.send.copy_(self.flat[lo:lo + self.shard_numel])
-            self.comm.Allgather(self.send, self.flat)
-        return loss
+        self._reduced = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the flat gradient buffer and make every ``param.grad`` its slot again (whatever
@@ -160,6 +180,7 @@ class ShardedOptimizer(torch.optim.Optimizer):
         Not collective."""
         self.grad_flat.zero_()
         self._touched.zero_()
+        self._reduced = False
         for (p, _), slot in zip(self.offsets, self._slots, strict=True):
             p.grad = slot
 

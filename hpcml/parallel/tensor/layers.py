@@ -33,6 +33,7 @@ from torch import nn
 
 from hpcml.comm import Communicator, chunk_bounds
 from hpcml.errors import UsageError
+from hpcml.parallel.tensor.guard import guard, reading, sharded_parameter
 from hpcml.parallel.tensor.mappings import Shard, copy_to, gather, reduce_from, scatter
 from hpcml.parallel.tensor.rng import sharded_dropout
 
@@ -44,9 +45,11 @@ def _even(what: str, n: int, comm: Communicator) -> int:
     return n // comm.size
 
 
-def _param(full: torch.Tensor | None, shard: Shard | None, comm: Communicator) -> nn.Parameter:
-    data = full.detach() if shard is None else shard.local(full.detach(), comm.size, comm.rank)
-    return nn.Parameter(data.clone(), requires_grad=full.requires_grad)
+def _param(full: nn.Parameter, shard: Shard | None, comm: Communicator,
+           name: str) -> nn.Parameter:
+    """A replicated parameter stays the very ``full`` Parameter (a tie to another module is
+    kept); a split one becomes this rank's :class:`ShardedParameter`, named ``name``."""
+    return full if shard is None else sharded_parameter(full, shard, comm, name)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -59,8 +62,10 @@ class ColumnParallelLinear(nn.Module):
         _even("out_features", full.out_features, comm)
         self.comm, self.gather_output = comm, gather_output
         self.in_features, self.out_features = full.in_features, full.out_features
-        self.weight = _param(full.weight, Shard(0), comm)
-        self.bias = None if full.bias is None else _param(full.bias, Shard(0), comm)
+        self.weight = _param(full.weight, Shard(0), comm, "ColumnParallelLinear.weight")
+        self.bias = None if full.bias is None else \
+            _param(full.bias, Shard(0), comm, "ColumnParallelLinear.bias")
+        guard(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(copy_to(x, self.comm), self.weight, self.bias)
@@ -78,8 +83,9 @@ class RowParallelLinear(nn.Module):
         _even("in_features", full.in_features, comm)
         self.comm, self.input_is_parallel = comm, input_is_parallel
         self.in_features, self.out_features = full.in_features, full.out_features
-        self.weight = _param(full.weight, Shard(1), comm)
-        self.bias = None if full.bias is None else _param(full.bias, None, comm)
+        self.weight = _param(full.weight, Shard(1), comm, "RowParallelLinear.weight")
+        self.bias = None if full.bias is None else _param(full.bias, None, comm, "")
+        guard(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -106,7 +112,8 @@ class VocabParallelEmbedding(nn.Module):
         self.padding_idx = pad if pad is not None and self.vocab_start <= pad < self.vocab_end \
             else None
         self.sparse = full.sparse
-        self.weight = _param(full.weight, Shard(0), comm)
+        self.weight = _param(full.weight, Shard(0), comm, "VocabParallelEmbedding.weight")
+        guard(self)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
@@ -118,7 +125,8 @@ class VocabParallelEmbedding(nn.Module):
     def project(self, h: torch.Tensor) -> torch.Tensor:
         """Tied output projection ``h W^T`` restricted to this rank's vocabulary: logits of shape
         ``(*h.shape[:-1], vocab_end - vocab_start)``; ``h`` replicated over the group."""
-        return F.linear(copy_to(h, self.comm), self.weight)
+        with reading(self):
+            return F.linear(copy_to(h, self.comm), self.weight)
 
 
 class HeadParallelAttention(nn.Module):
@@ -143,10 +151,12 @@ class HeadParallelAttention(nn.Module):
         # torch's fused inference path reads in_proj_weight as if it held every head; this flag
         # is one of its preconditions, so setting it False keeps TransformerEncoderLayer off it.
         self._qkv_same_embed_dim = False
-        self.in_proj_weight = _param(full.in_proj_weight, Shard(0, 3), comm)
+        self.in_proj_weight = _param(full.in_proj_weight, Shard(0, 3), comm,
+                                     "HeadParallelAttention.in_proj_weight")
         self.in_proj_bias = None if full.in_proj_bias is None else \
-            _param(full.in_proj_bias, Shard(0, 3), comm)
+            _param(full.in_proj_bias, Shard(0, 3), comm, "HeadParallelAttention.in_proj_bias")
         self.out_proj = RowParallelLinear(full.out_proj, comm)
+        guard(self)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: torch.Tensor | None = None, need_weights: bool = False,

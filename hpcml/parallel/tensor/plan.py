@@ -41,6 +41,7 @@ from torch import nn
 
 from hpcml.comm import Communicator
 from hpcml.errors import UsageError
+from hpcml.parallel.tensor.guard import ShardedParameter, allow_reader
 from hpcml.parallel.tensor.layers import (
     ColumnParallelLinear,
     HeadParallelAttention,
@@ -116,18 +117,66 @@ def parallelize(model: nn.Module, tp_comm: Communicator,
         full[name] = style
     defaults = {n for n, s in full.items() if s == "sharded_dropout" and n not in plan}
     full = _with_sharded_dropouts(model, {n: s for n, s in full.items() if n not in defaults})
+    planned = {}
     for name, style in full.items():
         kind, parallel = STYLES[style]
         if parallel is None:
             continue
-        module = modules[name]
-        if not isinstance(module, kind):
+        if not isinstance(modules[name], kind):
             raise UsageError(f"plan[{name!r}]: style {style!r} needs an nn.{kind.__name__}, "
-                             f"got {type(module).__name__}")
-        _replace(model, name, parallel(module, tp_comm))
+                             f"got {type(modules[name]).__name__}")
+        planned[name] = parallel
+    ties = _ties(model, planned)
+    for name, parallel in planned.items():
+        _replace(model, name, parallel(modules[name], tp_comm))
+    _retie(model, ties)
     _adapt_nmt_transformer(model, tp_comm)
     _keep_off_fused_inference(model)
     return model
+
+
+def _ties(model: nn.Module, planned: Mapping[str, type[nn.Module]]) -> list[list[str]]:
+    """Groups of names (``module.param``) under which one Parameter object that a planned
+    layer splits is reachable -- ties such as ``head.weight = embed.weight``. A tie survives
+    ``parallelize`` only if every name in it is split alike; otherwise ``UsageError``. Pure."""
+    names: dict[int, list[str]] = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False):
+            names.setdefault(id(p), []).append(f"{prefix}.{pname}" if prefix else pname)
+    split: dict[str, Shard | None] = {}  # qualified name -> how its planned layer splits it
+    for name, parallel in planned.items():
+        module = model.get_submodule(name)
+        for pname, _ in module.named_parameters():
+            split[f"{name}.{pname}" if name else pname] = parallel.tp_shards.get(pname)
+    groups = []
+    for group in names.values():
+        if len(group) < 2 or all(split.get(n) is None for n in group):
+            continue  # not tied, or replicated everywhere (the Parameter object is kept)
+        how = {n: split.get(n, "whole") for n in group}
+        if len(set(how.values())) > 1 or any(n not in split for n in group):
+            cut = next(n for n in group if how[n] not in ("whole", None))
+            other = next(n for n in group if how[n] != how[cut])
+            raise UsageError(f"plan: parameter {other!r} is tied to {cut!r} (the same "
+                             f"Parameter), which the plan splits while {other!r} would keep it "
+                             f"{'whole' if how[other] in ('whole', None) else 'split otherwise'}"
+                             "; plan both modules alike (or 'replicate' both), or untie them")
+        groups.append(group)
+    return groups
+
+
+def _retie(model: nn.Module, ties: list[list[str]]) -> None:
+    """Make every name of each tie point at one sharded Parameter again (the first name's),
+    readable by each of the modules holding it, and give every shard its qualified name."""
+    for group in ties:
+        first = model.get_parameter(group[0])
+        for name in group[1:]:
+            owner, _, attr = name.rpartition(".")
+            module = model.get_submodule(owner)
+            setattr(module, attr, first)
+            allow_reader(first, module)
+    for name, p in model.named_parameters():
+        if isinstance(p, ShardedParameter):
+            p.tp_name = repr(name)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -144,6 +193,7 @@ def _adapt_nmt_transformer(model: nn.Module, comm: Communicator) -> None:
     if isinstance(model, Transformer) and isinstance(model.embed, VocabParallelEmbedding):
         model.sparse = model.embed.sparse = False
         model.decoder.register_forward_hook(lambda _m, _i, out: copy_to(out, comm))
+        allow_reader(model.embed.weight, model)
 
 
 def _keep_off_fused_inference(model: nn.Module) -> None:
