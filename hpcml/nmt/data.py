@@ -78,10 +78,18 @@ def read_vocab(path: str | Path) -> list[str]:
             vocab = _dataset(f, path, "vocab", "1-D UTF-8 strings (id -> token)")
             if h5py.check_string_dtype(vocab.dtype) is None:
                 raise _bad(path, "vocab", "1-D UTF-8 strings (id -> token)", str(vocab.dtype))
-            return [t.decode() for t in vocab[:]]
+            tokens = vocab[:]
     except OSError as exc:
         raise UsageError(f"data.path: {path}: not a readable HDF5 file ({exc}; "
                          f"{REGENERATE})") from None
+    words = []
+    for index, token in enumerate(tokens):
+        try:
+            words.append(token.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _bad(path, "vocab", "1-D UTF-8 strings (id -> token)",
+                       f"token {index} = {token!r}, which is not UTF-8") from None
+    return words
 
 
 def validate_corpus(path: str | Path, rank: int, size: int) -> dict[str, int]:
