@@ -211,7 +211,7 @@ def _parse_manifest(path: Path, name: str) -> Manifest:
     raw = json.loads(path.read_bytes())
     if not isinstance(raw, dict):
         raise ValueError(f"a JSON {type(raw).__name__}, expected an object")
-    if raw.get("format") != FORMAT:
+    if isinstance(raw.get("format"), bool) or raw.get("format") != FORMAT:
         raise ValueError(f"format {raw.get('format')!r}, this hpcml reads format {FORMAT}")
     digest, files = raw.get("config_hash"), raw.get("files")
     if not isinstance(digest, str):
@@ -279,10 +279,12 @@ def mismatch(value: Any, template: Any, key: str = "") -> str | None:
                 return found
         return None
     if isinstance(template, list | tuple):
-        if not template and isinstance(value, list | tuple):
+        if not isinstance(value, list | tuple):
+            return f"{here} is {type(value).__name__} {value!r:.40}, expected a list"
+        if not template:
             return None
-        if not isinstance(value, list | tuple) or len(value) != len(template):
-            return f"{here} is not a sequence of {len(template)} items"
+        if len(value) != len(template):
+            return f"{here} has {len(value)} items, expected {len(template)}"
         return next((m for i, (v, t) in enumerate(zip(value, template, strict=True))
                      if (m := mismatch(v, t, f"{key}[{i}]"))), None)
     if template is None:
@@ -331,12 +333,14 @@ def read(manifest: Manifest, rank: int) -> Restored:
                     rank)
 
 
-def check_rng_state(state: Any, where: Path) -> None:
-    """``state`` is what :func:`rng_state` returns and :func:`set_rng_state` accepts: same
-    structure, dtypes and shapes, and a trial :func:`set_rng_state` succeeds (this process's
-    RNG states are put back afterwards). Raises a one-line ``UsageError`` naming ``where``."""
+def check_rng_state(payload: Any, where: Path, key: str = "rng") -> None:
+    """``payload[key]`` is what :func:`rng_state` returns and :func:`set_rng_state` accepts:
+    same structure, dtypes and shapes, and a trial :func:`set_rng_state` succeeds (this
+    process's RNG states are put back afterwards). Raises a one-line ``UsageError`` naming
+    ``where``."""
     mine = rng_state()
-    require(state, mine, where)
+    require(payload, {key: mine}, where)
+    state = payload[key]
     n = state["numpy"]
     if not (0 <= n["pos"] <= len(mine["numpy"]["keys"]) and n["has_gauss"] in (0, 1)):
         # numpy accepts a position past its key array and then reads out of bounds

@@ -19,6 +19,7 @@ import io
 import os
 import signal
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,9 @@ class TraceDelay(DelayModel):
             raise UsageError(f"stragglers.trace: file {config.trace!r} not found (give {form})")
         try:
             text = path.read_bytes().decode("utf-8")
-            table = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, dtype=float)
+            with warnings.catch_warnings():  # an empty file is refused below
+                warnings.simplefilter("ignore", UserWarning)
+                table = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, dtype=float)
         except (ValueError, UnicodeDecodeError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"stragglers.trace: {config.trace}: not a numeric CSV ({first}; "

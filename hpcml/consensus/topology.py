@@ -153,6 +153,7 @@ def build_graph(kind: str, n: int, *, degree: int = 3, p: float = 0.5, seed: int
         raise UsageError(f"graph.kind: unknown graph {kind!r}; choose from {', '.join(GRAPHS)}")
     adj = builders[kind]()
     if not is_connected(adj):
-        raise UsageError(f"graph: the {kind} graph on {n} nodes is disconnected, so consensus "
-                         "cannot reach the network average (add edges so every node is reachable)")
+        field = f"graph.edges: {edges}: the" if kind == "file" else f"graph: the {kind}"
+        raise UsageError(f"{field} graph on {n} nodes is disconnected, so consensus cannot "
+                         "reach the network average (add edges so every node is reachable)")
     return adj

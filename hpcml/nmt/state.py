@@ -97,7 +97,7 @@ def check(restored: Restored, fresh: Any, rank: int, qsparse: bool) -> None:
     for entry in restored.shared["history"]:
         require(entry, {"step": 0, "valid_loss": 0.0}, shared_file)
     _optimizer_fits(optimizer, restored.shared["optimizer"], shared_file)
-    check_rng_state(restored.local.get("rng"), own_file)
+    check_rng_state(restored.local, own_file)
     if not qsparse:
         return
     own = restored.local.get("rank_state")
