@@ -194,6 +194,25 @@ def test_wrong_dataset_is_one_line_naming_it(tmp_path, inputs, kind, dataset, ho
         assert line is not None and words in line and str(path) in line, line
 
 
+@pytest.mark.parametrize("dataset,edit,words", [
+    ("subword_model", lambda m: m[:len(m) // 2], "SentencePiece cannot parse as a model"),
+    ("test/tgt_text", lambda t: np.r_[t[:3], [b"\xff\xfe"], t[4:]], "sentence 3 = "),
+    ("test/tgt_text", lambda t: t[:-1], "expected 500 UTF-8 strings (one per sentence)"),
+])
+def test_subword_corpus_extras_checked_before_the_run(tmp_path, dataset, edit, words):
+    """The subword model and reference texts, read only by the end-of-run BLEU."""
+    path = tmp_path / "catalogs.h5"
+    shutil.copy(ROOT / "data" / "nmt" / "catalogs-en-fr.h5", path)
+    with h5py.File(path, "a") as f:
+        value = edit(f[dataset][:])
+        del f[dataset]
+        f.create_dataset(dataset, data=value, dtype=value.dtype if value.dtype != object
+                         else h5py.string_dtype())
+    line = contract(str(JOBS / "transformer-nmt-catalogs.toml"),
+                    [f"data.path={path}", f"runs_dir={tmp_path / 'runs'}"], [path], 2)
+    assert line is not None and f"dataset {dataset!r}" in line and words in line, line
+
+
 @FAST
 @given(text=st.one_of(st.binary(max_size=40), st.text(max_size=40)))
 def test_any_edges_or_trace_text_is_refused_or_well_formed(tmp_path_factory, text):
