@@ -10,16 +10,19 @@ Layout under a run directory::
 :func:`save` (collective) writes every file into ``step-....tmp``, fsyncs them, and rank 0 then
 writes the manifest (with the files' sha256), renames the directory to its final name, replaces
 ``latest`` and removes older step directories. A job killed at any moment leaves ``latest``
-naming a complete checkpoint, or the previous one, or none; never a mix of steps.
+naming a complete checkpoint, or the previous one, or none; never a mix of steps. A write the
+filesystem refuses (full disk) removes the ``.tmp`` directory and raises ``StorageError`` on
+every rank, leaving ``latest`` and the previous checkpoint as they were.
 
 Payloads are nested dicts, lists and tuples of tensors, ints, floats, bools, strings and None
 (e.g. ``model.state_dict()``, ``optimizer.state_dict()``, :func:`rng_state`). They are written
 with ``torch.save`` and read with ``torch.load(weights_only=True)``, which rebuilds only those
 types and refuses any other pickled object, so a crafted checkpoint cannot execute code.
 
-Reading: :func:`latest` parses the pointer and manifest (JSON only); :func:`read` verifies the
-hashes of ``shared.pt`` and this rank's file and loads them. Every problem is a one-line
-``UsageError`` naming the file.
+Reading: :func:`latest` parses the pointer and manifest (JSON only, every field type- and
+range-checked); :func:`read` verifies the hashes of ``shared.pt`` and this rank's file and loads
+them; :func:`require` and :func:`check_rng_state` let a kind check that a payload has what it
+will read. Every problem is a one-line ``UsageError`` naming the file.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +114,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _attempt(step: str, action: Any) -> tuple[Any, str | None]:
-    """``(action(), None)``, or ``(None, one line)`` when the filesystem refuses the write."""
+def _attempt(path: Path, action: Callable[[], Any]) -> tuple[Any, str | None]:
+    """``(action(), None)``, or ``(None, one line naming path)`` when the filesystem refuses
+    the write (:data:`~hpcml.errors.STORAGE_ERRNOS`); other errors propagate."""
     try:
         return action(), None
     except OSError as exc:
         if exc.errno not in STORAGE_ERRNOS:
             raise
-        return None, describe_os_error(step, exc)
+        return None, describe_os_error(path, exc)
 
 
 def save(comm: Communicator, run_dir: Path, step: int, shared: dict[str, Any],

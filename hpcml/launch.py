@@ -13,8 +13,12 @@ Order of events (all ranks):
 3. set torch threads and the straggler model; rank 0 creates the run directory and saves the
    resolved config and the environment (``config.toml``, ``env.json``: segment 0). A resumed run
    never rewrites them: it appends a segment to ``segments.json`` with its own
-   ``config.segment-N.toml`` and ``env.segment-N.json``;
-4. run the job under abort-on-error;
+   ``config.segment-N.toml`` and ``env.segment-N.json`` (and the length of ``metrics.jsonl``,
+   so that :func:`run_metrics` can leave out steps the segment redoes). When the filesystem
+   refuses these writes, what was created is removed and every rank exits 2 (one line);
+4. run the job under abort-on-error; a write the filesystem refuses mid-run ends the job with
+   exit code 1, one line and a ``failed`` summary where it can still be written
+   (:func:`end_on_storage_failure`);
 5. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0), whose
    ``status`` is ``failed`` when the job could not go on (``failed_by``), ``preempted`` when it
    stopped early, else ``complete``. A job whose summary
