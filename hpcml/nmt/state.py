@@ -105,7 +105,8 @@ def check(restored: Restored, fresh: Any, rank: int, qsparse: bool) -> None:
         raise UsageError(f"{own_file}: has no per-rank qsparse state (it was written without "
                          "[qsparse]); start a new run")
     model, optimizer = fresh()
-    vector = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    vector = torch.nn.utils.parameters_to_vector(
+        [p for p in model.parameters() if p.requires_grad]).detach()  # as QsparseLocalSGD
     require(own, {"model": model.state_dict(), "optimizer": {"qsparse": {
         "x_sync": vector, "memory": vector, "generator": torch.Generator().get_state(),
         "local_steps": 0, "syncs": 0, "bits_sent": 0}}}, own_file)
