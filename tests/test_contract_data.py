@@ -29,7 +29,7 @@ from hpcml.testing import hpcml_cli
 ROOT = Path(__file__).resolve().parents[1]
 JOBS = ROOT / "jobs"
 DIGITS = ROOT / "data" / "qsparse" / "digits.h5"
-FAST = settings(max_examples=25, deadline=None, derandomize=True,
+FAST = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 
