@@ -1,4 +1,7 @@
-"""The one exception type that means "the user's input is wrong" (exit code 2)."""
+"""The one exception type that means "the user's input is wrong" (exit code 2), and the one
+that means "the filesystem refused a write" (:class:`StorageError`)."""
+
+import errno
 
 
 class UsageError(Exception):
@@ -18,3 +21,20 @@ class ConfigError(UsageError):
         if fix:
             text += f" ({fix})"
         super().__init__(text)
+
+
+class StorageError(Exception):
+    """The filesystem refused a write the run needs (full, read-only, over quota). Raised on
+    every rank together where the write is collective (a checkpoint); the message is one line
+    naming the path and the errno. A run that meets it mid-run ends with exit code 1 and a
+    ``failed`` summary where one can still be written."""
+
+
+# the filesystem refusing a write: full, over quota, file too large (RLIMIT_FSIZE), read-only, I/O
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO})
+
+
+def describe_os_error(path: object, exc: OSError) -> str:
+    """``"<path>: cannot write (ENOSPC: No space left on device)"`` (pure)."""
+    name = errno.errorcode.get(exc.errno or 0, f"errno {exc.errno}")
+    return f"{path}: cannot write ({name}: {exc.strerror or exc})"

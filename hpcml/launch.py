@@ -13,8 +13,12 @@ Order of events (all ranks):
 3. set torch threads and the straggler model; rank 0 creates the run directory and saves the
    resolved config and the environment (``config.toml``, ``env.json``: segment 0). A resumed run
    never rewrites them: it appends a segment to ``segments.json`` with its own
-   ``config.segment-N.toml`` and ``env.segment-N.json``;
-4. run the job under abort-on-error;
+   ``config.segment-N.toml`` and ``env.segment-N.json`` (and the length of ``metrics.jsonl``,
+   so that :func:`run_metrics` can leave out steps the segment redoes). When the filesystem
+   refuses these writes, what was created is removed and every rank exits 2 (one line);
+4. run the job under abort-on-error; a write the filesystem refuses mid-run ends the job with
+   exit code 1, one line and a ``failed`` summary where it can still be written
+   (:func:`end_on_storage_failure`);
 5. gather the ledger of every rank and save ``ledger.json`` and ``summary.json`` (rank 0), whose
    ``status`` is ``failed`` when the job could not go on (``failed_by``), ``preempted`` when it
    stopped early, else ``complete``. A job whose summary
@@ -26,20 +30,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from hpcml import checkpoint
 from hpcml.comm import Communicator, abort_on_error, make_delay_model, world
 from hpcml.comm.ledger import format_table
 from hpcml.config import apply_overrides, load_job_file, read_toml, to_dict
-from hpcml.errors import UsageError
+from hpcml.errors import STORAGE_ERRNOS, StorageError, UsageError, describe_os_error
 from hpcml.jobs import JobKind, RunContext, job_kind
 from hpcml.preemption import Preemption, run_status
-from hpcml.rundir import RunDir
+from hpcml.rundir import METRICS, RunDir
 from hpcml.runtime import configure_threads, environment
 
 SEGMENTS = "segments.json"
@@ -112,19 +118,52 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
                      for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing))
 
 
+SEGMENT_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # a plain file in the run dir
+
+
+def _segment_problem(run_dir: Path, index: int, entry: Any) -> str | None:
+    """What is wrong with entry ``index`` of a segments list, or None (pure but for
+    checking that the config file it names exists)."""
+    if not isinstance(entry, dict):
+        return f"entry {index} is a {type(entry).__name__}, not a table"
+    if entry.get("segment") != index or isinstance(entry.get("segment"), bool):
+        return f"entry {index} has segment {entry.get('segment')!r}"
+    for key in ("config", "env"):
+        name = entry.get(key)
+        if not isinstance(name, str) or not SEGMENT_FILE.fullmatch(name):
+            return f"entry {index} names {key} {name!r}, not a file of the run directory"
+    if not (run_dir / entry["config"]).is_file():
+        return f"entry {index} names {entry['config']}, which is not in the run directory"
+    start = entry.get("start_step")
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= 2**31 - 1:
+        return f"entry {index} has start_step {start!r}"
+    return None
+
+
 def read_segments(run_dir: Path) -> list[dict[str, Any]]:
     """The segments a run directory records (segment 0 = ``config.toml`` when the file is
-    absent, as in run directories of older versions). Not collective."""
+    absent, as in run directories of older versions), each checked: a table numbered by its
+    position, naming a config file of the run directory and a start step. Not collective;
+    raises a one-line ``UsageError``."""
     path = run_dir / SEGMENTS
     if not path.is_file():
         return [{"segment": 0, "config": "config.toml", "env": "env.json", "start_step": 0}]
+    problem = None
     try:
-        segments = json.loads(path.read_text())
-        if isinstance(segments, list) and segments and "config" in segments[-1]:
-            return segments
-    except ValueError:
-        pass
-    raise UsageError(f"{path}: not a list of segments; the run directory is damaged")
+        segments = json.loads(path.read_bytes())
+        if not isinstance(segments, list) or not segments:
+            problem = "not a non-empty JSON list"
+        else:
+            problem = next((p for i, entry in enumerate(segments)
+                            if (p := _segment_problem(run_dir, i, entry))), None)
+    except (ValueError, RecursionError) as exc:
+        problem = f"not JSON ({str(exc).splitlines()[0][:120]})"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror})"
+    if problem:
+        raise UsageError(f"{path}: {problem}; the run directory is damaged (restore it from a "
+                         "copy, or start a new run)")
+    return segments
 
 
 def _check_resume(comm: Communicator, job: JobKind, config: Any, kind: str, new_hash: str,
@@ -193,27 +232,96 @@ def validated(comm: Communicator, job_path: str | None, kind: str | None,
 
 
 def _open_run_dir(plan: Plan, env: dict[str, Any], size: int) -> RunDir:
-    """Rank 0: a new run directory, or the resumed one with a new segment recorded."""
+    """Rank 0: a new run directory, or the resumed one with a new segment recorded. When the
+    filesystem refuses a write, everything this call created is removed again (a resumed run
+    directory is left byte for byte as it was: ``segments.json`` is replaced last, atomically)
+    and a one-line ``UsageError`` names the path and the errno."""
     config = to_dict(plan.config)
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    if plan.resume is None:
-        run_dir = RunDir.create(plan.config.runs_dir, plan.config.name or plan.kind)
-        run_dir.write_toml("config.toml", config)
-        run_dir.write_json("env.json", env)
-        segments = [{"segment": 0, "config": "config.toml", "env": "env.json", "start_step": 0,
-                     "ranks": size, "config_hash": plan.config_hash, "started": stamp}]
-    else:
-        run_dir = RunDir(plan.resume)
-        n = len(plan.segments)
-        names = {"config": f"config.segment-{n}.toml", "env": f"env.segment-{n}.json"}
-        run_dir.write_toml(names["config"], config)
-        run_dir.write_json(names["env"], env)
-        segments = [*plan.segments, {"segment": n, **names, "start_step": plan.restored.step,
-                                     "ranks": size, "config_hash": plan.config_hash,
-                                     "resumed_from": plan.restored.manifest.path.name,
-                                     "started": stamp}]
-    run_dir.write_json(SEGMENTS, segments)
+    created: list[Path] = []
+    target: Path | None = None
+    try:
+        if plan.resume is None:
+            root = Path(plan.config.runs_dir)
+            target = root
+            created += [p for p in (root, *root.parents) if not p.exists()][::-1]
+            run_dir = RunDir.create(plan.config.runs_dir, plan.config.name or plan.kind)
+            created.append(run_dir.path)
+            names = {"config": "config.toml", "env": "env.json"}
+            segments = [{"segment": 0, **names, "start_step": 0, "ranks": size,
+                         "config_hash": plan.config_hash, "started": stamp}]
+        else:
+            run_dir = RunDir(plan.resume)
+            n = len(plan.segments)
+            names = {"config": f"config.segment-{n}.toml", "env": f"env.segment-{n}.json"}
+            created += [run_dir.path / f for f in names.values()
+                        if not (run_dir.path / f).exists()]
+            metrics = run_dir.path / METRICS
+            segments = [*plan.segments, {
+                "segment": n, **names, "start_step": plan.restored.step, "ranks": size,
+                "config_hash": plan.config_hash,
+                "resumed_from": plan.restored.manifest.path.name, "started": stamp,
+                "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0}]
+        for write, name, data in ((run_dir.write_toml, names["config"], config),
+                                  (run_dir.write_json, names["env"], env),
+                                  (run_dir.write_json, SEGMENTS, segments)):
+            target = run_dir.path / name
+            write(name, data)
+    except OSError as exc:
+        for path in reversed(created):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if plan.resume is None:
+            raise UsageError(f"runs_dir: {describe_os_error(target, exc)} (free space or "
+                             "choose another runs_dir; nothing was left behind)") from None
+        raise UsageError(f"--resume {plan.resume}: {describe_os_error(target, exc)} (free "
+                         "space and resume again; the run directory is unchanged)") from None
     return run_dir
+
+
+def _opened(comm: Communicator, plan: Plan, env: dict[str, Any]) -> RunDir:
+    """Collective: rank 0 opens the run directory (:func:`_open_run_dir`); every rank gets
+    its path, or exits 2 with rank 0's one line when the filesystem refused."""
+    outcome: tuple[str | None, str | None] = (None, None)
+    if comm.rank == 0:
+        try:
+            outcome = (str(_open_run_dir(plan, env, comm.size).path), None)
+        except UsageError as exc:
+            outcome = (None, str(exc))
+    path, error = comm.bcast(outcome)
+    if error is not None:
+        if comm.rank == 0:
+            sys.stderr.write(f"hpcml: error: {error}\n")
+        raise SystemExit(2)
+    return RunDir(Path(path))
+
+
+def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The metrics records of a run directory without the steps a resumed segment redid:
+    ``metrics.jsonl`` is append-only (nothing is ever deleted), and each resumed segment in
+    ``segments.json`` records the file's length when it started (``metrics_bytes``) and the
+    checkpoint step it continued from (``start_step``). A record of an earlier segment whose
+    ``step`` is past a later segment's start step was redone by that segment (the job was
+    killed after it, before the next checkpoint) and is left out; records without a ``step``
+    are kept. A torn line (a job killed mid-write) is skipped. Not collective."""
+    data = (run_dir / METRICS).read_bytes() if (run_dir / METRICS).is_file() else b""
+    segments = read_segments(run_dir)
+    bounds = [min(s.get("metrics_bytes", 0), len(data)) for s in segments[1:]]
+    records = []
+    for i, (lo, hi) in enumerate(zip([0, *bounds], [*bounds, len(data)], strict=True)):
+        later = [s["start_step"] for s in segments[i + 1:]]
+        limit = min(later) if later else None
+        for line in data[lo:hi].splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            step = record.get("step") if isinstance(record, dict) else None
+            if limit is None or not isinstance(step, int | float) or step <= limit:
+                records.append(record)
+    return records
 
 
 UNRESPONSIVE_EXIT = 3
@@ -251,24 +359,74 @@ def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[s
         config = plan.config
         threads = configure_threads(comm, config.threads)
         env = environment(comm)
-        path = str(_open_run_dir(plan, env, comm.size).path) if comm.rank == 0 else None
-        run_dir = RunDir(Path(comm.bcast(path)))
+        run_dir = _opened(comm, plan, env)
         ctx = RunContext(comm=comm, config=config, run_dir=run_dir, resume=plan.resume,
                          restored=plan.restored, preemption=preemption,
                          config_hash=plan.config_hash)
         ctx.log(f"hpcml {plan.kind}: {comm.size} ranks, {threads} torch threads/rank, "
                 f"{env['mpi_library']}; run directory {run_dir.path}")
-        start = time.perf_counter()
-        summary = plan.job.run(config, ctx)
-        elapsed = time.perf_counter() - start
-        if comm.rank == 0 and summary.get("unresponsive_ranks"):
-            end_without_unresponsive(comm, run_dir, plan.kind, elapsed, summary)
-        per_rank = comm.gather(comm.ledger.totals())
-        if comm.rank == 0:
-            run_dir.write_json("ledger.json", {"ranks": per_rank})
-            run_dir.write_json("summary.json", {"kind": plan.kind, "status": run_status(summary),
-                                                "ranks": comm.size, "seconds": elapsed,
-                                                **summary})
-            print(f"\ncommunication ledger (all ranks):\n{format_table(per_rank)}")
-            print(f"\nresults in {run_dir.path}", flush=True)
-        return summary
+        try:
+            return _run_and_save(comm, plan, ctx)
+        except StorageError as exc:  # raised on every rank together (a checkpoint)
+            end_on_storage_failure(comm, run_dir, plan.kind, str(exc), collective=True)
+        except OSError as exc:  # one rank's own write
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            end_on_storage_failure(comm, run_dir, plan.kind,
+                                   describe_os_error(exc.filename or run_dir.path, exc),
+                                   collective=False)
+
+
+def _run_and_save(comm: Communicator, plan: Plan, ctx: RunContext) -> dict[str, Any]:
+    """Steps 4 and 5 of the module docstring; returns the summary on every rank."""
+    run_dir = ctx.run_dir
+    start = time.perf_counter()
+    summary = plan.job.run(plan.config, ctx)
+    elapsed = time.perf_counter() - start
+    if comm.rank == 0 and summary.get("unresponsive_ranks"):
+        end_without_unresponsive(comm, run_dir, plan.kind, elapsed, summary)
+    per_rank = comm.gather(comm.ledger.totals())
+    if comm.rank == 0:
+        run_dir.write_json("ledger.json", {"ranks": per_rank})
+        run_dir.write_json("summary.json", {"kind": plan.kind, "status": run_status(summary),
+                                            "ranks": comm.size, "seconds": elapsed,
+                                            **summary})
+        print(f"\ncommunication ledger (all ranks):\n{format_table(per_rank)}")
+        print(f"\nresults in {run_dir.path}", flush=True)
+    return summary
+
+
+STORAGE_EXIT = 1
+
+
+def end_on_storage_failure(comm: Communicator, run_dir: RunDir, kind_name: str, problem: str,
+                           collective: bool) -> NoReturn:
+    """End a run whose write the filesystem refused mid-run (exit code ``STORAGE_EXIT``, 1):
+    rank 0 saves ``summary.json`` with status ``failed`` where it still can, and one line
+    names the path, the errno and how to go on (``--resume`` when a checkpoint exists; a
+    failed checkpoint has already removed its partial files and left the previous one as it
+    was). ``collective``: every rank is here (the line is printed once and every rank exits);
+    otherwise only this rank is, and it aborts the job (MPI_Abort), since the others may wait
+    in a collective."""
+    note = ""
+    if comm.rank == 0:
+        try:
+            run_dir.write_json("summary.json", {"kind": kind_name, "status": "failed",
+                                                "ranks": comm.size,
+                                                "failed_by": f"storage: {problem}"})
+        except OSError:
+            note = "; summary.json could not be written either"
+    if comm.rank == 0 or not collective:
+        has_checkpoint = (run_dir.path / checkpoint.DIRNAME / "latest").is_file()
+        then = (f"then continue with --resume {run_dir.path}" if has_checkpoint
+                else "then run the job again")
+        who = "" if comm.rank == 0 or comm.size == 1 else f" (rank {comm.rank})"
+        sys.stdout.flush()
+        sys.stderr.write(f"hpcml: error{who}: {problem}{note} (free space or fix the "
+                         f"filesystem, {then})\n")
+        sys.stderr.flush()
+    if collective or comm.size == 1:
+        raise SystemExit(STORAGE_EXIT)
+    time.sleep(0.5)  # mpiexec forwards output asynchronously; the abort would cut it off
+    comm.abort(STORAGE_EXIT)
+    raise SystemExit(STORAGE_EXIT)

@@ -15,21 +15,29 @@ from typing import Any
 
 import tomli_w
 
+METRICS = "metrics.jsonl"
 
 def atomic_write(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one. A
+    refused write (e.g. a full disk) removes the temporary file and raises ``OSError`` whose
+    ``filename`` is ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         raise
     return path
 
@@ -63,7 +71,7 @@ class RunDir:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._metrics = path / "metrics.jsonl"
+        self._metrics = path / METRICS
 
     @classmethod
     def create(cls, runs_dir: str, job_name: str) -> RunDir:
@@ -90,8 +98,12 @@ class RunDir:
         return atomic_write(self.path / name, text)
 
     def log_metrics(self, **record: Any) -> None:
-        """Append one JSON line (one ``write`` call, flushed)."""
+        """Append one JSON line (one ``write`` call, flushed). A refused write raises
+        ``OSError`` whose ``filename`` is the metrics file."""
         line = json.dumps(record, default=_default) + "\n"
-        with open(self._metrics, "a") as fh:
-            fh.write(line)
-            fh.flush()
+        try:
+            with open(self._metrics, "a") as fh:
+                fh.write(line)
+                fh.flush()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self._metrics)) from None

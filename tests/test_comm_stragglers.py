@@ -53,8 +53,8 @@ def test_trace_replays_and_wraps(tmp_path):
     cfg = StragglerConfig(kind="trace", trace=str(trace))
     assert delays(cfg, 0, 4).tolist() == [0.1, 0.0, 0.1, 0.0]
     assert delays(cfg, 1, 3).tolist() == [0.0, 0.2, 0.0]
-    with pytest.raises(UsageError, match="has 2 columns but rank 2"):
-        make_delay_model(cfg).delay(2, 0)
+    with pytest.raises(UsageError, match=r"has 2 columns but ranks 0\.\.2 each need one"):
+        make_delay_model(cfg, size=3)  # refused before any delay is asked for
 
 
 def test_bad_straggler_settings_name_the_key(tmp_path):

@@ -79,7 +79,7 @@ def damage(run: Path, how: str, marker: Path) -> None:
     (1, "damaged checkpoint", {}, "sha256 differs from the manifest's"),
     (1, "malicious checkpoint", {}, "refused to load (only tensors and plain values"),
     (1, "allowed change that does not fit", {"features": 5, "allow": True},
-     "holds weights of shape (4,), the job has 5 features"),
+     "holds weights torch.float64 of shape (4,), the job has 5 float64 features"),
 ])
 def test_refused_resume_changes_nothing(tmp_path, finished, nranks, how, changes, expected):
     run = tmp_path / finished.name

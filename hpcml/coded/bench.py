@@ -42,7 +42,7 @@ import threadpoolctl
 from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save_figure
 from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig
 from hpcml.coded.fwht import fwht, memory_passes
-from hpcml.coded.job import check_hdf5, make_problem
+from hpcml.coded.job import check_hdf5, make_problem, validate_problem
 from hpcml.coded.regime import (
     StragglerBenchConfig,
     finite_median,
@@ -291,4 +291,5 @@ def _plot(cfg: BenchCodedConfig, ctx: RunContext, curves: dict) -> None:
 
 
 JOB = JobKind(config=BenchCodedConfig, run=run,
-              description="encoded vs uncoded/replicated/async time to epsilon under stragglers")
+              description="encoded vs uncoded/replicated/async time to epsilon under stragglers",
+              validate_data=lambda cfg, comm: validate_problem(cfg.problem, comm))

@@ -28,9 +28,9 @@ from hpcml.coded.config import CodeConfig, ProblemConfig, SolverConfig, check_pr
 from hpcml.coded.encoders import frame_note
 from hpcml.coded.mf import load_ratings, solve_cf
 from hpcml.coded.problems import Problem, load_data
-from hpcml.coded.shards import open_input
+from hpcml.coded.shards import check_input
 from hpcml.coded.solver import solve
-from hpcml.comm import StragglerConfig
+from hpcml.comm import Communicator, StragglerConfig, make_delay_model
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
@@ -51,14 +51,27 @@ class CodedConfig(JobConfig):
 
 
 def check_hdf5(cfg: ProblemConfig) -> None:
-    """For ``data = 'hdf5'``: the file and both datasets exist (raises a one-line
-    ``UsageError`` naming the field otherwise), checked before any work starts."""
-    if cfg.data != "hdf5":
-        return
-    if not cfg.path:
+    """For ``data = 'hdf5'``: a file is named (raises a one-line ``ConfigError`` otherwise);
+    its contents are checked by :func:`validate_problem`."""
+    if cfg.data == "hdf5" and not cfg.path:
         raise ConfigError("problem.path", "data = 'hdf5' needs a file", "set problem.path")
-    fh, _, _ = open_input(cfg.path, cfg.x_key, cfg.y_key)
-    fh.close()
+
+
+def validate_problem(cfg: ProblemConfig, comm: Communicator) -> None:
+    """The input data, before the run directory exists: rank 0, which alone loads it, checks
+    an HDF5 input in full (:func:`~hpcml.coded.shards.check_input`); other sources are
+    generated or bundled. Raises a one-line ``UsageError`` (no communication)."""
+    if cfg.data == "hdf5" and comm.rank == 0:
+        check_input(cfg.path, cfg.x_key, cfg.y_key, cfg.kind)
+
+
+def validate_data(cfg: CodedConfig, comm: Communicator) -> None:
+    """:func:`validate_problem`, and with simulated workers (one rank) a straggler model that
+    covers them: the virtual clock asks for the delay of workers 1..m, so a trace needs m + 1
+    columns (the launcher checks a column per MPI rank)."""
+    validate_problem(cfg.problem, comm)
+    if comm.size == 1:
+        make_delay_model(cfg.stragglers, cfg.code.workers_for(1) + 1)
 
 
 def make_problem(cfg: ProblemConfig, seed: int) -> Problem:
@@ -157,4 +170,5 @@ def _run_mf(cfg: CodedConfig, ctx: RunContext, m: int, k: int) -> dict[str, Any]
 
 
 JOB = JobKind(config=CodedConfig, run=run,
-              description="encoded optimization with stragglers as erasures (Karakus et al.)")
+              description="encoded optimization with stragglers as erasures (Karakus et al.)",
+              validate_data=validate_data)

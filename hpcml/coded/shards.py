@@ -26,8 +26,8 @@ from hpcml.errors import UsageError
 
 
 def open_input(path: str, x_key: str, y_key: str) -> tuple[h5py.File, Any, Any]:
-    """Open an HDF5 input and its X (n, p) and y (n,) datasets; a missing file or dataset is a
-    one-line ``UsageError`` naming the field."""
+    """Open an HDF5 input and its X (n, p) and y (n,) datasets; a missing file or dataset, or
+    datasets of the wrong shape or dtype, is a one-line ``UsageError`` naming the field."""
     if not Path(path).is_file():
         raise UsageError(f"problem.path: HDF5 file {path!r} not found (give an existing .h5 file)")
     try:
@@ -40,15 +40,65 @@ def open_input(path: str, x_key: str, y_key: str) -> tuple[h5py.File, Any, Any]:
             fh.close()
             raise UsageError(f"{field}: dataset {key!r} not in {path} (datasets there: {names})")
     x, y = fh[x_key], fh[y_key]
+    problem = None
     if x.ndim != 2 or y.ndim != 1 or y.shape[0] != x.shape[0]:
+        problem = (f"needs X of shape (n, p) and y of shape (n,), got {x.shape} and "
+                   f"{y.shape}")
+    elif x.dtype.kind not in "iuf" or y.dtype.kind not in "iuf":
+        problem = f"needs numeric X and y, got {x.dtype} and {y.dtype}"
+    if problem is not None:
         fh.close()
-        raise UsageError(f"problem.x_key: {path} needs X of shape (n, p) and y of shape (n,), "
-                         f"got {x.shape} and {y.shape}")
-    if x.dtype.kind not in "iuf" or y.dtype.kind not in "iuf":
-        fh.close()
-        raise UsageError(f"problem.x_key: {path} needs numeric X and y, got {x.dtype} and "
-                         f"{y.dtype}")
+        raise UsageError(f"problem.x_key: {path} {problem}")
     return fh, x, y
+
+
+ROWS_PER_READ = 1 << 14
+
+
+def check_input(path: str, x_key: str, y_key: str, kind: str) -> None:
+    """Everything :func:`~hpcml.coded.problems.load_data` needs of an HDF5 input, read in
+    blocks of rows (memory O(block x p)): :func:`open_input`'s shapes and dtypes, n >= 2 rows,
+    every value finite, at least one non-constant column of X, and a y that standardizes (not
+    constant; two classes for ``kind = 'logistic'``). Constant columns are allowed: the loader
+    centres X and y, which fits an unpenalized intercept, so a constant column (e.g. a column
+    of ones) carries nothing more and is dropped without changing the solution. Raises a
+    one-line ``UsageError`` naming the field, the file and the fix (not collective)."""
+    fh, x, y = open_input(path, x_key, y_key)
+    with fh:
+        n, p = x.shape
+        if n < 2 or p < 1:
+            raise UsageError(f"problem.x_key: {path}: X has shape {x.shape}; a regression needs "
+                             "n >= 2 rows and p >= 1 columns (give the full data set)")
+        lo, hi = np.full(p, np.inf), np.full(p, -np.inf)
+        labels: set[float] = set()
+        for start in range(0, n, ROWS_PER_READ):
+            stop = min(start + ROWS_PER_READ, n)
+            for field, key, block in (("problem.x_key", x_key, x[start:stop]),
+                                      ("problem.y_key", y_key, y[start:stop])):
+                bad = np.argwhere(~np.isfinite(np.asarray(block, dtype=np.float64)))
+                if len(bad):
+                    row = int(bad[0][0]) + start
+                    cell = f"row {row}" + (f", column {int(bad[0][1])}" if block.ndim == 2 else "")
+                    raise UsageError(f"{field}: {path}: dataset {key!r} holds "
+                                     f"{block[tuple(bad[0])]} in {cell} and {len(bad) - 1} more "
+                                     f"non-finite values in rows {start}..{stop - 1} (the solver "
+                                     "needs finite numbers: drop or impute those rows)")
+            block = np.asarray(x[start:stop], dtype=np.float64)
+            lo, hi = np.minimum(lo, block.min(axis=0)), np.maximum(hi, block.max(axis=0))
+            labels.update(np.unique(np.asarray(y[start:stop], dtype=np.float64))[:3].tolist())
+            labels = set(sorted(labels)[:3])
+        if not (hi > lo).any():
+            raise UsageError(f"problem.x_key: {path}: every column of X is constant, so no "
+                             "feature is left once the data are centred (give data whose "
+                             "features vary)")
+        if kind == "logistic" and len(labels) != 2:
+            raise UsageError(f"problem.y_key: {path}: logistic regression needs exactly two "
+                             f"classes in y, got {len(labels) if len(labels) < 3 else '3 or more'}"
+                             " (give binary labels)")
+        if len(labels) < 2:
+            raise UsageError(f"problem.y_key: {path}: y is constant ({labels.pop()}), so it "
+                             "cannot be standardized and there is nothing to fit (give the "
+                             "targets)")
 
 
 def shard_path(out_dir: str | Path, worker: int) -> Path:

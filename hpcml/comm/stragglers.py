@@ -15,9 +15,11 @@ freeze is a delay of ``freeze`` seconds. The freeze is not capped by ``max_delay
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import signal
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,27 +86,37 @@ class ParetoDelay(DelayModel):
 
 
 class TraceDelay(DelayModel):
-    """Replays a recorded trace; iterations past the last row wrap around."""
+    """Replays a recorded trace; iterations past the last row wrap around. ``size`` (when
+    given): the ranks that will ask for a delay, each of which needs its column."""
 
-    def __init__(self, config: StragglerConfig) -> None:
+    def __init__(self, config: StragglerConfig, size: int | None = None) -> None:
         super().__init__(config)
         path = Path(config.trace)
+        form = "a CSV of delays in seconds, one row per iteration, one column per rank"
         if not path.is_file():
-            raise UsageError(f"stragglers.trace: file {config.trace!r} not found (give a CSV of "
-                             "delays in seconds, one row per iteration, one column per rank)")
+            raise UsageError(f"stragglers.trace: file {config.trace!r} not found (give {form})")
         try:
-            table = np.loadtxt(path, delimiter=",", ndmin=2, dtype=float)
-        except ValueError as exc:
-            raise UsageError(f"stragglers.trace: {config.trace}: not a numeric CSV "
-                             f"({exc})") from None
-        if table.size == 0 or (table < 0).any():
-            raise UsageError(f"stragglers.trace: {config.trace}: needs non-negative delays")
+            text = path.read_bytes().decode("utf-8")
+            with warnings.catch_warnings():  # an empty file is refused below
+                warnings.simplefilter("ignore", UserWarning)
+                table = np.loadtxt(io.StringIO(text), delimiter=",", ndmin=2, dtype=float)
+        except (ValueError, UnicodeDecodeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"stragglers.trace: {config.trace}: not a numeric CSV ({first}; "
+                             f"give {form})") from None
+        bad = np.argwhere(~(np.isfinite(table) & (table >= 0)))
+        if table.size == 0 or len(bad):
+            got = "no values" if table.size == 0 else (
+                f"{table[tuple(bad[0])]} in row {bad[0][0] + 1}, column {bad[0][1] + 1} "
+                f"({len(bad)} such values)")
+            raise UsageError(f"stragglers.trace: {config.trace}: needs finite, non-negative "
+                             f"delays, got {got} (give {form})")
+        if size is not None and table.shape[1] < size:
+            raise UsageError(f"stragglers.trace: {config.trace} has {table.shape[1]} columns "
+                             f"but ranks 0..{size - 1} each need one (give {form})")
         self.table = table
 
     def sample(self, rank: int, iteration: int) -> float:
-        if rank >= self.table.shape[1]:
-            raise UsageError(f"stragglers.trace: {self.config.trace} has {self.table.shape[1]} "
-                             f"columns but rank {rank} needs one (one column per rank)")
         return float(self.table[iteration % self.table.shape[0], rank])
 
 
@@ -153,7 +165,8 @@ _MODELS = {"none": DelayModel, "fixed": FixedDelay, "exponential": ExponentialDe
 
 
 def make_delay_model(config: StragglerConfig, size: int | None = None) -> DelayModel:
-    """The delay model ``config`` describes; with ``size`` also checks ranks exist."""
+    """The delay model ``config`` describes; with ``size`` also checks that ranks
+    ``0..size-1`` exist in it (slow ranks, trace columns)."""
     if config.kind in ("fixed", "fault") and size is not None:
         bad = [r for r in config.slow_ranks if not 0 <= r < size]
         if bad:
@@ -161,4 +174,6 @@ def make_delay_model(config: StragglerConfig, size: int | None = None) -> DelayM
                               f"{size} ranks", "use ranks 0..size-1")
     if config.kind == "trace" and not config.trace:
         raise ConfigError("stragglers.trace", "kind = 'trace' needs a trace file", "set trace")
+    if config.kind == "trace":
+        return TraceDelay(config, size)
     return _MODELS[config.kind](config)

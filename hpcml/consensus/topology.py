@@ -13,6 +13,7 @@ disconnected graph cannot reach the network-wide average.
 from __future__ import annotations
 
 import math
+import re
 from collections import deque
 from pathlib import Path
 
@@ -90,19 +91,29 @@ def erdos_renyi(n: int, p: float, seed: int, tries: int = 1000) -> np.ndarray:
     raise UsageError(f"graph.p: G({n}, {p}) was disconnected in all {tries} draws (raise p)")
 
 
+NODE_ID = re.compile(r"-?[0-9]+")  # ASCII digits only: str.isdigit() also accepts '²'
+
+
 def read_edges(path: str | Path, n: int) -> np.ndarray:
     """Undirected edge list: one ``i j`` pair of 0-based node ids per line, ``#`` comments."""
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"graph.edges: file {str(p)!r} not found (give a text file of 'i j' "
                          "lines)")
+    try:
+        lines = p.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"graph.edges: {p}: not a UTF-8 text file (byte {exc.start} is not "
+                         "UTF-8; give a text file of 'i j' lines)") from None
+    except OSError as exc:
+        raise UsageError(f"graph.edges: {p}: cannot be read ({exc.strerror})") from None
     edges = []
-    for number, line in enumerate(p.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
         parts = text.split()
-        if len(parts) != 2 or not all(s.lstrip("-").isdigit() for s in parts):
+        if len(parts) != 2 or not all(NODE_ID.fullmatch(s) for s in parts):
             raise UsageError(f"graph.edges: {p}:{number}: expected two node ids 'i j', got "
                              f"{text!r}")
         i, j = int(parts[0]), int(parts[1])
@@ -142,6 +153,7 @@ def build_graph(kind: str, n: int, *, degree: int = 3, p: float = 0.5, seed: int
         raise UsageError(f"graph.kind: unknown graph {kind!r}; choose from {', '.join(GRAPHS)}")
     adj = builders[kind]()
     if not is_connected(adj):
-        raise UsageError(f"graph: the {kind} graph on {n} nodes is disconnected, so consensus "
-                         "cannot reach the network average (add edges so every node is reachable)")
+        field = f"graph.edges: {edges}: the" if kind == "file" else f"graph: the {kind}"
+        raise UsageError(f"{field} graph on {n} nodes is disconnected, so consensus cannot "
+                         "reach the network average (add edges so every node is reachable)")
     return adj

@@ -20,6 +20,7 @@ import torch
 
 from hpcml.comm import chunk_bounds
 from hpcml.errors import UsageError
+from hpcml.nmt.subword import validate_extras
 from hpcml.nmt.vocab import BOS, EOS, PAD, SPECIALS
 
 SPLITS = ("train", "valid", "test")
@@ -78,17 +79,27 @@ def read_vocab(path: str | Path) -> list[str]:
             vocab = _dataset(f, path, "vocab", "1-D UTF-8 strings (id -> token)")
             if h5py.check_string_dtype(vocab.dtype) is None:
                 raise _bad(path, "vocab", "1-D UTF-8 strings (id -> token)", str(vocab.dtype))
-            return [t.decode() for t in vocab[:]]
+            tokens = vocab[:]
     except OSError as exc:
         raise UsageError(f"data.path: {path}: not a readable HDF5 file ({exc}; "
                          f"{REGENERATE})") from None
+    words = []
+    for index, token in enumerate(tokens):
+        try:
+            words.append(token.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _bad(path, "vocab", "1-D UTF-8 strings (id -> token)",
+                       f"token {index} = {token!r}, which is not UTF-8") from None
+    return words
 
 
 def validate_corpus(path: str | Path, rank: int, size: int) -> dict[str, int]:
     """Check a corpus file as :mod:`hpcml.nmt.corpus` writes it: the vocabulary starts with the
     special tokens and has no duplicates, and every split has 1-D integer ``src``/``tgt`` ids
     and ``n + 1`` offsets from 0 to ``len(ids)``, non-decreasing, with ids inside the
-    vocabulary. Rank ``rank`` of ``size`` reads only its block of each array, so the ranks
+    vocabulary; the subword model and reference texts of a subword corpus
+    (:func:`~hpcml.nmt.subword.validate_extras`). Rank ``rank`` of ``size`` reads only its
+    block of each array, so the ranks
     together check every entry once (not collective: the caller combines the outcomes).
     Returns the sentences of each split; raises a one-line ``UsageError`` naming the file and
     dataset."""
@@ -101,6 +112,7 @@ def validate_corpus(path: str | Path, rank: int, size: int) -> dict[str, int]:
         with h5py.File(path, "r") as f:
             for split in SPLITS:
                 sizes[split] = _check_split(f, path, split, len(vocab), rank, size)
+        validate_extras(path, sizes, len(vocab), rank, size)
     except OSError as exc:
         raise UsageError(f"data.path: {path}: not a readable HDF5 file ({exc}; "
                          f"{REGENERATE})") from None

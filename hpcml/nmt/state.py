@@ -18,7 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from hpcml.checkpoint import Restored, rng_state, set_rng_state
+from hpcml.checkpoint import (
+    SHARED,
+    Restored,
+    check_rng_state,
+    rank_file,
+    require,
+    rng_state,
+    set_rng_state,
+)
 from hpcml.comm import Communicator
 from hpcml.errors import UsageError
 from hpcml.jobs import RunContext
@@ -53,3 +61,54 @@ def restore(comm: Communicator, restored: Restored, model: nn.Module,
     set_rng_state(restored.local["rng"])
     broadcast_state(comm, model, optimizer)
     return {**shared, "rank_state": restored.local.get("rank_state")}
+
+
+def _optimizer_fits(optimizer: torch.optim.Optimizer, state: Any, where: Any) -> None:
+    """A trial ``optimizer.load_state_dict(state)`` succeeds and leaves every per-parameter
+    state tensor a scalar or of its parameter's shape (``optimizer`` is a fresh one)."""
+    try:
+        optimizer.load_state_dict(state)
+    except (KeyError, RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"{where}: its optimizer state does not fit this model ({text}); "
+                         "resume with the same job file") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.numel() != 1 \
+                        and value.shape != param.shape:
+                    raise UsageError(f"{where}: optimizer state {name!r} has shape "
+                                     f"{tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(param.shape)}; resume with the same job file")
+
+
+def check(restored: Restored, fresh: Any, rank: int, qsparse: bool) -> None:
+    """Everything :func:`restore` and the training loop read from ``restored``, tried before
+    anything is written: the model's tensors (names, dtypes, shapes), a trial load of the
+    optimizer state, the history and epoch, this rank's RNG state and, with ``qsparse``, its
+    ``rank_state`` (model, wrapped optimizer and the wrapper's own state). ``fresh()`` returns
+    a new (model, optimizer) of this config. Raises a one-line ``UsageError`` naming the file
+    (not collective)."""
+    shared_file = restored.manifest.path / SHARED
+    own_file = restored.manifest.path / rank_file(rank)
+    model, optimizer = fresh()
+    require(restored.shared, {"model": model.state_dict(), "optimizer": {}, "history": [],
+                              "epoch": 0}, shared_file)
+    for entry in restored.shared["history"]:
+        require(entry, {"step": 0, "valid_loss": 0.0}, shared_file)
+    _optimizer_fits(optimizer, restored.shared["optimizer"], shared_file)
+    check_rng_state(restored.local, own_file)
+    if not qsparse:
+        return
+    own = restored.local.get("rank_state")
+    if own is None:
+        raise UsageError(f"{own_file}: has no per-rank qsparse state (it was written without "
+                         "[qsparse]); start a new run")
+    model, optimizer = fresh()
+    vector = torch.nn.utils.parameters_to_vector(
+        [p for p in model.parameters() if p.requires_grad]).detach()  # as QsparseLocalSGD
+    require(own, {"model": model.state_dict(), "optimizer": {"qsparse": {
+        "x_sync": vector, "memory": vector, "generator": torch.Generator().get_state(),
+        "local_steps": 0, "syncs": 0, "bits_sent": 0}}}, own_file)
+    _optimizer_fits(optimizer, {k: v for k, v in own["optimizer"].items() if k != "qsparse"},
+                    own_file)

@@ -107,6 +107,51 @@ def prepare(prefix_dir: str | Path, out: str | Path, src: str = "en", tgt: str =
     return out
 
 
+def validate_extras(path: str | Path, sentences: dict[str, int], vocab: int, rank: int,
+                    size: int) -> None:
+    """Check what a corpus of :func:`prepare` adds to :mod:`hpcml.nmt.corpus`'s layout, when
+    present (the end-of-run BLEU reads it): ``subword_model`` a 1-D uint8 SentencePiece
+    model that loads and has ``vocab`` pieces; ``<split>/tgt_text`` 1-D strings, one per
+    sentence (``sentences[split]``), rank ``rank`` of ``size`` decoding its block as UTF-8.
+    Raises a one-line ``UsageError`` naming the file and dataset (not collective)."""
+    from hpcml.comm import chunk_bounds
+
+    def bad(name: str, expected: str, got: str) -> UsageError:
+        return UsageError(f"data.path: {path}: dataset {name!r}: expected {expected}, got {got} "
+                          "(regenerate it with python -m hpcml.nmt.subword)")
+
+    with h5py.File(path, "r") as f:
+        model = f.get(MODEL_KEY)
+        if model is not None:
+            what = f"a 1-D uint8 SentencePiece model of {vocab} pieces"
+            if not isinstance(model, h5py.Dataset) or model.ndim != 1 or model.dtype != np.uint8:
+                raise bad(MODEL_KEY, what, "a group" if not isinstance(model, h5py.Dataset)
+                          else f"shape {model.shape} of dtype {model.dtype}")
+            try:
+                pieces = len(Subword(model[:].tobytes()))
+            except (RuntimeError, OSError, ValueError):
+                raise bad(MODEL_KEY, what, f"{model.shape[0]} bytes that SentencePiece cannot "
+                          "parse as a model") from None
+            if pieces != vocab:
+                raise bad(MODEL_KEY, what, f"{pieces} pieces")
+        for split, n in sentences.items():
+            text = f.get(f"{split}/{TEXT_KEY}")
+            if text is None:
+                continue
+            name = f"{split}/{TEXT_KEY}"
+            if not isinstance(text, h5py.Dataset) or text.shape != (n,) \
+                    or h5py.check_string_dtype(text.dtype) is None:
+                raise bad(name, f"{n} UTF-8 strings (one per sentence)",
+                          "a group" if not isinstance(text, h5py.Dataset)
+                          else f"shape {text.shape} of dtype {text.dtype}")
+            lo, hi = chunk_bounds(n, size, rank)
+            for i, line in enumerate(text[lo:hi], lo):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise bad(name, "UTF-8 strings", f"sentence {i} = {line[:40]!r}") from None
+
+
 def detokenizer(path: str | Path) -> Callable[[Sequence[int]], str]:
     """ids -> text for the corpus ``path``: its subword model when it has one, else the
     word-level detokenizer of the numbers corpus over its vocabulary."""

@@ -39,6 +39,7 @@ from hpcml.nmt.decode import corpus_bleu, validation_loss
 from hpcml.nmt.model import Transformer, noam_lr
 from hpcml.nmt.qsparse import accounting, qsparse_optimizer
 from hpcml.nmt.state import broadcast_state, restore, save
+from hpcml.nmt.state import check as check_state
 from hpcml.nmt.step import train_step
 from hpcml.nmt.subword import detokenizer, references
 from hpcml.optim.registry import build_optimizer
@@ -173,19 +174,25 @@ def validate_data(cfg: NMTConfig, comm: Communicator) -> None:
 
 
 def check_resume(cfg: NMTConfig, restored: Restored) -> None:
-    """The checkpoint's parameters have this config's names and shapes, and a ``[qsparse]`` run
-    finds its per-rank state (raises UsageError otherwise)."""
+    """The checkpoint's parameters have this config's names, dtypes and shapes, and
+    everything else a resumed run reads fits (:func:`hpcml.nmt.state.check`; raises
+    UsageError otherwise)."""
     saved = restored.shared.get("model", {})
-    expected = build_model(cfg, len(read_vocab(cfg.data.path))).state_dict()
+    vocab = len(read_vocab(cfg.data.path))
+    expected = build_model(cfg, vocab).state_dict()
     wrong = [k for k in expected.keys() | saved.keys()
-             if k not in saved or k not in expected or saved[k].shape != expected[k].shape]
+             if k not in saved or k not in expected or not isinstance(saved[k], torch.Tensor)
+             or saved[k].shape != expected[k].shape] if isinstance(saved, dict) else ["model"]
     if wrong:
         raise UsageError(f"{restored.manifest.path}: its model does not fit this config "
                          f"({len(wrong)} tensors differ, e.g. {sorted(wrong)[0]}); resume with "
                          "the same [model] section")
-    if cfg.qsparse.enabled and restored.local.get("rank_state") is None:
-        raise UsageError(f"{restored.manifest.path}: has no per-rank qsparse state (it was "
-                         "written without [qsparse]); start a new run")
+
+    def fresh() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = build_model(cfg, vocab, sparse=not cfg.qsparse.enabled)
+        return model, make_optimizer(model, cfg.train.optimizer)
+
+    check_state(restored, fresh, restored.rank, cfg.qsparse.enabled)
 
 
 JOB = JobKind(config=NMTConfig, run=run,

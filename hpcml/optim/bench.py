@@ -46,7 +46,7 @@ from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
 from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
-from hpcml.optim.corpus import VOCAB, read_split
+from hpcml.optim.corpus import VOCAB, read_split, validate_corpus
 from hpcml.optim.lm import CausalLM, next_token_loss
 from hpcml.optim.mada import COEFFICIENTS
 from hpcml.optim.registry import DEFAULT_LR, build_optimizer
@@ -344,4 +344,6 @@ def _plot_coefficients(cfg: BenchOptimizersConfig, ctx: RunContext,
 
 
 JOB = JobKind(config=BenchOptimizersConfig, run=run,
-              description="MADA vs Adam/AMSGrad/AVGrad/Lion/Adan/Yogi on a byte-level LM")
+              description="MADA vs Adam/AMSGrad/AVGrad/Lion/Adan/Yogi on a byte-level LM",
+              validate_data=lambda cfg, comm: validate_corpus(cfg.data, comm.rank, comm.size,
+                                                              cfg.model.context + 1))

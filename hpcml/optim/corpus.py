@@ -99,6 +99,11 @@ class Split:
     total: int
 
 
+def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
+    """[lo, hi) of rank ``rank``'s contiguous share of ``total`` tokens (pure)."""
+    return rank * total // size, (rank + 1) * total // size
+
+
 def read_split(path: str | Path, split: str, rank: int = 0, size: int = 1) -> Split:
     """Rank ``rank``'s shard of ``split`` ('train' or 'valid'): tokens [r L / P, (r+1) L / P)
     of the split's L tokens, read from disk without loading the rest. Not collective."""
@@ -110,8 +115,50 @@ def read_split(path: str | Path, split: str, rank: int = 0, size: int = 1) -> Sp
                              f"python -m hpcml.optim.corpus {path})")
         ds = f[split]["tokens"]
         total = ds.shape[0]
-        lo, hi = rank * total // size, (rank + 1) * total // size
+        lo, hi = shard_bounds(total, rank, size)
         return Split(np.asarray(ds[lo:hi], dtype=np.uint8), lo, total)
+
+
+def validate_corpus(path: str | Path, rank: int, size: int, window: int,
+                    field: str = "data") -> None:
+    """Check a corpus as :func:`build` writes it, for rank ``rank`` of ``size`` drawing windows
+    of ``window`` tokens: ``train/tokens`` and ``valid/tokens`` 1-D integer datasets of byte
+    tokens in [0, 255]; this rank's shard of the training split (:func:`read_split`) and the
+    whole validation split hold at least one window. The rank checks the values of its own
+    shard (the ranks together check every training token once) and of the validation split,
+    which every rank reads. Raises a one-line ``UsageError`` naming ``field``, the file and
+    the dataset (not collective)."""
+    import h5py
+
+    fix = f"rebuild it with python -m hpcml.optim.corpus {path}"
+    name = "the file"
+    try:
+        with h5py.File(path, "r") as f:
+            for split in ("train", "valid"):
+                name = f"{split}/tokens"
+                ds = f.get(name)
+                expected = f"1-D integer byte tokens in [0, {VOCAB - 1}]"
+                if not isinstance(ds, h5py.Dataset):
+                    got = "nothing" if ds is None else "a group"
+                elif ds.ndim != 1 or ds.dtype.kind not in "iu":
+                    got = f"shape {ds.shape} of dtype {ds.dtype}"
+                else:
+                    total = ds.shape[0]
+                    lo, hi = shard_bounds(total, rank, size) if split == "train" else (0, total)
+                    if hi - lo < window:
+                        expected = (f"at least {window} tokens (model.context + 1) for "
+                                    + (f"each of the {size} ranks' shards" if split == "train"
+                                       else "a validation window"))
+                        got = f"{hi - lo} tokens" + (f" on rank {rank}" if size > 1 else "")
+                    else:
+                        tokens = np.asarray(ds[lo:hi])
+                        if tokens.min() >= 0 and tokens.max() < VOCAB:
+                            continue
+                        got = f"tokens in [{tokens.min()}, {tokens.max()}]"
+                raise UsageError(f"{field}: {path}: dataset {name!r}: expected {expected}, "
+                                 f"got {got} ({fix})")
+    except OSError as exc:
+        raise UsageError(f"{field}: {path}: cannot read {name} as HDF5 ({exc}; {fix})") from None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -170,4 +170,4 @@ def _plot(rows: list[dict[str, Any]], target: float, ranks: int, ctx: RunContext
 
 JOB = JobKind(config=BenchQsparseConfig, run=run,
               description="Qsparse-local-SGD vs vanilla/top-k/QSGD/local SGD: bits to target",
-              validate_data=lambda cfg, comm: validate_digits(cfg.data.path))
+              validate_data=lambda cfg, comm: validate_digits(cfg.data.path, comm.size))

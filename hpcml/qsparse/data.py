@@ -65,9 +65,10 @@ LAYOUT = {"train/x": ((64,), 0, 16), "train/y": ((), 0, 9), "test/x": ((64,), 0,
           "test/y": ((), 0, 9)}
 
 
-def validate_digits(path: str | Path) -> None:
+def validate_digits(path: str | Path, workers: int = 1) -> None:
     """Check a digits file as :func:`write_digits` writes it: every dataset of :data:`LAYOUT`
-    present, numeric (labels integer), of shape (n, 64) / (n,) with matching n >= 1 per split,
+    present, numeric (labels integer), of shape (n, 64) / (n,) with matching n >= 1 per split
+    (n >= ``workers`` for the training split, so that every worker's shard has an example),
     values inside the layout's range. Raises a one-line ``UsageError`` naming the file and the
     dataset (not collective; the file is small, so every rank checks all of it)."""
     import h5py
@@ -90,6 +91,9 @@ def validate_digits(path: str | Path) -> None:
                     got = f"dtype {ds.dtype}"
                 elif ds.shape[1:] != tail or ds.shape[0] < 1:
                     got = f"shape {ds.shape}"
+                elif name.startswith("train/") and ds.shape[0] < workers:
+                    what = f"at least one example for each of the {workers} workers"
+                    got = f"{ds.shape[0]} examples"
                 elif integer and ds.shape[0] != h5[name.replace("/y", "/x")].shape[0]:
                     images = h5[name.replace("/y", "/x")].shape[0]
                     got = f"{ds.shape[0]} labels for {images} images"

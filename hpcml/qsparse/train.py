@@ -329,4 +329,5 @@ def run(cfg: QsparseConfig, ctx: RunContext) -> dict[str, Any]:
 
 JOB = JobKind(config=QsparseConfig, run=run,
               description="Qsparse-local-SGD (sync or async) on digits with exact bit counts",
-              validate_data=lambda cfg, comm: validate_digits(cfg.data.path))
+              validate_data=lambda cfg, comm: validate_digits(
+                  cfg.data.path, comm.size - (cfg.mode == "async")))

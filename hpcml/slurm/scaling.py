@@ -96,12 +96,14 @@ def _save_checkpoint(ctx: RunContext, w: np.ndarray, step: int) -> None:
 
 
 def check_resume(cfg: ScalingConfig, restored: Restored) -> None:
-    """The checkpoint holds ``cfg.features`` weights (raises UsageError otherwise)."""
+    """The checkpoint holds ``cfg.features`` float64 weights (raises UsageError otherwise)."""
     w = restored.shared.get("w")
-    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (cfg.features,):
-        got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-        raise UsageError(f"{restored.manifest.path}: holds weights of shape {got}, the job has "
-                         f"{cfg.features} features (resume with the same job file)")
+    if not isinstance(w, torch.Tensor) or tuple(w.shape) != (cfg.features,) \
+            or w.dtype != torch.float64:
+        got = (f"{w.dtype} of shape {tuple(w.shape)}" if isinstance(w, torch.Tensor)
+               else type(w).__name__)
+        raise UsageError(f"{restored.manifest.path}: holds weights {got}, the job has "
+                         f"{cfg.features} float64 features (resume with the same job file)")
 
 
 def _load_checkpoint(ctx: RunContext, features: int) -> tuple[np.ndarray, int]:
