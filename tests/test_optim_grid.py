@@ -38,14 +38,17 @@ def test_best_of_grid_against_hand_computed_values():
     assert adam["std"] == pytest.approx(0.25 / math.sqrt(2))  # sample std of {2.25, 2.5}
     assert (adam["edge"], adam["lrs"], adam["lrs_diverged"], adam["vs_adam"]) == (None, 3, 1, 0)
     assert adam["step_ms"] == 7.0  # median of 0 + 2 and 10 + 2
+    assert adam["vs_adam_seeds"] == [0.0, 0.0]
     # lion: best at the smallest lr (std 0 over two equal seeds); yogi at the largest.
     assert (rows["lion"]["lr"], rows["lion"]["edge"], rows["lion"]["std"]) == (1e-3, "low", 0.0)
     assert rows["lion"]["vs_adam"] == 3.0 - 2.375
+    assert rows["lion"]["vs_adam_seeds"] == [3.0 - 2.5, 3.0 - 2.25]  # seed 1, seed 0
     assert (rows["yogi"]["lr"], rows["yogi"]["edge"], rows["yogi"]["vs_adam"]) == (
         2e-3, "high", 0.125)
     # avgrad: one lr and one seed: no std, cannot be bracketed.
     assert (rows["avgrad"]["edge"], rows["avgrad"]["std"], rows["avgrad"]["vs_adam"]) == (
         "single", None, -0.375)
+    assert rows["avgrad"]["vs_adam_seeds"] == [-0.25, -0.25]  # its one seed, 0: 2.0 - 2.25
     # mada: a seed diverged at every lr: no best, nothing to compare.
     mada = rows["mada"]
     assert (mada["lr"], mada["val_loss"], mada["edge"], mada["vs_adam"], mada["lrs_diverged"]) \
@@ -66,9 +69,10 @@ def test_tables_state_the_edge_and_the_divergence():
     best = best_table(rows).splitlines()
     line = {r.split(" | ")[0].strip("| "): r for r in best[2:]}
     assert "| 0.001 | 3.0000 ± 0.0000 | 3.0000-3.0000 | 2 | YES: smallest lr" in line["lion"]
-    assert "YES: largest lr, optimum may be higher | +0.1250 |" in line["yogi"]
-    assert "| 0.002 | 2.3750 ± 0.1768 | 2.2500-2.5000 | 2 | no | +0.0000 | 1 of 3 |" \
-        in line["adam"]
+    assert "YES: largest lr, optimum may be higher | +0.1250 (+0.0000 to +0.2500) |" \
+        in line["yogi"]
+    assert "| 0.002 | 2.3750 ± 0.1768 | 2.2500-2.5000 | 2 | no | +0.0000 (+0.0000 to " \
+        "+0.0000) | 1 of 3 |" in line["adam"]
     assert "diverged at every lr" in line["mada"]
     grid = grid_table(cells, absolute=True).splitlines()
     assert grid[0] == "| optimizer | lr 0.001 | lr 0.002 | lr 0.004 |"

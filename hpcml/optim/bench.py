@@ -250,7 +250,9 @@ def best_of_grid(runs: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]
     ``edge``: ``"low"``/``"high"`` when that lr is the smallest/largest evaluated for this
     optimizer, ``"single"`` when only one was, else None (the grid brackets the optimum);
     ``lrs``/``lrs_diverged``: learning rates evaluated / with a diverged seed; ``vs_adam``: the
-    difference to Adam's best (None without an ``adam`` row); the medians of ``step_ms`` and
+    difference to Adam's best (None without an ``adam`` row), ``vs_adam_seeds``: [min, max] of
+    the same difference seed by seed (a seed is the same initialisation and batches for every
+    optimizer; None without a common seed); the medians of ``step_ms`` and
     ``opt_cpu_ms`` and ``state_mib`` at the best lr. Every field that needs a best cell is None
     when every lr diverged."""
     names = list(dict.fromkeys(r["optimizer"] for r in runs))
@@ -288,10 +290,17 @@ def best_of_grid(runs: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]
                                       "state_mib")))
         rows.append(row)
         cells.extend({k: v for k, v in c.items() if k != "runs"} for c in own)
-    adam = next((r["val_loss"] for r in rows if r["optimizer"] == "adam"), None)
+    adam = next((r for r in rows if r["optimizer"] == "adam" and r["val_loss"] is not None),
+                None)
+    adam_final = {} if adam is None else {r["seed"]: r["final"] for r in runs
+                                          if (r["optimizer"], r["lr"]) == ("adam", adam["lr"])}
     for row in rows:
+        paired = [r["final"] - adam_final[r["seed"]] for r in runs
+                  if (r["optimizer"], r["lr"]) == (row["optimizer"], row["lr"])
+                  and r["seed"] in adam_final]
         row["vs_adam"] = None if adam is None or row["val_loss"] is None \
-            else row["val_loss"] - adam
+            else row["val_loss"] - adam["val_loss"]
+        row["vs_adam_seeds"] = [min(paired), max(paired)] if paired else None
     return cells, rows
 
 
@@ -363,12 +372,16 @@ def best_table(rows: Sequence[Mapping[str, Any]]) -> str:
               "range": "-" if r["min"] is None else f"{r['min']:.4f}-{r['max']:.4f}",
               "best_lr": "diverged at every lr" if r["lr"] is None else f"{r['lr']:.3g}",
               "at_edge": EDGE[r["edge"]] if r["lr"] is not None else "-",
+              "vs": "-" if r["vs_adam"] is None else f"{r['vs_adam']:+.4f}" + (
+                  "" if r["vs_adam_seeds"] is None else
+                  " ({:+.4f} to {:+.4f})".format(*r["vs_adam_seeds"])),
               "div": f"{r['lrs_diverged']} of {r['lrs']}"} for r in rows]
     return markdown_table(shown, [
         ("optimizer", "optimizer", ""), ("best_lr", "best lr", ""),
         ("loss", "final val loss at best lr (nats/byte, mean ± std)", ""),
         ("range", "min-max over seeds", ""), ("seeds", "seeds", "d"),
-        ("at_edge", "best lr at grid edge?", ""), ("vs_adam", "vs tuned Adam", "+.4f"),
+        ("at_edge", "best lr at grid edge?", ""),
+        ("vs", "vs tuned Adam: mean (seed by seed min to max)", ""),
         ("div", "lrs with a diverged seed", ""), ("step_ms", "ms/step", ".1f"),
         ("opt_cpu_ms", "opt.step CPU ms", ".2f"), ("state_mib", "opt. state MiB", ".3f")])
 
