@@ -439,12 +439,14 @@ def _plot_losses(ctx: RunContext, cells: Sequence[Mapping[str, Any]],
                  rows: Sequence[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]]) -> None:
     plt = pyplot()
     fig, (curves_ax, lr_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
+    top = []  # the curves after the first evaluation: the y range that shows their differences
     for row in rows:
         if row["lr"] is None:
             continue
         recs = _at_best(row, runs)
         length = min(len(r["val_loss"]) for r in recs)
         curves = np.array([r["val_loss"][:length] for r in recs], dtype=float)
+        top.append(curves[:, min(1, length - 1)].max())
         wide = 2.2 if row["optimizer"] == "mada" else 1.2
         line, = curves_ax.plot(recs[0]["steps"][:length], curves.mean(0), linewidth=wide,
                                label=f"{row['optimizer']} (lr {row['lr']:.3g})")
@@ -458,7 +460,8 @@ def _plot_losses(ctx: RunContext, cells: Sequence[Mapping[str, Any]],
     curves_ax.set_title("validation loss at each optimizer's best lr (mean, min-max of seeds)")
     curves_ax.set_xlabel("step")
     curves_ax.set_ylabel("validation loss (nats/byte)")
-    curves_ax.set_ylim(top=min(6.0, curves_ax.get_ylim()[1]))
+    if top:
+        curves_ax.set_ylim(top=max(top))
     lr_ax.set_xscale("log")
     lr_ax.set_title("final validation loss against lr (mean of seeds; * = best)")
     lr_ax.set_xlabel("learning rate")
