@@ -113,7 +113,7 @@ class BenchOptimizersConfig(JobConfig):
         if self.model.d_model % self.model.heads:
             raise ConfigError("model.d_model", f"{self.model.d_model} is not divisible by "
                               f"model.heads = {self.model.heads}", "use e.g. d_model = 16 * heads")
-        grid, example = self.lr_grid, "e.g. [0.25, 0.5, 1, 2, 4, 8, 16]"
+        grid, example = self.lr_grid, "e.g. [0.5, 1, 2, 4, 8, 16, 32]"
         if not grid:
             raise ConfigError("lr_grid", "is empty", f"give the multipliers, {example}")
         ratios = [b / a for a, b in zip(grid, grid[1:], strict=False)]
