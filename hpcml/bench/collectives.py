@@ -53,9 +53,9 @@ BUS_FACTOR = {"Allreduce": lambda p: 2 * (p - 1) / p, "Allgather": lambda p: (p 
 
 @dataclasses.dataclass
 class CollectivesConfig(JobConfig):
-    ops: list[str] = option(list(OPS), choices=OPS, help="collectives to time")
+    ops: list[str] = option(list(OPS), choices=OPS, nonempty=True, help="collectives to time")
     buffers: list[str] = option(["numpy", "torch"], choices=("numpy", "torch"),
-                                help="buffer types to time")
+                                nonempty=True, help="buffer types to time")
     min_bytes: int = option(4, min=4, help="smallest message (bytes)")
     max_bytes: int = option(64 * 2**20, min=4, help="largest message (bytes)")
     step: int = option(4, min=2, help="size multiplier between messages")

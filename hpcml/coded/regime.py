@@ -24,7 +24,7 @@ class StragglerBenchConfig(JobConfig):
     parameters, m, and how many delay realizations each strategy meets."""
 
     delay_models: list[str] = option(["none", "exponential", "pareto"], choices=DELAY_MODELS,
-                                     help="straggler models to compare under")
+                                     nonempty=True, help="straggler models to compare under")
     workers: int = option(0, min=0, help="m; 0 = ranks - 1 (4 on one rank, simulated)")
     mean: float = option(0.02, min=0.0, help="exponential: mean delay (s)")
     scale: float = option(0.005, min=0.0, help="pareto: minimum delay x_m (s)")

@@ -84,9 +84,9 @@ class BenchOptimizersConfig(JobConfig):
     model: LMConfig = option(LMConfig())
     mada: MADAOptions = option(MADAOptions())
     optimizers: list[str] = option(list(BENCH_OPTIMIZERS[:7]), choices=BENCH_OPTIMIZERS,
-                                   help="optimizers compared")
-    settings: list[str] = option(list(SETTINGS), choices=SETTINGS, help="hyper-parameter "
-                                 "settings: default, beta2=0.9, lr*10, lr*0.1")
+                                   nonempty=True, help="optimizers compared")
+    settings: list[str] = option(list(SETTINGS), choices=SETTINGS, nonempty=True,
+                                 help="hyper-parameter settings: default, beta2=0.9, lr*10, lr*0.1")
     seeds: int = option(3, min=1, help="seeds per (setting, optimizer): seed, seed + 1, ...")
     steps: int = option(200, min=1, help="optimizer steps per run")
     batch_size: int = option(16, min=1, help="global windows per step (divisible by ranks)")

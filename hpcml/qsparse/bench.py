@@ -49,7 +49,8 @@ METHODS = ("vanilla", "topk", "qsgd", "local", "qsparse-sync", "qsparse-async")
 
 @dataclasses.dataclass
 class BenchQsparseConfig(JobConfig):
-    methods: list[str] = option(list(METHODS), choices=METHODS, help="methods to run")
+    methods: list[str] = option(list(METHODS), choices=METHODS, nonempty=True,
+                                help="methods to run")
     k: int = option(48, min=1, help="Top-k coordinates (topk, qsparse)")
     s: int = option(15, min=1, help="QSGD levels (qsgd, qsparse)")
     data: DataConfig = option(DataConfig())
