@@ -304,6 +304,44 @@ def test_hostile_name_and_runs_dir_end_to_end(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "job.toml"]
 
 
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A directory on a real read-only filesystem (a tmpfs mounted ro, holding one results
+    file); skipped where mounting is not permitted."""
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(ro)],
+                      capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        (ro / "rows.jsonl").write_text('{"P": 1, "method": "ddp", "step_ms": 1, '
+                                        '"tokens_per_s": 1}\n')
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        yield ro
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_read_only_filesystem_is_refused_with_its_errno(read_only_dir):
+    from hpcml.bench import results
+    from hpcml.errors import UsageError
+    from hpcml.nmt.bench import is_row
+    from hpcml.rundir import check_runs_dir
+
+    with pytest.raises(UsageError) as err:
+        check_runs_dir(str(read_only_dir / "runs"))
+    assert str(err.value) == (f"runs_dir: cannot create run directories under "
+                              f"'{read_only_dir}/runs': EROFS (Read-only file system) at "
+                              f"'{read_only_dir}' (choose a writable directory, e.g. runs_dir = "
+                              '"runs")')
+    for name, problem in [("new.jsonl", "cannot create"), ("rows.jsonl", "cannot append to")]:
+        with pytest.raises(UsageError, match=f"results: {problem} .*Read-only file system"):
+            results.check("results", str(read_only_dir / name), is_row, "bench reduction")
+    assert sorted(p.name for p in read_only_dir.iterdir()) == ["rows.jsonl"]
+
+
 def test_unknown_bench_is_one_line_naming_the_benches(tmp_path):
     line = one_error_line(hpcml_cli(1, "bench", "nosuch", cwd=tmp_path))
     names = ", ".join(sorted(k.removeprefix("bench-") for k in KINDS if k.startswith("bench-")))
