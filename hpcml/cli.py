@@ -202,6 +202,7 @@ def report_scaling(runs: tuple[str, ...], bench: str | None, mode: str | None, m
     model = fit_bench(bench) if bench else None
     rows = build_table(series, mode, model, max_ranks)
     target = Path(out) if out else Path(runs[0]).resolve().parent / "scaling-report"
+    output.check_out(target)
     click.echo(output.write(target, series, model, rows, mode), nl=False)
     click.echo(f"report in {target}", err=True)
 

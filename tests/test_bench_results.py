@@ -1,6 +1,7 @@
-"""Results files of benches (hpcml.bench.results, bench reduction's rows): refused up front
-unless they can only be the bench's own, appended without rewriting a byte, torn lines reported
-and kept, never a reason to drop rows."""
+"""Output files outside run directories, refused up front unless they can only be hpcml's own:
+results files of benches (hpcml.bench.results, bench reduction's rows), appended without
+rewriting a byte, torn lines reported and kept, never a reason to drop rows; and the files of a
+scaling report."""
 
 import json
 
@@ -82,3 +83,30 @@ def test_a_new_file_in_a_new_directory_is_accepted_without_creating_anything(tmp
 ])
 def test_is_row_rejects_what_the_tables_could_not_read(bad):
     assert is_row(row(2)) and not is_row(bad)
+
+
+def test_scaling_report_replaces_only_its_own_files(tmp_path):
+    from hpcml.errors import UsageError
+    from hpcml.report.output import check_out
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "table.md").write_text("my table\n")
+    with pytest.raises(UsageError) as err:
+        check_out(mine)
+    assert str(err.value) == (f"--out: '{mine}' holds table.md that no scaling report wrote "
+                              "(choose a new directory; a report replaces only its own files)")
+    (mine / "report.json").write_text('{"rows": []}')  # not a report's: keys missing
+    with pytest.raises(UsageError, match="holds table.md, report.json that no scaling report"):
+        check_out(mine)
+    assert (mine / "table.md").read_text() == "my table\n"
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "table.md").write_text("old report\n")
+    (earlier / "report.json").write_text('{"mode": "weak", "rows": [], "measured_up_to": 2}')
+    check_out(earlier)  # an earlier report's files may be replaced
+    check_out(tmp_path / "new" / "report")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UsageError, match="ENOTDIR"):
+        check_out(tmp_path / "afile" / "report")

@@ -56,8 +56,8 @@ def check(key: str, path: str, is_row: Callable[[Any], bool], owner: str) -> Non
     if target.suffix != SUFFIX or real.suffix != SUFFIX:
         named = f"{path!r}" + (f" (a link to {str(real)!r})" if real.suffix != target.suffix
                                else "")
-        raise ConfigError(key, f"{named} is not named *{SUFFIX}; a results file is JSON lines, "
-                          "and hpcml writes no other file outside a run directory", fix)
+        raise ConfigError(key, f"{named} is not named *{SUFFIX} (a results file is JSON "
+                          "lines; no other file may be aimed at)", fix)
     if not target.exists():
         problem = directory_problem(target.parent)
         if problem:
