@@ -280,6 +280,47 @@ def test_mutated_jobs_validate_or_give_one_line(kind, data):
     check_contract(kind, muts, as_bench)
 
 
+# runs that used to crash after doing all their work (or quietly accept nonsense), each now
+# refused before anything is written; one rank
+REFUSED_UP_FRONT = [
+    ("bench-privacy", ["projections=[2000000000]"],
+     "projections: m = 2000000000 rows: each release would draw an m x 442 Gaussian matrix"),
+    ("bench-model-parallel", ['layouts=["dp4"]'],
+     "layouts: none of ['dp4'] fits 1 rank (the smallest needs 4)"),
+    ("bench-qsparse", ["methods=[]"], "methods: must list at least one value, got []"),
+    ("bench-qsparse", ['methods=["qsparse-async"]'], "needs >= 2 ranks (rank 0 serves)"),
+    ("bench-collectives", ['ops=["SendRecv", "IsendIrecv"]'], "are ping-pongs, which need 2"),
+    ("bench-coded", ['delay_models=["none"]'], "delay_models: ['none'] alone measures nothing"),
+    ("bench-cf", ['delay_models=["none"]'], "delay_models: ['none'] alone measures nothing"),
+    ("bench-reduction", [f"results={literal(str(ROOT / 'jobs'))}"], "' is a directory"),
+    ("bench-reduction", [f"results={literal(str(ROOT / 'README.md'))}"], "is not named *.jsonl"),
+    ("bench-reduction", ['projection.bench="no/such/run"'],
+     "projection.bench: no/such/run: no summary.json"),
+    ("scaling", ['name="a/b"'], "name: 'a/b' is not allowed"),
+    ("scaling", ['runs_dir="/proc/runs"'], "ENOENT (No such file or directory) at '/proc'"),
+]
+
+
+@pytest.mark.parametrize(("kind", "overrides", "expected"), REFUSED_UP_FRONT,
+                         ids=lambda v: v if isinstance(v, str) and v in KINDS else None)
+def test_known_bad_runs_are_refused_before_they_start(kind, overrides, expected, tmp_path):
+    runs = [] if any(o.startswith("runs_dir") for o in overrides) else [f"runs_dir={tmp_path}"]
+    plan, err = validate(None, kind, [*runs, *overrides])
+    assert plan is None and err.count("\n") == 1 and ERROR.fullmatch(err.strip()), err
+    assert expected in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_horovod_only_is_refused_when_horovod_does_not_import(tmp_path):
+    from hpcml.nmt.peers import horovod_unavailable
+
+    if horovod_unavailable() is None:
+        pytest.skip("Horovod imports here (make horovod), so methods=['horovod'] can run")
+    plan, err = validate(None, "bench-reduction", [f"runs_dir={tmp_path}",
+                                                   'methods=["horovod", "horovod_sparse"]'])
+    assert plan is None and "need Horovod, which does not import" in err, err
+
+
 # --- end to end through the hpcml command (each a fresh process) -----------------------------
 
 def one_error_line(res) -> str:

@@ -66,6 +66,10 @@ class CollectivesConfig(JobConfig):
     warmup: int = option(3, min=0, help="untimed calls per path before timing")
 
     def check(self, size: int) -> None:
+        if size < 2 and set(self.ops) <= set(PING_PONGS):
+            raise ConfigError("ops", f"{self.ops} are ping-pongs, which need 2 ranks, so one rank "
+                              "would measure nothing", "launch with mpiexec -n 2 or add e.g. "
+                              "'Allreduce'")
         if self.max_bytes < self.min_bytes:
             raise ConfigError("max_bytes", f"{self.max_bytes} < min_bytes {self.min_bytes}",
                               "make max_bytes >= min_bytes")

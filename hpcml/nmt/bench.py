@@ -364,7 +364,14 @@ def _plot(rows: list[dict[str, Any]], scaling: str, ctx: RunContext) -> None:
 def validate_data(cfg: ReductionConfig, comm: Communicator) -> None:
     """The corpus is well formed (each rank checks its block) and one step fits (synthetic
     batches read no corpus); rank 0 checks the ``results`` file (:func:`results.check`) and the
-    ``projection.bench`` run (alpha-beta fits to it)."""
+    ``projection.bench`` run (alpha-beta fits to it); methods that are all Horovod need it to
+    import (else the run would measure nothing)."""
+    if set(cfg.methods) <= set(HOROVOD):
+        reason = peers.horovod_unavailable()
+        if reason:
+            raise ConfigError("methods", f"{cfg.methods} need Horovod, which does not import "
+                              f"({reason}), so the run would measure nothing",
+                              "build it with make horovod, or add e.g. 'dense_allreduce'")
     if comm.rank == 0:
         if cfg.results:
             results.check("results", cfg.results, is_row, "bench reduction")
