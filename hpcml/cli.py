@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from hpcml.errors import UsageError
+from hpcml.errors import UsageError, one_line
 from hpcml.preemption import catch_early_usr1
 
 if TYPE_CHECKING:
@@ -49,8 +49,8 @@ def bench(name: str, job_file: str | None, overrides: tuple[str, ...]) -> None:
     from hpcml.launch import execute
 
     if name not in bench_names():
-        raise click.BadParameter(f"unknown benchmark {name!r}; choose from {bench_names()}",
-                                 param_hint="NAME")
+        raise UsageError(f"NAME: unknown benchmark {name!r}; choose from "
+                         f"{', '.join(bench_names())} (e.g. hpcml bench collectives)")
     execute(job_file, kind=f"bench-{name}", overrides=overrides)
 
 
@@ -203,14 +203,33 @@ def report_scaling(runs: tuple[str, ...], bench: str | None, mode: str | None, m
     model = fit_bench(bench) if bench else None
     rows = build_table(series, mode, model, max_ranks)
     target = Path(out) if out else Path(runs[0]).resolve().parent / "scaling-report"
+    output.check_out(target)
     click.echo(output.write(target, series, model, rows, mode), nl=False)
     click.echo(f"report in {target}", err=True)
 
 
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"hpcml: error: {one_line(message)}", err=True)
+    raise SystemExit(code)
+
+
 def main() -> None:
+    """The ``hpcml`` command. Bad input of any kind, hpcml's (:class:`UsageError`) or click's
+    own (an unknown command or option, a missing argument), prints one line
+    ``hpcml: error: ...`` and exits 2; ``--help`` and ``--version`` exit 0."""
     catch_early_usr1()
     try:
-        cli.main(standalone_mode=True)
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # `hpcml` or a group alone: its help
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except click.UsageError as exc:
+        hint = f" (see {exc.ctx.command_path} --help)" if exc.ctx else ""
+        _fail(exc.format_message().rstrip(".") + hint)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    except click.Abort:
+        _fail("aborted", 1)
     except UsageError as exc:
-        click.echo(f"hpcml: error: {exc}", err=True)
-        raise SystemExit(2) from None
+        _fail(str(exc))
+    raise SystemExit(code if isinstance(code, int) else 0)

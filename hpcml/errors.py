@@ -3,13 +3,28 @@ that means "the filesystem refused a write" (:class:`StorageError`)."""
 
 import errno
 
+import re
+
+# characters that never belong in a name, path or message line: C0, DEL and C1 controls
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control character (newline, tab, NUL, escape...) written as its
+    Python escape, so that it prints as exactly one line. Pure."""
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
 
 class UsageError(Exception):
     """Bad input: a malformed job file, an impossible value, a missing data set.
 
     The message is one line that names the offending field and how to fix it. Entry points turn it
-    into ``hpcml: error: <message>`` on stderr and exit code 2.
+    into ``hpcml: error: <message>`` on stderr and exit code 2. ``str()`` of it is always one line
+    (:func:`one_line`), whatever user text (a path, a key) the message quotes.
     """
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class ConfigError(UsageError):

@@ -6,7 +6,8 @@ Order of events (all ranks):
 2. read the job file and ``--set`` overrides, validate against the kind's schema and the number
    of ranks, check the input data (the kind's ``validate_data``) and, with ``--resume``, the run
    directory and its last checkpoint (rank count, config hash, file hashes; loaded with
-   ``weights_only``); the hash covers every key but :data:`PLACEMENT_KEYS`. Every rank
+   ``weights_only``); the hash covers every key but :data:`PLACEMENT_KEYS`. A new run's
+   ``runs_dir`` must take a directory (rank 0 probes it: path and errno otherwise). Every rank
    validates; an allgather of the outcomes makes the decision collective, so a problem prints
    one line on rank 0 and every rank exits 2 — before any work and before a run directory is
    created or changed;
@@ -42,10 +43,11 @@ from hpcml import checkpoint
 from hpcml.comm import Communicator, abort_on_error, make_delay_model, world
 from hpcml.comm.ledger import format_table
 from hpcml.config import apply_overrides, load_job_file, read_toml, to_dict
+from hpcml.config.schema import shown
 from hpcml.errors import STORAGE_ERRNOS, StorageError, UsageError, describe_os_error
 from hpcml.jobs import JobKind, RunContext, job_kind
 from hpcml.preemption import Preemption, run_status
-from hpcml.rundir import METRICS, RunDir
+from hpcml.rundir import METRICS, RunDir, check_runs_dir
 from hpcml.runtime import configure_threads, environment
 
 SEGMENTS = "segments.json"
@@ -73,6 +75,9 @@ def _validate(comm: Communicator, job_path: str | None, kind: str | None,
         if data.get("kind", kind) != kind:
             raise UsageError(f"{source}: kind: file is for {data['kind']!r}, not {kind!r}")
         data["kind"] = kind
+    if not isinstance(data.get("kind", ""), str):
+        raise UsageError(f"{source}: kind: must be a string, got {shown(data['kind'])} (e.g. "
+                         "kind = \"bench-collectives\")")
     if not data.get("kind"):
         raise UsageError(f"{source}: kind: missing; add e.g. kind = \"bench-collectives\"")
     try:
@@ -209,6 +214,8 @@ def _plan(comm: Communicator, job_path: str | None, kind: str | None,
     if resume is None:
         if allow_config_change:
             raise UsageError("--allow-config-change: only meaningful with --resume RUN_DIR")
+        if comm.rank == 0:  # the rank that creates the run directory
+            check_runs_dir(config.runs_dir)
         return Plan(job, config, kind_name, new_hash)
     return _check_resume(comm, job, config, kind_name, new_hash, resume, allow_config_change)
 

@@ -6,6 +6,7 @@ per write, and a reader drops a trailing partial line.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from hpcml.errors import UsageError
 
 METRICS = "metrics.jsonl"
 
@@ -54,6 +57,23 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, indent=1, default=_default) + "\n"
 
 
+def read_json(path: str | Path) -> Any:
+    """The JSON value in file ``path``. A file that cannot be read, is not UTF-8 or is not one
+    JSON document (empty, torn, edited) raises a one-line ``UsageError`` naming it. Not
+    collective."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); not a file hpcml "
+                         "wrote, or a damaged one") from None
+    except (ValueError, RecursionError) as exc:
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise UsageError(f"{path}: not valid JSON{where}; not a file hpcml wrote, or a damaged "
+                         "one") from None
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """All complete records of a metrics.jsonl file (a torn last line is ignored)."""
     records = []
@@ -63,6 +83,44 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return records
+
+
+def _refusal(err: int, where: Path | str) -> str:
+    return f"{errno.errorcode.get(err, err)} ({os.strerror(err)}) at {str(where)!r}"
+
+
+def directory_problem(path: str | Path) -> str | None:
+    """Why files could not be created in directory ``path`` (made first if it does not exist),
+    as ``"ERRNO (message) at 'where'"``; None when they can. Checks the nearest existing
+    ancestor by creating and removing an empty probe directory in it (nothing is left behind,
+    ``path`` itself is not made), so a read-only filesystem, a missing permission or a pseudo
+    filesystem such as /proc answers with the errno the real write would get; a file in the way
+    gives ENOTDIR and a name too long for the filesystem ENAMETOOLONG. Not collective."""
+    target = Path(os.path.abspath(path))
+    existing = target
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        return _refusal(errno.ENOTDIR, existing)
+    name_max = os.pathconf(existing, "PC_NAME_MAX")
+    missing = target.relative_to(existing).parts
+    too_long = [part for part in missing if len(os.fsencode(part)) > name_max]
+    if too_long or len(os.fsencode(str(target))) + 64 > os.pathconf(existing, "PC_PATH_MAX"):
+        return _refusal(errno.ENAMETOOLONG, too_long[0][:40] + "..." if too_long else target)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".hpcml-probe-"))
+    except OSError as exc:
+        return _refusal(exc.errno or errno.EIO, existing)
+    return None
+
+
+def check_runs_dir(runs_dir: str) -> None:
+    """Raise a one-line ``UsageError`` naming the path and errno when no run directory can be
+    created under ``runs_dir`` (see :func:`directory_problem`). Not collective."""
+    problem = directory_problem(runs_dir)
+    if problem:
+        raise UsageError(f"runs_dir: cannot create run directories under {runs_dir!r}: {problem} "
+                         "(choose a writable directory, e.g. runs_dir = \"runs\")")
 
 
 class RunDir:

@@ -43,11 +43,22 @@ def test_bench_reduction_two_ranks(tmp_path, corpus):
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "reduction.png").stat().st_size > 0
     assert "| 2 | dense_allreduce |" in (run / "table.md").read_text()
+    # a torn line (a writer killed mid-row) is reported and kept; no row is dropped or rewritten
+    first = (tmp_path / "rows.jsonl").read_bytes()
+    with open(tmp_path / "rows.jsonl", "ab") as fh:
+        fh.write(b'{"P": 3, "meth')
     res = hpcml_cli(1, "bench", "reduction", JOB, *args(tmp_path, corpus, "methods=['ddp']"),
                     cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    merged = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    data = (tmp_path / "rows.jsonl").read_bytes()
+    assert data.startswith(first + b'{"P": 3, "meth\n')
+    assert (f"hpcml: warning: {tmp_path / 'rows.jsonl'}: line {len(rows) + 1} not JSON (a torn "
+            "write or an edit): skipped, left in place") in res.stderr
+    merged = [json.loads(x) for x in data.decode().splitlines() if not x.startswith('{"P": 3')]
     assert sorted({r["P"] for r in merged}) == [1, 2] and len(merged) == len(rows) + 1
+    newest = sorted((tmp_path / "runs").iterdir())[-1]
+    assert "| 1 | ddp |" in (newest / "table.md").read_text()
+    assert "| 2 | dense_allreduce |" in (newest / "table.md").read_text()
 
 
 def test_bench_reduction_bad_methods_exit_2(tmp_path, corpus):
@@ -55,3 +66,17 @@ def test_bench_reduction_bad_methods_exit_2(tmp_path, corpus):
                     *args(tmp_path, corpus, "methods=['ddp', 'ddp']"), cwd=tmp_path)
     assert res.returncode == 2 and "methods:" in res.stderr, res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_bench_reduction_refuses_a_results_path_it_does_not_own_before_running(tmp_path, corpus):
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.md").write_text("my notes\n")
+    for target, problem in [("keep/notes.md", "'keep/notes.md' is not named *.jsonl"),
+                            ("keep", "'keep' is a directory")]:
+        res = hpcml_cli(1, "bench", "reduction", JOB,
+                        *args(tmp_path, corpus, f"results={target}"), cwd=tmp_path)
+        lines = res.stderr.splitlines()
+        assert res.returncode == 2 and len(lines) == 1, res.stderr
+        assert lines[0].startswith(f"hpcml: error: results: {problem}"), res.stderr
+    assert (tmp_path / "keep" / "notes.md").read_text() == "my notes\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]

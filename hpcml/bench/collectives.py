@@ -53,9 +53,9 @@ BUS_FACTOR = {"Allreduce": lambda p: 2 * (p - 1) / p, "Allgather": lambda p: (p 
 
 @dataclasses.dataclass
 class CollectivesConfig(JobConfig):
-    ops: list[str] = option(list(OPS), choices=OPS, help="collectives to time")
+    ops: list[str] = option(list(OPS), choices=OPS, nonempty=True, help="collectives to time")
     buffers: list[str] = option(["numpy", "torch"], choices=("numpy", "torch"),
-                                help="buffer types to time")
+                                nonempty=True, help="buffer types to time")
     min_bytes: int = option(4, min=4, help="smallest message (bytes)")
     max_bytes: int = option(64 * 2**20, min=4, help="largest message (bytes)")
     step: int = option(4, min=2, help="size multiplier between messages")
@@ -66,6 +66,10 @@ class CollectivesConfig(JobConfig):
     warmup: int = option(3, min=0, help="untimed calls per path before timing")
 
     def check(self, size: int) -> None:
+        if size < 2 and set(self.ops) <= set(PING_PONGS):
+            raise ConfigError("ops", f"{self.ops} are ping-pongs, which need 2 ranks, so one rank "
+                              "would measure nothing", "launch with mpiexec -n 2 or add e.g. "
+                              "'Allreduce'")
         if self.max_bytes < self.min_bytes:
             raise ConfigError("max_bytes", f"{self.max_bytes} < min_bytes {self.min_bytes}",
                               "make max_bytes >= min_bytes")

@@ -66,7 +66,8 @@ K_FREE = ("uncoded-all", "async")
 class BenchCodedConfig(StragglerBenchConfig):
     problem: ProblemConfig = option(ProblemConfig(data="synthetic"))
     solver: SolverConfig = option(SolverConfig(iterations=80))
-    strategies: list[str] = option(list(STRATEGIES), choices=STRATEGIES, help="runs per model")
+    strategies: list[str] = option(list(STRATEGIES), choices=STRATEGIES, nonempty=True,
+                                    help="runs per model")
     wait_for: list[int] = option([0], min=0, help="k values for the k-of-m strategies "
                                  "(each one run); 0 = m - 1")
     async_step: float = option(0.5, gt=0.0, help="async: step in units of 1 / L (each reply "

@@ -49,9 +49,9 @@ class BenchCFConfig(StragglerBenchConfig):
                                                   lam=3e-5))
     solver: SolverConfig = option(SolverConfig(algorithm="als", iterations=15, inner=10))
     strategies: list[str] = option(["uncoded-all", "uncoded-k", "etf", "hadamard"],
-                                   choices=STRATEGIES, help="runs per delay model")
+                                   choices=STRATEGIES, nonempty=True, help="runs per delay model")
     wait_for: int = option(0, min=0, help="k of the k-of-m strategies; 0 = m - 1")
-    eps: list[float] = option([5e-2, 1e-2], gt=0.0, help="target suboptimalities "
+    eps: list[float] = option([5e-2, 1e-2], gt=0.0, nonempty=True, help="target suboptimalities "
                               "(f - f_ref) / f_ref, each timed")
 
     def check(self, size: int) -> None:

@@ -24,7 +24,7 @@ class StragglerBenchConfig(JobConfig):
     parameters, m, and how many delay realizations each strategy meets."""
 
     delay_models: list[str] = option(["none", "exponential", "pareto"], choices=DELAY_MODELS,
-                                     help="straggler models to compare under")
+                                     nonempty=True, help="straggler models to compare under")
     workers: int = option(0, min=0, help="m; 0 = ranks - 1 (4 on one rank, simulated)")
     mean: float = option(0.02, min=0.0, help="exponential: mean delay (s)")
     scale: float = option(0.005, min=0.0, help="pareto: minimum delay x_m (s)")
@@ -39,7 +39,13 @@ class StragglerBenchConfig(JobConfig):
                           "model; every strategy sees the same ones; the table shows medians")
 
     def check_strategies(self, size: int, strategies: list[str], largest_k: int) -> int:
-        """Validate m, k and the strategy list for ``size`` ranks; returns m."""
+        """Validate the delay models, m, k and the strategy list for ``size`` ranks; returns
+        m. One rank simulates the workers in virtual time, where model 'none' takes no time
+        and is skipped, so it must not be the only one."""
+        if size == 1 and set(self.delay_models) == {"none"}:
+            raise ConfigError("delay_models", "['none'] alone measures nothing on one rank "
+                              "(simulated workers take no time without injected delays)",
+                              "add e.g. 'exponential', or launch with mpiexec -n 5")
         base = CodeConfig(workers=self.workers)
         base.check(size, prefix="workers")
         m = base.workers_for(size)

@@ -41,8 +41,9 @@ from hpcml.privacy.noise import node_rngs, noise_rng, privacy_status, reproducib
 @dataclasses.dataclass
 class ConsensusBenchConfig(JobConfig):
     graphs: list[str] = option(["ring", "torus", "complete", "erdos_renyi"], choices=GRAPHS,
-                               help="graphs to compare")
+                               nonempty=True, help="graphs to compare")
     epsilons: list[float] = option([1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0], gt=0.0,
+                                   nonempty=True,
                                    help="privacy budgets of the MSE-vs-epsilon curve")
     epsilon: float = option(100.0, gt=0.0, help="budget of the MSE-vs-round curve (one of "
                                                 "epsilons)")

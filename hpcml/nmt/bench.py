@@ -24,17 +24,17 @@ resident memory per rank is each method's own:
 Step time is each rank's median, then the slowest rank's; tokens/s = global target tokens per
 step / that time; ``vs_ddp`` = DDP step time / method step time (> 1: faster than DDP);
 ``efficiency`` against the smallest P of the method in the results (weak: T(P0) / T(P); strong:
-T(P0) P0 / (T(P) P)). Run it once per P (``mpiexec -n P``); with ``results`` set, rows accumulate
-in that JSON-lines file (rows of the same P are replaced) and table.md + reduction.png cover
-every P in it, and with ``projection.ranks`` set, projection.md + projection.png extrapolate
-them to the paper's machine (:mod:`hpcml.nmt.projection`).
+T(P0) P0 / (T(P) P)). Run it once per P (``mpiexec -n P``); with ``results`` set, each run
+appends its rows to that JSON-lines file (:mod:`hpcml.bench.results`: nothing in it is ever
+rewritten; a later run at the same P supersedes the earlier one's rows in the tables) and
+table.md + reduction.png cover every P in it, and with ``projection.ranks`` set, projection.md +
+projection.png extrapolate them to the paper's machine (:mod:`hpcml.nmt.projection`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import platform
 import time
@@ -45,11 +45,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcml.bench import results
 from hpcml.bench.report import markdown_table, median, pyplot, save_figure
 from hpcml.bench.rss import peak_rss_bytes, reset_peak_rss
 from hpcml.comm import Communicator
 from hpcml.config import JobConfig, option
-from hpcml.errors import ConfigError
+from hpcml.errors import ConfigError, UsageError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt import peers
 from hpcml.nmt.config import DataConfig, ModelConfig, check_model, check_model_data
@@ -65,7 +66,7 @@ from hpcml.parallel import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
-from hpcml.rundir import atomic_write, read_metrics
+from hpcml.report.scaling import fit_bench
 
 HOROVOD = {"horovod": True, "horovod_sparse": False}  # method -> sparse_as_dense
 METHODS = (*REDUCTIONS, "ddp", *HOROVOD)
@@ -76,7 +77,7 @@ class ReductionConfig(JobConfig):
     model: ModelConfig = option(ModelConfig())
     data: DataConfig = option(DataConfig())
     methods: list[str] = option(["sparse_allgather", "dense_allreduce", "ddp", "horovod"],
-                                choices=METHODS, help="exchanges and peers to time")
+                                choices=METHODS, nonempty=True, help="exchanges and peers to time")
     synthetic: SyntheticConfig = option(SyntheticConfig())
     scaling: str = option("weak", choices=("weak", "strong"),
                           help="weak: fixed work per rank; strong: fixed work per step "
@@ -211,13 +212,45 @@ def _row(cfg: ReductionConfig, comm: Any, r: _Runner) -> dict[str, Any]:
             "rss_peak_MiB": rss / 2**20 if rss is not None else None}
 
 
+# keys of a row (see _row): counts that must be positive numbers, and measurements a method may
+# not report (None)
+_POSITIVE = ("step_ms", "tokens_per_s")
+_OPTIONAL = ("exchange_peak_bytes", "exchange_peak_KiB", "recv_KiB_per_step",
+             "recv_bytes_per_step", "rss_peak_bytes", "rss_peak_MiB")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def is_row(obj: Any) -> bool:
+    """Whether ``obj`` (a parsed JSON line) is a row this bench writes, with every key its
+    tables and projection read (pure)."""
+    return (isinstance(obj, dict) and type(obj.get("P")) is int and obj["P"] >= 1
+            and obj.get("method") in METHODS and obj.get("scaling", "weak") in ("weak", "strong")
+            and all(_number(obj.get(k)) and obj[k] > 0 for k in _POSITIVE)
+            and all(obj.get(k) is None or _number(obj[k]) for k in _OPTIONAL))
+
+
+def latest_runs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the last run at each P, in file order ``rows`` (pure): a row starts a new run
+    of its P when its ``run`` (the run directory; absent in rows of older versions, which kept
+    one run per P) differs from the previous row of that P. Sorted by P, then method."""
+    last: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
+    for row in rows:
+        run = row.get("run")
+        if row["P"] not in last or last[row["P"]][0] != run:
+            last[row["P"]] = (run, [])
+        last[row["P"]][1].append(row)
+    merged = [r for _, group in last.values() for r in group]
+    return sorted(merged, key=lambda r: (r["P"], METHODS.index(r["method"])))
+
+
 def _merge(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of other P already in ``path`` plus ``rows``; rewrites ``path`` atomically."""
-    sizes = {r["P"] for r in rows}
-    old = [r for r in read_metrics(path) if r["P"] not in sizes] if path.is_file() else []
-    merged = sorted(old + rows, key=lambda r: (r["P"], METHODS.index(r["method"])))
-    atomic_write(path, "".join(json.dumps(r) + "\n" for r in merged))
-    return merged
+    """Append ``rows`` to results file ``path`` and return the last run's rows of every P in
+    it (rank 0)."""
+    results.append(path, rows)
+    return latest_runs([r for r in results.read(path) if is_row(r)])
 
 
 def efficiency(scaling: str, p0: int, t0: float, p: int, t: float) -> float:
@@ -285,6 +318,7 @@ def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
     for row in rows:
         ctx.log(f"  {row['method']:<17} P={comm.size}: {row['step_ms']:.1f} ms/step")
     comm.ledger.reset()
+    rows = [{**row, "run": str(ctx.run_dir.path)} for row in rows]
     summary: dict[str, Any] = {"rows": rows, "skipped": skipped}
     if ctx.is_root:
         everything = _merge(Path(cfg.results), rows) if cfg.results else rows
@@ -328,8 +362,24 @@ def _plot(rows: list[dict[str, Any]], scaling: str, ctx: RunContext) -> None:
 
 
 def validate_data(cfg: ReductionConfig, comm: Communicator) -> None:
-    """The corpus is well formed (each rank checks its block) and one step fits; synthetic
-    batches read no corpus."""
+    """The corpus is well formed (each rank checks its block) and one step fits (synthetic
+    batches read no corpus); rank 0 checks the ``results`` file (:func:`results.check`) and the
+    ``projection.bench`` run (alpha-beta fits to it); methods that are all Horovod need it to
+    import (else the run would measure nothing)."""
+    if set(cfg.methods) <= set(HOROVOD):
+        reason = peers.horovod_unavailable()
+        if reason:
+            raise ConfigError("methods", f"{cfg.methods} need Horovod, which does not import "
+                              f"({reason}), so the run would measure nothing",
+                              "build it with make horovod, or add e.g. 'dense_allreduce'")
+    if comm.rank == 0:
+        if cfg.results:
+            results.check("results", cfg.results, is_row, "bench reduction")
+        if cfg.projection.bench:
+            try:
+                fit_bench(cfg.projection.bench)
+            except UsageError as exc:
+                raise UsageError(f"projection.bench: {exc}") from None
     if cfg.synthetic.vocab:
         return
     sizes = validate_corpus(cfg.data.path, comm.rank, comm.size)

@@ -92,8 +92,8 @@ class BenchOptimizersConfig(JobConfig):
     model: LMConfig = option(LMConfig())
     mada: MADAOptions = option(MADAOptions())
     optimizers: list[str] = option(list(BENCH_OPTIMIZERS), choices=BENCH_OPTIMIZERS,
-                                   help="optimizers compared; mada-frozen = MADA with hyper "
-                                   "learning rate 0")
+                                   nonempty=True, help="optimizers compared; mada-frozen = "
+                                   "MADA with hyper learning rate 0")
     lr: float = option(1e-3, min=0.0, help="base learning rate that lr_grid multiplies, the "
                        "same for every optimizer; 0 = each optimizer's own default")
     lr_grid: list[float] = option([0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0], gt=0.0,

@@ -109,9 +109,9 @@ MODELS: dict[str, dict[str, int]] = {
 
 @dataclasses.dataclass
 class ModelParallelConfig(JobConfig):
-    models: list[str] = option(["base", "deep"], choices=tuple(MODELS),
+    models: list[str] = option(["base", "deep"], choices=tuple(MODELS), nonempty=True,
                                help="transformer sizes (MODELS in bench_model_parallel.py)")
-    layouts: list[str] = option(list(LAYOUTS), choices=tuple(LAYOUTS),
+    layouts: list[str] = option(list(LAYOUTS), choices=tuple(LAYOUTS), nonempty=True,
                                 help="layouts to run; those needing more ranks than the job "
                                      "are skipped")
     vocab: int = option(1000, min=8, help="vocabulary size (synthetic tokens)")
@@ -130,6 +130,11 @@ class ModelParallelConfig(JobConfig):
                                                     "are recomputed in backward")
 
     def check(self, size: int) -> None:
+        if all(LAYOUTS[name].ranks > size for name in self.layouts):
+            least = min(LAYOUTS[name].ranks for name in self.layouts)
+            raise ConfigError("layouts", f"none of {self.layouts} fits {size} rank"
+                              f"{'s' if size > 1 else ''} (the smallest needs {least})",
+                              f"launch with mpiexec -n {least} or add 'single'")
         if self.min_len > self.max_len:
             raise ConfigError("min_len", f"{self.min_len} > max_len {self.max_len}",
                               "make min_len <= max_len")

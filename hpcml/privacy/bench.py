@@ -34,6 +34,10 @@ from hpcml.privacy.release import (
     release_projection,
 )
 
+# the most projected rows m: each release draws an m x n Gaussian matrix (n = 442 diabetes
+# records), 231 MiB of float64 at this bound
+MAX_PROJECTION = 2**16
+
 
 @dataclasses.dataclass
 class PrivacyBenchConfig(JobConfig):
@@ -51,6 +55,11 @@ class PrivacyBenchConfig(JobConfig):
         if bad or not self.epsilons:
             raise ConfigError("epsilons", f"every budget must be > 0, got {self.epsilons}",
                               "e.g. [0.1, 1.0, 10.0]")
+        big = [m for m in self.projections if m > MAX_PROJECTION]
+        if big:
+            raise ConfigError("projections", f"m = {big[0]} rows: each release would draw an "
+                              f"m x 442 Gaussian matrix ({big[0] * 442 * 8 / 2**30:.3g} GiB)",
+                              f"use m <= {MAX_PROJECTION}")
 
 
 def load_records() -> np.ndarray:

@@ -49,7 +49,8 @@ METHODS = ("vanilla", "topk", "qsgd", "local", "qsparse-sync", "qsparse-async")
 
 @dataclasses.dataclass
 class BenchQsparseConfig(JobConfig):
-    methods: list[str] = option(list(METHODS), choices=METHODS, help="methods to run")
+    methods: list[str] = option(list(METHODS), choices=METHODS, nonempty=True,
+                                help="methods to run")
     k: int = option(48, min=1, help="Top-k coordinates (topk, qsparse)")
     s: int = option(15, min=1, help="QSGD levels (qsgd, qsparse)")
     data: DataConfig = option(DataConfig())
@@ -59,6 +60,10 @@ class BenchQsparseConfig(JobConfig):
     stragglers: StragglerConfig = option(StragglerConfig())
 
     def check(self, size: int) -> None:
+        if size < 2 and set(self.methods) == {"qsparse-async"}:
+            raise ConfigError("methods", "['qsparse-async'] needs >= 2 ranks (rank 0 serves), so "
+                              "one rank would measure nothing", "launch with mpiexec -n 2 or "
+                              "more, or add a method")
         if self.k > mlp_dimension(self.data.hidden):
             raise ConfigError("k", f"k = {self.k} exceeds the model dimension d = "
                               f"{mlp_dimension(self.data.hidden)}", "use a smaller k")

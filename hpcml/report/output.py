@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from hpcml.bench.report import markdown_table, pyplot, save_figure
+from hpcml.errors import UsageError
 from hpcml.report.alphabeta import AlphaBeta
 from hpcml.report.scaling import Measurement, to_json
-from hpcml.rundir import atomic_write, dumps
+from hpcml.rundir import atomic_write, directory_problem, dumps, read_json
 
 COLUMNS = [("P", "P", "d"), ("source", "source", ""), ("time", "time", ".4g"),
            ("compute", "compute", ".4g"), ("comm", "comm", ".4g"),
@@ -86,9 +87,34 @@ def plot(rows: list[dict[str, Any]], mode: str, measured_up_to: int, path: Path)
     save_figure(fig, path)
 
 
+FILES = ("table.md", "report.json", "scaling.png")
+
+
+def check_out(out: Path) -> None:
+    """Raise a one-line ``UsageError`` unless the report may write its :data:`FILES` into
+    ``out``: a directory that can be made or takes files, where no file of those names exists
+    unless an earlier report wrote them (its ``report.json`` is one). Reads only."""
+    problem = directory_problem(out)
+    if problem:
+        raise UsageError(f"--out: cannot write the report into {str(out)!r}: {problem} (choose "
+                         "a writable directory)")
+    present = [name for name in FILES if (out / name).exists()]
+    if not present:
+        return
+    try:
+        previous = read_json(out / "report.json")
+        ours = isinstance(previous, dict) and {"mode", "rows", "measured_up_to"} <= set(previous)
+    except UsageError:
+        ours = False
+    if not ours or not all((out / name).is_file() for name in present):
+        raise UsageError(f"--out: {str(out)!r} holds {', '.join(present)} that no scaling report "
+                         "wrote (choose a new directory; a report replaces only its own files)")
+
+
 def write(out: Path, series: Sequence[Measurement], model: AlphaBeta | None,
           rows: list[dict[str, Any]], mode: str) -> str:
-    """Write the three files into ``out``; returns the markdown."""
+    """Write the three files into ``out`` (check it first with :func:`check_out`); returns
+    the markdown."""
     text = markdown(series, model, rows, mode)
     atomic_write(out / "table.md", text)
     atomic_write(out / "report.json", dumps(to_json(series, model, rows, mode)))

@@ -19,7 +19,7 @@ visible.
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ from typing import Any
 
 from hpcml.errors import UsageError
 from hpcml.report.alphabeta import AlphaBeta, fit
+from hpcml.rundir import read_json
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,36 @@ def _read(path: Path, name: str) -> dict[str, Any]:
     file = path / name
     if not file.is_file():
         raise UsageError(f"{path}: no {name} (give run directories of finished runs)")
-    return json.loads(file.read_text())
+    data = read_json(file)
+    if not isinstance(data, dict):
+        raise UsageError(f"{file}: not a JSON object; not a file hpcml wrote, or a damaged one")
+    return data
+
+
+def _damaged(path: Path, exc: Exception) -> UsageError:
+    """The one-line error for run files that parse but lack what a finished run records."""
+    return UsageError(f"{path}: summary.json / env.json / ledger.json do not hold a finished "
+                      f"run's records ({type(exc).__name__}: {exc}); give run directories that "
+                      "hpcml wrote")
 
 
 def measure(run_dir: str | Path) -> Measurement:
-    """Read one run directory (``summary.json``, ``env.json``, ``ledger.json``)."""
+    """Read one run directory (``summary.json``, ``env.json``, ``ledger.json``); a one-line
+    ``UsageError`` when one is missing, not JSON or not a finished run's record."""
     path = Path(run_dir)
     summary, env, ledger = (_read(path, n) for n in ("summary.json", "env.json", "ledger.json"))
+    try:
+        m = _measure(path, summary, env, ledger)
+        if not (math.isfinite(m.time) and m.time > 0 and m.ranks >= 1):
+            raise ValueError(f"{m.ranks} ranks, {m.time} {m.unit}")
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError,
+            ZeroDivisionError) as exc:
+        raise _damaged(path, exc) from None
+    return m
+
+
+def _measure(path: Path, summary: dict[str, Any], env: dict[str, Any],
+             ledger: dict[str, Any]) -> Measurement:
     if summary.get("status", "complete") != "complete":
         raise UsageError(f"{path}: run status is {summary['status']!r}, not complete (resume it "
                          "or leave it out)")
@@ -106,14 +130,19 @@ def projection_ranks(p_max: int, max_ranks: int) -> list[int]:
 
 
 def fit_bench(bench_dir: str | Path) -> AlphaBeta:
-    """Fit alpha-beta to the Allreduce rows of a ``hpcml bench collectives`` run directory."""
+    """Fit alpha-beta to the Allreduce rows of a ``hpcml bench collectives`` run directory; a
+    one-line ``UsageError`` when it is not one (with >= 2 ranks)."""
     summary = _read(Path(bench_dir), "summary.json")
-    rows = [r for r in summary.get("rows", []) if r.get("op") == "Allreduce"]
-    p = int(summary.get("ranks", 1))
-    if p < 2 or not rows:
-        raise UsageError(f"--bench {bench_dir}: needs Allreduce rows measured on >= 2 ranks (run "
-                         "`mpiexec -n 4 hpcml bench collectives --set 'ops=[\"Allreduce\"]'`)")
-    return fit([r["bytes"] for r in rows], [r["hpcml_us"] * 1e-6 for r in rows], p)
+    try:
+        rows = [r for r in summary.get("rows", []) if r.get("op") == "Allreduce"]
+        p = int(summary.get("ranks", 1))
+        if p >= 2 and rows:
+            return fit([float(r["bytes"]) for r in rows],
+                       [float(r["hpcml_us"]) * 1e-6 for r in rows], p)
+    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+        raise _damaged(Path(bench_dir), exc) from None
+    raise UsageError(f"--bench {bench_dir}: needs Allreduce rows measured on >= 2 ranks (run "
+                     "`mpiexec -n 4 hpcml bench collectives --set 'ops=[\"Allreduce\"]'`)")
 
 
 def build_table(series: Sequence[Measurement], mode: str, model: AlphaBeta | None,

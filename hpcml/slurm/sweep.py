@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import tomli_w
 
 from hpcml.errors import UsageError
+from hpcml.rundir import read_json
 
 MANIFEST = "sweep.json"
 
@@ -78,11 +78,18 @@ def write_manifest(sweep_dir: Path, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
+    """The sweep's manifest; a one-line ``UsageError`` when it is missing, not JSON or lacks the
+    list of points."""
     path = Path(sweep_dir) / MANIFEST
     if not path.is_file():
         raise UsageError(f"{sweep_dir}: not a sweep directory (no {MANIFEST}; give the directory "
                          "`hpcml slurm submit` printed)")
-    return json.loads(path.read_text())
+    manifest = read_json(path)
+    points = manifest.get("points") if isinstance(manifest, dict) else None
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        raise UsageError(f"{path}: no list of points in it; not a manifest `hpcml slurm submit` "
+                         "wrote, or a damaged one")
+    return manifest
 
 
 def _run_dir(point_dir: Path) -> Path | None:
@@ -104,10 +111,20 @@ def _queue_states(job_id: str | None) -> dict[int, str]:
     return states
 
 
+def _summary(path: Path) -> dict[str, Any] | None:
+    """A point's summary, or None when it is not a JSON object (a damaged run directory)."""
+    try:
+        summary = read_json(path)
+    except UsageError:
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
 def point_states(sweep_dir: str | Path) -> list[dict[str, Any]]:
     """One record per point: index, point, state, run_dir, summary (or None).
 
-    State: ``complete`` or ``preempted`` from the run's summary; else the Slurm state while
+    State: ``complete`` or ``preempted`` from the run's summary (``damaged`` when the summary
+    is not a JSON object); else the Slurm state while
     the task is pending or running; else ``failed`` (a run directory without a summary) or
     ``missing`` (no run directory)."""
     sweep_dir = Path(sweep_dir)
@@ -119,8 +136,8 @@ def point_states(sweep_dir: str | Path) -> list[dict[str, Any]]:
         summary_path = run / "summary.json" if run else None
         summary = None
         if summary_path is not None and summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            state = summary.get("status", "complete")
+            summary = _summary(summary_path)
+            state = summary.get("status", "complete") if summary is not None else "damaged"
         elif queue.get(index) in ("PENDING", "RUNNING", "CONFIGURING", "REQUEUED"):
             state = queue[index].lower()
         else:
