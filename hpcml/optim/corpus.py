@@ -146,9 +146,9 @@ def validate_corpus(path: str | Path, rank: int, size: int, window: int,
                     total = ds.shape[0]
                     lo, hi = shard_bounds(total, rank, size) if split == "train" else (0, total)
                     if hi - lo < window:
-                        expected = (f"at least {window} tokens (model.context + 1) for "
-                                    + (f"each of the {size} ranks' shards" if split == "train"
-                                       else "a validation window"))
+                        whose = (f"each of the {size} ranks' shards" if split == "train"
+                                 and size > 1 else f"a {split} window")
+                        expected = f"at least {window} tokens (model.context + 1) for {whose}"
                         got = f"{hi - lo} tokens" + (f" on rank {rank}" if size > 1 else "")
                     else:
                         tokens = np.asarray(ds[lo:hi])
