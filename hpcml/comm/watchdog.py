@@ -102,7 +102,9 @@ def describe(what: Any, ledger: Ledger) -> str:
     the request's op with its peer and tag, or the text given to ``watching``."""
     if isinstance(what, Request):
         name = ledger.name_of(what.totals) or "a request"
-        return name if what.peer < 0 else f"{name} (peer {what.peer}, tag {what.tag})"
+        if what.peer < 0:
+            return name
+        return f"{name} (peer {what.peer}" + (f", tag {what.tag})" if what.tag >= 0 else ")")
     if isinstance(what, Persistent | OpTotals):
         return ledger.name_of(what.totals if isinstance(what, Persistent) else what) \
             or "a communication call"
@@ -237,7 +239,8 @@ class Watchdog:
         mine = state_of(WATCH, self.ledger)
         silent, answers = self._heartbeat() if self.heartbeat else ([], None)
         sys.stdout.flush()
-        sys.stderr.write(line(self.rank, mine, silent, answers) + "\n")
+        # a newline first: the line must not continue a progress bar's (tqdm ends with \r)
+        sys.stderr.write(f"\n{line(self.rank, mine, silent, answers)}\n")
         sys.stderr.flush()
         sleep(LINGER)
         if self.heartbeat:
