@@ -121,21 +121,33 @@ def step_text(watch: Watch) -> str:
     return "before any step"
 
 
-State = tuple[str | None, float, str]  # (the wait's name or None, seconds in it, step text)
+# (the wait's name or None, seconds in it, step text, the code the main thread runs or "")
+State = tuple[str | None, float, str, str]
 
 
-def state_of(watch: Watch, ledger: Ledger) -> State:
-    """Where this rank is now, as a heartbeat answer tells it."""
+def running(thread: int | None) -> str:
+    """``"train.py:183 in _local_training"``: the innermost frame of thread ``thread`` (the
+    code a rank not blocked in communication is running), or "" when unknown."""
+    frame = sys._current_frames().get(thread) if thread is not None else None
+    if frame is None:
+        return ""
+    code = frame.f_code
+    return f"{os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+
+
+def state_of(watch: Watch, ledger: Ledger, thread: int | None = None) -> State:
+    """Where this rank is now, as a heartbeat answer tells it (``thread``: the ident of the
+    thread that communicates, whose code is named when it is not blocked)."""
     what, since = watch.what, watch.since
     if what is None:
-        return None, 0.0, step_text(watch)
-    return describe(what, ledger), perf_counter() - since, step_text(watch)
+        return None, 0.0, step_text(watch), running(thread)
+    return describe(what, ledger), perf_counter() - since, step_text(watch), ""
 
 
 def where(state: State) -> str:
-    what, seconds, step = state
+    what, seconds, step, code = state
     if what is None:
-        return f"not blocked in communication, {step}"
+        return f"not blocked in communication, {step}" + (f" ({code})" if code else "")
     return f"blocked {seconds:.0f} s in {what} {step}"
 
 
@@ -148,7 +160,7 @@ def verdict(mine: State, silent: list[int], answers: dict[int, State] | None) ->
     if silent:
         who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {silent}"
         return f"{who} stopped answering (no heartbeat within {HEARTBEAT_SECONDS:g} s)"
-    elsewhere = sorted(r for r, s in answers.items() if (s[0], s[2]) != (mine[0], mine[2]))
+    elsewhere = sorted(r for r, s in answers.items() if s[::2] != mine[::2])
     if not elsewhere:
         return "every rank answers the heartbeat and is blocked in the same call"
     listed = ", ".join(f"rank {r} {where(answers[r])}" for r in elsewhere[:LISTED])
@@ -158,7 +170,7 @@ def verdict(mine: State, silent: list[int], answers: dict[int, State] | None) ->
 
 def line(rank: int, mine: State, silent: list[int], answers: dict[int, State] | None) -> str:
     """The one line a firing rank writes (pure)."""
-    what, seconds, step = mine
+    what, seconds, step, _ = mine
     return (f"hpcml: watchdog: rank {rank} blocked {seconds:.0f} s in {what} {step}; "
             f"{verdict(mine, silent, answers)}; aborting the job (exit code {WATCHDOG_EXIT})")
 
@@ -174,6 +186,7 @@ class Watchdog:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self._ping: MPI.Request | None = None
         self._sends: list[MPI.Request] = []
+        self._main = threading.get_ident()  # the thread that communicates (constructs this)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hpcml-watchdog", daemon=True)
 
@@ -213,8 +226,8 @@ class Watchdog:
             arrived, source = self._ping.test()
             if not arrived:
                 return
-            self._sends.append(self.comm.isend(state_of(WATCH, self.ledger), dest=source,
-                                               tag=PONG))
+            self._sends.append(self.comm.isend(state_of(WATCH, self.ledger, self._main),
+                                               dest=source, tag=PONG))
             self._ping = self.comm.irecv(source=MPI.ANY_SOURCE, tag=PING)
 
     def _heartbeat(self) -> tuple[list[int], dict[int, State]]:
