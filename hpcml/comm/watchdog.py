@@ -24,7 +24,7 @@ Contract:
   not running answers nothing for :data:`HEARTBEAT_SECONDS` and is named as the rank that
   stopped answering. When every rank answers (a rank alive but elsewhere: a deadlock, a rank
   computing for longer than the timeout), the line says where each rank not blocked in the
-  same call is.
+  same call is: the call it is blocked in, or the code it runs (``file:line in function``).
 - **End**: the line goes to stderr, then after :data:`LINGER` seconds (so that the other
   ranks blocked in the same call print theirs and mpiexec forwards the output) the rank calls
   ``MPI_Abort`` with :data:`WATCHDOG_EXIT` (4); mpiexec then kills every rank, stopped ones
@@ -35,7 +35,7 @@ Contract:
 
   (one line; the job's run directory keeps what was written before: metrics, checkpoints).
 - **Threads**: the watchdog thread makes MPI calls, which needs ``MPI_THREAD_MULTIPLE``
-  (mpi4py asks for it by default; MPICH and Open MPI provide it). Under a lower thread level it
+  (mpi4py asks for it by default; the MPICH wheel provides it). Under a lower thread level it
   makes none: it fires the same way but cannot name the silent rank, and ends its process with
   ``os._exit(4)`` (mpiexec then ends the others).
 - **Cost**: three attribute writes per watched call; the thread wakes every :data:`TICK`
