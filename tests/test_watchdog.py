@@ -26,7 +26,7 @@ from hpcml.comm.watch import Watch
 from hpcml.config import load_job_file
 from hpcml.errors import UsageError
 from hpcml.jobs import job_kind
-from hpcml.testing import launch
+from hpcml.testing import hpcml_cli, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds: the watchdog timeout of the fault tests: of a plain script (the ranks start their
@@ -58,6 +58,16 @@ def test_a_bad_environment_value_is_a_usage_error(monkeypatch, raw):
     monkeypatch.setenv(watchdog.ENV, raw)
     with pytest.raises(UsageError, match=f"^{watchdog.ENV}: must be a number of seconds >= 0"):
         watchdog.effective_timeout(600.0)
+
+
+def test_hpcml_run_refuses_a_bad_environment_value_in_one_line(tmp_path):
+    res = hpcml_cli(1, "run", str(ROOT / "jobs" / "bench-collectives.toml"), "--set",
+                    f"runs_dir={tmp_path}/runs", env={watchdog.ENV: "ten"}, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr == (f"hpcml: error: {watchdog.ENV}: must be a number of seconds >= 0, got "
+                          "'ten' (0 turns the watchdog off; unset it to use the job's "
+                          "watchdog_timeout)\n")
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("kind", ["transformer-nmt", "qsparse", "coded", "bench-collectives"])
