@@ -29,7 +29,7 @@ from hpcml.comm.persistent import Persistent, bind, persistent_request
 from hpcml.comm.request import Request
 from hpcml.comm.status import Status, new_status, status_of
 from hpcml.comm.stragglers import DelayModel, StragglerConfig, freeze_process
-from hpcml.comm.watch import WATCH
+from hpcml.comm.watch import WATCH, watching
 
 ANY_SOURCE = MPI.ANY_SOURCE
 ANY_TAG = MPI.ANY_TAG
@@ -352,12 +352,8 @@ class Communicator:
     def _watched(self, op: str, call: Callable[[], MPI.Comm]) -> MPI.Comm:
         """``call()``, a collective that makes a communicator, as a wait the watchdog watches
         (not in the ledger: it moves no data)."""
-        WATCH.since = perf_counter()
-        WATCH.what = f"{self._prefix}{op}"
-        try:
+        with watching(f"{self._prefix}{op}"):
             return call()
-        finally:
-            WATCH.what = None
 
     def split(self, color: int, key: int | None = None, name: str | None = None) -> Communicator:
         """Collective: ranks with equal ``color`` form a new communicator ordered by ``key``."""

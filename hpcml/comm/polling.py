@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from hpcml.comm.request import Request
 from hpcml.comm.status import Status
-from hpcml.comm.watch import WATCH
+from hpcml.comm.watch import WATCH, watching
 
 POLL_SECONDS = 5e-5
 
@@ -25,9 +25,7 @@ def poll_any(requests: Sequence[Request], sleep: float = POLL_SECONDS,
     """Index and status of the first of ``requests`` found complete (already complete ones
     included); None when ``timeout`` seconds passed first. Not collective."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    WATCH.since = time.perf_counter()
-    WATCH.what = requests[0] if requests else None
-    try:
+    with watching(requests[0] if requests else "nothing"):
         while True:
             for i, req in enumerate(requests):
                 status = req.test()
@@ -36,20 +34,15 @@ def poll_any(requests: Sequence[Request], sleep: float = POLL_SECONDS,
             if deadline is not None and time.monotonic() >= deadline:
                 return None
             time.sleep(sleep)
-    finally:
-        WATCH.what = None
 
 
 def poll_all(requests: Sequence[Request], sleep: float = POLL_SECONDS) -> list[Status]:
     """Statuses of ``requests`` once every one is complete. Not collective."""
     statuses = []
-    WATCH.since = time.perf_counter()
-    try:
+    with watching(requests[0] if requests else "nothing"):
         for req in requests:
-            WATCH.what = req
+            WATCH.what = req  # named by the request still pending, timed from the start
             while (status := req.test()) is None:
                 time.sleep(sleep)
             statuses.append(status)
-    finally:
-        WATCH.what = None
     return statuses
