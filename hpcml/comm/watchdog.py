@@ -5,7 +5,8 @@ answering, instead of hanging until the scheduler's time limit.
 Contract:
 
 - **Timeout**: the job key ``watchdog_timeout`` (seconds, every job kind, default
-  :data:`DEFAULT_TIMEOUT` = 600 s, the 10 minutes of torch's default process-group timeout);
+  :data:`DEFAULT_TIMEOUT` = 600 s, the 10 minutes of torch's default NCCL process-group
+  timeout);
   the environment variable ``HPCML_WATCHDOG_TIMEOUT`` wins over the key (and sets the timeout of
   scripts that run without a job file, e.g. a ``DistributedOptimizer`` loop). ``0`` turns the
   watchdog off. A bad value of the variable is a usage error (exit 2).
