@@ -1,10 +1,10 @@
 """The collective watchdog (hpcml.comm.watchdog): a rank frozen with a real SIGSTOP ends a
 synchronous job (transformer NMT at 2 ranks, Qsparse sync at 4, a DistributedOptimizer loop at
 2) and the workers of a frozen coded master (5 ranks) or async Qsparse server (4 ranks) within
-timeout + 5 s (the issue's bound, the only timed assertion) with one line per rank naming the
-call, the step and the frozen rank, exit code 4. A rank slower than the timeout allows but
-alive is named as such; a rank slow (or briefly stopped) for less than the timeout ends
-nothing; the environment variable wins over the job key.
+timeout + 5 s (the issue's bound, the only timed assertion), with at most one line per live
+rank naming the call, the step and the frozen rank, exit code 4. A rank slower than the
+timeout allows but alive is named as such; a rank slow (or briefly stopped) for less than the
+timeout ends nothing; the environment variable wins over the job key.
 """
 
 import contextlib
