@@ -11,8 +11,10 @@ Order of events (all ranks):
    validates; an allgather of the outcomes makes the decision collective, so a problem prints
    one line on rank 0 and every rank exits 2 — before any work and before a run directory is
    created or changed;
-3. set torch threads and the straggler model; rank 0 creates the run directory and saves the
-   resolved config and the environment (``config.toml``, ``env.json``: segment 0). A resumed run
+3. set torch threads, the straggler model and the collective watchdog's timeout
+   (``watchdog_timeout``, unless ``HPCML_WATCHDOG_TIMEOUT`` is set, :mod:`hpcml.comm.watchdog`);
+   rank 0 creates the run directory and saves the resolved config and the environment
+   (``config.toml``, ``env.json`` with the timeout in force: segment 0). A resumed run
    never rewrites them: it appends a segment to ``segments.json`` with its own
    ``config.segment-N.toml`` and ``env.segment-N.json`` (and the length of ``metrics.jsonl``,
    so that :func:`run_metrics` can leave out steps the segment redoes). When the filesystem
@@ -40,7 +42,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hpcml import checkpoint
-from hpcml.comm import Communicator, abort_on_error, make_delay_model, world
+from hpcml.comm import Communicator, abort_on_error, make_delay_model, watchdog, world
 from hpcml.comm.ledger import format_table
 from hpcml.config import apply_overrides, load_job_file, read_toml, to_dict
 from hpcml.config.schema import shown
@@ -95,8 +97,9 @@ def _validate(comm: Communicator, job_path: str | None, kind: str | None,
     return job, config, data["kind"]
 
 
-# keys that say where a run's directory goes, not what it computes: free to differ on --resume
-PLACEMENT_KEYS = ("runs_dir", "name")
+# keys that say where a run's directory goes or when a hung job is ended, not what it
+# computes: free to differ on --resume
+PLACEMENT_KEYS = ("runs_dir", "name", "watchdog_timeout")
 
 
 def identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +368,8 @@ def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[s
         plan = validated(comm, job_path, kind, overrides, resume, allow_config_change)
         config = plan.config
         threads = configure_threads(comm, config.threads)
-        env = environment(comm)
+        env = {**environment(comm), "watchdog_timeout": watchdog.set_timeout(
+            config.watchdog_timeout)}
         run_dir = _opened(comm, plan, env)
         ctx = RunContext(comm=comm, config=config, run_dir=run_dir, resume=plan.resume,
                          restored=plan.restored, preemption=preemption,

@@ -32,7 +32,7 @@ def test_build_accepts_valid_values_and_coerces_ints_to_floats():
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"stepz": 1}, "stepz: unknown key in the top level; allowed: kind, name, runs_dir, seed, "
-                   "sizes, steps, threads, train"),
+                   "sizes, steps, threads, train, watchdog_timeout"),
     ({"train": {"lr": "x"}}, "train.lr: must be a number, got 'x'"),
     ({"train": {"lr": 0.0}}, "train.lr: must be > 0.0, got 0.0"),
     ({"train": {"mode": "c"}}, "train.mode: must be one of 'a', 'b', got 'c'"),

@@ -39,6 +39,9 @@ tagged ``READY`` (carrying what the master needs from it, e.g. its Gram matrix) 
 without waiting for an answer it could only get from the master; the master polls for them with
 the same ``progress_timeout`` and ``stop`` as above, so a worker frozen during setup ends the
 job as failed (``failed_by`` names the phase) instead of holding the master in a barrier.
+A frozen master (SIGSTOP, a hung node): a worker's wait for the master's next message is watched
+by the collective watchdog, so after its timeout the workers end the job with one line naming
+rank 0 (exit code 4, :mod:`hpcml.comm.watchdog`) instead of polling forever.
 Memory bound, per worker: the master holds one reply buffer, one message in flight and one
 waiting message (each at most the message or reply length + 1 float64); a worker holds one
 message. Only the master calls the ``Runtime`` methods; workers call :func:`serve`.
@@ -53,6 +56,7 @@ import numpy as np
 
 from hpcml.comm import Communicator, DelayModel, Request
 from hpcml.comm.polling import POLL_SECONDS, poll_any
+from hpcml.comm.watch import watching
 
 TAG_PERIOD = 32000
 STOP = 32767
@@ -294,12 +298,14 @@ def serve(comm: Communicator, compute: Compute, message_len: int) -> int:
     """Worker loop (ranks 1..m): answer the master until it says stop; returns the number of
     iterations answered. ``compute(t, message)`` returns the reply (without t). The master
     sends a new iterate only once this worker's previous reply arrived, so every message
-    received is the newest one meant for this worker."""
+    received is the newest one meant for this worker. A master that sends nothing for the
+    watchdog's timeout (frozen, hung) ends the job (:mod:`hpcml.comm.watchdog`)."""
     buf = np.empty(message_len + 1)
     answered = 0
     while True:
-        while comm.Iprobe(source=0) is None:
-            time.sleep(POLL_SECONDS)
+        with watching("Recv (peer 0): the master's next message"):
+            while comm.Iprobe(source=0) is None:
+                time.sleep(POLL_SECONDS)
         status = comm.Recv(buf, source=0)
         if status.tag == STOP:
             comm.Send(np.zeros(1), 0, tag=STOP)

@@ -8,6 +8,8 @@ shared by all communicators of the process; sub-communicators (``split``, ``cart
 
 Every method named like an MPI collective is collective over this communicator: all its ranks
 must call it, in the same order. ``Isend``/``Irecv`` and the ``Request`` they return are not.
+Every call that waits for other ranks is watched by the collective watchdog
+(:mod:`hpcml.comm.watchdog`), which ends the job when one lasts longer than its timeout.
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
+from hpcml.comm import watchdog
 from hpcml.comm.buffers import REDUCE_OPS, message, reduce_op, stage
 from hpcml.comm.ledger import ARRIVED, Ledger, OpTotals
 from hpcml.comm.persistent import Persistent, bind, persistent_request
 from hpcml.comm.request import Request
 from hpcml.comm.status import Status, new_status, status_of
 from hpcml.comm.stragglers import DelayModel, StragglerConfig, freeze_process
+from hpcml.comm.watch import WATCH, watching
 
 ANY_SOURCE = MPI.ANY_SOURCE
 ANY_TAG = MPI.ANY_TAG
@@ -76,14 +80,14 @@ class Communicator:
             entry = self._entries[op] = self._ledger.entry(self._prefix + op)
         return entry
 
-    def _record(self, op: str, sent: int, received: int, seconds: float,
-                outstanding: float = 0.0) -> None:
-        self._entry(op).add(sent, received, seconds, outstanding)
-
     def _timed(self, op: str, sent: int, received: int, call: Callable[[], Any]) -> Any:
         entry = self._entries.get(op) or self._entry(op)
-        start = perf_counter()
-        result = call()
+        start = WATCH.since = perf_counter()
+        WATCH.what = entry
+        try:
+            result = call()
+        finally:
+            WATCH.what = None
         entry.seconds += perf_counter() - start
         entry.calls += 1
         entry.bytes_sent += sent
@@ -109,8 +113,12 @@ class Communicator:
                 raise ValueError(f"Allreduce: buffers of {sent} and {received} bytes (items of "
                                  f"{itemsize} and {out_itemsize}) do not match")
         entry = self._allreduce_totals
-        start = perf_counter()
-        self._mpi_allreduce(send_spec, recv_spec, mop)
+        start = WATCH.since = perf_counter()
+        WATCH.what = entry
+        try:
+            self._mpi_allreduce(send_spec, recv_spec, mop)
+        finally:
+            WATCH.what = None
         entry.seconds += perf_counter() - start
         entry.calls += 1
         entry.bytes_sent += sent
@@ -225,8 +233,12 @@ class Communicator:
         """Blocking send of ``buf`` to ``dest``; returns when ``buf`` may be reused."""
         spec, nbytes, _, _ = message(buf)
         entry = self._send_totals
-        start = perf_counter()
-        self._mpi_send(spec, dest, tag)
+        start = WATCH.since = perf_counter()
+        WATCH.what = entry
+        try:
+            self._mpi_send(spec, dest, tag)
+        finally:
+            WATCH.what = None
         entry.seconds += perf_counter() - start
         entry.calls += 1
         entry.bytes_sent += nbytes
@@ -236,8 +248,12 @@ class Communicator:
         spec, _, itemsize, back = message(buf)
         st = self._status
         entry = self._recv_totals
-        start = perf_counter()
-        self._mpi_recv(spec, source, tag, st)
+        start = WATCH.since = perf_counter()
+        WATCH.what = entry
+        try:
+            self._mpi_recv(spec, source, tag, st)
+        finally:
+            WATCH.what = None
         entry.seconds += perf_counter() - start
         n = st.Get_count(_BYTE)
         entry.calls += 1
@@ -304,11 +320,16 @@ class Communicator:
 
     # -- small Python objects (pickled) ----------------------------------------------------------
     def _obj(self, op: str, obj: Any, call: Callable[[], Any]) -> Any:
-        start = perf_counter()
-        result = call()
+        entry = self._entry(op)
+        start = WATCH.since = perf_counter()
+        WATCH.what = entry
+        try:
+            result = call()
+        finally:
+            WATCH.what = None
         size = lambda x: len(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: E731
         received = sum(size(r) for r in result) if isinstance(result, list) else size(result)
-        self._record(op, size(obj), received, perf_counter() - start)
+        entry.add(size(obj), received, perf_counter() - start)
         return result
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
@@ -328,14 +349,22 @@ class Communicator:
         self._timed("Barrier", 0, 0, self.mpi.Barrier)
 
     # -- structure -------------------------------------------------------------------------------
+    def _watched(self, op: str, call: Callable[[], MPI.Comm]) -> MPI.Comm:
+        """``call()``, a collective that makes a communicator, as a wait the watchdog watches
+        (not in the ledger: it moves no data)."""
+        with watching(f"{self._prefix}{op}"):
+            return call()
+
     def split(self, color: int, key: int | None = None, name: str | None = None) -> Communicator:
         """Collective: ranks with equal ``color`` form a new communicator ordered by ``key``."""
-        sub = self.mpi.Split(color, self.rank if key is None else key)
+        sub = self._watched("Split", lambda: self.mpi.Split(color,
+                                                            self.rank if key is None else key))
         return self._derive(sub, name or f"{self.name}.split{color}")
 
     def split_shared(self) -> Communicator:
         """Collective: the ranks that share this node's memory."""
-        return self._derive(self.mpi.Split_type(MPI.COMM_TYPE_SHARED), "node")
+        return self._derive(self._watched("Split_type", lambda: self.mpi.Split_type(
+            MPI.COMM_TYPE_SHARED)), "node")
 
     def cart(self, dims: Sequence[int], periods: Sequence[bool] | None = None,
              name: str = "cart") -> Communicator:
@@ -344,12 +373,12 @@ class Communicator:
             raise ValueError(f"cart: dims {list(dims)} hold {int(np.prod(dims))} ranks, but the "
                              f"communicator has {self.size}")
         periods = [False] * len(dims) if periods is None else list(periods)
-        return self._derive(self.mpi.Create_cart(list(dims), periods=periods, reorder=False),
-                            name)
+        return self._derive(self._watched("Create_cart", lambda: self.mpi.Create_cart(
+            list(dims), periods=periods, reorder=False)), name)
 
     def cart_sub(self, keep: Sequence[bool], name: str) -> Communicator:
         """Collective on a Cartesian communicator: the sub-grid that varies along ``keep``."""
-        return self._derive(self.mpi.Sub(list(keep)), name)
+        return self._derive(self._watched("Sub", lambda: self.mpi.Sub(list(keep))), name)
 
     @property
     def coords(self) -> list[int]:
@@ -360,8 +389,9 @@ class Communicator:
                    name: str = "graph") -> Communicator:
         """Collective: a distributed-graph communicator where this rank receives from
         ``sources`` and sends to ``destinations`` (ranks of this communicator)."""
-        graph = self.mpi.Create_dist_graph_adjacent(list(sources), list(destinations),
-                                                    reorder=False)
+        graph = self._watched("Create_dist_graph_adjacent", lambda: (
+            self.mpi.Create_dist_graph_adjacent(list(sources), list(destinations),
+                                                reorder=False)))
         return self._derive(graph, name)
 
     def neighbors(self) -> tuple[list[int], list[int]]:
@@ -384,11 +414,14 @@ class Communicator:
 
     def straggle(self, iteration: int) -> float:
         """Sleep for this rank's injected delay at ``iteration``; returns the seconds slept.
-        Not collective."""
+        Also declares ``iteration`` as the step the watchdog names (every hpcml job loop calls
+        this at each iteration). Not collective."""
+        WATCH.step = iteration
         seconds = self.delays.delay(self.rank, iteration)
-        if seconds > 0:
-            pause = freeze_process if self.delays.freezes else sleep
-            self._timed("straggle", 0, 0, lambda: pause(seconds))
+        if seconds > 0:  # not a wait for other ranks: recorded, but not watched
+            start = perf_counter()
+            (freeze_process if self.delays.freezes else sleep)(seconds)
+            self._entry("straggle").add(0, 0, perf_counter() - start)
         return seconds
 
     def abort(self, code: int = 1) -> None:
@@ -420,8 +453,12 @@ def world() -> Communicator:
     It wraps a duplicate of MPI_COMM_WORLD, made on the first call (collective: every rank must
     make it, as every hpcml entry point does before any communication), so hpcml's messages can
     never match the job-control messages that :mod:`hpcml.comm.abort` exchanges on
-    MPI_COMM_WORLD itself, nor a user's own COMM_WORLD traffic (mpi4py's advice for libraries)."""
+    MPI_COMM_WORLD itself, nor a user's own COMM_WORLD traffic (mpi4py's advice for libraries).
+    On two or more ranks it also starts this rank's collective watchdog
+    (:func:`hpcml.comm.watchdog.start`; raises ``UsageError`` for a bad
+    ``HPCML_WATCHDOG_TIMEOUT``)."""
     global _WORLD
     if _WORLD is None:
         _WORLD = Communicator(MPI.COMM_WORLD.Dup())
+        watchdog.start(_WORLD.ledger)
     return _WORLD

@@ -116,6 +116,15 @@ class Ledger:
                 del self.bound[i]
                 return
 
+    def name_of(self, totals: OpTotals | BoundTotals) -> str | None:
+        """The op name ``totals`` accumulates under (None when it is not this ledger's). Safe
+        to call from another thread than the one that communicates (the copy is made in one
+        step under the GIL)."""
+        for op, known in [*self.ops.items(), *self.bound]:
+            if known is totals:
+                return op
+        return None
+
     def reset(self) -> None:
         for totals in self.ops.values():
             totals.calls = totals.bytes_sent = totals.bytes_received = 0

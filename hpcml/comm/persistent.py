@@ -36,8 +36,9 @@ from typing import Any
 from mpi4py import MPI
 
 from hpcml.comm.buffers import message
-from hpcml.comm.ledger import ARRIVED, Ledger
+from hpcml.comm.ledger import ARRIVED, BoundTotals, Ledger
 from hpcml.comm.status import Status, status_of
+from hpcml.comm.watch import WATCH
 
 _BYTE = MPI.BYTE
 
@@ -144,6 +145,11 @@ class Persistent:
         return self._active
 
     @property
+    def totals(self) -> BoundTotals:
+        """The counts this operation completes into (its ledger names them)."""
+        return self._counts
+
+    @property
     def status(self) -> Status:
         """The last completion's status (for a receive: sender, tag, elements and bytes)."""
         return status_of(self._status, self._itemsize)
@@ -157,9 +163,13 @@ class Persistent:
             if storage.data_ptr() != address:
                 _reallocated()
         st, counts = self._status, self._counts
-        start = perf_counter()
-        self._start()
-        self._wait(st)
+        start = WATCH.since = perf_counter()
+        WATCH.what = self
+        try:
+            self._start()
+            self._wait(st)
+        finally:
+            WATCH.what = None
         counts.seconds += perf_counter() - start
         counts.runs += 1
         if counts.received == ARRIVED:
@@ -179,8 +189,12 @@ class Persistent:
     def wait(self) -> Status:
         """Complete a started operation (returns at once if none is pending)."""
         if self._active:
-            since = perf_counter()
-            self._wait(self._status)
+            since = WATCH.since = perf_counter()
+            WATCH.what = self
+            try:
+                self._wait(self._status)
+            finally:
+                WATCH.what = None
             self._complete(since)
         return self.status
 

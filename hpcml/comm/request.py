@@ -10,6 +10,7 @@ from mpi4py import MPI
 
 from hpcml.comm.ledger import ARRIVED, OpTotals
 from hpcml.comm.status import Status, new_status
+from hpcml.comm.watch import WATCH
 
 _BYTE = MPI.BYTE
 _STATUS = MPI.Status()  # filled by one wait/test and read at once (requests are not thread-safe)
@@ -69,11 +70,30 @@ class Request:
     def done(self) -> bool:
         return self.status is not None
 
+    @property
+    def totals(self) -> OpTotals:
+        """The ledger accumulator this request completes into."""
+        return self._entry
+
+    @property
+    def peer(self) -> int:
+        """The destination or source as posted (negative: any source, or a collective)."""
+        return self._peer
+
+    @property
+    def tag(self) -> int:
+        """The tag as posted (negative: any tag, or a collective)."""
+        return self._tag
+
     def wait(self) -> Status:
-        """Block until complete; idempotent."""
+        """Block until complete (a wait the watchdog watches); idempotent."""
         if self.status is None:
-            since = perf_counter()
-            self._req.Wait(_STATUS)
+            since = WATCH.since = perf_counter()
+            WATCH.what = self
+            try:
+                self._req.Wait(_STATUS)
+            finally:
+                WATCH.what = None
             return self._complete(_STATUS, since)
         return self.status
 
@@ -101,8 +121,12 @@ class Request:
         pending = [i for i, r in enumerate(requests) if not r.done]
         if not pending:
             raise ValueError("waitany: every request is already complete")
-        since = perf_counter()
-        j = MPI.Request.Waitany([requests[i]._req for i in pending], _STATUS)
+        since = WATCH.since = perf_counter()
+        WATCH.what = requests[pending[0]]
+        try:
+            j = MPI.Request.Waitany([requests[i]._req for i in pending], _STATUS)
+        finally:
+            WATCH.what = None
         i = pending[j]
         return i, requests[i]._complete(_STATUS, since)
 

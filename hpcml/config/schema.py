@@ -84,6 +84,10 @@ class JobConfig:
     threads: int = option(0, help="torch intra-op threads per rank; 0 = cores / ranks per node",
                           min=0)
     runs_dir: str = option("runs", help="where run directories are created")
+    watchdog_timeout: float = option(600.0, min=0.0, help="seconds a rank may stay blocked in "
+                                     "one communication call before the job is ended "
+                                     "(hpcml.comm.watchdog; 0 = off; HPCML_WATCHDOG_TIMEOUT "
+                                     "wins)")
 
     def check(self, size: int) -> None:
         """Cross-field validation that may depend on the number of ranks ``size``."""

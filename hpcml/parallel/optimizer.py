@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hpcml.comm import Communicator, world
+from hpcml.comm.watch import WATCH
 from hpcml.parallel.data_parallel import GradientReducer
 from hpcml.parallel.memory import ExchangeMemory
 from hpcml.parallel.reductions import REDUCTIONS, make_reduction
@@ -61,7 +62,9 @@ class DistributedOptimizer(WrappedOptimizer):
     supplies their names, their backward order
     and which gradients are sparse. It does not broadcast: call
     :func:`~hpcml.parallel.broadcast_parameters` and
-    :func:`~hpcml.parallel.broadcast_optimizer_state` once before training."""
+    :func:`~hpcml.parallel.broadcast_optimizer_state` once before training. Each completed
+    ``step()`` is counted for the collective watchdog, which names the step of a loop that
+    hangs (:mod:`hpcml.comm.watchdog`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *,
                  comm: Communicator | None = None, reduction: str = "dense_allreduce",
@@ -167,6 +170,7 @@ class DistributedOptimizer(WrappedOptimizer):
         if not self.reducer.synchronized:
             self.synchronize()
         self.optimizer.step()
+        WATCH.optimizer_steps += 1
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

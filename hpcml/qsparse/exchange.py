@@ -69,6 +69,8 @@ class ServerExchange:
     """Worker side of the asynchronous variant (not collective except :meth:`initial`). A
     worker has at most one update in flight: it waits (polling, not spinning) for the server's
     model before its next local step, so a frozen server or worker never queues messages.
+    That wait is watched by the collective watchdog: a server that answers nothing for its
+    timeout ends the job with one line naming the server (:mod:`hpcml.comm.watchdog`).
     ``stopped`` turns True when a reply said the server is stopping the run."""
 
     def __init__(self, comm: Communicator, server: int = 0,
