@@ -2,7 +2,6 @@
 that means "the filesystem refused a write" (:class:`StorageError`)."""
 
 import errno
-
 import re
 
 # characters that never belong in a name, path or message line: C0, DEL and C1 controls
