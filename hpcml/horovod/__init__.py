@@ -1,0 +1,89 @@
+"""``import hpcml.horovod as hvd``: a drop-in for ``import horovod.torch as hvd`` in pure
+Python, a face over :mod:`hpcml.comm` (collectives, ledger, abort) and :mod:`hpcml.parallel`
+(``DistributedOptimizer``, buckets, broadcasts). Launch with ``mpiexec -n N python train.py``.
+
+:mod:`.basics`: ``init`` and the process model; :mod:`.ops`: tensor collectives;
+:mod:`.optimizer`: ``DistributedOptimizer`` and the broadcasts (and where they differ from
+Horovod); :mod:`.compression`: ``Compression``. Not implemented (refused with one line where
+called): Adasum, process sets other than the global one, ``join``. Absent: ``SyncBatchNorm``,
+``elastic``, ``horovodrun``.
+"""
+
+from hpcml.horovod.basics import (
+    Adasum,
+    Average,
+    Max,
+    Min,
+    ProcessSet,
+    Product,
+    Sum,
+    ccl_built,
+    cross_rank,
+    cross_size,
+    cuda_built,
+    ddl_built,
+    global_process_set,
+    gloo_built,
+    gloo_enabled,
+    init,
+    is_homogeneous,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
+    nccl_built,
+    poll,
+    rank,
+    rocm_built,
+    shutdown,
+    size,
+    synchronize,
+)
+from hpcml.horovod.compression import Compression
+from hpcml.horovod.ops import (
+    allgather,
+    allgather_async,
+    allgather_object,
+    allreduce,
+    allreduce_,
+    allreduce_async,
+    allreduce_async_,
+    alltoall,
+    alltoall_async,
+    barrier,
+    broadcast,
+    broadcast_,
+    broadcast_async,
+    broadcast_async_,
+    broadcast_object,
+    grouped_allgather,
+    grouped_allreduce,
+    grouped_allreduce_,
+    grouped_allreduce_async,
+    grouped_allreduce_async_,
+    grouped_reducescatter,
+    join,
+    reducescatter,
+    reducescatter_async,
+)
+from hpcml.horovod.optimizer import (
+    DistributedOptimizer,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+)
+
+__all__ = [
+    "Adasum", "Average", "Compression", "DistributedOptimizer", "Max", "Min", "ProcessSet",
+    "Product", "Sum", "allgather", "allgather_async", "allgather_object", "allreduce",
+    "allreduce_", "allreduce_async", "allreduce_async_", "alltoall", "alltoall_async", "barrier",
+    "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "broadcast_object",
+    "broadcast_optimizer_state", "broadcast_parameters", "ccl_built", "cross_rank", "cross_size",
+    "cuda_built", "ddl_built", "global_process_set", "gloo_built", "gloo_enabled",
+    "grouped_allgather", "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",
+    "grouped_allreduce_async_", "grouped_reducescatter", "init", "is_homogeneous",
+    "is_initialized", "join", "local_rank", "local_size", "mpi_built", "mpi_enabled",
+    "mpi_threads_supported", "nccl_built", "poll", "rank", "reducescatter",
+    "reducescatter_async", "rocm_built", "shutdown", "size", "synchronize",
+]
