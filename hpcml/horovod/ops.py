@@ -111,7 +111,7 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      op: int | None = None, prescale_factor: float = 1.0,
                      postscale_factor: float = 1.0, process_set: Any = None) -> int:
     """Start reducing ``tensor`` in place; its value is the result after ``synchronize``."""
-    t = _contiguous("allreduce_", tensor).data
+    t = _contiguous("allreduce_", tensor)
     return _allreduce_start(t, t, _op(op, average), prescale_factor, postscale_factor,
                             communicator(process_set))
 
@@ -215,9 +215,9 @@ def _allgather(tensor: torch.Tensor, comm: Communicator) -> torch.Tensor:
 class _Allgather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, process_set: Any) -> torch.Tensor:
-        comm = communicator(process_set)
+        out = _allgather(tensor, communicator(process_set))
         ctx.process_set, ctx.rows = process_set, tensor.shape[0]
-        return _allgather(tensor, comm)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
