@@ -128,7 +128,7 @@ def check_broadcast(n: int, r: int) -> None:
     assert hvd.broadcast_object({"rank": r, "list": [r]}, root_rank=root) == {
         "rank": root, "list": [root]}
     assert hvd.allgather_object(("r", r)) == [("r", k) for k in range(n)]
-    expect_error(ValueError, "not a rank of the job", hvd.broadcast, t, n)
+    expect_error(ValueError, "is not in", hvd.broadcast, t, n)
     hvd.barrier()
 
 
@@ -292,6 +292,39 @@ def check_optimizer_misc(n: int, r: int) -> None:
                  named_parameters=[("w", p) for p in model.parameters()])
 
 
+def check_process_sets(n: int, r: int) -> None:
+    """Even and odd global ranks as two sets: operations run within a set, root ranks stay
+    global, a rank outside a set is refused."""
+    even = hvd.add_process_set(range(0, n, 2))
+    odd = hvd.add_process_set(hvd.ProcessSet(range(1, n, 2))) if n > 1 else None
+    mine, other = (even, odd) if r % 2 == 0 else (odd, even)
+    members = mine.ranks
+    assert mine.included() and mine.size() == len(members) and mine.rank() == members.index(r)
+    x = torch.tensor([float(r)])
+    assert torch.equal(hvd.allreduce(x, op=hvd.Sum, process_set=mine),
+                       torch.tensor([float(sum(members))]))
+    assert torch.equal(hvd.broadcast(x, members[-1], process_set=mine),
+                       torch.tensor([float(members[-1])]))
+    got = hvd.allgather(torch.full((r + 1,), float(r)), process_set=mine)
+    assert torch.equal(got, torch.cat([torch.full((k + 1,), float(k)) for k in members]))
+    model = net(20 + r)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=members[-1], process_set=mine)
+    root_model = net(20 + members[-1])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), root_model.parameters(),
+                                                 strict=True))
+    if other is not None:
+        assert not other.included()
+        expect_error(ValueError, "does not include this rank", hvd.allreduce, x,
+                     process_set=other)
+    expect_error(ValueError, "is not in", hvd.broadcast, x, (r + 1) % n if n > 1 else 1,
+                 process_set=mine)
+    assert not hvd.remove_process_set(hvd.global_process_set)
+    assert hvd.remove_process_set(even)
+    expect_error(ValueError, "was not added", hvd.allreduce, x, process_set=hvd.ProcessSet([r]))
+    if odd is not None:
+        assert hvd.remove_process_set(odd)
+
+
 @mpi_test(ranks=[1, 2, 4], timeout=180)
 def test_horovod_face(comm) -> None:
     expect_error(ValueError, "hvd.init()", hvd.size)
@@ -299,7 +332,7 @@ def test_horovod_face(comm) -> None:
     n, r = comm.size, comm.rank
     for check in (check_basics, check_allreduce, check_allgather, check_broadcast,
                   check_alltoall, check_reducescatter, check_training_sgd, check_training_adam,
-                  check_optimizer_misc):
+                  check_optimizer_misc, check_process_sets):
         check(n, r)
     hvd.shutdown()
     assert not hvd.is_initialized()

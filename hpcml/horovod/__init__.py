@@ -5,7 +5,7 @@ Python, a face over :mod:`hpcml.comm` (collectives, ledger, abort) and :mod:`hpc
 :mod:`.basics`: ``init`` and the process model; :mod:`.ops`: tensor collectives;
 :mod:`.optimizer`: ``DistributedOptimizer`` and the broadcasts (and where they differ from
 Horovod); :mod:`.compression`: ``Compression``. Not implemented (refused with one line where
-called): Adasum, process sets other than the global one, ``join``. Absent: ``SyncBatchNorm``,
+called): Adasum, ``join``. Absent: ``SyncBatchNorm``,
 ``elastic``, ``horovodrun``.
 """
 
@@ -17,6 +17,7 @@ from hpcml.horovod.basics import (
     ProcessSet,
     Product,
     Sum,
+    add_process_set,
     ccl_built,
     cross_rank,
     cross_size,
@@ -36,6 +37,7 @@ from hpcml.horovod.basics import (
     nccl_built,
     poll,
     rank,
+    remove_process_set,
     rocm_built,
     shutdown,
     size,
@@ -76,14 +78,15 @@ from hpcml.horovod.optimizer import (
 
 __all__ = [
     "Adasum", "Average", "Compression", "DistributedOptimizer", "Max", "Min", "ProcessSet",
-    "Product", "Sum", "allgather", "allgather_async", "allgather_object", "allreduce",
-    "allreduce_", "allreduce_async", "allreduce_async_", "alltoall", "alltoall_async", "barrier",
-    "broadcast", "broadcast_", "broadcast_async", "broadcast_async_", "broadcast_object",
-    "broadcast_optimizer_state", "broadcast_parameters", "ccl_built", "cross_rank", "cross_size",
-    "cuda_built", "ddl_built", "global_process_set", "gloo_built", "gloo_enabled",
-    "grouped_allgather", "grouped_allreduce", "grouped_allreduce_", "grouped_allreduce_async",
-    "grouped_allreduce_async_", "grouped_reducescatter", "init", "is_homogeneous",
-    "is_initialized", "join", "local_rank", "local_size", "mpi_built", "mpi_enabled",
-    "mpi_threads_supported", "nccl_built", "poll", "rank", "reducescatter",
-    "reducescatter_async", "rocm_built", "shutdown", "size", "synchronize",
+    "Product", "Sum", "add_process_set", "allgather", "allgather_async", "allgather_object",
+    "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "alltoall",
+    "alltoall_async", "barrier", "broadcast", "broadcast_", "broadcast_async",
+    "broadcast_async_", "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters",
+    "ccl_built", "cross_rank", "cross_size", "cuda_built", "ddl_built", "global_process_set",
+    "gloo_built", "gloo_enabled", "grouped_allgather", "grouped_allreduce",
+    "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
+    "grouped_reducescatter", "init", "is_homogeneous", "is_initialized", "join", "local_rank",
+    "local_size", "mpi_built", "mpi_enabled", "mpi_threads_supported", "nccl_built", "poll",
+    "rank", "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built",
+    "shutdown", "size", "synchronize",
 ]

@@ -25,16 +25,71 @@ MPI_OPS = {Average: "sum", Sum: "sum", Min: "min", Max: "max", Product: "prod"}
 
 
 class ProcessSet:
-    """The ranks an operation runs over. Only the global set (every rank) exists here."""
+    """The ranks (global ranks, sorted) an operation runs over; ``ProcessSet()`` is every rank.
+    A set is usable after :func:`add_process_set` (or ``init(process_sets=[...])``) on every
+    rank; operations given it run over its ranks only, and only its ranks may call them.
+    ``root_rank`` arguments stay global ranks, as in Horovod."""
 
-    def __init__(self, ranks: list[int] | None = None) -> None:
-        self.ranks = ranks
+    def __init__(self, ranks: Any = None) -> None:
+        self.ranks = None if ranks is None else sorted(int(r) for r in ranks)
+        self.comm: Communicator | None = None  # this rank's view, once added (members only)
+        self.added = ranks is None
 
     def __repr__(self) -> str:
         return "ProcessSet(global)" if self.ranks is None else f"ProcessSet({self.ranks})"
 
+    def _all(self) -> list[int]:
+        return list(range(size())) if self.ranks is None else self.ranks
+
+    def size(self) -> int:
+        return len(self._all())
+
+    def included(self) -> bool:
+        return rank() in self._all()
+
+    def rank(self) -> int:
+        """This rank's position in the set (for the results of e.g. allgather)."""
+        return set_rank(self, rank())
+
 
 global_process_set = ProcessSet()
+
+
+def add_process_set(process_set: ProcessSet | Any) -> ProcessSet:
+    """Register ``process_set`` (or a list of global ranks). Collective over every rank of the
+    job: all call it with the same ranks, in the same order."""
+    st = _state()
+    ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
+    if ps.ranks is None or ps.added:
+        raise ValueError(f"hpcml.horovod: add_process_set: {ps} is already added")
+    if len(set(ps.ranks)) != len(ps.ranks) or not ps.ranks or \
+            not 0 <= ps.ranks[0] <= ps.ranks[-1] < st.comm.size:
+        raise ValueError(f"hpcml.horovod: add_process_set: ranks {ps.ranks} must be distinct "
+                         f"ranks of the job (0..{st.comm.size - 1})")
+    member = st.comm.rank in ps.ranks
+    sub = st.comm.split(0 if member else 1, st.comm.rank, name=f"process_set{ps.ranks}")
+    ps.comm, ps.added = (sub if member else None), True
+    st.sets.append(ps)
+    return ps
+
+
+def remove_process_set(process_set: ProcessSet) -> bool:
+    """Forget an added set (not the global one; returns False for it). Not collective."""
+    st = _state()
+    if process_set.ranks is None or process_set not in st.sets:
+        return False
+    st.sets.remove(process_set)
+    process_set.comm, process_set.added = None, False
+    return True
+
+
+def set_rank(process_set: ProcessSet | None, global_rank: int) -> int:
+    """The position of ``global_rank`` in ``process_set`` (the global set when None)."""
+    ranks = (process_set or global_process_set)._all()
+    if global_rank not in ranks:
+        raise ValueError(f"hpcml.horovod: rank {global_rank} is not in "
+                         f"{process_set or global_process_set} (ranks {ranks})")
+    return ranks.index(global_rank)
 
 
 @dataclasses.dataclass
@@ -42,29 +97,30 @@ class _State:
     comm: Communicator
     local: Communicator
     cross: Communicator
+    sets: list[ProcessSet] = dataclasses.field(default_factory=list)
 
 
 _STATE: _State | None = None
 
 
-def init(comm: Any = None, process_sets: Any = None) -> None:
+def init(comm: Any = None, process_sets: list[ProcessSet] | None = None) -> None:
     """Start Horovod over every rank of the job (collective; a second call does nothing).
-    ``comm``: ``None`` (every rank) or an :class:`hpcml.comm.Communicator`. From now on an
+    ``comm``: ``None`` (every rank) or an :class:`hpcml.comm.Communicator`; ``process_sets``:
+    sets to add at once (:func:`add_process_set`). From now on an
     uncaught exception on one rank prints its traceback and ends the whole job (instead of
     leaving the other ranks waiting in a collective)."""
     global _STATE
     if comm is not None and not isinstance(comm, Communicator):
         raise ValueError("hpcml.horovod: init(comm=...): only None or an "
                          "hpcml.comm.Communicator is supported (split hpcml.comm.world())")
-    if process_sets is not None:
-        raise ValueError("hpcml.horovod: init(process_sets=...): process sets are not "
-                         "implemented (use hpcml.comm.world().split)")
     if _STATE is None:
         base = comm if comm is not None else world()
         local = base.split_shared()
         cross = base.split(local.rank, base.rank, name="cross")
         _STATE = _State(base, local, cross)
         install_excepthook()
+        for ps in process_sets or []:
+            add_process_set(ps)
 
 
 def shutdown() -> None:
@@ -85,11 +141,16 @@ def _state() -> _State:
 
 
 def communicator(process_set: ProcessSet | None = None) -> Communicator:
-    """The communicator an operation runs over; refuses process sets other than the global."""
-    if process_set is not None and process_set is not global_process_set:
-        raise ValueError("hpcml.horovod: process_set: only the global process set is "
-                         "implemented (leave process_set out)")
-    return _state().comm
+    """The communicator an operation over ``process_set`` runs on; refuses a set not added or
+    not including this rank."""
+    st = _state()
+    if process_set is None or process_set.ranks is None:
+        return st.comm
+    if process_set.comm is None:
+        why = "does not include this rank" if process_set.added else "was not added"
+        raise ValueError(f"hpcml.horovod: {process_set} {why} (call hvd.add_process_set on "
+                         "every rank; only its ranks may use it)")
+    return process_set.comm
 
 
 def size() -> int:

@@ -1,7 +1,8 @@
 """Horovod's tensor collectives with its signatures and semantics, each one call (or two) of
 :class:`hpcml.comm.Communicator`, so every byte is in hpcml's ledger.
 
-Every operation is collective over the job: every rank calls it, **in the same order** (Horovod
+Every operation is collective over its ``process_set`` (default: the job; ``root_rank`` is always
+a global rank): every rank of it calls it, **in the same order** (Horovod
 matches operations by name in a background thread, so its ranks may post them in different
 orders; MPI matches them by order, and ``name`` is accepted and ignored). Results are new
 tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensors are refused.
@@ -36,6 +37,7 @@ from hpcml.horovod.basics import (
     Sum,
     communicator,
     new_handle,
+    set_rank,
     synchronize,
 )
 from hpcml.horovod.compression import Compression
@@ -247,18 +249,16 @@ def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
 
 
 # -- broadcast ------------------------------------------------------------------------------------
-def _root(root_rank: int, comm: Communicator) -> int:
-    if not 0 <= root_rank < comm.size:
-        raise ValueError(f"hpcml.horovod: root_rank={root_rank}: not a rank of the job "
-                         f"(0..{comm.size - 1})")
-    return root_rank
+def _root(root_rank: int, process_set: Any) -> int:
+    """``root_rank`` (a global rank, as in Horovod) as a rank of ``process_set``."""
+    return set_rank(process_set, root_rank)
 
 
 def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: Any = None) -> torch.Tensor:
     """Copy ``root_rank``'s ``tensor`` into every rank's ``tensor`` (in place); returns it."""
     comm = communicator(process_set)
-    comm.Bcast(_contiguous("broadcast_", tensor).data, root=_root(root_rank, comm))
+    comm.Bcast(_contiguous("broadcast_", tensor).data, root=_root(root_rank, process_set))
     return tensor
 
 
@@ -279,7 +279,7 @@ class _Broadcast(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         summed = allreduce(grad.contiguous(), op=Sum, process_set=ctx.process_set)
-        if communicator(ctx.process_set).rank != ctx.root_rank:
+        if communicator(ctx.process_set).rank != _root(ctx.root_rank, ctx.process_set):
             summed = torch.zeros_like(summed)
         return summed, None, None
 
@@ -299,8 +299,7 @@ def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = Non
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: Any = None) -> Any:
     """``root_rank``'s picklable ``obj`` on every rank (pickled within the job)."""
-    comm = communicator(process_set)
-    return comm.bcast(obj, root=_root(root_rank, comm))
+    return communicator(process_set).bcast(obj, root=_root(root_rank, process_set))
 
 
 def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from hpcml.horovod.basics import OP_NAMES, Average, Sum, communicator
+from hpcml.horovod.basics import OP_NAMES, Average, Sum, communicator, set_rank
 from hpcml.horovod.compression import Compression
 from hpcml.parallel import broadcast as _broadcast
 from hpcml.parallel.optimizer import DistributedOptimizer as _ParallelOptimizer
@@ -113,7 +113,8 @@ def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[Any], roo
         tensors = list(params.values())
     else:
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
-    _broadcast.broadcast_parameters(tensors, communicator(process_set), root_rank)
+    _broadcast.broadcast_parameters(tensors, communicator(process_set),
+                                    set_rank(process_set, root_rank))
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
@@ -127,4 +128,5 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
                 if p.requires_grad:
                     p.grad = torch.zeros_like(p)
         inner.step()
-    _broadcast.broadcast_optimizer_state(optimizer, communicator(process_set), root_rank)
+    _broadcast.broadcast_optimizer_state(optimizer, communicator(process_set),
+                                         set_rank(process_set, root_rank))
