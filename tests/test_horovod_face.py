@@ -325,6 +325,39 @@ def check_process_sets(n: int, r: int) -> None:
         assert hvd.remove_process_set(odd)
 
 
+def check_sync_batch_norm(n: int, r: int) -> None:
+    """Output, input and parameter gradients and running statistics of one process's
+    BatchNorm1d on the concatenated batch; two training steps, then eval."""
+    g = torch.Generator().manual_seed(5)
+    ref = nn.BatchNorm1d(3).double()
+    with torch.no_grad():
+        ref.weight.copy_(torch.tensor([0.5, 1.5, -1.0]))
+        ref.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    sbn = hvd.SyncBatchNorm(3).double()
+    sbn.load_state_dict(ref.state_dict())
+    lo, hi = r * G // n, (r + 1) * G // n
+    for _ in range(2):
+        x = torch.randn(G, 3, 4, generator=g, dtype=torch.float64) * 3 + 5
+        w = torch.randn(G, 3, 4, generator=g, dtype=torch.float64)
+        ref.zero_grad()
+        sbn.zero_grad()
+        xr = x.clone().requires_grad_()
+        yr = ref(xr)
+        (yr * w).sum().backward()
+        xs = x[lo:hi].clone().requires_grad_()
+        ys = sbn(xs)
+        assert torch.allclose(ys, yr[lo:hi], atol=1e-10)
+        (ys * w[lo:hi]).sum().backward()
+        assert torch.allclose(xs.grad, xr.grad[lo:hi], atol=1e-10)
+        for p, q in ((sbn.weight, ref.weight), (sbn.bias, ref.bias)):
+            assert torch.allclose(hvd.allreduce(p.grad, op=hvd.Sum), q.grad, atol=1e-10)
+    assert torch.allclose(sbn.running_mean, ref.running_mean, atol=1e-12)
+    assert torch.allclose(sbn.running_var, ref.running_var, atol=1e-12)
+    sbn.eval()
+    ref.eval()
+    assert torch.allclose(sbn(x[lo:hi]), ref(x)[lo:hi], atol=1e-12)
+
+
 @mpi_test(ranks=[1, 2, 4], timeout=180)
 def test_horovod_face(comm) -> None:
     expect_error(ValueError, "hvd.init()", hvd.size)
@@ -332,7 +365,7 @@ def test_horovod_face(comm) -> None:
     n, r = comm.size, comm.rank
     for check in (check_basics, check_allreduce, check_allgather, check_broadcast,
                   check_alltoall, check_reducescatter, check_training_sgd, check_training_adam,
-                  check_optimizer_misc, check_process_sets):
+                  check_optimizer_misc, check_process_sets, check_sync_batch_norm):
         check(n, r)
     hvd.shutdown()
     assert not hvd.is_initialized()

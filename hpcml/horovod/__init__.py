@@ -5,8 +5,8 @@ Python, a face over :mod:`hpcml.comm` (collectives, ledger, abort) and :mod:`hpc
 :mod:`.basics`: ``init`` and the process model; :mod:`.ops`: tensor collectives;
 :mod:`.optimizer`: ``DistributedOptimizer`` and the broadcasts (and where they differ from
 Horovod); :mod:`.compression`: ``Compression``. Not implemented (refused with one line where
-called): Adasum, ``join``. Absent: ``SyncBatchNorm``,
-``elastic``, ``horovodrun``.
+called): Adasum, ``join``. Absent: ``elastic``,
+``horovodrun``. :mod:`.sync_batch_norm`: ``SyncBatchNorm``.
 """
 
 from hpcml.horovod.basics import (
@@ -75,12 +75,13 @@ from hpcml.horovod.optimizer import (
     broadcast_optimizer_state,
     broadcast_parameters,
 )
+from hpcml.horovod.sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "Adasum", "Average", "Compression", "DistributedOptimizer", "Max", "Min", "ProcessSet",
-    "Product", "Sum", "add_process_set", "allgather", "allgather_async", "allgather_object",
-    "allreduce", "allreduce_", "allreduce_async", "allreduce_async_", "alltoall",
-    "alltoall_async", "barrier", "broadcast", "broadcast_", "broadcast_async",
+    "Product", "Sum", "SyncBatchNorm", "add_process_set", "allgather", "allgather_async",
+    "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
+    "alltoall", "alltoall_async", "barrier", "broadcast", "broadcast_", "broadcast_async",
     "broadcast_async_", "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters",
     "ccl_built", "cross_rank", "cross_size", "cuda_built", "ddl_built", "global_process_set",
     "gloo_built", "gloo_enabled", "grouped_allgather", "grouped_allreduce",
