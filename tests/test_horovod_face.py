@@ -92,6 +92,8 @@ def check_allreduce(n: int, r: int) -> None:
     assert out[0] is a and torch.equal(a, expected[hvd.Max])
     assert torch.equal(b, torch.full((4,), float(n - 1)))
     handle = hvd.grouped_allreduce_async([x, x], postscale_factor=2.0)
+    while not hvd.poll(handle):
+        pass
     assert all(torch.allclose(t, 2 * expected[hvd.Average]) for t in hvd.synchronize(handle))
 
 

@@ -228,10 +228,10 @@ def rocm_built() -> bool:
 # -- handles of asynchronous operations --------------------------------------------------------
 @dataclasses.dataclass
 class _Pending:
-    """An operation in flight: ``request`` (None when already complete) and ``finish``, which
-    turns the completed buffers into the operation's result."""
+    """An operation in flight: its ``requests`` (none when already complete) and ``finish``,
+    which turns the completed buffers into the operation's result."""
 
-    request: Request | None
+    requests: list[Request]
     finish: Callable[[], Any]
 
 
@@ -239,10 +239,18 @@ _HANDLES: dict[int, _Pending] = {}
 _NEXT = itertools.count()
 
 
-def new_handle(request: Request | None, finish: Callable[[], Any]) -> int:
+def new_handle(requests: list[Request], finish: Callable[[], Any]) -> int:
     handle = next(_NEXT)
-    _HANDLES[handle] = _Pending(request, finish)
+    _HANDLES[handle] = _Pending(requests, finish)
     return handle
+
+
+def group_handles(handles: list[int]) -> int:
+    """One handle for ``handles`` (which are spent): complete when all are; its result is the
+    list of theirs."""
+    pending = [_HANDLES.pop(h) for h in handles]
+    return new_handle([r for p in pending for r in p.requests],
+                      lambda: [p.finish() for p in pending])
 
 
 def _pending(handle: int) -> _Pending:
@@ -256,14 +264,13 @@ def _pending(handle: int) -> _Pending:
 def poll(handle: int) -> bool:
     """True when the operation of ``handle`` has completed (then ``synchronize`` won't block).
     Not collective."""
-    pending = _pending(handle)
-    return pending.request is None or pending.request.test() is not None
+    return all(r.test() is not None for r in _pending(handle).requests)
 
 
 def synchronize(handle: int) -> Any:
     """Wait for the operation of ``handle`` and return its result; the handle is spent."""
     pending = _pending(handle)
-    if pending.request is not None:
-        pending.request.wait()
+    for request in pending.requests:
+        request.wait()
     del _HANDLES[handle]
     return pending.finish()

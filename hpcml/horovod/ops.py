@@ -36,6 +36,7 @@ from hpcml.horovod.basics import (
     Average,
     Sum,
     communicator,
+    group_handles,
     new_handle,
     set_rank,
     synchronize,
@@ -97,7 +98,7 @@ def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, presca
                 output.mul_(post)
         return output
 
-    return new_handle(request, finish)
+    return new_handle([request], finish)
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -155,9 +156,8 @@ def grouped_allreduce_async(tensors: Sequence[torch.Tensor], average: bool | Non
                             prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                             process_set: Any = None) -> int:
     """Start reducing every tensor of ``tensors`` into new tensors (one handle for all)."""
-    handles = [allreduce_async(t, average, None, op, prescale_factor, postscale_factor,
-                               process_set) for t in tensors]
-    return new_handle(None, lambda: [synchronize(h) for h in handles])
+    return group_handles([allreduce_async(t, average, None, op, prescale_factor,
+                                          postscale_factor, process_set) for t in tensors])
 
 
 def grouped_allreduce_async_(tensors: Sequence[torch.Tensor], average: bool | None = None,
@@ -165,9 +165,8 @@ def grouped_allreduce_async_(tensors: Sequence[torch.Tensor], average: bool | No
                              prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                              process_set: Any = None) -> int:
     """Start reducing every tensor of ``tensors`` in place (one handle for all)."""
-    handles = [allreduce_async_(t, average, None, op, prescale_factor, postscale_factor,
-                                process_set) for t in tensors]
-    return new_handle(None, lambda: [synchronize(h) for h in handles])
+    return group_handles([allreduce_async_(t, average, None, op, prescale_factor,
+                                           postscale_factor, process_set) for t in tensors])
 
 
 def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = None,
@@ -239,7 +238,7 @@ def allgather(tensor: torch.Tensor, name: str | None = None,
 def allgather_async(tensor: torch.Tensor, name: str | None = None,
                     process_set: Any = None) -> int:
     out = _allgather(tensor, communicator(process_set))
-    return new_handle(None, lambda: out)
+    return new_handle([], lambda: out)
 
 
 def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
@@ -265,7 +264,7 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: Any = None) -> int:
     out = broadcast_(tensor, root_rank, name, process_set)
-    return new_handle(None, lambda: out)
+    return new_handle([], lambda: out)
 
 
 class _Broadcast(torch.autograd.Function):
@@ -293,7 +292,7 @@ def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: Any = None) -> int:
     out = broadcast(tensor.detach(), root_rank, process_set=process_set)
-    return new_handle(None, lambda: out)
+    return new_handle([], lambda: out)
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
@@ -356,7 +355,7 @@ def alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None =
 def alltoall_async(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None,
                    name: str | None = None, process_set: Any = None) -> int:
     out = alltoall(tensor, splits, name, process_set)
-    return new_handle(None, lambda: out)
+    return new_handle([], lambda: out)
 
 
 def reducescatter(tensor: torch.Tensor, name: str | None = None,
@@ -391,7 +390,7 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int |
                         postscale_factor: float = 1.0) -> int:
     out = reducescatter(tensor, name, Compression.none, op, process_set, prescale_factor,
                         postscale_factor)
-    return new_handle(None, lambda: out)
+    return new_handle([], lambda: out)
 
 
 def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = None,
