@@ -70,7 +70,10 @@ def check_allreduce(n: int, r: int) -> None:
     assert hvd.synchronize(handle) is y and torch.equal(y, expected[hvd.Min])
     ints = torch.tensor([r, 1])
     assert torch.equal(hvd.allreduce(ints, op=hvd.Sum), torch.tensor([n * (n - 1) // 2, n]))
-    expect_error(ValueError, "would truncate", hvd.allreduce, ints)
+    # integers are scaled in float64 and truncated toward zero, as Horovod does
+    assert torch.equal(hvd.allreduce(ints), torch.tensor([(n - 1) // 2, 1]))
+    got = hvd.allreduce(torch.tensor([7, -7]), op=hvd.Sum, prescale_factor=0.5)
+    assert torch.equal(got, torch.tensor([3 * n, -3 * n]))
     expect_error(ValueError, "Adasum is not implemented", hvd.allreduce, x, op=hvd.Adasum)
     expect_error(ValueError, "supersedes", hvd.allreduce, x, average=True, op=hvd.Sum)
     # fp16 on the wire, float32 back

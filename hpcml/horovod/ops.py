@@ -10,8 +10,8 @@ tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensor
 - ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``; ``Adasum`` is refused.
   ``prescale_factor`` multiplies each rank's tensor before the reduction and
   ``postscale_factor`` the result after it (with ``Average`` the division by the size is folded
-  into the postscale factor, as Horovod does). Averaging or scaling an integer tensor is refused
-  (it would truncate).
+  into the postscale factor, as Horovod does). Integer tensors are scaled as Horovod scales them:
+  in float64, truncated toward zero on the way back (an integer average truncates).
 - ``allreduce``, ``allgather`` and ``broadcast`` are differentiable as in Horovod: the gradient
   of an allreduce is the same allreduce of the gradient; of an allgather, this rank's rows of the
   summed gradient; of a broadcast, the summed gradient on the root and zeros elsewhere.
@@ -31,7 +31,6 @@ import torch
 from hpcml.comm import Communicator
 from hpcml.horovod.basics import (
     MPI_OPS,
-    OP_NAMES,
     Adasum,
     Average,
     Sum,
@@ -61,17 +60,21 @@ def _op(op: int | None, average: bool | None) -> int:
     return op
 
 
-def _factors(what: str, tensor: torch.Tensor, op: int, prescale: float, postscale: float,
-             size: int) -> tuple[float, float]:
-    """(prescale, postscale) with the average folded in; refuses truncating integer scaling."""
-    post = postscale / size if op == Average else postscale
-    integer = not (tensor.dtype.is_floating_point or tensor.dtype.is_complex)
-    if integer and (op == Average or prescale != 1.0 or postscale != 1.0):
-        raise ValueError(f"hpcml.horovod: {what}: op={OP_NAMES[op]} with prescale "
-                         f"{prescale} / postscale {postscale} on an integer tensor "
-                         f"({tensor.dtype}) would truncate (use op=hvd.Sum without factors, or "
-                         "a floating-point tensor)")
-    return prescale, post
+def _factors(op: int, prescale: float, postscale: float, size: int) -> tuple[float, float]:
+    """(prescale, postscale) with the average folded into the postscale, as Horovod does."""
+    return prescale, postscale / size if op == Average else postscale
+
+
+def _scale_(tensor: torch.Tensor, factor: float) -> None:
+    """``tensor *= factor`` in place, as Horovod scales: integers in float64 and truncated
+    toward zero on the way back (so an integer average truncates), floats in their dtype."""
+    if factor == 1.0:
+        return
+    with torch.no_grad():
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+            tensor.mul_(factor)
+        else:
+            tensor.copy_(tensor.double().mul_(factor).trunc_())
 
 
 def _contiguous(what: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -84,18 +87,15 @@ def _contiguous(what: str, tensor: torch.Tensor) -> torch.Tensor:
 # -- allreduce ------------------------------------------------------------------------------------
 def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, prescale: float,
                      postscale: float, comm: Communicator) -> int:
-    pre, post = _factors("allreduce", tensor, op, prescale, postscale, comm.size)
-    with torch.no_grad():
-        if output is not tensor:
+    pre, post = _factors(op, prescale, postscale, comm.size)
+    if output is not tensor:
+        with torch.no_grad():
             output.copy_(tensor)
-        if pre != 1.0:
-            output.mul_(pre)
+    _scale_(output, pre)
     request = comm.Iallreduce(output, op=MPI_OPS[op])
 
     def finish() -> torch.Tensor:
-        if post != 1.0:
-            with torch.no_grad():
-                output.mul_(post)
+        _scale_(output, post)
         return output
 
     return new_handle([request], finish)
@@ -372,16 +372,16 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
                          "dimension (reshape it to (1,))")
-    pre, post = _factors("reducescatter", t, op, prescale_factor, postscale_factor, comm.size)
+    pre, post = _factors(op, prescale_factor, postscale_factor, comm.size)
     if pre != 1.0:
-        t = t * pre
+        t = t.clone()
+        _scale_(t, pre)
     q, extra = divmod(t.shape[0], comm.size)
     rows = [q + (r < extra) for r in range(comm.size)]
     row = math.prod(t.shape[1:])
     out = torch.empty((rows[comm.rank], *t.shape[1:]), dtype=t.dtype)
     comm.Reduce_scatter(t, out, [r * row for r in rows], op=MPI_OPS[op])
-    if post != 1.0:
-        out.mul_(post)
+    _scale_(out, post)
     return compression.decompress(out, ctx)
 
 
