@@ -107,12 +107,12 @@ def check_allgather(n: int, r: int) -> None:
     assert torch.equal(hvd.synchronize(hvd.allgather_async(t.long())), want.long())
     a, b = hvd.grouped_allgather([t, t[:, :1]])
     assert torch.equal(a, want) and torch.equal(b, want[:, :1])
-    # gradient: this rank's rows of the summed gradient
+    # gradient: this rank's rows of the ranks' averaged gradient
     w = t.clone().requires_grad_()
     weights = torch.arange(float(want.numel())).view_as(want)
-    (hvd.allgather(w) * weights).sum().backward()
+    (hvd.allgather(w) * weights * (r + 1)).sum().backward()
     offset = r * (r + 1) // 2
-    assert torch.equal(w.grad, n * weights[offset:offset + r + 1])
+    assert torch.allclose(w.grad, (n + 1) / 2 * weights[offset:offset + r + 1])
     if n > 1:
         expect_error(ValueError, "differ in dtype or beyond the first dimension", hvd.allgather,
                      torch.zeros(1, 2 + r))
@@ -128,8 +128,8 @@ def check_broadcast(n: int, r: int) -> None:
     u = torch.full((2,), float(r))
     assert torch.equal(hvd.synchronize(hvd.broadcast_async_(u, 0)), torch.zeros(2))
     w = torch.full((3,), float(r), requires_grad=True)
-    hvd.broadcast(w, root).sum().backward()
-    assert torch.equal(w.grad, torch.full((3,), float(n if r == root else 0)))
+    (hvd.broadcast(w, root) * (r + 1)).sum().backward()  # averaged gradient on the root only
+    assert torch.allclose(w.grad, torch.full((3,), (n + 1) / 2 if r == root else 0.0))
     assert hvd.broadcast_object({"rank": r, "list": [r]}, root_rank=root) == {
         "rank": root, "list": [root]}
     assert hvd.allgather_object(("r", r)) == [("r", k) for k in range(n)]

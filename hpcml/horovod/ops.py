@@ -14,7 +14,7 @@ tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensor
   in float64, truncated toward zero on the way back (an integer average truncates).
 - ``allreduce``, ``allgather`` and ``broadcast`` are differentiable as in Horovod: the gradient
   of an allreduce is the same allreduce of the gradient; of an allgather, this rank's rows of the
-  summed gradient; of a broadcast, the summed gradient on the root and zeros elsewhere.
+  ranks' averaged gradient; of a broadcast, the averaged gradient on the root and zeros elsewhere.
 - The ``_async`` forms return a handle for :func:`~hpcml.horovod.basics.poll` and
   :func:`~hpcml.horovod.basics.synchronize`: allreduces are non-blocking (``Iallreduce``); the
   other operations complete before their handle is returned.
@@ -223,9 +223,9 @@ class _Allgather(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         comm = communicator(ctx.process_set)
-        summed = allreduce(grad.contiguous(), op=Sum, process_set=ctx.process_set)
+        averaged = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
         offset = sum(comm.allgather(ctx.rows)[:comm.rank])
-        return summed.narrow(0, offset, ctx.rows), None
+        return averaged.narrow(0, offset, ctx.rows), None
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None,
@@ -277,10 +277,10 @@ class _Broadcast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        summed = allreduce(grad.contiguous(), op=Sum, process_set=ctx.process_set)
+        averaged = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
         if communicator(ctx.process_set).rank != _root(ctx.root_rank, ctx.process_set):
-            summed = torch.zeros_like(summed)
-        return summed, None, None
+            averaged = torch.zeros_like(averaged)
+        return averaged, None, None
 
 
 def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
