@@ -147,6 +147,10 @@ def check_alltoall(n: int, r: int) -> None:
     t = torch.cat([torch.full((2, 3), 100.0 * r + j) for j in range(n)])
     out = hvd.alltoall(t)
     assert torch.equal(out, torch.cat([torch.full((2, 3), 100.0 * i + r) for i in range(n)]))
+    # gradient: each received row's gradient goes back to the rank and row it came from
+    w = t.clone().requires_grad_()
+    (hvd.alltoall(w) * (r + 1)).sum().backward()
+    assert torch.equal(w.grad, torch.cat([torch.full((2, 3), j + 1.0) for j in range(n)]))
     if n > 1:
         expect_error(ValueError, "does not divide", hvd.alltoall, torch.zeros(n + 1, 1))
     expect_error(ValueError, "non-negative row counts", hvd.alltoall, torch.zeros(2, 1), [3] * n)
@@ -166,6 +170,12 @@ def check_reducescatter(n: int, r: int) -> None:
     assert torch.allclose(hvd.synchronize(hvd.reducescatter_async(x, op=hvd.Sum)), mine)
     a, b = hvd.grouped_reducescatter([x, x], op=hvd.Sum)
     assert torch.allclose(a, mine) and torch.allclose(b, mine)
+    # Horovod's gradient: the allgather of the blocks' gradients, times the size for Sum
+    w = x.clone().requires_grad_()
+    (hvd.reducescatter(w, op=hvd.Sum, postscale_factor=2.0) * (r + 1)).sum().backward()
+    owner = torch.tensor([k for k in range(n) for _ in range(3 if k == 0 else 2)][:rows])
+    want = (2.0 * n * (owner + 1).double()).view(-1, 1).expand(rows, 3)
+    assert torch.allclose(w.grad, want)
 
 
 class Net(nn.Module):

@@ -12,9 +12,11 @@ tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensor
   ``postscale_factor`` the result after it (with ``Average`` the division by the size is folded
   into the postscale factor, as Horovod does). Integer tensors are scaled as Horovod scales them:
   in float64, truncated toward zero on the way back (an integer average truncates).
-- ``allreduce``, ``allgather`` and ``broadcast`` are differentiable as in Horovod: the gradient
-  of an allreduce is the same allreduce of the gradient; of an allgather, this rank's rows of the
-  ranks' averaged gradient; of a broadcast, the averaged gradient on the root and zeros elsewhere.
+- ``allreduce``, ``allgather``, ``broadcast``, ``alltoall`` and ``reducescatter`` are
+  differentiable as in Horovod: the gradient of an allreduce is the same allreduce of the
+  gradient; of an allgather, this rank's rows of the ranks' averaged gradient; of a broadcast,
+  the averaged gradient on the root and zeros elsewhere; of an alltoall, the gradients sent back
+  where the rows came from; of a reducescatter, see :func:`reducescatter`.
 - The ``_async`` forms return a handle for :func:`~hpcml.horovod.basics.poll` and
   :func:`~hpcml.horovod.basics.synchronize`: allreduces are non-blocking (``Iallreduce``); the
   other operations complete before their handle is returned.
@@ -319,14 +321,8 @@ def join(device: int = -1) -> int:
 
 
 # -- alltoall, reducescatter -----------------------------------------------------------------------
-def alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None,
-             name: str | None = None, process_set: Any = None
-             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``splits[j]`` (consecutive, in rank order) of ``tensor`` go to rank j; the result
-    concatenates the rows received, in rank order. ``splits=None``: the first dimension split
-    equally (it must divide by the size). With ``splits``, returns ``(result, received_splits)``
-    (int32, one entry per rank), as Horovod does; without, the result only. Ranks' tensors
-    must agree beyond the first dimension."""
+def _alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None,
+              process_set: Any) -> tuple[torch.Tensor, torch.Tensor]:
     comm = communicator(process_set)
     t = tensor.detach().contiguous()
     if t.dim() == 0:
@@ -349,6 +345,33 @@ def alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None =
     row = math.prod(t.shape[1:])
     out = torch.empty((sum(recv), *t.shape[1:]), dtype=t.dtype)
     comm.Alltoallv(t, out, [s * row for s in send], [r * row for r in recv])
+    return out, received
+
+
+class _Alltoall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, splits: Any, process_set: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, received = _alltoall(tensor, splits, process_set)
+        ctx.received, ctx.process_set = received, process_set
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _received: Any) -> tuple[Any, ...]:
+        # the rows came from the ranks in received-splits order: send their gradients back
+        return _alltoall(grad, ctx.received, ctx.process_set)[0], None, None
+
+
+def alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None,
+             name: str | None = None, process_set: Any = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``splits[j]`` (consecutive, in rank order) of ``tensor`` go to rank j; the result
+    concatenates the rows received, in rank order. ``splits=None``: the first dimension split
+    equally (it must divide by the size). With ``splits``, returns ``(result, received_splits)``
+    (int32, one entry per rank), as Horovod does; without, the result only. Ranks' tensors
+    must agree beyond the first dimension. Differentiable (the gradient travels back)."""
+    out, received = _Alltoall.apply(tensor, splits, process_set)
     return out if splits is None else (out, received)
 
 
@@ -364,11 +387,32 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
                   postscale_factor: float = 1.0) -> torch.Tensor:
     """Reduce ``tensor`` (same shape on every rank) over the ranks and give rank r its block
     of the first dimension: blocks of ``rows // size`` rows, the first ``rows % size`` ranks
-    one row more (Horovod's split)."""
-    comm = communicator(process_set)
-    op = _op(op, None)
+    one row more (Horovod's split). Differentiable as in Horovod: the gradient is the
+    allgather of the blocks' gradients, times the size for ``Sum`` and times both factors."""
     compressed, ctx = compression.compress(tensor)
-    t = compressed.detach().contiguous()
+    out = _Reducescatter.apply(compressed, _op(op, None), prescale_factor, postscale_factor,
+                               process_set)
+    return compression.decompress(out, ctx)
+
+
+class _Reducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, prescale: float, postscale: float,
+                process_set: Any) -> torch.Tensor:
+        ctx.args = (op, prescale, postscale, process_set)
+        return _reducescatter(tensor, op, prescale, postscale, process_set)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        op, prescale, postscale, process_set = ctx.args
+        factor = prescale * postscale * (communicator(process_set).size if op == Sum else 1)
+        return _allgather(grad * factor, communicator(process_set)), None, None, None, None
+
+
+def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
+                   postscale_factor: float, process_set: Any) -> torch.Tensor:
+    comm = communicator(process_set)
+    t = tensor.detach().contiguous()
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
                          "dimension (reshape it to (1,))")
@@ -382,7 +426,7 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
     out = torch.empty((rows[comm.rank], *t.shape[1:]), dtype=t.dtype)
     comm.Reduce_scatter(t, out, [r * row for r in rows], op=MPI_OPS[op])
     _scale_(out, post)
-    return compression.decompress(out, ctx)
+    return out
 
 
 def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int | None = Average,
