@@ -13,3 +13,8 @@ def mpi_info() -> dict[str, str]:
         "mpi_standard": "{}.{}".format(*MPI.Get_version()),
         "mpi4py": mpi4py.__version__,
     }
+
+
+def thread_multiple() -> bool:
+    """Whether MPI was initialized with ``MPI_THREAD_MULTIPLE`` (any thread may call MPI)."""
+    return MPI.Query_thread() == MPI.THREAD_MULTIPLE

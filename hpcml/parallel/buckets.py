@@ -49,11 +49,14 @@ class Bucket:
         return self.buffer[self.offsets[j]:self.offsets[j] + p.numel()].view(p.shape)
 
 
-def build_buckets(params: Sequence[torch.Tensor], bucket_bytes: int) -> list[Bucket]:
-    """Zero-filled buckets for ``params`` (see module docstring), in launch order."""
+def build_buckets(params: Sequence[torch.Tensor], bucket_bytes: int,
+                  wire_dtype: torch.dtype | None = None) -> list[Bucket]:
+    """Zero-filled buckets for ``params`` (see module docstring), in launch order. With
+    ``wire_dtype``, floating-point parameters' buckets hold that dtype instead of theirs."""
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, p in enumerate(params):
-        groups.setdefault((p.device, p.dtype), []).append(i)
+        dtype = wire_dtype if wire_dtype is not None and p.dtype.is_floating_point else p.dtype
+        groups.setdefault((p.device, dtype), []).append(i)
     planned: list[tuple[int, Bucket]] = []
     for (device, dtype), members in groups.items():
         itemsize = torch.empty((), dtype=dtype).element_size()

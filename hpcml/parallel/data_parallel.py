@@ -54,23 +54,28 @@ class GradientReducer:
     gradients (reverse registration order), identical on every rank; ``sparse``: ids of the
     parameters whose gradient is a sparse COO tensor. Collective use: every rank builds it for
     the same parameters, runs backward and calls :meth:`synchronize` once per step.
-    ``on_choice(name, method)`` is called whenever a per-tensor method changes (for logging)."""
+    ``on_choice(name, method)`` is called whenever a per-tensor method changes (for logging).
+    ``predivide`` (with ``average``): fused gradients are divided by it before the sum and the
+    sum by ``size / predivide`` after (Horovod's ``gradient_predivide_factor``). ``wire_dtype``:
+    floating-point gradients travel in this dtype (Horovod's ``Compression.fp16``) and come back
+    in their parameter's dtype."""
 
     def __init__(self, comm: Communicator, params: Sequence[tuple[str, torch.Tensor]],
                  reduction: Reduction, *, bucket_bytes: int = 2**20,
                  sparse: frozenset[int] = frozenset(), passes: int = 1, average: bool = True,
-                 on_choice: Callable[[str, str], None] | None = None) -> None:
+                 on_choice: Callable[[str, str], None] | None = None,
+                 predivide: float = 1.0, wire_dtype: torch.dtype | None = None) -> None:
         if passes < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {passes}")
         self.comm, self.reduction, self.on_choice = comm, reduction, on_choice
-        self.passes, self.average = passes, average
+        self.passes, self.average, self.predivide = passes, average, predivide
         self.memory = ExchangeMemory()
         self.params = list(params)
         self.names = {id(p): n for n, p in params}
         fused = [p for _, p in params if reduction.fused(id(p) in sparse)]
         fused_ids = {id(p) for p in fused}
         self.separate = [(n, p) for n, p in params if id(p) not in fused_ids]
-        self.buckets: list[Bucket] = build_buckets(fused, bucket_bytes)
+        self.buckets: list[Bucket] = build_buckets(fused, bucket_bytes, wire_dtype)
         self._slot = {id(p): (b, j) for b, bucket in enumerate(self.buckets)
                       for j, p in enumerate(bucket.params)}
         for bucket in self.buckets:
@@ -167,6 +172,8 @@ class GradientReducer:
                             densify_into(p.grad, bucket.view(j).view(-1))
             if self._predivide(bucket):
                 bucket.buffer.div_(self.comm.size)
+            elif self.predivide != 1.0:
+                bucket.buffer.div_(self.predivide)
             bucket.request = self.comm.Iallreduce(bucket.buffer)
             self._next += 1
 
@@ -215,9 +222,10 @@ class GradientReducer:
         for bucket in self.buckets:
             bucket.request.wait()
             if self.average and not self._predivide(bucket):
-                bucket.buffer.div_(size)
+                bucket.buffer.div_(size / self.predivide)
             for j, p in enumerate(bucket.params):
-                p.grad = bucket.view(j)
+                view = bucket.view(j)
+                p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
             bucket.filled.clear()
             bucket.request = None
         for p, grad in results:

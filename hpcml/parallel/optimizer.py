@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -53,6 +53,14 @@ class DistributedOptimizer(WrappedOptimizer):
       accumulated per step (the reduction launches on the last one; one more raises);
       ``op``: ``"average"`` or ``"sum"`` over ranks.
     - ``on_choice(name, method)``: called when ``auto`` changes a tensor's method.
+    - ``gradient_predivide_factor`` (``op="average"`` only): the sum is taken of the gradients
+      divided by it and the result multiplied by it over the ranks (Horovod's option; equal to
+      the average up to rounding).
+    - ``named_parameters``: with ``model=None``, the ``(name, parameter)`` pairs that name the
+      optimizer's parameters (Horovod's way; their gradients are then all reduced densely, so
+      sparse ones too); with neither, the parameters are named by their place in the groups.
+    - ``wire_dtype``: floating-point gradients travel in this dtype (``torch.float16``:
+      Horovod's ``Compression.fp16``) and come back in their parameter's dtype.
 
     Every rank must build it for the same model (construction is collective and raises
     ``ValueError`` on every rank when the ranks' parameters differ in name, shape or dtype) and
@@ -66,15 +74,33 @@ class DistributedOptimizer(WrappedOptimizer):
     ``step()`` is counted for the collective watchdog, which names the step of a loop that
     hangs (:mod:`hpcml.comm.watchdog`)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *,
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module | None, *,
                  comm: Communicator | None = None, reduction: str = "dense_allreduce",
                  bucket_kib: float = 1024, backward_passes_per_step: int = 1,
                  op: str = "average",
-                 on_choice: Callable[[str, str], None] | None = None) -> None:
+                 on_choice: Callable[[str, str], None] | None = None,
+                 gradient_predivide_factor: float = 1.0,
+                 named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+                 wire_dtype: torch.dtype | None = None) -> None:
         super().__init__(optimizer)
-        if not isinstance(model, nn.Module):
+        if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"DistributedOptimizer(optimizer, model): model must be the "
                             f"torch.nn.Module being trained, got {type(model).__name__}")
+        if model is not None and named_parameters is not None:
+            raise ValueError("DistributedOptimizer: pass model or named_parameters, not both")
+        self._named_parameters = None if named_parameters is None else list(named_parameters)
+        if self._named_parameters is not None:
+            names = [n for n, _ in self._named_parameters]
+            if len(set(names)) != len(names):
+                raise ValueError("named_parameters: parameter names must be unique")
+        if gradient_predivide_factor != 1.0 and op != "average":
+            raise ValueError(f"gradient_predivide_factor={gradient_predivide_factor}: only "
+                             "with op='average'")
+        if not gradient_predivide_factor > 0:
+            raise ValueError(f"gradient_predivide_factor={gradient_predivide_factor}: must be "
+                             "> 0")
+        self.gradient_predivide_factor = float(gradient_predivide_factor)
+        self.wire_dtype = wire_dtype
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction={reduction!r}: use one of {sorted(REDUCTIONS)}")
         if op not in OPS:
@@ -92,13 +118,23 @@ class DistributedOptimizer(WrappedOptimizer):
         self.on_choice = on_choice
         self.reducer = self._build_reducer()
 
+    def _names(self) -> list[tuple[str, torch.Tensor]]:
+        """Every candidate parameter with its name, in registration order."""
+        if self.model is not None:
+            return list(self.model.named_parameters())
+        if self._named_parameters is not None:
+            return self._named_parameters
+        return [(f"group{g}.param{i}", p) for g, group in enumerate(self.param_groups)
+                for i, p in enumerate(group["params"])]
+
     def _build_reducer(self) -> GradientReducer:
         optimized = {id(p) for group in self.param_groups for p in group["params"]}
-        named = [(n, p) for n, p in self.model.named_parameters() if id(p) in optimized]
+        named = [(n, p) for n, p in self._names() if id(p) in optimized]
         stray = len(optimized) - len(named)
         if stray:
             raise ValueError(f"the optimizer holds {stray} parameter(s) that are not parameters "
-                             "of the model; pass the model whose parameters it optimizes")
+                             "of the model (not named in named_parameters); pass the model (or "
+                             "every name) of the parameters it optimizes")
         trainable = [(n, p) for n, p in named if p.requires_grad]
         layout = [(n, tuple(p.shape), str(p.dtype)) for n, p in trainable]
         digest = hashlib.sha256(repr(layout).encode()).hexdigest()
@@ -109,9 +145,12 @@ class DistributedOptimizer(WrappedOptimizer):
                              "the same model with the same parameter groups")
         return GradientReducer(self.comm, trainable[::-1], make_reduction(self.reduction),
                                bucket_bytes=self.bucket_bytes,
-                               sparse=sparse_parameter_ids(self.model),
+                               sparse=frozenset() if self.model is None
+                               else sparse_parameter_ids(self.model),
                                passes=self.backward_passes_per_step,
-                               average=self.op == "average", on_choice=self.on_choice)
+                               average=self.op == "average", on_choice=self.on_choice,
+                               predivide=self.gradient_predivide_factor,
+                               wire_dtype=self.wire_dtype)
 
     def _added(self, params: list[torch.Tensor]) -> None:
         if self.reducer.pending:
@@ -142,11 +181,21 @@ class DistributedOptimizer(WrappedOptimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.requires_grad and id(p) not in self.reducer.names:
-                    name = next((n for n, q in self.model.named_parameters() if q is p), "?")
+                    name = next((n for n, q in self._names() if q is p), "?")
                     raise ValueError(f"parameter {name!r} was unfrozen (requires_grad=True) "
                                      "after DistributedOptimizer was built, so its gradient is "
                                      "never averaged; call opt.rebuild() on every rank after "
                                      "changing requires_grad, between steps")
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Change the number of backward passes accumulated per step, between steps (on every
+        rank alike)."""
+        if int(passes) != passes or passes < 1:
+            raise ValueError(f"backward_passes_per_step={passes}: must be an integer >= 1")
+        if self.reducer.pending:
+            raise RuntimeError("set_backward_passes_per_step() between backward() and step(); "
+                               "call it between steps")
+        self.backward_passes_per_step = self.reducer.passes = int(passes)
 
     def rebuild(self) -> None:
         """Rebuild the gradient reduction for the parameters that require a gradient now

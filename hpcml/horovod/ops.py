@@ -1,0 +1,446 @@
+"""Horovod's tensor collectives with its signatures and semantics, each one call (or two) of
+:class:`hpcml.comm.Communicator`, so every byte is in hpcml's ledger.
+
+Every operation is collective over its ``process_set`` (default: the job; ``root_rank`` is always
+a global rank): every rank of it calls it, **in the same order** (Horovod
+matches operations by name in a background thread, so its ranks may post them in different
+orders; MPI matches them by order, and ``name`` is accepted and ignored). Results are new
+tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensors are refused.
+
+- ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``; ``Adasum`` is refused.
+  ``prescale_factor`` multiplies each rank's tensor before the reduction and
+  ``postscale_factor`` the result after it (with ``Average`` the division by the size is folded
+  into the postscale factor, as Horovod does). Integer tensors are scaled as Horovod scales them:
+  in float64, truncated toward zero on the way back (an integer average truncates).
+- ``allreduce``, ``allgather``, ``broadcast``, ``alltoall`` and ``reducescatter`` are
+  differentiable as in Horovod: the gradient of an allreduce is the same allreduce of the
+  gradient; of an allgather, this rank's rows of the ranks' averaged gradient; of a broadcast,
+  the averaged gradient on the root and zeros elsewhere; of an alltoall, the gradients sent back
+  where the rows came from; of a reducescatter, see :func:`reducescatter`.
+- The ``_async`` forms return a handle for :func:`~hpcml.horovod.basics.poll` and
+  :func:`~hpcml.horovod.basics.synchronize`: allreduces are non-blocking (``Iallreduce``); the
+  other operations complete before their handle is returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from hpcml.comm import Communicator
+from hpcml.horovod.basics import (
+    MPI_OPS,
+    Adasum,
+    Average,
+    Sum,
+    communicator,
+    group_handles,
+    new_handle,
+    set_rank,
+    synchronize,
+)
+from hpcml.horovod.compression import Compression
+
+
+def _op(op: int | None, average: bool | None) -> int:
+    """Horovod's op from ``op`` and the deprecated ``average``; refuses what is not built."""
+    if average is not None:
+        if op is not None:
+            raise ValueError("The op parameter supersedes average. Please provide only one of "
+                             "them.")
+        op = Average if average else Sum
+    op = Average if op is None else op
+    if op == Adasum:
+        raise ValueError("hpcml.horovod: op=Adasum is not implemented (use op=hvd.Average or "
+                         "hvd.Sum)")
+    if op not in MPI_OPS:
+        raise ValueError(f"hpcml.horovod: op={op!r} is not one of hvd.Average, Sum, Min, Max, "
+                         "Product")
+    return op
+
+
+def _factors(op: int, prescale: float, postscale: float, size: int) -> tuple[float, float]:
+    """(prescale, postscale) with the average folded into the postscale, as Horovod does."""
+    return prescale, postscale / size if op == Average else postscale
+
+
+def _scale_(tensor: torch.Tensor, factor: float) -> None:
+    """``tensor *= factor`` in place, as Horovod scales: integers in float64 and truncated
+    toward zero on the way back (so an integer average truncates), floats in their dtype."""
+    if factor == 1.0:
+        return
+    with torch.no_grad():
+        if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+            tensor.mul_(factor)
+        else:
+            tensor.copy_(tensor.double().mul_(factor).trunc_())
+
+
+def _contiguous(what: str, tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_contiguous():
+        raise ValueError(f"hpcml.horovod: {what}: tensor is required to be contiguous (call "
+                         ".contiguous() first)")
+    return tensor
+
+
+# -- allreduce ------------------------------------------------------------------------------------
+def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, prescale: float,
+                     postscale: float, comm: Communicator) -> int:
+    pre, post = _factors(op, prescale, postscale, comm.size)
+    if output is not tensor:
+        with torch.no_grad():
+            output.copy_(tensor)
+    _scale_(output, pre)
+    request = comm.Iallreduce(output, op=MPI_OPS[op])
+
+    def finish() -> torch.Tensor:
+        _scale_(output, post)
+        return output
+
+    return new_handle([request], finish)
+
+
+def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+                    op: int | None = None, prescale_factor: float = 1.0,
+                    postscale_factor: float = 1.0, process_set: Any = None) -> int:
+    """Start reducing ``tensor`` over the ranks into a new tensor; ``tensor`` is unchanged."""
+    output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
+    return _allreduce_start(tensor.detach(), output, _op(op, average), prescale_factor,
+                            postscale_factor, communicator(process_set))
+
+
+def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+                     op: int | None = None, prescale_factor: float = 1.0,
+                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
+    """Start reducing ``tensor`` in place; its value is the result after ``synchronize``."""
+    t = _contiguous("allreduce_", tensor)
+    return _allreduce_start(t, t, _op(op, average), prescale_factor, postscale_factor,
+                            communicator(process_set))
+
+
+class _Allreduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, prescale: float, postscale: float,
+                process_set: Any) -> torch.Tensor:
+        ctx.args = (op, prescale, postscale, process_set)
+        return synchronize(allreduce_async(tensor, None, None, op, prescale, postscale,
+                                           process_set))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return _Allreduce.apply(grad.contiguous(), *ctx.args), None, None, None, None
+
+
+def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+              compression: Any = Compression.none, op: int | None = None,
+              prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+              process_set: Any = None) -> torch.Tensor:
+    """The reduction of ``tensor`` over the ranks (same shape and dtype), differentiable."""
+    compressed, ctx = compression.compress(tensor)
+    out = _Allreduce.apply(compressed, _op(op, average), prescale_factor, postscale_factor,
+                           process_set)
+    return compression.decompress(out, ctx)
+
+
+def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
+               op: int | None = None, prescale_factor: float = 1.0,
+               postscale_factor: float = 1.0, process_set: Any = None) -> torch.Tensor:
+    """Reduce ``tensor`` in place and return it."""
+    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor,
+                                        postscale_factor, process_set))
+
+
+def grouped_allreduce_async(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                            name: str | None = None, op: int | None = None,
+                            prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                            process_set: Any = None) -> int:
+    """Start reducing every tensor of ``tensors`` into new tensors (one handle for all)."""
+    return group_handles([allreduce_async(t, average, None, op, prescale_factor,
+                                          postscale_factor, process_set) for t in tensors])
+
+
+def grouped_allreduce_async_(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                             name: str | None = None, op: int | None = None,
+                             prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                             process_set: Any = None) -> int:
+    """Start reducing every tensor of ``tensors`` in place (one handle for all)."""
+    return group_handles([allreduce_async_(t, average, None, op, prescale_factor,
+                                           postscale_factor, process_set) for t in tensors])
+
+
+def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                      name: str | None = None, compression: Any = Compression.none,
+                      op: int | None = None, prescale_factor: float = 1.0,
+                      postscale_factor: float = 1.0, process_set: Any = None
+                      ) -> list[torch.Tensor]:
+    """``[allreduce(t) for t in tensors]``, all in flight together (not differentiable)."""
+    pairs = [compression.compress(t) for t in tensors]
+    out = synchronize(grouped_allreduce_async([c for c, _ in pairs], average, name, op,
+                                              prescale_factor, postscale_factor, process_set))
+    return [compression.decompress(o, ctx) for o, (_, ctx) in zip(out, pairs, strict=True)]
+
+
+def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = None,
+                       name: str | None = None, op: int | None = None,
+                       prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                       process_set: Any = None) -> list[torch.Tensor]:
+    """Reduce every tensor of ``tensors`` in place; returns them."""
+    return synchronize(grouped_allreduce_async_(tensors, average, name, op, prescale_factor,
+                                                postscale_factor, process_set))
+
+
+# -- allgather ------------------------------------------------------------------------------------
+def _rows(what: str, tensor: torch.Tensor, comm: Communicator) -> list[int]:
+    """Every rank's first dimension; refuses (on every rank) ranks whose tensors differ in
+    dtype or in any other dimension."""
+    if tensor.dim() == 0:
+        raise ValueError(f"hpcml.horovod: {what}: a 0-dimensional tensor has no first "
+                         "dimension (reshape it to (1,))")
+    meta = comm.allgather((tuple(tensor.shape), str(tensor.dtype)))
+    if len({(shape[1:], dtype) for shape, dtype in meta}) != 1:
+        raise ValueError(f"hpcml.horovod: {what}: the ranks' tensors differ in dtype or beyond "
+                         f"the first dimension ({[f'{s} {d}' for s, d in meta]})")
+    return [shape[0] for shape, _ in meta]
+
+
+def _allgather(tensor: torch.Tensor, comm: Communicator) -> torch.Tensor:
+    t = tensor.detach().contiguous()
+    rows = _rows("allgather", t, comm)
+    row = math.prod(t.shape[1:])
+    out = torch.empty((sum(rows), *t.shape[1:]), dtype=t.dtype)
+    comm.Allgatherv(t, out, [r * row for r in rows])
+    return out
+
+
+class _Allgather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, process_set: Any) -> torch.Tensor:
+        out = _allgather(tensor, communicator(process_set))
+        ctx.process_set, ctx.rows = process_set, tensor.shape[0]
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        comm = communicator(ctx.process_set)
+        averaged = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
+        offset = sum(comm.allgather(ctx.rows)[:comm.rank])
+        return averaged.narrow(0, offset, ctx.rows), None
+
+
+def allgather(tensor: torch.Tensor, name: str | None = None,
+              process_set: Any = None) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along the first dimension in rank order; the first
+    dimension may differ between ranks, the others and the dtype may not. Differentiable."""
+    return _Allgather.apply(tensor, process_set)
+
+
+def allgather_async(tensor: torch.Tensor, name: str | None = None,
+                    process_set: Any = None) -> int:
+    out = _allgather(tensor, communicator(process_set))
+    return new_handle([], lambda: out)
+
+
+def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
+                      process_set: Any = None) -> list[torch.Tensor]:
+    """``[allgather(t) for t in tensors]``."""
+    return [allgather(t, process_set=process_set) for t in tensors]
+
+
+# -- broadcast ------------------------------------------------------------------------------------
+def _root(root_rank: int, process_set: Any) -> int:
+    """``root_rank`` (a global rank, as in Horovod) as a rank of ``process_set``."""
+    return set_rank(process_set, root_rank)
+
+
+def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+               process_set: Any = None) -> torch.Tensor:
+    """Copy ``root_rank``'s ``tensor`` into every rank's ``tensor`` (in place); returns it."""
+    comm = communicator(process_set)
+    comm.Bcast(_contiguous("broadcast_", tensor).data, root=_root(root_rank, process_set))
+    return tensor
+
+
+def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                     process_set: Any = None) -> int:
+    out = broadcast_(tensor, root_rank, name, process_set)
+    return new_handle([], lambda: out)
+
+
+class _Broadcast(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, root_rank: int, process_set: Any
+                ) -> torch.Tensor:
+        ctx.root_rank, ctx.process_set = root_rank, process_set
+        return broadcast_(tensor.detach().clone(memory_format=torch.contiguous_format),
+                          root_rank, process_set=process_set)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        averaged = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
+        if communicator(ctx.process_set).rank != _root(ctx.root_rank, ctx.process_set):
+            averaged = torch.zeros_like(averaged)
+        return averaged, None, None
+
+
+def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+              process_set: Any = None) -> torch.Tensor:
+    """A new tensor holding ``root_rank``'s ``tensor`` on every rank. Differentiable."""
+    return _Broadcast.apply(tensor, root_rank, process_set)
+
+
+def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                    process_set: Any = None) -> int:
+    out = broadcast(tensor.detach(), root_rank, process_set=process_set)
+    return new_handle([], lambda: out)
+
+
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
+                     process_set: Any = None) -> Any:
+    """``root_rank``'s picklable ``obj`` on every rank (pickled within the job)."""
+    return communicator(process_set).bcast(obj, root=_root(root_rank, process_set))
+
+
+def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:
+    """Every rank's picklable ``obj``, in rank order."""
+    return communicator(process_set).allgather(obj)
+
+
+def barrier(process_set: Any = None) -> None:
+    """Return when every rank has called it."""
+    communicator(process_set).barrier()
+
+
+def join(device: int = -1) -> int:
+    """Refused: Horovod's join lets ranks stop early while the others keep reducing, which
+    needs its background negotiation; MPI collectives need every rank."""
+    raise NotImplementedError("hpcml.horovod: join() is not implemented (give every rank the "
+                              "same number of batches, e.g. drop_last=True in the sampler)")
+
+
+# -- alltoall, reducescatter -----------------------------------------------------------------------
+def _alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None,
+              process_set: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    comm = communicator(process_set)
+    t = tensor.detach().contiguous()
+    if t.dim() == 0:
+        raise ValueError("hpcml.horovod: alltoall: a 0-dimensional tensor has no first "
+                         "dimension (reshape it to (1,))")
+    if splits is None:
+        if t.shape[0] % comm.size:
+            raise ValueError(f"hpcml.horovod: alltoall: first dimension {t.shape[0]} does not "
+                             f"divide by {comm.size} ranks (pass splits=)")
+        send = [t.shape[0] // comm.size] * comm.size
+    else:
+        send = [int(s) for s in (splits.tolist() if isinstance(splits, torch.Tensor)
+                                 else splits)]
+        if len(send) != comm.size or min(send) < 0 or sum(send) != t.shape[0]:
+            raise ValueError(f"hpcml.horovod: alltoall: splits {send} must be {comm.size} "
+                             f"non-negative row counts adding up to {t.shape[0]}")
+    received = torch.empty(comm.size, dtype=torch.int32)
+    comm.Alltoall(torch.tensor(send, dtype=torch.int32), received)
+    recv = received.tolist()
+    row = math.prod(t.shape[1:])
+    out = torch.empty((sum(recv), *t.shape[1:]), dtype=t.dtype)
+    comm.Alltoallv(t, out, [s * row for s in send], [r * row for r in recv])
+    return out, received
+
+
+class _Alltoall(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, splits: Any, process_set: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        out, received = _alltoall(tensor, splits, process_set)
+        ctx.received, ctx.process_set = received, process_set
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _received: Any) -> tuple[Any, ...]:
+        # the rows came from the ranks in received-splits order: send their gradients back
+        return _alltoall(grad, ctx.received, ctx.process_set)[0], None, None
+
+
+def alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None,
+             name: str | None = None, process_set: Any = None
+             ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``splits[j]`` (consecutive, in rank order) of ``tensor`` go to rank j; the result
+    concatenates the rows received, in rank order. ``splits=None``: the first dimension split
+    equally (it must divide by the size). With ``splits``, returns ``(result, received_splits)``
+    (int32, one entry per rank), as Horovod does; without, the result only. Ranks' tensors
+    must agree beyond the first dimension. Differentiable (the gradient travels back)."""
+    out, received = _Alltoall.apply(tensor, splits, process_set)
+    return out if splits is None else (out, received)
+
+
+def alltoall_async(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None,
+                   name: str | None = None, process_set: Any = None) -> int:
+    out = alltoall(tensor, splits, name, process_set)
+    return new_handle([], lambda: out)
+
+
+def reducescatter(tensor: torch.Tensor, name: str | None = None,
+                  compression: Any = Compression.none, op: int | None = Average,
+                  process_set: Any = None, prescale_factor: float = 1.0,
+                  postscale_factor: float = 1.0) -> torch.Tensor:
+    """Reduce ``tensor`` (same shape on every rank) over the ranks and give rank r its block
+    of the first dimension: blocks of ``rows // size`` rows, the first ``rows % size`` ranks
+    one row more (Horovod's split). Differentiable as in Horovod: the gradient is the
+    allgather of the blocks' gradients, times the size for ``Sum`` and times both factors."""
+    compressed, ctx = compression.compress(tensor)
+    out = _Reducescatter.apply(compressed, _op(op, None), prescale_factor, postscale_factor,
+                               process_set)
+    return compression.decompress(out, ctx)
+
+
+class _Reducescatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, op: int, prescale: float, postscale: float,
+                process_set: Any) -> torch.Tensor:
+        ctx.args = (op, prescale, postscale, process_set)
+        return _reducescatter(tensor, op, prescale, postscale, process_set)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        op, prescale, postscale, process_set = ctx.args
+        factor = prescale * postscale * (communicator(process_set).size if op == Sum else 1)
+        return _allgather(grad * factor, communicator(process_set)), None, None, None, None
+
+
+def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
+                   postscale_factor: float, process_set: Any) -> torch.Tensor:
+    comm = communicator(process_set)
+    t = tensor.detach().contiguous()
+    if t.dim() == 0:
+        raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
+                         "dimension (reshape it to (1,))")
+    pre, post = _factors(op, prescale_factor, postscale_factor, comm.size)
+    if pre != 1.0:
+        t = t.clone()
+        _scale_(t, pre)
+    q, extra = divmod(t.shape[0], comm.size)
+    rows = [q + (r < extra) for r in range(comm.size)]
+    row = math.prod(t.shape[1:])
+    out = torch.empty((rows[comm.rank], *t.shape[1:]), dtype=t.dtype)
+    comm.Reduce_scatter(t, out, [r * row for r in rows], op=MPI_OPS[op])
+    _scale_(out, post)
+    return out
+
+
+def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int | None = Average,
+                        process_set: Any = None, prescale_factor: float = 1.0,
+                        postscale_factor: float = 1.0) -> int:
+    out = reducescatter(tensor, name, Compression.none, op, process_set, prescale_factor,
+                        postscale_factor)
+    return new_handle([], lambda: out)
+
+
+def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = None,
+                          compression: Any = Compression.none, op: int | None = Average,
+                          process_set: Any = None, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list[torch.Tensor]:
+    """``[reducescatter(t) for t in tensors]``."""
+    return [reducescatter(t, None, compression, op, process_set, prescale_factor,
+                          postscale_factor) for t in tensors]

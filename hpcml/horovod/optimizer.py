@@ -1,0 +1,132 @@
+"""Horovod's ``DistributedOptimizer``, ``broadcast_parameters`` and
+``broadcast_optimizer_state``, built on :class:`hpcml.parallel.DistributedOptimizer` (its fused
+buckets reduced while backward runs) and :mod:`hpcml.parallel.broadcast`.
+
+Differences from ``horovod.torch``, all deliberate:
+
+- the wrapper is an instance of :class:`hpcml.parallel.DistributedOptimizer` (a
+  ``torch.optim.Optimizer`` sharing the wrapped one's groups and state), not of a subclass of
+  the wrapped optimizer's class;
+- ``step()`` after ``synchronize()`` outside ``skip_synchronize()`` warns as Horovod does but
+  does not reduce the gradients a second time (Horovod would: with ``op=Sum`` that multiplies
+  them by the size);
+- ``step()`` inside ``skip_synchronize()`` without a ``synchronize()`` first is refused (the
+  gradients are not reduced yet; Horovod would step on local or half-reduced ones);
+- ``num_groups``/``groups`` are accepted and change nothing (hpcml fuses by bucket size); every
+  gradient is reduced densely, sparse ones too (the numbers of ``sparse_as_dense=True``, which
+  equal those of the sparse allgather).
+
+``broadcast_optimizer_state`` on an optimizer with no state yet first takes Horovod's start-up
+step (``horovod_start=True``, the default): every trainable parameter's gradient is set to zeros
+and the wrapped optimizer steps once, to create its state, before the root's state is
+broadcast. That step is not free: weight decay moves the parameters, Adam's step count starts at
+1, and the zero gradients are left in ``.grad``. ``horovod_start=False`` broadcasts only the
+state that exists (hpcml's behaviour: the parameters stay as they are).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from hpcml.horovod.basics import OP_NAMES, Average, Sum, communicator, set_rank
+from hpcml.horovod.compression import Compression
+from hpcml.parallel import broadcast as _broadcast
+from hpcml.parallel.optimizer import DistributedOptimizer as _ParallelOptimizer
+
+
+class _HorovodOptimizer(_ParallelOptimizer):
+    """hpcml's data-parallel optimizer with Horovod's ``skip_synchronize``."""
+
+    _skip_sync = False
+    _synced_by_user = False  # synchronize() was called by the user since the last step()
+
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """``step()`` inside does not reduce: call ``synchronize()`` before it."""
+        previous, self._skip_sync = self._skip_sync, True
+        try:
+            yield
+        finally:
+            self._skip_sync = previous
+
+    def step(self, closure: Any = None) -> Any:
+        if self._skip_sync:
+            if not self.reducer.synchronized and self.reducer.pending:
+                raise RuntimeError("hpcml.horovod: step() inside skip_synchronize() before "
+                                   "synchronize(): the gradients are not reduced yet (call "
+                                   "optimizer.synchronize() first)")
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self.optimizer.step()
+            self._synced_by_user = False
+            return loss
+        if self._synced_by_user:
+            warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
+                          "context after optimizer.synchronize(); hpcml.horovod does not "
+                          "reduce the gradients again (Horovod would)", stacklevel=2)
+        loss = super().step(closure)
+        self._synced_by_user = False
+        return loss
+
+    def synchronize(self) -> None:
+        """Finish reducing the gradients now (collective)."""
+        super().synchronize()
+        self._synced_by_user = True
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer,  # noqa: N802 (Horovod's name)
+                         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+                         compression: Any = Compression.none, backward_passes_per_step: int = 1,
+                         op: int = Average, gradient_predivide_factor: float = 1.0,
+                         num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
+                         process_set: Any = None) -> _HorovodOptimizer:
+    """Wrap ``optimizer`` so that ``step()`` uses the gradients averaged (``op=Average``) or
+    summed (``op=Sum``) over the ranks, reduced while backward runs. Collective: every rank
+    wraps the same parameters. ``compression=Compression.fp16``: gradients travel as float16."""
+    if op not in (Average, Sum):
+        raise ValueError(f"hpcml.horovod: DistributedOptimizer(op={OP_NAMES.get(op, op)}): only "
+                         "hvd.Average and hvd.Sum are implemented")
+    if compression not in (Compression.none, Compression.fp16):
+        raise ValueError("hpcml.horovod: compression: only Compression.none and "
+                         "Compression.fp16 are implemented")
+    return _HorovodOptimizer(
+        optimizer, None, comm=communicator(process_set),
+        backward_passes_per_step=backward_passes_per_step,
+        op="average" if op == Average else "sum",
+        gradient_predivide_factor=gradient_predivide_factor,
+        named_parameters=None if named_parameters is None else list(named_parameters),
+        wire_dtype=getattr(compression, "wire_dtype", None))
+
+
+def broadcast_parameters(params: Mapping[str, torch.Tensor] | Iterable[Any], root_rank: int,
+                         process_set: Any = None) -> None:
+    """Copy ``root_rank``'s tensors into every rank's, in place. ``params``: a ``state_dict``,
+    ``named_parameters()`` pairs, or tensors; the same on every rank. Collective."""
+    if isinstance(params, Mapping):
+        tensors = list(params.values())
+    else:
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    _broadcast.broadcast_parameters(tensors, communicator(process_set),
+                                    set_rank(process_set, root_rank))
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
+                              process_set: Any = None, *, horovod_start: bool = True) -> None:
+    """Load ``root_rank``'s optimizer state (hyperparameters included) on every rank.
+    Collective. See the module docstring for ``horovod_start``."""
+    inner = optimizer.optimizer if isinstance(optimizer, _ParallelOptimizer) else optimizer
+    if horovod_start and not inner.state_dict()["state"]:
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+        inner.step()
+    _broadcast.broadcast_optimizer_state(optimizer, communicator(process_set),
+                                         set_rank(process_set, root_rank))
