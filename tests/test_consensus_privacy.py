@@ -75,6 +75,7 @@ def test_a_private_run_sends_only_its_noised_messages(tmp_path, ranks):
         return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
     launcher = size(None) + size(platform.node())  # validation outcome, host name
+    opened = size((str(run), None))  # the run directory (path, no refusal)
     for rank, ops in enumerate(json.loads((run / "ledger.json").read_text())["ranks"]):
         seen = {op: (t["calls"], t["bytes_sent"], t["bytes_received"]) for op, t in ops.items()}
         assert seen == {
@@ -84,11 +85,12 @@ def test_a_private_run_sends_only_its_noised_messages(tmp_path, ranks):
             # plus the 8-byte stop flag
             "Allgather": (scored, scored * (D + 1) * 8, ranks * scored * (D + 1) * 8),
             "allgather": (2, launcher, ranks * launcher),
-            "bcast": (1, size(str(run)) if rank == 0 else size(None), size(str(run))),
+            # the run directory's path (or rank 0's one-line refusal), from rank 0
+            "bcast": (1, opened if rank == 0 else size(None), opened),
         }, f"rank {rank}"
         sent = sum(t["bytes_sent"] for t in ops.values())
         assert sent == (ROUNDS * D * 8 + scored * (D + 1) * 8 + launcher
-                        + (size(str(run)) if rank == 0 else size(None)))
+                        + (opened if rank == 0 else size(None)))
 
 
 def test_the_modes_that_give_privacy_up_are_named():
