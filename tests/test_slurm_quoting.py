@@ -5,6 +5,7 @@ python and mpiexec replaced by stubs, passes every value through verbatim and ru
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -30,6 +31,8 @@ SPECIAL = list(" \t\n\r\x00\x0b\x0c\x1b\x7f\u0085\u2028\u2029\u200b\ufeff"
 TEXT = st.text(st.one_of(st.sampled_from(SPECIAL), st.characters(exclude_categories=["Cs"])),
                max_size=12)
 FIELDS = ("slurm.job_name", "slurm.partition", "slurm.extra[0]", "set[0]", "name")
+# the job file's own name (run directory prefix) is one safe word before Slurm ever sees it
+SAFE_JOB_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 
 
 def _job(tmp_path: Path, name: str = "lsq") -> None:
@@ -94,10 +97,12 @@ def _hpcml_runs(calls: list[list[str]]) -> list[list[str]]:
 def _refusal(field: str, value: str) -> str | None:
     """The field a value must be refused under, or None when it must render (the contract).
     ``set[0]`` is ``--set runs_dir=VALUE``; ``name`` is the job file's name ("" = the kind)."""
-    header = field in ("slurm.job_name", "slurm.partition", "slurm.extra[0]", "name")
+    if field == "name":
+        return None if value == "" or re.fullmatch(SAFE_JOB_NAME, value) else field
+    header = field in ("slurm.job_name", "slurm.partition", "slurm.extra[0]")
     if any(not ch.isprintable() for ch in value) or (header and "\\" in value):
         return field
-    if field in ("slurm.job_name", "name") and ("/" in value or value in (".", "..")):
+    if field == "slurm.job_name" and ("/" in value or value in (".", "..")):
         return field
     if field == "set[0]" and not isinstance(parse_override(f"runs_dir={value}")[1], str):
         return "runs_dir"  # TOML read it as a number, a date, an array...: the job's own check
@@ -154,12 +159,15 @@ def test_hostile_values_are_refused_or_reach_the_job_verbatim(tmp_path, field, v
                                    "x\u2028y", "back\\slash"])
 @pytest.mark.usefixtures("stubs")
 def test_sweep_string_values_render_as_toml_or_are_refused(tmp_path, value):
+    """The swept key is the job's ``name``: a point whose value is not a safe name is refused
+    in one line when the submission is loaded (each point is validated as the job it runs)."""
     try:
         s = _load(tmp_path, sweep=value)
     except UsageError as exc:
-        assert value == "x\u2028y"  # TOML keeps U+2028 raw; every other value is escaped
-        _one_line(exc, "sweep.name")
+        assert not re.fullmatch(SAFE_JOB_NAME, value), exc
+        _one_line(exc, "name")
         return
+    assert re.fullmatch(SAFE_JOB_NAME, value)
     text = render.render(s, tmp_path)
     _bash_n(text)
     (run,) = _hpcml_runs(_run_script(text, tmp_path))
@@ -177,9 +185,10 @@ def test_sweep_string_values_render_as_toml_or_are_refused(tmp_path, value):
 @pytest.mark.usefixtures("stubs")
 def test_every_template_runs_the_hostile_name_verbatim(tmp_path, template, extra, dirs):
     name = "n $(touch SENTINEL) `touch SENTINEL` \"; touch SENTINEL; ' *"
-    _job(tmp_path, name)
+    _job(tmp_path)
     path = tmp_path / "sub.toml"
     path.write_text(f'job = "job.toml"\n[slurm]\ntemplate = "{template}"\n'
+                    f'job_name = {toml_value(name)}\n'
                     f'runs_dir = "{tmp_path / "runs"}"\n{extra}')
     text = render.render(spec.load(path), tmp_path)
     calls = _run_script(text, tmp_path)
@@ -253,7 +262,8 @@ def test_array_sweep_values_render_on_one_line(tmp_path):
     ("--signal=B:USR2@60", "use slurm.signal_seconds"),
     ("--array=0-9", "use [sweep]"),
     ("--output=/tmp/x", "use slurm.runs_dir"),
-    ("--qos=debug\n#SBATCH --x", "non-printing"),
+    ("--qos=debug\n#SBATCH --x", "control character"),
+    ("--comment=a\u2028b", "non-printing"),
 ])
 def test_extra_contract_refusals(tmp_path, item, message):
     with pytest.raises(UsageError, match=r"slurm\.extra\[0\]") as info:
@@ -269,7 +279,8 @@ def test_extra_values_are_quoted_and_flags_kept(tmp_path):
                           "#SBATCH --comment='a b'\"'\"'c'", "#SBATCH --mail-type=''"]
 
 
-@pytest.mark.parametrize("runs_dir, message", [("runs/%j", "'%'"), ("a\nb", "non-printing"),
+@pytest.mark.parametrize("runs_dir, message", [("runs/%j", "'%'"), ("a\nb", "control character"),
+                                               ("a\u2028b", "non-printing"),
                                                ("a\\b", "backslash")])
 def test_runs_dir_refusals(tmp_path, runs_dir, message):
     _job(tmp_path)
@@ -290,6 +301,7 @@ def test_cli_refuses_in_one_line_and_writes_nothing(tmp_path):
         assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
         assert res.stderr.startswith("hpcml: error: ") and "slurm.job_name" in res.stderr
         assert res.stdout == ""
+    (tmp_path / "sub.toml").write_text('job = "job.toml"\n[slurm]\nruns_dir = "out"\n')
     res = hpcml_cli(1, "slurm", "render", "sub.toml", "--partition", "a\nb", cwd=tmp_path)
     assert res.returncode == 2 and "slurm.partition" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.toml", "sub.toml"]
