@@ -64,12 +64,16 @@ def test_job_on_hdf5_input_with_five_ranks(tmp_path):
                     f"problem.path={tmp_path / 'diabetes.h5'}", "--set", "problem.x_key=features",
                     "--set", "problem.y_key=target", "--set", "solver.algorithm=lbfgs",
                     "--set", "solver.iterations=120", "--set", "code.chunk=3",
-                    "--set", runs(tmp_path), cwd=tmp_path, timeout=180)
+                    "--set", "code.wait_for=4", "--set", runs(tmp_path), cwd=tmp_path,
+                    timeout=180)
     assert res.returncode == 0, res.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["workers"] == 4 and summary["wait_for"] == 3
-    assert summary["final_relative_error"] < 0.3
+    assert summary["workers"] == 4 and summary["wait_for"] == 4
+    # ETF is a tight frame: with every worker awaited the coded solve is the uncoded one, so the
+    # chunked HDF5 encoding must reach the true optimum whatever the stragglers' timing (with
+    # k = 3 the erasure pattern, and so the error, depends on which worker is late)
+    assert summary["final_relative_error"] < 1e-3
     assert not (run_dir / "shards").exists()
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 120
 
