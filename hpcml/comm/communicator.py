@@ -321,12 +321,9 @@ class Communicator:
     # -- small Python objects (pickled) ----------------------------------------------------------
     def _obj(self, op: str, obj: Any, call: Callable[[], Any]) -> Any:
         entry = self._entry(op)
-        start = WATCH.since = perf_counter()
-        WATCH.what = entry
-        try:
+        start = perf_counter()
+        with watching(entry):
             result = call()
-        finally:
-            WATCH.what = None
         size = lambda x: len(pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: E731
         received = sum(size(r) for r in result) if isinstance(result, list) else size(result)
         entry.add(size(obj), received, perf_counter() - start)
