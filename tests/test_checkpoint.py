@@ -11,6 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from one_rank import OneRank
 
 from hpcml import checkpoint
 from hpcml.comm import Communicator
@@ -75,19 +76,7 @@ def test_save_and_read_round_trip(comm: Communicator):
 
 
 def make(tmp_path, step=5):
-    class One:
-        rank, size = 0, 1
-
-        def barrier(self):
-            pass
-
-        def gather(self, obj):
-            return [obj]
-
-        def bcast(self, obj):
-            return obj
-
-    return checkpoint.save(One(), tmp_path, step, {"w": torch.arange(4.0)}, {"r": 1}, "abc")
+    return checkpoint.save(OneRank(), tmp_path, step, {"w": torch.arange(4.0)}, {"r": 1}, "abc")
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path):

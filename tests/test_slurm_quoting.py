@@ -129,23 +129,33 @@ def _check_round_trip(text: str, field: str, value: str) -> None:
         assert _assignment(text, "SETS") == ["--set", f"runs_dir={value}"]
 
 
-@pytest.mark.parametrize("value", INJECTIONS)
-@pytest.mark.parametrize("field", FIELDS)
-@pytest.mark.usefixtures("stubs")
-def test_hostile_values_are_refused_or_reach_the_job_verbatim(tmp_path, field, value):
-    if field == "slurm.job_name" and not value:
-        value = "-"  # an empty job_name means "the job's name"
+def _rendered_or_refused(tmp_path: Path, field: str, value: str) -> str | None:
+    """Load a submission with ``value`` in ``field``: None when it is refused (in one line,
+    under the field the contract names), else the rendered script, which passes ``bash -n``
+    and gives the value back (both asserted)."""
     expected = _refusal(field, value)
     try:
         s = _load(tmp_path, **_kwargs(field, value))
     except UsageError as exc:
         assert expected, f"{field}={value!r} refused: {exc}"
         _one_line(exc, expected)
-        return
+        return None
     assert not expected, f"{field}={value!r} accepted"
     text = render.render(s, tmp_path)
     _bash_n(text)
     _check_round_trip(text, field, value)
+    return text
+
+
+@pytest.mark.parametrize("value", INJECTIONS)
+@pytest.mark.parametrize("field", FIELDS)
+@pytest.mark.usefixtures("stubs")
+def test_hostile_values_are_refused_or_reach_the_job_verbatim(tmp_path, field, value):
+    if field == "slurm.job_name" and not value:
+        value = "-"  # an empty job_name means "the job's name"
+    text = _rendered_or_refused(tmp_path, field, value)
+    if text is None:
+        return
     (run,) = _hpcml_runs(_run_script(text, tmp_path))
     assert run[0] == str((tmp_path / "job.toml").resolve())
     name = {"slurm.job_name": value, "name": value or "scaling"}.get(field, "lsq")
@@ -208,17 +218,7 @@ def test_every_template_runs_the_hostile_name_verbatim(tmp_path, template, extra
 def test_any_text_is_refused_in_one_line_or_round_trips(tmp_path, field, value):
     if field == "slurm.job_name" and not value:
         return  # an empty job_name means "the job's name"
-    expected = _refusal(field, value)
-    try:
-        s = _load(tmp_path, **_kwargs(field, value))
-    except UsageError as exc:
-        assert expected, f"{field}={value!r} refused: {exc}"
-        _one_line(exc, expected)
-        return
-    assert not expected, f"{field}={value!r} accepted"
-    text = render.render(s, tmp_path)
-    _bash_n(text)
-    _check_round_trip(text, field, value)
+    _rendered_or_refused(tmp_path, field, value)
 
 
 # --- the other checks --------------------------------------------------------------------------

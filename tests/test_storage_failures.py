@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from one_rank import OneRank
 
 from hpcml import checkpoint
 from hpcml.errors import StorageError
@@ -30,17 +31,6 @@ BIG = {"rows": 16, "features": 20000, "lr": 0.01, "noise": 0.01, "seed": 3, "ste
        "checkpoint_every": 2, "mode": '"strong"'}
 
 
-class One:
-    rank, size = 0, 1
-
-    def barrier(self):
-        pass
-
-    def gather(self, obj):
-        return [obj]
-
-    def bcast(self, obj):
-        return obj
 
 
 def tree(root: Path) -> dict[str, str]:
@@ -53,7 +43,7 @@ def test_refused_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch):
     errno; the step's ``.tmp`` is gone and ``latest`` and the previous checkpoint are as
     they were. A stale ``.latest.*.tmp`` (a job killed while replacing the pointer) is
     removed by the next successful save."""
-    checkpoint.save(One(), tmp_path, 5, {"w": torch.arange(4.0)}, {}, "abc")
+    checkpoint.save(OneRank(), tmp_path, 5, {"w": torch.arange(4.0)}, {}, "abc")
     before = tree(tmp_path)
     real = checkpoint._write_payload
 
@@ -64,14 +54,14 @@ def test_refused_checkpoint_write_keeps_the_last_one(tmp_path, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "_write_payload", full)
     with pytest.raises(StorageError) as exc:
-        checkpoint.save(One(), tmp_path, 9, {"w": torch.arange(4.0)}, {}, "abc")
+        checkpoint.save(OneRank(), tmp_path, 9, {"w": torch.arange(4.0)}, {}, "abc")
     text = str(exc.value)
     assert "\n" not in text and "step-000000009.tmp/shared.pt: cannot write (ENOSPC" in text
     assert tree(tmp_path) == before
     monkeypatch.undo()
     stale = tmp_path / "checkpoint" / ".latest.x1y2.tmp"
     stale.write_text("step-0000")
-    checkpoint.save(One(), tmp_path, 9, {"w": torch.arange(4.0)}, {}, "abc")
+    checkpoint.save(OneRank(), tmp_path, 9, {"w": torch.arange(4.0)}, {}, "abc")
     assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == [
         "latest", "step-000000009"]
 
