@@ -193,6 +193,9 @@ def report_scaling(runs: tuple[str, ...], bench: str | None, mode: str | None, m
     """Efficiency table, plot and alpha-beta projection from a scaling series RUNS."""
     from pathlib import Path
 
+    from hpcml import extras
+
+    extras.require("plots", what="hpcml report scaling")
     from hpcml.report import output
     from hpcml.report.scaling import build_table, fit_bench, measure, series_mode
 

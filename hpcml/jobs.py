@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpcml import checkpoint
+from hpcml import checkpoint, extras
 from hpcml.comm import Communicator
 from hpcml.config import JobConfig
 from hpcml.errors import UsageError
@@ -101,6 +101,7 @@ def job_kind(name: str) -> JobKind:
     if name not in KINDS:
         known = ", ".join(sorted(KINDS))
         raise UsageError(f"kind: unknown job kind {name!r}; known kinds: {known}")
+    extras.require(*extras.KIND_EXTRAS.get(name, ()), what=f"kind {name!r}")
     module = importlib.import_module(KINDS[name])
     return module.JOB
 
@@ -110,5 +111,13 @@ def bench_names() -> list[str]:
 
 
 def describe() -> str:
-    """One line per job kind (imports every capability)."""
-    return "\n".join(f"  {name:<22} {job_kind(name).description}" for name in sorted(KINDS))
+    """One line per job kind (imports every installed capability; a kind whose extra is
+    missing says which ``pip install`` adds it)."""
+    lines = []
+    for name in sorted(KINDS):
+        try:
+            text = job_kind(name).description
+        except UsageError as exc:
+            text = f"(not installed) {str(exc).split(': ', 1)[-1]}"
+        lines.append(f"  {name:<22} {text}")
+    return "\n".join(lines)

@@ -9,6 +9,12 @@ rank when any rank raises or the job outlives ``timeout``.
 The launcher is ``mpiexec`` beside the interpreter (the wheel MPI in ``.venv``), else the one on
 PATH; ``HPCML_MPIEXEC`` overrides it (e.g. ``"srun --mpi=pmi2"``). Oversubscription (4 ranks on
 2 cores) needs no flag with MPICH's Hydra.
+
+pytest-mpi: every case is also marked ``pytest.mark.mpi(min_size=N)``, and tests declared
+``in_process=True`` run in-process on every rank under
+``mpiexec -n N python -m pytest --with-mpi -m mpi`` (see :func:`mpi_test`). Without
+``--with-mpi`` pytest-mpi would skip ``mpi``-marked tests; :func:`configure_pytest` (called by
+``tests/conftest.py``) turns that skip off, since the harness launches the ranks itself.
 """
 
 from __future__ import annotations
@@ -67,8 +73,19 @@ def hpcml_cli(nranks: int, *args: str, timeout: float = 120, cwd: str | Path | N
                   env=env)
 
 
-def mpi_test(ranks: Sequence[int] = (1, 2, 4), timeout: float = 120) -> Callable[..., Any]:
+def mpi_test(ranks: Sequence[int] = (1, 2, 4), timeout: float = 120,
+             in_process: bool = False) -> Callable[..., Any]:
     """Decorator: run ``body(comm)`` on each rank count in ``ranks`` (see module docstring).
+
+    Each case carries ``pytest.mark.mpi(min_size=N)`` (pytest-mpi's marker). Under plain
+    ``pytest`` it launches its own ranks. Under ``mpiexec -n N python -m pytest --with-mpi``
+    (pytest-mpi), a test declared ``in_process=True`` runs the body in the pytest process of
+    every rank with the world communicator, for the case whose rank count is the job's (the
+    others are skipped); one not so declared is skipped there (it needs its own job: fresh
+    processes, aborts, signals). In-process, a body that fails on some ranks only leaves the
+    others waiting in their next collective until the watchdog ends the job
+    (``HPCML_WATCHDOG_TIMEOUT``).
+
     A plain (undecorated) function ``f(comm)`` can be launched the same way with
     ``launch(n, [sys.executable, "-m", "hpcml.testing", FILE, "f"])``."""
     import pytest
@@ -76,8 +93,12 @@ def mpi_test(ranks: Sequence[int] = (1, 2, 4), timeout: float = 120) -> Callable
     def decorate(body: Callable[..., Any]) -> Callable[..., Any]:
         file = body.__code__.co_filename
 
-        @pytest.mark.parametrize("nranks", list(ranks))
-        def test(nranks: int) -> None:
+        @pytest.mark.parametrize("nranks", [pytest.param(n, marks=pytest.mark.mpi(min_size=n))
+                                            for n in ranks])
+        def test(nranks: int, request: Any) -> None:
+            if request.config.getoption("--with-mpi", default=False):
+                _run_in_process(body, nranks, in_process)
+                return
             try:
                 res = launch(nranks, [sys.executable, "-m", "hpcml.testing", file,
                                       body.__name__], timeout=timeout)
@@ -96,6 +117,21 @@ def mpi_test(ranks: Sequence[int] = (1, 2, 4), timeout: float = 120) -> Callable
     return decorate
 
 
+def _run_in_process(body: Callable[..., Any], nranks: int, in_process: bool) -> None:
+    """The body of an ``mpi_test`` case on every rank of the pytest job (``--with-mpi``)."""
+    import pytest
+
+    from hpcml.comm import world
+
+    if not in_process:
+        pytest.skip("launches its own ranks: run it with plain pytest")
+    comm = world()
+    if comm.size != nranks:
+        pytest.skip(f"the {nranks}-rank case (this job has {comm.size} ranks)")
+    body(comm)
+    comm.barrier()
+
+
 def _run_body(file: str, name: str) -> None:
     from hpcml.comm import abort_on_error, world
 
@@ -108,6 +144,19 @@ def _run_body(file: str, name: str) -> None:
         func = getattr(module, name)
         getattr(func, "body", func)(comm)
         comm.barrier()
+
+
+def configure_pytest(config: Any) -> None:
+    """For a ``conftest.py``'s ``pytest_configure``: register the ``mpi`` marker; without
+    ``--with-mpi``, unregister pytest-mpi's plugin object (it would skip every ``mpi``-marked
+    test), so plain ``pytest`` runs them through mpiexec. Not collective."""
+    config.addinivalue_line("markers", "mpi(min_size=N): an MPI test (pytest-mpi)")
+    if config.getoption("--with-mpi", default=False) or config.getoption("--only-mpi",
+                                                                          default=False):
+        return
+    for plugin in config.pluginmanager.get_plugins():
+        if type(plugin).__name__ == "MPIPlugin" and type(plugin).__module__ == "pytest_mpi":
+            config.pluginmanager.unregister(plugin)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ def rank_data(rank: int, n: int, dtype=np.float64) -> np.ndarray:
     return np.random.default_rng(100 + rank).standard_normal(n).astype(dtype)
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_allreduce_numpy_and_torch(comm):
     p, r = comm.size, comm.rank
     expected = sum(rank_data(q, 1000) for q in range(p))
@@ -26,7 +26,7 @@ def test_allreduce_numpy_and_torch(comm):
     assert m[0] == p - 1
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_allgather_and_allgatherv(comm):
     p, r = comm.size, comm.rank
     send = np.full(3, r, dtype=np.int64)
@@ -39,7 +39,7 @@ def test_allgather_and_allgatherv(comm):
     assert recv_v.tolist() == [float(q) for q in range(p) for _ in range(q + 1)]
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_reduce_scatter_bcast_alltoall(comm):
     p, r = comm.size, comm.rank
     full = sum(rank_data(q, 4 * p) for q in range(p))
@@ -67,7 +67,7 @@ def test_reduce_scatter_bcast_alltoall(comm):
     assert recvv.tolist() == [q for q in range(p) for _ in range(r + 1)]
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_bfloat16_reduces_through_float32_and_moves_raw(comm):
     p = comm.size
     t = torch.full((8,), 1.5, dtype=torch.bfloat16)
@@ -82,7 +82,7 @@ def test_bfloat16_reduces_through_float32_and_moves_raw(comm):
     assert b.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_nonblocking_allreduce_and_point_to_point(comm):
     p, r = comm.size, comm.rank
     bufs = [np.full(10, float(r + i)) for i in range(3)]
@@ -112,14 +112,14 @@ def test_nonblocking_allreduce_and_point_to_point(comm):
         "Iallreduce", "Isend", "Irecv")] == [(1, 32, 32), (1, 10, 0), (1, 0, 10)]
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_object_collectives(comm):
     assert comm.allgather({"r": comm.rank}) == [{"r": q} for q in range(comm.size)]
     assert comm.bcast("hello" if comm.rank == 0 else None) == "hello"
     assert comm.allreduce(comm.rank + 1) == comm.size * (comm.size + 1) // 2
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_waitany_iprobe_and_cancel(comm):
     from hpcml.comm import Request
 

@@ -18,7 +18,7 @@ def _not_implemented(*args):
     raise NotImplementedError("MPI_Allreduce_init (an MPI-3 library)")
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_bound_operations_move_the_right_data_and_the_ledger_is_exact(comm):
     p, r = comm.size, comm.rank
     comm.ledger.reset()

@@ -63,7 +63,7 @@ def test_a_remembered_tensor_made_non_contiguous_in_place_is_refused():
         message(t)
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_reused_buffers_changed_between_calls_move_the_right_bytes(comm):
     p, r = comm.size, comm.rank
     comm.ledger.reset()
@@ -101,7 +101,7 @@ def test_reused_buffers_changed_between_calls_move_the_right_bytes(comm):
     assert comm.ledger.totals()["Allreduce"]["bytes_sent"] == sent
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_ledger_is_exact_after_many_small_calls(comm):
     p, r = comm.size, comm.rank
     comm.ledger.reset()

@@ -23,7 +23,7 @@ def test_chunk_rejects_bad_rank():
         chunk_bounds(10, 2, 2)
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_ring_graph_neighbour_allgather(comm):
     p, r = comm.size, comm.rank
     ring = sorted({(r - 1) % p, (r + 1) % p} - ({r} if p > 2 else set()))
@@ -39,7 +39,7 @@ def test_ring_graph_neighbour_allgather(comm):
     assert got.tolist() == [100 * q + r for q in ring]
 
 
-@mpi_test(ranks=[2, 4])
+@mpi_test(ranks=[2, 4], in_process=True)
 def test_split_and_periodic_cart_shift(comm):
     half = comm.split(color=comm.rank % 2)
     assert half.size == comm.size // 2

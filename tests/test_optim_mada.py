@@ -164,3 +164,26 @@ def test_sparse_gradients_are_refused():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+def test_torch_spelling_betas_is_accepted_by_mada_and_avgrad():
+    """``betas=(b1, b2)`` (torch's spelling) trains exactly as ``beta1=b1, beta2=b2``, and MADA
+    with it reproduces torch's Adam given the same ``betas``; both spellings at once, or a
+    ``betas`` that is not a pair, is one ``ValueError``."""
+    expected, _ = train(lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.95)))
+    got, opt = train(lambda ps: MADA(ps, lr=1e-2, betas=(0.8, 0.95), **ADAM))
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert (opt.coefficients["beta1"], opt.coefficients["beta2"]) == (0.8, 0.95)
+    learned, _ = train(lambda ps: MADA(ps, lr=1e-2, betas=(0.8, 0.95)))
+    named, _ = train(lambda ps: MADA(ps, lr=1e-2, beta1=0.8, beta2=0.95))
+    assert torch.equal(learned, named)
+    a, _ = train(lambda ps: AVGrad(ps, lr=1e-2, betas=(0.8, 0.95)))
+    b, _ = train(lambda ps: AVGrad(ps, lr=1e-2, beta1=0.8, beta2=0.95))
+    assert torch.equal(a, b)
+    for make in (MADA, AVGrad):
+        with pytest.raises(ValueError, match="not both"):
+            make(small_model().parameters(), betas=(0.8, 0.95), beta1=0.8)
+        with pytest.raises(ValueError, match="betas must be"):
+            make(small_model().parameters(), betas=(0.8,))
+    with pytest.raises(ValueError, match="beta2"):
+        MADA(small_model().parameters(), betas=(0.9, 1.5))

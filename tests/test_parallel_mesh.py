@@ -14,7 +14,7 @@ def factorizations(p: int) -> list[tuple[int, int, int]]:
             if p % (d * s) == 0]
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_every_factorization_groups_the_right_ranks(comm):
     p = comm.size
     for data, pipeline, tensor in factorizations(p):

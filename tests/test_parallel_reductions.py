@@ -51,7 +51,7 @@ def reference_grads():
             for n, p in model.named_parameters()}
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_reduced_gradients_equal_global_batch_gradient(comm):
     ref = reference_grads()
     batch = rank_batch(comm)
@@ -88,7 +88,7 @@ def run_steps(comm, strategy, steps=3, adam=False):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_strategies_same_update_and_params_identical_across_ranks(comm):
     results = {name: run_steps(comm, name) for name in REDUCTIONS}
     adam = run_steps(comm, "sparse_allgather", adam=True)

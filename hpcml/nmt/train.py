@@ -5,18 +5,18 @@ on an HDF5 parallel corpus (the numbers corpus, or a text corpus prepared by
 
 Top to bottom: read the vocabulary and this rank's shards; build the model from the job seed and
 broadcast rank 0's parameters (or restore the checkpoint of ``--resume``); seed this rank's dropout
-stream; train ``train.steps`` steps (rank-0 tqdm bar, metrics.jsonl, validation every
-``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end); on SIGTERM or
-SIGUSR1 on any rank (caught from launch on, :mod:`hpcml.preemption`), checkpoint after the current
-step and stop with ``stopped_by`` set (status ``preempted``; a signal during the last step lets the
-run finish); finally decode the test split (greedy, or beam search with ``eval.beam``) and report
-corpus BLEU with its sacreBLEU signature. Batches hold ``train.batch_size`` sentences, or with
-``train.batch_tokens`` length-bucketed token batches (:mod:`hpcml.nmt.buckets`). The optimizer is
-a :class:`~hpcml.parallel.DistributedOptimizer` around Adam; with ``[qsparse] enabled`` it is
-synchronous Qsparse-local-SGD instead (:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every
-rank's own model, optimizer state and error memory. A run resumed from a checkpoint takes exactly
-the steps the uninterrupted run would (same batches, dropout masks, optimizer state and learning
-rates).
+stream; train ``train.steps`` steps (rank-0 progress, :mod:`hpcml.progress`; metrics.jsonl;
+validation every ``eval.valid_every``, checkpoint every ``eval.checkpoint_every`` and at the end);
+on SIGTERM or SIGUSR1 on any rank (caught from launch on, :mod:`hpcml.preemption`), checkpoint
+after the current step and stop with ``stopped_by`` set (status ``preempted``; a signal during the
+last step lets the run finish); finally decode the test split (greedy, or beam search with
+``eval.beam``) and report corpus BLEU with its sacreBLEU signature. Batches hold
+``train.batch_size`` sentences, or with ``train.batch_tokens`` length-bucketed token batches
+(:mod:`hpcml.nmt.buckets`). The optimizer is a :class:`~hpcml.parallel.DistributedOptimizer` around
+Adam; with ``[qsparse] enabled`` it is synchronous Qsparse-local-SGD instead
+(:mod:`hpcml.nmt.qsparse`), whose checkpoints also hold every rank's own model, optimizer state and
+error memory. A run resumed from a checkpoint takes exactly the steps the uninterrupted run would
+(same batches, dropout masks, optimizer state and learning rates).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from hpcml.checkpoint import Restored
 from hpcml.comm import Communicator, chunk_bounds
@@ -44,6 +43,7 @@ from hpcml.nmt.step import train_step
 from hpcml.nmt.subword import detokenizer, references
 from hpcml.optim.registry import build_optimizer
 from hpcml.parallel import DistributedOptimizer
+from hpcml.progress import Progress
 
 
 def build_model(cfg: NMTConfig, vocab_size: int, sparse: bool = True) -> Transformer:
@@ -104,8 +104,7 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
              {"history": history, "epoch": step // stream.steps_per_epoch}, own)
 
     stopped, step, loss, tokens_total, busy = None, start, float("nan"), 0, 0.0
-    bar = tqdm(total=t.steps, initial=start, disable=not ctx.is_root, desc="train",
-               dynamic_ncols=True)
+    bar = Progress(t.steps, initial=start, enabled=ctx.is_root)
     flag = ctx.preemption
     for step in range(start + 1, t.steps + 1):
         comm.straggle(step)
@@ -116,8 +115,7 @@ def run(cfg: NMTConfig, ctx: RunContext) -> dict[str, Any]:
         busy += time.perf_counter() - tick
         tokens_total += tokens
         record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens}
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1, loss=loss)
         if cfg.eval.valid_every and step % cfg.eval.valid_every == 0:
             record["valid_loss"] = validation_loss(comm, model, valid, cfg.eval.batch_size,
                                                    t.label_smoothing)

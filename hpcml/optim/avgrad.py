@@ -16,18 +16,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from hpcml.optim.mada import MADA
+from hpcml.optim.mada import MADA, resolve_betas
 
 
 class AVGrad(MADA):
-    """AVGrad over ``params`` with ``torch.optim.Adam``'s argument names; ``weight_decay`` is
-    decoupled (AdamW-style). Invalid arguments raise ``ValueError``."""
+    """AVGrad over ``params`` with ``torch.optim.Adam``'s argument names (``betas``; MADA's
+    ``beta1``/``beta2`` are accepted too, not both); ``weight_decay`` is decoupled (AdamW-style).
+    Invalid arguments raise ``ValueError``."""
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0) -> None:
-        if len(betas) != 2:
-            raise ValueError(f"AVGrad: betas must be (beta1, beta2), got {betas}")
-        super().__init__(params, lr=lr, beta1=betas[0], beta2=betas[1], beta3=0.0, c=1.0,
+                 betas: tuple[float, float] | None = None, eps: float = 1e-8,
+                 weight_decay: float = 0.0, *, beta1: float | None = None,
+                 beta2: float | None = None) -> None:
+        beta1, beta2 = resolve_betas("AVGrad", beta1, beta2, betas)
+        super().__init__(params, lr=lr, beta1=beta1, beta2=beta2, beta3=0.0, c=1.0,
                          rho=0.0, gamma=1.0, eps=eps, weight_decay=weight_decay, hyper_lr=0.0,
                          vmax="avg")

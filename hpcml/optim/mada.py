@@ -181,6 +181,19 @@ class _Flat:
                                  list(torch.split(self.x, sizes)))
 
 
+def resolve_betas(who: str, beta1: float | None, beta2: float | None,
+                  betas: tuple[float, float] | None) -> tuple[float, float]:
+    """``(beta1, beta2)`` from either spelling (defaults 0.9, 0.999); a ``ValueError`` naming
+    ``who`` when both spellings are given or ``betas`` is not two numbers. Pure."""
+    if betas is None:
+        return (0.9 if beta1 is None else beta1), (0.999 if beta2 is None else beta2)
+    if beta1 is not None or beta2 is not None:
+        raise ValueError(f"{who}: give betas=(beta1, beta2) or beta1=/beta2=, not both")
+    if len(betas) != 2:
+        raise ValueError(f"{who}: betas must be (beta1, beta2), got {betas}")
+    return float(betas[0]), float(betas[1])
+
+
 class MADA(torch.optim.Optimizer):
     """MADA over ``params`` (see the module docstring for the update and its cost).
 
@@ -189,15 +202,19 @@ class MADA(torch.optim.Optimizer):
     applied to the float64 vector of hyper-gradients (in :data:`COEFFICIENTS` order, learned ones
     only) before the hyper-step, e.g. an average over data-parallel ranks; it is called once per
     param group per step (with zeros at the first), so it must be collective if it communicates.
-    Sparse gradients are refused. ``step`` is not collective unless ``hypergrad_reduce`` is."""
+    Sparse gradients are refused. ``step`` is not collective unless ``hypergrad_reduce`` is.
+    ``betas=(beta1, beta2)`` is torch's spelling of ``beta1``/``beta2`` (give one or the other;
+    both is a ``ValueError``)."""
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta1: float = 0.9,
-                 beta2: float = 0.999, beta3: float = 0.0, c: float = 1.0, rho: float = 0.6,
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, beta1: float | None = None,
+                 beta2: float | None = None, beta3: float = 0.0, c: float = 1.0, rho: float = 0.6,
                  gamma: float = 1.0, eps: float = 1e-8, weight_decay: float = 0.0,
                  hyper_lr: float | Mapping[str, float] = DEFAULT_HYPER_LR,
                  vmax: str = "avg", lion_betas: tuple[float, float] = (0.95, 0.98),
                  hyper_clip: float = 10.0,
-                 hypergrad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+                 hypergrad_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 betas: tuple[float, float] | None = None) -> None:
+        beta1, beta2 = resolve_betas("MADA", beta1, beta2, betas)
         coeffs = {"beta1": beta1, "beta2": beta2, "beta3": beta3, "c": c, "rho": rho,
                   "gamma": gamma}
         lrs = _hyper_lrs(hyper_lr)
