@@ -1,6 +1,8 @@
 # hpcml: the two commands.
 #   make demo   creates .venv, installs hpcml with MPI from PyPI wheels, runs the main job on 4 ranks
 #   make test   creates/reuses .venv, installs the dev dependencies, runs the whole test suite
+#               (which also builds the docs and runs every code block of README.md and docs/)
+#   make docs   builds the documentation site into build/docs (Sphinx + MyST, warnings are errors)
 #
 # Cluster overrides (see README "Using your site MPI and torch"):
 #   make test MPI=system        build mpi4py against the `mpicc` on PATH instead of the mpich wheel
@@ -22,7 +24,7 @@ MPIEXEC ?= $(BIN)/mpiexec
 SITE := $(if $(TORCH),,--system-site-packages)
 MPI_PKGS := $(if $(filter system,$(MPI)),--no-binary=mpi4py mpi4py,mpi4py mpich)
 
-.PHONY: install dev demo test lint clean horovod
+.PHONY: install dev demo test lint docs clean horovod
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(SITE) $(VENV)
@@ -31,7 +33,7 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(if $(TORCH),$(BIN)/python -m pip install -q $(TORCH_PIP) "$(TORCH)")
 	$(BIN)/python -m pip install -q $(MPI_PKGS)
-	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q -e ".[all]"
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.installed
@@ -47,6 +49,9 @@ demo: install
 
 test: dev
 	$(BIN)/python -m pytest
+
+docs: dev
+	$(BIN)/python -m sphinx -E -W --keep-going -q -b html docs build/docs
 
 lint: dev
 	$(BIN)/ruff check hpcml tests examples

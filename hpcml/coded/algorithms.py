@@ -2,13 +2,16 @@
 
 Data parallelism: worker i stores (S_i X, S_i y) and answers an iterate w with
 (X_i.T (X_i w - y_i), ||X_i w - y_i||^2). With A_t the k workers that answered first and
-eta = k / m, the master forms the gradient of the encoded objective restricted to A_t,
+eta = k / m, the master forms the gradient of the encoded objective restricted to A_t::
+
     g_t = 1 / (eta beta n) sum_{i in A_t} X_i.T (X_i w - y_i)
+
 and takes a step of
+
 * ``gd``: w <- w - alpha (g_t + lam w)                   (encoded gradient descent)
 * ``lbfgs``: the two-loop L-BFGS direction with curvature pairs from the workers in
-  A_t and A_{t-1} only: r_t = sum_{i in A_t & A_{t-1}} (grad_i(w_t) - grad_i(w_{t-1})) /
-  (eta' beta n) + lam s_t, eta' = |A_t & A_{t-1}| / m, and a constant step (the paper's
+  A_t and A_{t-1} only: ``r_t = sum_{i in A_t & A_{t-1}} (grad_i(w_t) - grad_i(w_{t-1})) /
+  (eta' beta n) + lam s_t``, ``eta' = |A_t & A_{t-1}| / m``, and a constant step (the paper's
   encoded L-BFGS);
 * ``prox``: proximal gradient for LASSO, w <- soft(w - alpha g_t, alpha l1)
 * ``fista``: the accelerated proximal gradient (Beck and Teboulle) on the same oracle;

@@ -4,12 +4,14 @@ Each strategy's data are encoded and loaded by the workers once; then, for each 
 (injected with ``comm.straggle``: a worker sleeps its delay before it computes, so a delay costs
 no CPU and each worker behaves as its own node whatever the core count) and each of ``repeats``
 delay realizations (seeds seed, seed + 1, ...), every strategy solves the same problem under the
-same realization:
+same realization::
+
   uncoded-all   uncoded data, wait for all m workers (the synchronous baseline)
   uncoded-k     uncoded data, wait for the first k (ignore stragglers)
   replication   each partition on 2 workers, first k
   gaussian, hadamard, etf, sparse   encoded data (beta = 2), first k
   async         uncoded data, asynchronous updates (each reply applied on arrival)
+
 The k-of-m strategies run once per k in ``wait_for``; k = m / beta = 2 of 4 is the most
 stragglers a beta = 2 code tolerates with the k fastest still holding n encoded rows
 (eta beta = 1). Delay model ``none`` measures the round cost without delays (compute and

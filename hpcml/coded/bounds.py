@@ -2,14 +2,20 @@
 
 Ridge regression f(w) = 1/(2n) ||Xw - y||^2 + lam/2 ||w||^2 with minimizer w* and residual
 r* = X w* - y (so X.T r* / n + lam w* = 0). Encoded GD with the k-subset A_t of the m workers
-answering at round t steps along
+answering at round t steps along (:mod:`hpcml.coded.algorithms`)::
+
     g_t = X.T M_t (X w_t - y) / n + lam w_t,   M_t = S_{A_t}.T S_{A_t} / (eta beta),  eta = k / m
-(:mod:`hpcml.coded.algorithms`). With e_t = w_t - w* this is, exactly,
+
+With e_t = w_t - w* this is, exactly::
+
     e_{t+1} = (I - alpha B_t) e_t - alpha d_t,   B_t = X.T M_t X / n + lam I,
                                                  d_t = X.T (M_t - I) r* / n,
-so for every sequence of subsets (any straggler behaviour, adversarial included)
+
+so for every sequence of subsets (any straggler behaviour, adversarial included)::
+
     ||e_t|| <= rho^t ||e_0|| + D (1 - rho^t) / (1 - rho),
     rho = max_A max(|1 - alpha mu_A|, |1 - alpha L_A|),  D = alpha max_A ||d_A||,
+
 mu_A, L_A the extreme eigenvalues of B_A, over all C(m, k) subsets, and f(w_t) - f* <=
 lambda_max(H) ||e_t||^2 / 2 (H the Hessian of f). This is the mechanism of Karakus et al.'s GD
 theorem (NeurIPS 2017; JMLR 2019): the iterates contract at the rate of the worst subset and

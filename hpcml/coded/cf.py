@@ -2,15 +2,17 @@
 
 Problem (Karakus et al., JMLR 2019, the matrix-factorization experiment: alternating
 minimization whose half steps are collections of least-squares problems, each solved on
-encoded data). R is observed on Omega (N = |Omega| entries of an n x d matrix):
+encoded data). R is observed on Omega (N = ``|Omega|`` entries of an n x d matrix)::
+
     f(U, V) = 1/(2N) sum_{(i,j) in Omega} (R_ij - u_i . v_j)^2 + lam/2 (||U||_F^2 + ||V||_F^2).
+
 With V fixed, f is a sum of n independent ridge problems, user i's with design V[Omega_i]
-(|Omega_i| x r) and target r_i; with U fixed, d problems, one per item. A :class:`Side` holds
+(``|Omega_i|`` x r) and target r_i; with U fixed, d problems, one per item. A :class:`Side` holds
 one half step's view: the observations sorted by their *owner* (the user for the U-step, the
 item for the V-step) and the *other* index of each.
 
 Encoding (:func:`encode_side`): each owner's problem gets its own code, S = diag(S^(1), ...,
-S^(n)), S^(i) from :func:`~hpcml.coded.encoders.make_encoder` on |Omega_i| observations; an
+S^(n)), S^(i) from :func:`~hpcml.coded.encoders.make_encoder` on ``|Omega_i|`` observations; an
 owner with more than ``chunk`` observations is encoded in pieces of at most ``chunk`` (S^(i)
 itself block diagonal, each piece its own code) so encoding and every worker product cost
 O(chunk) per observation whatever the owner's popularity. Hadamard pieces have power-of-two

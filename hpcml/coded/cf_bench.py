@@ -2,17 +2,19 @@
 
 For each delay model (injected with ``comm.straggle``, seeded, so every strategy meets the same
 delay realization) and each strategy, one run of :func:`hpcml.coded.mf.solve_cf` on the same
-ratings from the same initialization:
+ratings from the same initialization::
+
   uncoded-all   uncoded data, wait for all m workers (the synchronous baseline)
   uncoded-k     uncoded data, wait for the first k (ignore stragglers)
   replication, gaussian, hadamard, etf, sparse   per-user/per-item codes (beta = 2), first k
+
 Reported per run: time to suboptimality (f - f_ref) / f_ref <= eps for each eps (f_ref: exact
 ALS on the full training data to convergence, computed once), the speedup over uncoded-all
 (its time to the same eps / the strategy's; "-" where either never got there), seconds per
 round, the final signed suboptimality, the final test RMSE against exact ALS's, and late
 replies discarded. Rank 0 is the master, ranks 1..m the workers (``mpiexec -n 5``: m = 4); on
 one rank the workers are simulated and times are virtual (injected delays only). Writes
-table.md and cf.png (|suboptimality| and test RMSE against time) into the run directory.
+table.md and cf.png (``|suboptimality|`` and test RMSE against time) into the run directory.
 """
 
 from __future__ import annotations

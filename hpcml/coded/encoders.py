@@ -264,7 +264,7 @@ def frame_note(kind: str, beta: float, enc: Encoder | None = None) -> str:
 
 def subset_spectrum(s: np.ndarray, blocks: list[np.ndarray], subset: list[int],
                     beta: float) -> tuple[float, float]:
-    """Extreme eigenvalues of S_A.T S_A / (eta beta), eta = |A| / m, for the workers in
+    """Extreme eigenvalues of S_A.T S_A / (eta beta), eta = ``|A|`` / m, for the workers in
     ``subset``: the quantities 1 - eps and 1 + eps of the paper's
     subset condition (1 - eps) I <= S_A.T S_A / (eta beta) <= (1 + eps) I."""
     rows = np.concatenate([blocks[i] for i in subset])

@@ -44,7 +44,7 @@ def paley_etf(q: int) -> np.ndarray:
 
 
 def coherence(vectors: np.ndarray) -> float:
-    """Largest |<f_i, f_j>| / (|f_i| |f_j|) over distinct columns of ``vectors`` (d x N)."""
+    """Largest ``|<f_i, f_j>| / (|f_i| |f_j|)`` over distinct columns of ``vectors`` (d x N)."""
     unit = vectors / np.linalg.norm(vectors, axis=0, keepdims=True)
     gram = np.abs(unit.T @ unit)
     np.fill_diagonal(gram, 0.0)

@@ -87,11 +87,13 @@ class StragglerBenchConfig(JobConfig):
 
 def strategy_code(name: str, m: int, k: int) -> tuple[CodeConfig, str | None]:
     """The code section of a strategy for m workers and k awaited, and the solver algorithm
-    it forces (async):
+    it forces (async)::
+
       uncoded-all   uncoded data, wait for all m workers (the synchronous baseline)
       uncoded-k     uncoded data, wait for the first k (ignore stragglers)
       async         uncoded data, each reply applied on arrival
-      replication, gaussian, hadamard, etf, sparse   encoded data (beta = 2), first k"""
+      replication, gaussian, hadamard, etf, sparse   encoded data (beta = 2), first k
+    """
     if name == "uncoded-all":
         return CodeConfig(encoder="uncoded", beta=1.0, workers=m, wait_for=m), None
     if name in ("uncoded-k", "async"):

@@ -6,8 +6,9 @@ virtual clock, each worker's response time drawn from the same seeded delay mode
 (``delays.delay(i + 1, t)``), so serial and MPI runs see the same erasure patterns.
 
 Protocol (every message a float64 vector whose first entry is the iteration t):
+
 * a worker is *busy* from the moment the master sends it an iterate until its reply arrives.
-  The master ``Isend``s iteration t's message (tag t mod 32000) only to an idle worker; for a
+  The master sends (``Isend``) iteration t's message (tag t mod 32000) only to an idle worker; for a
   busy one it keeps the message as that worker's *waiting* iterate (a newer one replaces it) and
   sends it the moment the reply arrives. So at most one unanswered iterate is ever in flight to
   a worker, plus the stop message at the end: a frozen worker (SIGSTOP, a dead node) holds at
@@ -15,7 +16,7 @@ Protocol (every message a float64 vector whose first entry is the iteration t):
   gone (MPICH stops progressing every rank once a few dozen unreceived sends pile up);
 * the master keeps one ``Irecv`` (any tag) posted per worker;
 * a worker receives the next message, sleeps its injected delay ``comm.straggle(t)``, computes
-  and ``Send``s the reply tagged t (the master's receive is always posted);
+  and sends (``Send``) the reply tagged t (the master's receive is always posted);
 * :meth:`Runtime.round` returns as soon as k replies *for iteration t* have arrived. Replies for
   older iterations (late stragglers) are received, counted in ``discarded`` and dropped: the
   iteration number carried in the payload (and the tag) is checked, so a late answer is never
@@ -25,6 +26,7 @@ Protocol (every message a float64 vector whose first entry is the iteration t):
   ``close_timeout`` seconds have passed. Workers that never acknowledged are listed in
   ``unresponsive`` (world ranks): the master must then not enter any collective with them (see
   :func:`finish`); the job ends by aborting them once its results are written.
+
 Stopping early (preemption): the master alone decides, between iterations
 (:meth:`Runtime.stop_after`, a local check of its ``stop`` callable, e.g. its own SIGUSR1/SIGTERM
 flag; Slurm and Hydra signal every rank) and, on MPI, also while it waits for replies, and ends

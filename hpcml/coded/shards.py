@@ -6,7 +6,7 @@ the label vector is encoded the same way. Peak memory is O(rows x chunk), so an 
 than memory is encoded as long as one column chunk fits. Shards are written to temporary names
 and renamed when complete, so a failed encoding leaves no partial shard.
 For model parallelism (features encoded) pass ``transpose=True``: X S.T is formed as
-(S X.T).T from row chunks of X, and worker i's shard holds X S_i.T (n x |block i|).
+(S X.T).T from row chunks of X, and worker i's shard holds X S_i.T (n x ``|block i|``).
 Sparse encoded data (collaborative filtering, :mod:`hpcml.coded.cf`) are written by
 :func:`write_sparse_shards`: one shard per worker, one HDF5 group per half step, CSR matrices
 as ``data``/``indices``/``indptr``/``shape`` datasets.

@@ -48,7 +48,7 @@ from hpcml.comm import Communicator
 @dataclasses.dataclass
 class SolveResult:
     """Rank 0's record of one solve: per iteration wall (or virtual) seconds since the clock
-    started (at Unix time ``started_unix``), objective suboptimality (f - f*) / |f*| and
+    started (at Unix time ``started_unix``), objective suboptimality ``(f - f*) / |f*|`` and
     relative error ||w - w*|| / ||w*||; ``unresponsive``: worker ranks that never
     acknowledged the end or went silent; ``stopped_by``: why the solve ended before its last
     iteration (None when it did not); ``failed_by``: why it ended because too few workers
