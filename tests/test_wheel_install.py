@@ -43,6 +43,7 @@ def run(argv, cwd, timeout=900):
     return subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.timeout(1200)
 def test_core_wheel_installs_and_runs_in_a_clean_venv(tmp_path):
     wheels = tmp_path / "wheels"
     res = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels),
