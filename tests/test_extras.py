@@ -37,3 +37,19 @@ def test_a_missing_extra_is_one_line_naming_it(monkeypatch):
                               "installed): pip install 'hpcml[nmt]'")
     assert "(not installed) pip install 'hpcml[nmt]'" in jobs.describe()
     jobs.job_kind("qsparse")                     # core kinds are unaffected
+
+
+def test_adam_family_builds_without_the_optim_extra_lion_names_it(monkeypatch):
+    """transformer-nmt's Adam needs only the core; Lion/Adan/Yogi name the ``optim`` extra."""
+    import torch
+
+    from hpcml.optim import build_optimizer
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "pytorch_optimizer" else real(name, *a))
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for name in ("adam", "adamw", "amsgrad", "avgrad", "mada"):
+        build_optimizer(name, params)
+    with pytest.raises(UsageError, match=r"pip install 'hpcml\[optim\]'"):
+        build_optimizer("lion", params)

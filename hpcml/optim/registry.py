@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from hpcml import extras
 from hpcml.optim.avgrad import AVGrad
 from hpcml.optim.mada import MADA
 
@@ -41,9 +42,8 @@ def build_optimizer(name: str, params: Iterable[Any], *, lr: float | None = None
                     **extra: Any) -> torch.optim.Optimizer:
     """Optimizer ``name`` (one of :data:`OPTIMIZERS`) over ``params``. ``extra`` goes to MADA
     only (``hyper_lr``, ``beta3``, ``c``, ``rho``, ``gamma``, ``vmax``, ...). Raises
-    ``ValueError`` for an unknown name or invalid values."""
-    import pytorch_optimizer as po
-
+    ``ValueError`` for an unknown name or invalid values; Lion, Adan and Yogi need the ``optim``
+    extra (pytorch_optimizer), a one-line ``UsageError`` without it."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(OPTIMIZERS)}")
     if extra and name != "mada":
@@ -59,6 +59,9 @@ def build_optimizer(name: str, params: Iterable[Any], *, lr: float | None = None
     if name == "mada":
         coeffs = {k: v for k, v in (("beta1", beta1), ("beta2", beta2)) if v is not None}
         return MADA(params, lr=lr, weight_decay=weight_decay, **coeffs, **opt_eps, **extra)
+    extras.require("optim", what=f"optimizer {name!r}")
+    import pytorch_optimizer as po
+
     if name == "lion":
         return po.Lion(params, lr=lr, betas=_betas((0.9, 0.99), beta1, beta2, 1),
                        weight_decay=weight_decay)
