@@ -10,7 +10,7 @@ from typing import Any
 
 import threadpoolctl
 
-from hpcml.comm import Communicator
+from hpcml.comm import Communicator, progress
 from hpcml.comm.info import mpi_info
 
 # the BLAS thread limits set by configure_threads, held for the life of the process
@@ -67,6 +67,7 @@ def environment(comm: Communicator) -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": _cpu_model(),
         "cores": cores_available(),
+        "mpi_progress": progress.record(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
 
