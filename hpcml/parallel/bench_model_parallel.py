@@ -35,6 +35,14 @@ Loss per microbatch = label-smoothed cross entropy summed over its tokens x D / 
 so that the data-parallel average of the summed microbatch gradients is the gradient of the
 global mean loss, which the reference computes directly.
 
+At scale (``jobs/bench-model-parallel-big.toml``): ``deferred = true`` builds every model with
+:func:`~hpcml.parallel.deferred.deferred_init` (traced on the meta device, each rank
+materializes its stage's tensor shards only; the reference is the one-process materialized
+model), ``unchecked_models`` skips the one-process reference and the gradient gather for
+models too big for one process, and every row reports ``model_state_bytes`` (fp32 weights +
+gradients + Adam state of the whole model), ``peak_rss_bytes_per_rank`` (largest VmHWM) and
+their ratio ``state_over_rss``.
+
 Layouts are rows of :data:`LAYOUTS` (data, pipeline, tensor sizes and schedule): a new kind of
 parallelism plugs in by adding rows and its case in :func:`_parallelize` (the model and its
 optimizer).

@@ -32,7 +32,6 @@ a buffer computed from a parameter.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import hashlib
@@ -191,7 +190,8 @@ def _recording() -> Iterator[_Recorder]:
     def deepcopy_meta(param: nn.Parameter, memo: dict) -> nn.Parameter:
         out = deepcopy(param, memo)
         if id(param) in recorder.programs:
-            recorder.track(out, copy.copy(recorder.programs[id(param)]))
+            program = recorder.programs[id(param)]
+            recorder.track(out, dataclasses.replace(program, ops=list(program.ops)))
         return out
 
     nn.Module.register_parameter = register_meta
