@@ -79,7 +79,7 @@ class ReadsData(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 3)
-        self.scale = float(self.lin.weight.abs().max())
+        self.scale = float(self.lin.weight.detach().abs().max())
 
 
 class NoInit(nn.Module):
