@@ -289,8 +289,8 @@ def materialize(module: nn.Module, keep: Collection[str] | None = None) -> None:
     its name is in ``keep`` (default: every parameter), else an empty tensor (a pipeline
     stage's parameters that other stages hold). Each meta Parameter object is replaced, under
     every name that reaches it (ties stay ties), by a new one of the same type and attributes,
-    so build optimizers afterwards. Not collective: every rank computes its own part, equal to
-    the one-process model's."""
+    so build optimizers afterwards. Values are CPU tensors. Not collective: every rank
+    computes its own part, equal to the one-process model's."""
     from hpcml.parallel.tensor.guard import ShardedParameter
 
     new: dict[int, nn.Parameter] = {}

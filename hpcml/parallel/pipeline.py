@@ -186,7 +186,9 @@ class PipelineModel:
     :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data`` that reduce-scatters them;
     with any other optimizer the replicas would drift apart).
     The parameters this rank holds (``parameters()``) are broadcast from data replica 0, and
-    shared ones from their owner stage, so every replica starts equal."""
+    shared ones from their owner stage, so every replica starts equal; a
+    :func:`~hpcml.parallel.deferred.deferred_init` model is traced on the meta device instead
+    and each rank materializes the parameters it holds (equal everywhere by the init rule)."""
 
     def __init__(self, module: nn.Module, mesh: Mesh, *, sample: tuple,
                  sample_kwargs: Mapping[str, Any] | None = None, microbatches: int = 4,
