@@ -128,7 +128,10 @@ def shard_of(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     return p.shard.local(full, p.comm.size, p.comm.rank) if hasattr(p, "shard") else full
 
 
-LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2)], 4: [(4, 1), (1, 4), (2, 2)]}
+# (data, pipeline, tensor): data replicas materialize equal values without a broadcast, and a
+# ZeRO-1 optimizer built afterwards holds its shard of the state
+LAYOUTS = {1: [(1, 1, 1)], 2: [(1, 2, 1), (1, 1, 2)],
+           4: [(1, 4, 1), (1, 1, 4), (1, 2, 2), (2, 2, 1)]}
 
 
 @mpi_test(ranks=[1, 2, 4], timeout=240)
@@ -146,20 +149,24 @@ def test_layouts_materialize_slices_of_one_process_and_load_checkpoints(comm):
         hp.save_checkpoint(folder / "one.pt", other)
     comm.barrier()
     saved = dict(other.named_parameters())
-    for pp, tp in LAYOUTS[comm.size]:
-        mesh = hp.Mesh(comm, pipeline=pp, tensor=tp)
+    for dp, pp, tp in LAYOUTS[comm.size]:
+        mesh = hp.Mesh(comm, data=dp, pipeline=pp, tensor=tp)
         model = deferred_init(tiny, seed=7)
         if tp > 1:
             parallelize(model, mesh.tensor)
-        pmodel = hp.PipelineModel(model, mesh, sample=(src[:2], src[:2]), microbatches=2)
+        pmodel = hp.PipelineModel(model, mesh, sample=(src[:2], src[:2]), microbatches=2,
+                                  data_reduction="optimizer" if dp > 1 else "allreduce")
         held = dict(pmodel.named_parameters())
         assert not any(p.is_meta for p in model.parameters())
         for name, p in held.items():  # bit for bit
             assert torch.equal(p.detach(), shard_of(p, full[name].detach())), (pp, tp, name)
         mine = sum(p.numel() for p in held.values())
         assert mine == sum(p.numel() for p in model.parameters() if p.numel())
-        if comm.size > 1:
+        if pp * tp > 1:
             assert mine < 0.75 * total, (pp, tp, mine, total)
+        if dp > 1:
+            zero = hp.ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data)
+            assert zero.shard_numel * dp >= mine > zero.shard_numel * (dp - 1)
         # a one-process checkpoint streams into the layout; saving it again gives the file
         hp.load_checkpoint(folder / "one.pt", pmodel, mesh=mesh)
         for name, p in pmodel.named_parameters():
