@@ -13,7 +13,8 @@ splits any ``nn.Module`` into stages and :func:`step` runs the user's step over 
 Checkpoints across layouts (:mod:`.layout_checkpoint`): :func:`save_checkpoint` /
 :func:`load_checkpoint` move a model and its optimizer state between any (D, S, T, ZeRO-1)
 layouts and one process. :func:`clip_grad_norm_` (:mod:`.clip`) clips the global gradient norm
-of any of these layouts.
+of any of these layouts. Deferred initialization (:mod:`.deferred`): :func:`deferred_init`
+builds a model on the meta device, and each rank :func:`materialize` s only its stage and shard.
 
 Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
 not pay for importing torch.
@@ -37,6 +38,7 @@ _EXPORTS = {
     "allgatherv": "sparse",
     "broadcast_optimizer_state": "broadcast",
     "clip_grad_norm_": "clip",
+    "deferred_init": "deferred",
     "broadcast_parameters": "broadcast",
     "full_checkpoint": "layout_checkpoint",
     "full_state_dict": "tensor",
@@ -47,6 +49,7 @@ _EXPORTS = {
     "load_full_state": "pipeline_checkpoint",
     "load_full_state_dict": "tensor",
     "make_reduction": "reductions",
+    "materialize": "deferred",
     "parallelize": "tensor",
     "plan_buckets": "buckets",
     "save_checkpoint": "layout_checkpoint",

@@ -35,6 +35,14 @@ Loss per microbatch = label-smoothed cross entropy summed over its tokens x D / 
 so that the data-parallel average of the summed microbatch gradients is the gradient of the
 global mean loss, which the reference computes directly.
 
+At scale (``jobs/bench-model-parallel-big.toml``): ``deferred = true`` builds every model with
+:func:`~hpcml.parallel.deferred.deferred_init` (traced on the meta device, each rank
+materializes its stage's tensor shards only; the reference is the one-process materialized
+model), ``unchecked_models`` skips the one-process reference and the gradient gather for
+models too big for one process, and every row reports ``model_state_bytes`` (fp32 weights +
+gradients + Adam state of the whole model), ``peak_rss_bytes_per_rank`` (largest VmHWM) and
+their ratio ``state_over_rss``.
+
 Layouts are rows of :data:`LAYOUTS` (data, pipeline, tensor sizes and schedule): a new kind of
 parallelism plugs in by adding rows and its case in :func:`_parallelize` (the model and its
 optimizer).
@@ -42,15 +50,20 @@ optimizer).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from hpcml.bench.report import human_bytes, markdown_table, median, pyplot, save_figure
+from hpcml.bench.rss import peak_rss_bytes, reset_peak_rss
 from hpcml.comm import Communicator
 from hpcml.comm.polling import poll_all
 from hpcml.config import JobConfig, option
@@ -58,6 +71,7 @@ from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
 from hpcml.nmt.vocab import PAD
+from hpcml.parallel.deferred import deferred_init, materialize
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline import PipelineModel, step
 from hpcml.parallel.pipeline_schedule import theoretical_bubble
@@ -104,6 +118,10 @@ LAYOUTS: dict[str, Layout] = {
 MODELS: dict[str, dict[str, int]] = {
     "base": {"d_model": 64, "heads": 4, "layers": 2, "ff": 256},
     "deep": {"d_model": 128, "heads": 4, "layers": 6, "ff": 512},
+    # jobs/bench-model-parallel-big.toml: about 480 M parameters (7.6 GB of fp32 training
+    # state), built with deferred init; "big-shrunk" is the same architecture, narrow
+    "big": {"d_model": 1024, "heads": 16, "layers": 16, "ff": 4096},
+    "big-shrunk": {"d_model": 32, "heads": 16, "layers": 16, "ff": 64},
 }
 
 
@@ -128,6 +146,13 @@ class ModelParallelConfig(JobConfig):
                                                    "recomputed in backward")
     checkpoint_modules: list[str] = option([], help="modules (dotted names) whose activations "
                                                     "are recomputed in backward")
+    deferred: bool = option(False, help="build every model with deferred init "
+                                        "(hpcml.parallel.deferred): no rank holds the whole "
+                                        "model, each materializes its stage / shard")
+    unchecked_models: list[str] = option([], choices=tuple(MODELS),
+                                         help="models too big for the one-process reference: "
+                                              "no loss/gradient comparison (NaN diffs), no "
+                                              "gradient gather")
 
     def check(self, size: int) -> None:
         if all(LAYOUTS[name].ranks > size for name in self.layouts):
@@ -149,10 +174,18 @@ class ModelParallelConfig(JobConfig):
                 raise ConfigError("checkpoint_stages", f"stage {s} < 0", "use stage indices")
 
 
+def _constructor(cfg: ModelParallelConfig, name: str) -> Callable[[], Transformer]:
+    return lambda: Transformer(cfg.vocab, dropout=0.0, sparse=False, max_len=cfg.max_len + 1,
+                               **MODELS[name])
+
+
 def _model(cfg: ModelParallelConfig, name: str) -> Transformer:
+    """Model ``name``; with ``cfg.deferred`` on the meta device (:func:`deferred_init`)."""
+    build = _constructor(cfg, name)
+    if cfg.deferred:
+        return deferred_init(build, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    return Transformer(cfg.vocab, dropout=0.0, sparse=False, max_len=cfg.max_len + 1,
-                       **MODELS[name])
+    return build()
 
 
 def _batch(cfg: ModelParallelConfig, step_index: int) -> tuple[torch.Tensor, ...]:
@@ -186,6 +219,8 @@ def _train_step(model: PipelineModel, src: torch.Tensor, tgt_in: torch.Tensor,
 def _reference(cfg: ModelParallelConfig, name: str) -> tuple[float, dict[str, torch.Tensor]]:
     """Loss (global mean) and gradients of the single-process model on batch 0."""
     model = _model(cfg, name)
+    if cfg.deferred:
+        materialize(model)
     src, tgt_in, tgt_out = _batch(cfg, 0)
     loss = smoothed_loss_sum(model(src, tgt_in), tgt_out, 0.1) / int((tgt_out != PAD).sum())
     loss.backward()
@@ -268,17 +303,18 @@ def _local_step(cfg: ModelParallelConfig, mesh: Mesh, pmodel: PipelineModel, opt
 
 
 def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Communicator,
-             reference: tuple[float, dict[str, torch.Tensor]], ctx: RunContext) -> dict:
+             reference: tuple[float, dict[str, torch.Tensor]] | None, ctx: RunContext) -> dict:
     layout = LAYOUTS[layout_name]
+    rss_reset = reset_peak_rss()
     mesh, pmodel, optimizer = _parallelize(cfg, layout, name, comm)
     if layout.pipeline > 1:
         ctx.log(f"\n{name} / {layout_name}: partition\n{pmodel.partition_table()}")
     loss, _ = _local_step(cfg, mesh, pmodel, optimizer, 0)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters())
     optimizer.step()
-    ref_loss, ref_grads = reference
-    abs_diff = rel_diff = 0.0
-    full = _reduced_grads(mesh, pmodel, optimizer)
+    ref_loss, ref_grads = reference if reference is not None else (math.nan, {})
+    abs_diff = rel_diff = 0.0 if reference is not None else math.nan
+    full = _reduced_grads(mesh, pmodel, optimizer) if reference is not None else None
     if full is not None:
         if full.keys() != ref_grads.keys():
             raise RuntimeError(f"{layout_name}: gathered gradients of "
@@ -320,7 +356,24 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
         "loss": loss, "loss_abs_diff": comm.allreduce(abs(loss - ref_loss), op="max"),
         "grad_max_abs_diff": comm.allreduce(abs_diff, op="max"),
         "grad_max_rel_diff": comm.allreduce(rel_diff, op="max"),
+        **_scale_fields(cfg, name, comm, rss_reset),
     }
+
+
+def _scale_fields(cfg: ModelParallelConfig, name: str, comm: Communicator,
+                  rss_reset: bool) -> dict[str, Any]:
+    """The row's memory at scale: ``model_state_bytes`` (fp32 weights + gradients + Adam's two
+    moments of the whole model: 16 bytes per parameter, counted on a meta build),
+    ``peak_rss_bytes_per_rank`` (the largest rank's VmHWM since the layout started, or since
+    the process started where the kernel does not let it be reset: ``rss_reset``) and their
+    ratio ``state_over_rss``. Collective over ``comm``."""
+    params = sum(p.numel() for p in deferred_init(_constructor(cfg, name)).parameters())
+    peak = comm.allreduce(peak_rss_bytes() or 0, op="max")
+    state = 16 * params
+    return {"model_state_bytes": state, "peak_rss_bytes_per_rank": peak,
+            "state_over_rss": state / peak if peak else math.nan,
+            "rss_reset": comm.allreduce(int(rss_reset), op="min") == 1,
+            "deferred": cfg.deferred}
 
 
 def _run_on_first(comm: Communicator, ranks: int, work: Any) -> Any:
@@ -350,13 +403,23 @@ COLUMNS = [("model", "model", ""), ("layout", "layout", ""), ("ranks", "ranks", 
            ("grad_max_rel_diff", "rel. grad diff", ".1e")]
 
 
+def _return_large_frees() -> None:
+    """Allocations of 1 MiB and more get their own mappings (glibc ``mallopt``), so that freed
+    tensors (last step's gradients) go back to the system instead of staying in the heap as
+    fragments: the peak RSS then measures what the rank holds. No-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+
+
 def run(cfg: ModelParallelConfig, ctx: RunContext) -> dict[str, Any]:
     comm = ctx.comm
+    if cfg.deferred:
+        _return_large_frees()
     chosen = [n for n in cfg.layouts if LAYOUTS[n].ranks <= comm.size]
     skipped = [n for n in cfg.layouts if n not in chosen]
     rows = []
     for name in cfg.models:
-        reference = _reference(cfg, name)
+        reference = None if name in cfg.unchecked_models else _reference(cfg, name)
         for layout_name in chosen:
             row = _run_on_first(comm, LAYOUTS[layout_name].ranks,
                                 lambda sub, n=name, lay=layout_name, ref=reference:
@@ -389,10 +452,23 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
              f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     if skipped:
         notes += f"\nskipped (need more ranks): {', '.join(skipped)}"
-    table = markdown_table(shown, COLUMNS)
+    table = markdown_table(shown, COLUMNS) + _scale_table(rows)
     ctx.run_dir.write_text("table.md", table + "\n" + notes + "\n")
     print(table + notes, flush=True)
     _plot(cfg, rows, ctx)
+
+
+def _scale_table(rows: list[dict]) -> str:
+    """The memory-at-scale table (whole-model training state vs measured peak RSS per rank)."""
+    shown = [{**r, "state_h": human_bytes(r["model_state_bytes"]),
+              "rss_h": human_bytes(r["peak_rss_bytes_per_rank"]),
+              "init": "deferred" if r["deferred"] else "eager",
+              "checked": "no" if math.isnan(r["grad_max_rel_diff"]) else "yes"} for r in rows]
+    columns = [("model", "model", ""), ("layout", "layout", ""), ("init", "init", ""),
+               ("state_h", "model state (fp32 w+g+Adam)", ""),
+               ("rss_h", "peak RSS/rank (VmHWM)", ""), ("state_over_rss", "state / RSS", ".2f"),
+               ("checked", "vs one process", "")]
+    return "\n\n" + markdown_table(shown, columns)
 
 
 def _plot(cfg: ModelParallelConfig, rows: list[dict], ctx: RunContext) -> None:

@@ -30,8 +30,9 @@ ZeRO-1 optimizer keeps the slices of its data shard. Before anything changes, ev
 what it will load (keys, shapes, parameter names and groups) and the ranks agree (one small
 allgather): a refused checkpoint raises the same one-line ``UsageError``, naming the key, on
 every rank, and nothing is modified. Files are written atomically
-(:func:`hpcml.rundir.atomic_write`) and read with ``torch.load(weights_only=True)``: tensors and
-plain values only, no code.
+(:func:`hpcml.rundir.atomic_write`) and read with ``torch.load(weights_only=True, mmap=True)``:
+tensors and plain values only, no code; the file is memory-mapped, so each rank reads only the
+pages of the entries and slices it keeps (a stage's parameters, a tensor shard), never the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from torch import nn
 
 from hpcml.comm import Communicator
 from hpcml.errors import UsageError
+from hpcml.parallel.deferred import is_deferred, materialize
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline_trace import param_names
 from hpcml.parallel.sharding import ShardedOptimizer
@@ -333,7 +335,8 @@ def read_file(path: str | Path) -> dict[str, Any]:
     naming the file when it is missing, not a dict, or holds anything but tensors and plain
     values. Not collective."""
     try:
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        # mmap: a rank reads the pages of the slices it keeps, never the whole file
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise UsageError(f"{path}: no such checkpoint file") from None
     except Exception as exc:  # noqa: BLE001 - any failure to unpickle is a bad file
@@ -455,7 +458,11 @@ def load_full_checkpoint(model: Model, checkpoint: Mapping[str, Any],
     a checkpoint that does not fit raises the same ``UsageError`` on every rank and modifies
     nothing. With ``collective=False``, or for a plain module without a mesh (a whole model on
     this rank), it does not communicate, and each rank checks its own part. ``weights=False``
-    loads the optimizer only (the checkpoint's model part still gives the parameters' shapes)."""
+    loads the optimizer only (the checkpoint's model part still gives the parameters' shapes).
+    A :func:`~hpcml.parallel.deferred.deferred_init` module not yet materialized is materialized
+    first (its shards only), then overwritten."""
+    if isinstance(model, nn.Module) and is_deferred(model):
+        materialize(model)
     view = _view(model, mesh)
     error, apply = None, None
     try:

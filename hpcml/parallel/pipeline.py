@@ -38,7 +38,9 @@ divide the loss by ``model.microbatches``. One ``model(...)`` call per step. Und
 follow the traced sequence (``nn.TransformerEncoderLayer`` takes a fused path without grad, so
 keep such layers whole units there).
 
-Combining with the other parallelisms, in this order (every rank builds the same model):
+Combining with the other parallelisms, in this order (every rank builds the same model, or
+the same :func:`~hpcml.parallel.deferred.deferred_init` model without memory: it is traced on
+the meta device and each rank then materializes only its stage's parameters, its tensor shard):
 
 1. tensor parallelism: ``parallelize(model, mesh.tensor)`` on the whole model first; each
    stage's units then run their tensor-parallel collectives within ``mesh.tensor`` (all tensor
@@ -54,6 +56,7 @@ Combining with the other parallelisms, in this order (every rank builds the same
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -72,6 +75,7 @@ from hpcml.errors import UsageError
 from hpcml.parallel import pipeline_checkpoint
 from hpcml.parallel.broadcast import broadcast_parameters
 from hpcml.parallel.data_parallel import GradientReducer
+from hpcml.parallel.deferred import is_deferred, materialize, meta_tracing
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline_partition import call_costs, partition, stage_costs
 from hpcml.parallel.pipeline_plan import Plan, make_plan
@@ -182,7 +186,9 @@ class PipelineModel:
     :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data`` that reduce-scatters them;
     with any other optimizer the replicas would drift apart).
     The parameters this rank holds (``parameters()``) are broadcast from data replica 0, and
-    shared ones from their owner stage, so every replica starts equal."""
+    shared ones from their owner stage, so every replica starts equal; a
+    :func:`~hpcml.parallel.deferred.deferred_init` model is traced on the meta device instead
+    and each rank materializes the parameters it holds (equal everywhere by the init rule)."""
 
     def __init__(self, module: nn.Module, mesh: Mesh, *, sample: tuple,
                  sample_kwargs: Mapping[str, Any] | None = None, microbatches: int = 4,
@@ -206,9 +212,11 @@ class PipelineModel:
         self.comm = mesh.pipeline
         self.stages, self.stage = self.comm.size, self.comm.rank
         args, kwargs = tuple(sample), dict(sample_kwargs or {})
+        deferred = is_deferred(module)  # built by deferred_init: traced on the meta device
         try:
-            self.trace = trace(module, args, kwargs, self.stages, units_per_stage,
-                               list(units) if units is not None else None)
+            with meta_tracing() if deferred else contextlib.nullcontext():
+                self.trace = trace(module, args, kwargs, self.stages, units_per_stage,
+                                   list(units) if units is not None else None)
         except ValueError as exc:
             raise UsageError(f"units: {exc}") from None
         # the partition is computed from rank 0's measured costs and broadcast; the plan each
@@ -221,9 +229,12 @@ class PipelineModel:
         self.costs, stage_of = self._partition(balance, partition or {})
         names = param_names(module)
         self.plan: Plan = make_plan(self.trace, stage_of, self.stages, list(names.values()))
+        held = self.plan.held(self.stage)
+        if deferred:  # only this stage's parameters get storage (hpcml.parallel.deferred)
+            materialize(module, held)
+            names = param_names(module)
         self._params = {names[id(p)]: p for p in module.parameters()}
         self._shapes = {n: p.shape for n, p in self._params.items()}
-        held = self.plan.held(self.stage)
         for name, p in self._params.items():
             if name not in held:
                 p.data = torch.empty(0, dtype=p.dtype)
@@ -244,7 +255,8 @@ class PipelineModel:
         self._sends: list[tuple[Request, torch.Tensor]] = []
         self._storages: set[int] = set()
         self.stats: dict[str, float] = {}
-        self._broadcast_parameters()
+        if not deferred:  # deferred: the initialization rule gives every rank the same values
+            self._broadcast_parameters()
         # data parallelism: hpcml's one gradient reducer, launched on the last microbatch's
         # backward (overlapping it), over this stage's parameters -- unless the optimizer
         # reduces them (ZeRO-1)

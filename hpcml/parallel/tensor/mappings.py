@@ -25,7 +25,7 @@ from hpcml.errors import UsageError
 
 def _allreduce(x: torch.Tensor, comm: Communicator, op: str = "sum") -> torch.Tensor:
     out = x.detach().contiguous().clone()
-    if comm.size > 1:
+    if comm.size > 1 and not out.is_meta:  # meta: tracing a deferred model, shapes only
         comm.Allreduce(out, op=op)
     return out
 
@@ -41,6 +41,8 @@ def _gather(x: torch.Tensor, comm: Communicator, dim: int, total: int) -> torch.
                          f"{comm.size} ranks gives it {counts[comm.rank]}; pass the full length")
     if comm.size == 1:
         return x.detach().clone()
+    if x.is_meta:  # tracing a deferred model: the shape only, no communication
+        return x.new_empty((*x.shape[:dim], total, *x.shape[dim + 1:]))
     front = x.detach().movedim(dim, 0).contiguous()
     per = int(torch.Size(front.shape[1:]).numel())
     out = torch.empty((total, *front.shape[1:]), dtype=x.dtype, device=x.device)
