@@ -649,16 +649,17 @@ class PipelineModel:
 
     # -- reports -------------------------------------------------------------------------------
     def partition_table(self) -> str:
-        """The partition: each stage's units, parameter count and share of the cost. Local."""
+        """The partition: each (virtual) stage's units, parameter count, share of the cost and
+        the pipeline rank that runs it. Local."""
         totals = stage_costs(self.costs, self.plan.stage_of, self.vstages)
-        lines = ["| stage | rank | units | parameters | cost share |",
-                 "|---:|---:|---|---:|---:|"]
+        lines = ["| stage | units | parameters | cost share | rank |",
+                 "|---:|---|---:|---:|---:|"]
         for s in range(self.vstages):
             units = list(dict.fromkeys(c.unit for k, c in enumerate(self.trace.calls)
                                        if self.plan.stage_of[k] == s))
             params = sum(self._shapes[n].numel() for n, v in self.plan.holders.items() if s in v)
-            lines.append(f"| {s} | {self.plan.rank_of(s)} | {_compress(units)} | {params} | "
-                         f"{totals[s]:.3f} |")
+            lines.append(f"| {s} | {_compress(units)} | {params} | {totals[s]:.3f} | "
+                         f"{self.plan.rank_of(s)} |")
         shared = self.plan.shared
         if shared:
             lines.append(f"\nshared across stages (gradients summed): {', '.join(shared)}")
