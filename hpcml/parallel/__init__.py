@@ -13,7 +13,10 @@ splits any ``nn.Module`` into stages and :func:`step` runs the user's step over 
 Checkpoints across layouts (:mod:`.layout_checkpoint`): :func:`save_checkpoint` /
 :func:`load_checkpoint` move a model and its optimizer state between any (D, S, T, ZeRO-1)
 layouts and one process. :func:`clip_grad_norm_` (:mod:`.clip`) clips the global gradient norm
-of any of these layouts.
+of any of these layouts. :class:`MixedPrecision` (:mod:`.precision`) runs any of them in
+bfloat16/float16 with float32 master weights and a loss scale whose skip decision every rank
+shares; ``PipelineModel(schedule="interleaved-1f1b", virtual_stages=v)`` interleaves v chunks
+per pipeline rank.
 
 Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
 not pay for importing torch.
@@ -28,6 +31,7 @@ _EXPORTS = {
     "ExchangeMemory": "memory",
     "GradientReducer": "data_parallel",
     "Mesh": "mesh",
+    "MixedPrecision": "precision",
     "PipelineModel": "pipeline",
     "Reduction": "reductions",
     "ShardedOptimizer": "sharding",

@@ -179,7 +179,8 @@ def _compress(names: Sequence[str]) -> str:
         else:
             groups.append([n, None, None])
     return ", ".join(g[0] if g[1] is None else
-                     (f"{g[0]}.{g[1]}" if g[1] == g[2] else f"{g[0]}.{g[1]}-{g[2]}")
+                     (f"{g[0] + '.' if g[0] else ''}{g[1]}" +
+                      ("" if g[1] == g[2] else f"-{g[2]}"))
                      for g in groups)
 
 
