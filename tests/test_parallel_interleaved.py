@@ -96,6 +96,11 @@ def test_interleaved_pipeline_matches_single_process(comm):
             assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), (loss, ref_loss)
             assert_matches(pmodel, ref_grads)
         assert pmodel.stats["in_flight"] >= 1
+        # the full checkpoint gathers every chunk's parameters from the rank that runs it
+        full = pmodel.full_state_dict()
+        if full is not None:
+            assert full.keys() == reference_model.state_dict().keys()
+            assert all(torch.equal(full[k], v) for k, v in reference_model.state_dict().items())
         table = pmodel.stage_table()
         assert f"(S-1)/(v*M+S-1) = {theoretical_bubble(stages, micro, chunks):.3f}" in table
         assert f"v={chunks}" in table
