@@ -36,8 +36,9 @@ trace and every forward run under its autocast, so activations travel in the com
 the step function scales the loss itself (``model.backward(mp.scale_loss(loss))``).
 
 Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.GradientReducer`
-(its buckets launch during the last microbatch's backward), unless ``data_reduction=
-"optimizer"`` leaves that to a :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data``
+(its buckets launch during this rank's last backward action; the earlier ones accumulate
+under ``no_sync``), unless ``data_reduction="optimizer"`` leaves that to a
+:class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data``
 (ZeRO-1 reduce-scatters the gradients itself); after the schedule, gradients of parameters
 held by several stages (tied weights) are summed over the pipeline.
 
@@ -102,6 +103,7 @@ from hpcml.parallel.pipeline_trace import (
     tensors,
     trace,
 )
+from hpcml.parallel.precision import MixedPrecision
 from hpcml.parallel.reductions import make_reduction
 
 DATA_REDUCTIONS = ("allreduce", "optimizer")
@@ -215,7 +217,7 @@ class PipelineModel:
                  checkpoint_stages: Sequence[int] = (),
                  checkpoint_modules: Sequence[str] = (),
                  data_reduction: str = "allreduce", virtual_stages: int = 1,
-                 precision: Any = None) -> None:
+                 precision: MixedPrecision | None = None) -> None:
         if schedule not in SCHEDULES:
             raise UsageError(f"schedule: {schedule!r} is not one of {list(SCHEDULES)}")
         if virtual_stages < 1 or (virtual_stages > 1 and schedule != "interleaved-1f1b"):
