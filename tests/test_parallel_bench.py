@@ -22,18 +22,26 @@ def args(tmp_path, *extra):
 
 
 def test_bench_model_parallel_two_ranks(tmp_path):
-    """Stage 0 recomputes its activations (switched on from the job file): still exact."""
-    res = hpcml_cli(2, "bench", "model-parallel", JOB, *args(tmp_path), cwd=tmp_path,
-                    timeout=240)
+    """Stage 0 recomputes its activations (switched on from the job file): still exact. The
+    interleaved row equals one process too; the fp16 row equals the one-process run of its
+    recipe to fp16 rounding (and differs from the fp32 one by more)."""
+    layouts = ["pp2-1f1b", "pp4-1f1b", "pp2-interleaved", "pp2-fp16"]
+    res = hpcml_cli(2, "bench", "model-parallel", JOB, *args(tmp_path, f"layouts={layouts}"),
+                    cwd=tmp_path, timeout=240)
     assert res.returncode == 0, res.stderr
     (run,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run / "summary.json").read_text())
     rows = {r["layout"]: r for r in summary["rows"]}
-    assert set(rows) == {"pp2-1f1b"} and summary["skipped"] == ["pp4-1f1b"]
+    assert set(rows) == {"pp2-1f1b", "pp2-interleaved", "pp2-fp16"}
+    assert summary["skipped"] == ["pp4-1f1b"]
     for row in rows.values():
         assert {"layout", "ranks", "loss_abs_diff", "grad_max_abs_diff", "peak_bytes_per_rank",
                 "ms_per_step"} <= set(row)
-        assert row["grad_max_rel_diff"] <= 1e-5 and row["loss_abs_diff"] <= 1e-5 * row["loss"]
+        tol = 2.0 ** -8 if row["precision"] == "fp16" else 1e-5
+        assert row["grad_max_rel_diff"] <= tol and row["loss_abs_diff"] <= 1e-5 * row["loss"]
+    assert rows["pp2-fp16"]["grad_rel_diff_vs_fp32"] > rows["pp2-fp16"]["grad_max_rel_diff"]
+    assert rows["pp2-interleaved"]["bubble_theory"] == 1 / (2 * 2 + 1)  # v = M = S = 2
+    assert "theoretical (S-1)/(v*M+S-1) = 0.200" in res.stdout
     # each pipeline stage holds part of the model
     full = sum(p.numel() * 4 for p in _model(ModelParallelConfig(vocab=50), "base").parameters())
     assert rows["pp2-1f1b"]["param_bytes"] < 0.8 * full

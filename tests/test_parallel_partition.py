@@ -84,15 +84,15 @@ def test_units_open_the_biggest_module_only_when_nothing_is_lost():
     assert choose_units(tree, 4) == ["embed", "layers.0.a", "layers.0.b", "layers.1.fc", "attn"]
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", [s for s in SCHEDULES if s != "interleaved-1f1b"])
 @pytest.mark.parametrize(("stages", "micro"), [(1, 3), (2, 1), (2, 4), (4, 3), (4, 8)])
 def test_schedules_run_everything_once_without_deadlock_and_bubble_formula(name, stages, micro):
     for s in range(stages):
         actions = schedule(name)(stages, micro, s)
-        assert sorted(actions) == sorted([("F", m) for m in range(micro)]
-                                         + [("B", m) for m in range(micro)])
-        assert [m for k, m in actions if k == "F"] == list(range(micro))
-        assert [m for k, m in actions if k == "B"] == list(range(micro))
+        assert sorted(actions) == sorted([("F", m, 0) for m in range(micro)]
+                                         + [("B", m, 0) for m in range(micro)])
+        assert [m for k, m, _ in actions if k == "F"] == list(range(micro))
+        assert [m for k, m, _ in actions if k == "B"] == list(range(micro))
         expected = micro if name == "gpipe" else min(stages - s, micro)
         assert in_flight(actions) == expected
     makespan, idle = simulate(name, stages, micro, forward=1.0, backward=2.0)

@@ -15,6 +15,10 @@ Checkpoints across layouts (:mod:`.layout_checkpoint`): :func:`save_checkpoint` 
 layouts and one process. :func:`clip_grad_norm_` (:mod:`.clip`) clips the global gradient norm
 of any of these layouts. Deferred initialization (:mod:`.deferred`): :func:`deferred_init`
 builds a model on the meta device, and each rank :func:`materialize` s only its stage and shard.
+:class:`MixedPrecision` (:mod:`.precision`) runs any of these layouts in bfloat16/float16 with
+float32 master weights and a loss scale whose skip decision every rank shares;
+``PipelineModel(schedule="interleaved-1f1b", virtual_stages=v)`` interleaves v chunks per
+pipeline rank.
 
 Names are imported on first use (PEP 562), so that ``from hpcml.parallel import Mesh`` does
 not pay for importing torch.
@@ -29,6 +33,7 @@ _EXPORTS = {
     "ExchangeMemory": "memory",
     "GradientReducer": "data_parallel",
     "Mesh": "mesh",
+    "MixedPrecision": "precision",
     "PipelineModel": "pipeline",
     "Reduction": "reductions",
     "ShardedOptimizer": "sharding",

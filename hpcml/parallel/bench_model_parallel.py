@@ -16,7 +16,11 @@ distribution each step). Per layout:
   sum;
 - time: median step (forward, backward, gradient reductions, optimizer) over ``steps`` after
   ``warmup``, slowest rank; tokens/s = global target tokens / step time; the measured bubble
-  (mean over stages of 1 - busy / step time) beside the theoretical (S-1)/(M+S-1).
+  (mean over stages of 1 - busy / step time) beside the theoretical (S-1)/(v M+S-1) (v = 1
+  but for interleaved 1F1B's ``virtual_stages``).
+- mixed precision (``-bf16``/``-fp16`` layouts, :mod:`hpcml.parallel.precision`): the diffs are
+  against the single-process run of the same recipe (autocast, same loss scale);
+  ``grad_rel_diff_vs_fp32`` gives the difference from the float32 single-process run.
 
 Every layout builds its model the way a user script would (the order documented in
 :mod:`hpcml.parallel.pipeline`): tensor-parallel layouts split the whole model with
@@ -75,6 +79,7 @@ from hpcml.parallel.deferred import deferred_init, materialize
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline import PipelineModel, step
 from hpcml.parallel.pipeline_schedule import theoretical_bubble
+from hpcml.parallel.precision import MixedPrecision
 from hpcml.parallel.sharding import ShardedOptimizer
 from hpcml.parallel.tensor import parallelize, vocab_parallel_cross_entropy
 
@@ -87,6 +92,8 @@ class Layout:
     schedule: str = "1f1b"
     recompute: bool = False  # activation checkpointing of every stage
     zero: bool = False  # optimizer state sharded over the data group (ZeRO-1)
+    precision: str = "fp32"  # "bf16" / "fp16": MixedPrecision (fp32 master weights)
+    virtual_stages: int = 1  # chunks per rank (schedule "interleaved-1f1b")
 
     @property
     def ranks(self) -> int:
@@ -113,6 +120,12 @@ LAYOUTS: dict[str, Layout] = {
     "pp2xtp2-gpipe": Layout(pipeline=2, tensor=2, schedule="gpipe"),
     "pp2-zero1": Layout(pipeline=2, zero=True),
     "dp2xpp2-zero1": Layout(data=2, pipeline=2, zero=True),
+    "dp2-bf16": Layout(data=2, precision="bf16"),
+    "tp2-bf16": Layout(tensor=2, precision="bf16"),
+    "pp2-fp16": Layout(pipeline=2, precision="fp16"),
+    "dp2-zero1-bf16": Layout(data=2, zero=True, precision="bf16"),
+    "pp2-interleaved": Layout(pipeline=2, schedule="interleaved-1f1b", virtual_stages=2),
+    "pp4-interleaved": Layout(pipeline=4, schedule="interleaved-1f1b", virtual_stages=2),
 }
 
 MODELS: dict[str, dict[str, int]] = {
@@ -169,6 +182,12 @@ class ModelParallelConfig(JobConfig):
                 raise ConfigError("batch", f"{self.batch} sentences do not split into "
                                   f"{lay.data} replicas x {self.microbatches} microbatches "
                                   f"({name})", "use a multiple of data x microbatches")
+            if lay.virtual_stages > 1 and self.microbatches % lay.pipeline and \
+                    lay.ranks <= size:
+                raise ConfigError("microbatches", f"{self.microbatches} is not a multiple of "
+                                  f"the pipeline size {lay.pipeline} ({name}, interleaved "
+                                  "1F1B)", f"use microbatches="
+                                  f"{-(-self.microbatches // lay.pipeline) * lay.pipeline}")
         for s in self.checkpoint_stages:
             if s < 0:
                 raise ConfigError("checkpoint_stages", f"stage {s} < 0", "use stage indices")
@@ -205,26 +224,45 @@ def _batch(cfg: ModelParallelConfig, step_index: int) -> tuple[torch.Tensor, ...
 
 @step
 def _train_step(model: PipelineModel, src: torch.Tensor, tgt_in: torch.Tensor,
-                tgt_out: torch.Tensor, scale: float, tp: Communicator) -> torch.Tensor:
+                tgt_out: torch.Tensor, scale: float, tp: Communicator,
+                mp: MixedPrecision | None = None) -> torch.Tensor:
     logits = model(src, tgt_in)  # this rank's vocabulary slice under tensor parallelism
     embed = model.module.embed  # its slice bounds: no exchange of the slice sizes per step
     loss = (smoothed_loss_sum(logits, tgt_out, 0.1) if tp.size == 1 else
             vocab_parallel_cross_entropy(logits, tgt_out, tp, vocab_start=embed.vocab_start,
                                          vocab_size=embed.num_embeddings, ignore_index=PAD,
                                          label_smoothing=0.1, reduction="sum")) * scale
-    model.backward(loss)
+    model.backward(mp.scale_loss(loss) if mp is not None else loss)
     return loss
 
 
-def _reference(cfg: ModelParallelConfig, name: str) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss (global mean) and gradients of the single-process model on batch 0."""
+def _precision(name: str, comm: Communicator | None) -> MixedPrecision | None:
+    return None if name == "fp32" else MixedPrecision(name, comm)
+
+
+def _reference(cfg: ModelParallelConfig, name: str, precision: str = "fp32",
+               ) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss (global mean) and gradients of the single-process model on batch 0; under
+    ``precision`` bf16/fp16 by the layouts' recipe (autocast forward, backward of the loss times
+    the same first scale, gradients divided by it)."""
     model = _model(cfg, name)
     if cfg.deferred:
         materialize(model)
     src, tgt_in, tgt_out = _batch(cfg, 0)
-    loss = smoothed_loss_sum(model(src, tgt_in), tgt_out, 0.1) / int((tgt_out != PAD).sum())
-    loss.backward()
-    return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
+    mp = _precision(precision, None)
+    with mp.autocast() if mp is not None else contextlib.nullcontext():
+        loss = smoothed_loss_sum(model(src, tgt_in), tgt_out, 0.1) / int((tgt_out != PAD).sum())
+    (mp.scale_loss(loss) if mp is not None else loss).backward()
+    scale = mp.scale if mp is not None else 1.0
+    return float(loss.detach()), {n: p.grad / scale for n, p in model.named_parameters()}
+
+
+def _optimizer_step(pmodel: PipelineModel, optimizer: Any) -> None:
+    """``optimizer.step()``, through the layout's MixedPrecision (unscale, agreed skip)."""
+    if pmodel.precision is not None:
+        pmodel.precision.step(optimizer)
+    else:
+        optimizer.step()
 
 
 def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
@@ -242,6 +280,8 @@ def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
     micro = cfg.batch // (layout.data * cfg.microbatches)
     pmodel = PipelineModel(model, mesh, sample=(src[:micro], tgt_in[:micro]),
                            microbatches=cfg.microbatches, schedule=layout.schedule,
+                           virtual_stages=layout.virtual_stages,
+                           precision=_precision(layout.precision, mesh.world),
                            checkpoint_stages=(range(layout.pipeline) if layout.recompute
                                               else cfg.checkpoint_stages),
                            checkpoint_modules=cfg.checkpoint_modules,
@@ -297,13 +337,17 @@ def _local_step(cfg: ModelParallelConfig, mesh: Mesh, pmodel: PipelineModel, opt
     replica, data = mesh.coords["data"], mesh.sizes["data"]
     shard = [t.tensor_split(data)[replica] for t in (src, tgt_in, tgt_out)]
     optimizer.zero_grad(set_to_none=True)
-    out = _train_step(pmodel, *shard, data / tokens, mesh.tensor)
+    out = _train_step(pmodel, *shard, data / tokens, mesh.tensor, pmodel.precision)
     loss = mesh.data.allreduce(out.reduce_sum()) / data
     return loss, tokens
 
 
 def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Communicator,
-             reference: tuple[float, dict[str, torch.Tensor]] | None, ctx: RunContext) -> dict:
+             references: dict[str, tuple[float, dict[str, torch.Tensor]]] | None,
+             ctx: RunContext) -> dict:
+    """One row; ``references``: the single-process loss and gradients per precision recipe
+    (``"fp32"`` and the layout's); None for an unchecked model (no
+    comparison: its rows report NaN differences)."""
     layout = LAYOUTS[layout_name]
     rss_reset = reset_peak_rss()
     mesh, pmodel, optimizer = _parallelize(cfg, layout, name, comm)
@@ -311,10 +355,11 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
         ctx.log(f"\n{name} / {layout_name}: partition\n{pmodel.partition_table()}")
     loss, _ = _local_step(cfg, mesh, pmodel, optimizer, 0)
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters())
-    optimizer.step()
-    ref_loss, ref_grads = reference if reference is not None else (math.nan, {})
-    abs_diff = rel_diff = 0.0 if reference is not None else math.nan
-    full = _reduced_grads(mesh, pmodel, optimizer) if reference is not None else None
+    _optimizer_step(pmodel, optimizer)
+    checked = references is not None
+    ref_loss, ref_grads = references[layout.precision] if checked else (math.nan, {})
+    abs_diff = rel_diff = fp32_diff = 0.0 if checked else math.nan
+    full = _reduced_grads(mesh, pmodel, optimizer) if checked else None
     if full is not None:
         if full.keys() != ref_grads.keys():
             raise RuntimeError(f"{layout_name}: gathered gradients of "
@@ -323,12 +368,15 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
             err = float((grad - ref_grads[pname]).abs().max())
             abs_diff = max(abs_diff, err)
             rel_diff = max(rel_diff, err / max(float(ref_grads[pname].abs().max()), 1e-30))
+            fp32 = references["fp32"][1][pname]
+            fp32_diff = max(fp32_diff, float((grad - fp32).abs().max()) /
+                            max(float(fp32.abs().max()), 1e-30))
     times, tokens, bubbles, peaks = [], [], [], []
     for i in range(1, cfg.warmup + cfg.steps + 1):
         comm.barrier()
         start = time.perf_counter()
         _, n = _local_step(cfg, mesh, pmodel, optimizer, i)
-        optimizer.step()
+        _optimizer_step(pmodel, optimizer)
         if i > cfg.warmup:
             times.append(time.perf_counter() - start)
             tokens.append(n)
@@ -352,11 +400,16 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
         **worst, "fits_budget": worst["peak_bytes_per_rank"] <= cfg.budget_mib * 2 ** 20,
         "ms_per_step": step_s * 1e3, "tokens_per_s": median(tokens) / step_s,
         "bubble": sum(stage_bubbles) / len(stage_bubbles) if layout.pipeline > 1 else 0.0,
-        "bubble_theory": theoretical_bubble(layout.pipeline, cfg.microbatches),
+        "bubble_theory": theoretical_bubble(layout.pipeline, cfg.microbatches,
+                                            layout.virtual_stages),
         "loss": loss, "loss_abs_diff": comm.allreduce(abs(loss - ref_loss), op="max"),
         "grad_max_abs_diff": comm.allreduce(abs_diff, op="max"),
         "grad_max_rel_diff": comm.allreduce(rel_diff, op="max"),
         **_scale_fields(cfg, name, comm, rss_reset),
+        "precision": layout.precision, "virtual_stages": layout.virtual_stages,
+        "loss_diff_vs_fp32": comm.allreduce(
+            abs(loss - references["fp32"][0]) if checked else math.nan, op="max"),
+        "grad_rel_diff_vs_fp32": comm.allreduce(fp32_diff, op="max"),
     }
 
 
@@ -398,9 +451,10 @@ COLUMNS = [("model", "model", ""), ("layout", "layout", ""), ("ranks", "ranks", 
            ("peak_h", "peak/rank", ""),
            ("fits", "fits budget", ""), ("ms_per_step", "ms/step", ".1f"),
            ("tokens_per_s", "tokens/s", ".0f"), ("bubble", "bubble", ".3f"),
-           ("bubble_theory", "(S-1)/(M+S-1)", ".3f"), ("loss_abs_diff", "loss diff", ".1e"),
+           ("bubble_theory", "(S-1)/(vM+S-1)", ".3f"), ("loss_abs_diff", "loss diff", ".1e"),
            ("grad_max_abs_diff", "max grad diff", ".1e"),
-           ("grad_max_rel_diff", "rel. grad diff", ".1e")]
+           ("grad_max_rel_diff", "rel. grad diff", ".1e"),
+           ("grad_rel_diff_vs_fp32", "rel. grad diff vs fp32", ".1e")]
 
 
 def _return_large_frees() -> None:
@@ -419,7 +473,8 @@ def run(cfg: ModelParallelConfig, ctx: RunContext) -> dict[str, Any]:
     skipped = [n for n in cfg.layouts if n not in chosen]
     rows = []
     for name in cfg.models:
-        reference = None if name in cfg.unchecked_models else _reference(cfg, name)
+        reference = None if name in cfg.unchecked_models else {
+            p: _reference(cfg, name, p) for p in {"fp32", *(LAYOUTS[n].precision for n in chosen)}}
         for layout_name in chosen:
             row = _run_on_first(comm, LAYOUTS[layout_name].ranks,
                                 lambda sub, n=name, lay=layout_name, ref=reference:

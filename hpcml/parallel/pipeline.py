@@ -26,9 +26,19 @@ where it is needed. Forward activations go to the next stage, gradients to the p
 ``Isend``/``Irecv`` on ``mesh.pipeline`` (every byte in the ledger); each message is preceded by
 a header with the shapes of all earlier unit outputs, so shapes may change per microbatch.
 
+Interleaving (``schedule="interleaved-1f1b", virtual_stages=v``): the calls are split into
+v * S contiguous *virtual* stages and rank s runs stages s, s + S, ..., s + (v - 1) S (Megatron's
+interleaved 1F1B, :mod:`~hpcml.parallel.pipeline_schedule`); each virtual stage sends to the next
+one's rank, the last rank's last one to rank 0's next chunk. Microbatches must be a multiple of S.
+
+Mixed precision (``precision=MixedPrecision(...)``, :mod:`~hpcml.parallel.precision`): the
+trace and every forward run under its autocast, so activations travel in the compute dtype;
+the step function scales the loss itself (``model.backward(mp.scale_loss(loss))``).
+
 Every gradient is averaged over ``mesh.data`` by :class:`~hpcml.parallel.GradientReducer`
-(its buckets launch during the last microbatch's backward), unless ``data_reduction=
-"optimizer"`` leaves that to a :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data``
+(its buckets launch during this rank's last backward action; the earlier ones accumulate
+under ``no_sync``), unless ``data_reduction="optimizer"`` leaves that to a
+:class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data``
 (ZeRO-1 reduce-scatters the gradients itself); after the schedule, gradients of parameters
 held by several stages (tied weights) are summed over the pipeline.
 
@@ -79,7 +89,13 @@ from hpcml.parallel.deferred import is_deferred, materialize, meta_tracing
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline_partition import call_costs, partition, stage_costs
 from hpcml.parallel.pipeline_plan import Plan, make_plan
-from hpcml.parallel.pipeline_schedule import SCHEDULES, in_flight, schedule, theoretical_bubble
+from hpcml.parallel.pipeline_schedule import (
+    SCHEDULES,
+    in_flight,
+    paper_bubble,
+    schedule,
+    theoretical_bubble,
+)
 from hpcml.parallel.pipeline_trace import (
     ActivationCounter,
     Dep,
@@ -90,6 +106,7 @@ from hpcml.parallel.pipeline_trace import (
     tensors,
     trace,
 )
+from hpcml.parallel.precision import MixedPrecision
 from hpcml.parallel.reductions import make_reduction
 
 DATA_REDUCTIONS = ("allreduce", "optimizer")
@@ -112,6 +129,7 @@ class _Micro:
     activation_bytes: int = 0
     counter: ActivationCounter | None = None
     next_call: int = 0
+    vstage: int = 0  # the (virtual) stage this forward runs
     inside: bool = False
     training: bool = True
 
@@ -166,7 +184,8 @@ def _compress(names: Sequence[str]) -> str:
         else:
             groups.append([n, None, None])
     return ", ".join(g[0] if g[1] is None else
-                     (f"{g[0]}.{g[1]}" if g[1] == g[2] else f"{g[0]}.{g[1]}-{g[2]}")
+                     (f"{g[0] + '.' if g[0] else ''}{g[1]}" +
+                      ("" if g[1] == g[2] else f"-{g[2]}"))
                      for g in groups)
 
 
@@ -181,6 +200,11 @@ class PipelineModel:
     about ``units_per_stage`` per stage).
     ``checkpoint_stages`` / ``checkpoint_modules``: recompute the activations of the units of
     these stages / of modules with these names (or names under them) in the backward pass.
+    ``schedule``: one of ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"`` (with
+    ``virtual_stages`` chunks per rank; partition pins then name virtual stages 0..v*S-1,
+    ``checkpoint_stages`` ranks). ``precision``: a
+    :class:`~hpcml.parallel.precision.MixedPrecision` whose autocast the trace and the forwards
+    run under.
     ``data_reduction``: ``"allreduce"`` (the model averages every gradient over
     ``mesh.data``) or ``"optimizer"`` (it leaves them unreduced, for a
     :class:`~hpcml.parallel.ShardedOptimizer` over ``mesh.data`` that reduce-scatters them;
@@ -197,9 +221,18 @@ class PipelineModel:
                  units: Sequence[str] | None = None,
                  checkpoint_stages: Sequence[int] = (),
                  checkpoint_modules: Sequence[str] = (),
-                 data_reduction: str = "allreduce") -> None:
+                 data_reduction: str = "allreduce", virtual_stages: int = 1,
+                 precision: MixedPrecision | None = None) -> None:
         if schedule not in SCHEDULES:
             raise UsageError(f"schedule: {schedule!r} is not one of {list(SCHEDULES)}")
+        if virtual_stages < 1 or (virtual_stages > 1 and schedule != "interleaved-1f1b"):
+            raise UsageError(f"virtual_stages: {virtual_stages} needs schedule="
+                             "'interleaved-1f1b' (and must be >= 1)")
+        if schedule == "interleaved-1f1b" and microbatches % mesh.pipeline.size:
+            size = mesh.pipeline.size
+            raise UsageError(f"microbatches: interleaved-1f1b needs a multiple of the pipeline "
+                             f"size {size}, got {microbatches}; use microbatches="
+                             f"{-(-microbatches // size) * size}")
         if balance not in ("measured", "params"):
             raise UsageError(f"balance: {balance!r} is not 'measured' or 'params'")
         if microbatches < 1:
@@ -208,14 +241,17 @@ class PipelineModel:
             raise UsageError(f"data_reduction: {data_reduction!r} is not one of "
                              f"{list(DATA_REDUCTIONS)}")
         self.module, self.mesh, self.microbatches = module, mesh, microbatches
-        self.schedule = schedule
+        self.schedule, self.precision = schedule, precision
         self.comm = mesh.pipeline
         self.stages, self.stage = self.comm.size, self.comm.rank
+        self.chunks = virtual_stages
+        self.vstages = self.stages * virtual_stages
+        self._mine = [self.stage + c * self.stages for c in range(virtual_stages)]
         args, kwargs = tuple(sample), dict(sample_kwargs or {})
         deferred = is_deferred(module)  # built by deferred_init: traced on the meta device
         try:
-            with meta_tracing() if deferred else contextlib.nullcontext():
-                self.trace = trace(module, args, kwargs, self.stages, units_per_stage,
+            with meta_tracing() if deferred else contextlib.nullcontext(), self._autocast():
+                self.trace = trace(module, args, kwargs, self.vstages, units_per_stage,
                                    list(units) if units is not None else None)
         except ValueError as exc:
             raise UsageError(f"units: {exc}") from None
@@ -228,7 +264,8 @@ class PipelineModel:
                                "differ): the model or the sample differs between ranks")
         self.costs, stage_of = self._partition(balance, partition or {})
         names = param_names(module)
-        self.plan: Plan = make_plan(self.trace, stage_of, self.stages, list(names.values()))
+        self.plan: Plan = make_plan(self.trace, stage_of, self.vstages, list(names.values()),
+                                    self.stages)
         held = self.plan.held(self.stage)
         if deferred:  # only this stage's parameters get storage (hpcml.parallel.deferred)
             materialize(module, held)
@@ -242,29 +279,28 @@ class PipelineModel:
         self._held_set = set(self._held)
         self._checkpointed = {
             k for k, c in enumerate(self.trace.calls)
-            if stage_of[k] in set(checkpoint_stages)
+            if self.plan.rank_of(stage_of[k]) in set(checkpoint_stages)
             or any(c.unit == m or c.unit.startswith(m + ".") or m.startswith(c.unit + ".")
                    for m in checkpoint_modules)}
         # the largest traced activation of a checkpointed unit call of this stage: what a
         # backward pass holds again while it recomputes that call
         self._recomputed_bytes = max((self.trace.calls[k].activation_bytes
                                       for k in self._checkpointed
-                                      if stage_of[k] == self.stage), default=0)
-        self._micro: dict[int, _Micro] = {}
+                                      if stage_of[k] in self._mine), default=0)
+        self._micro: dict[tuple[int, int], _Micro] = {}
         self._current: _Micro | None = None
         self._sends: list[tuple[Request, torch.Tensor]] = []
         self._storages: set[int] = set()
         self.stats: dict[str, float] = {}
         if not deferred:  # deferred: the initialization rule gives every rank the same values
             self._broadcast_parameters()
-        # data parallelism: hpcml's one gradient reducer, launched on the last microbatch's
-        # backward (overlapping it), over this stage's parameters -- unless the optimizer
-        # reduces them (ZeRO-1)
+        # data parallelism: hpcml's one gradient reducer, launched on this rank's last backward
+        # action (overlapping it; the earlier ones accumulate under no_sync), over this
+        # stage's parameters -- unless the optimizer reduces them (ZeRO-1)
         self.data_reduction = data_reduction
         self._reducer = GradientReducer(
             mesh.data, list(reversed(self.named_parameters())), make_reduction("dense_allreduce"),
-            passes=microbatches) if mesh.data.size > 1 and data_reduction == "allreduce" \
-            else None
+            passes=1) if mesh.data.size > 1 and data_reduction == "allreduce" else None
         modules = dict(module.named_modules())
         for unit in self.trace.units:
             mod = modules[unit]
@@ -280,8 +316,8 @@ class PipelineModel:
                 costs = call_costs([c.seconds if balance == "measured" else 0.0 for c in calls],
                                    [c.activation_bytes + 4 * c.param_count for c in calls],
                                    [c.param_count for c in calls])
-                result = (costs, partition(costs, self.stages,
-                                           _module_pins(self.trace, pins, self.stages)))
+                result = (costs, partition(costs, self.vstages,
+                                           _module_pins(self.trace, pins, self.vstages)))
             except (ValueError, UsageError) as exc:
                 result = str(exc)
         result = self.mesh.world.bcast(result)
@@ -350,9 +386,9 @@ class PipelineModel:
                                    "depend on the data")
             micro.next_call += 1
             stage = self.plan.stage_of[k]
-            if stage > self.stage:
+            if stage > micro.vstage:
                 raise _StageDone
-            if stage < self.stage:
+            if stage < micro.vstage:
                 return self._stub(micro, k)
             micro.inside = True
             try:
@@ -371,7 +407,7 @@ class PipelineModel:
             for j, leaf in enumerate(leaves):
                 if isinstance(leaf, torch.Tensor):
                     micro.outputs[(k, j)] = leaf
-                elif self.stage < self.stages - 1:
+                elif micro.vstage < self.vstages - 1:
                     self._check_replayed(k, j, leaf, spec)
             return out
         return dispatch
@@ -415,18 +451,25 @@ class PipelineModel:
         return [(k, j) for k in range(upto) for j, leaf in enumerate(self.trace.calls[k].leaves)
                 if isinstance(leaf, Leaf)]
 
+    def _tag(self, m: int, vstage: int, kind: str) -> int:
+        """The tag of the messages of microbatch ``m`` to virtual stage ``vstage``: forward
+        activations (kind "F") or gradients (kind "B"), unique per pair of ranks."""
+        return (m * self.vstages + vstage) * 2 + (kind == "B")
+
     def _receive_forward(self, m: int, micro: _Micro) -> None:
-        header = torch.empty(self.plan.header_len[self.stage], dtype=torch.int64)
-        self.comm.Irecv(header, source=self.stage - 1, tag=m).wait()
+        vs = micro.vstage
+        source, tag = self.plan.rank_of(vs - 1), self._tag(m, vs, "F")
+        header = torch.empty(self.plan.header_len[vs], dtype=torch.int64)
+        self.comm.Irecv(header, source=source, tag=tag).wait()
         values, pos = header.tolist(), 0
-        for dep in self._tensor_deps(self.plan.first[self.stage]):
+        for dep in self._tensor_deps(self.plan.first[vs]):
             n = self._leaf(dep).ndim
             micro.shapes[dep] = torch.Size(values[pos:pos + n])
             pos += n
         requests = []
-        for dep in self.plan.live[self.stage]:
+        for dep in self.plan.live[vs]:
             buf = torch.empty(micro.shapes[dep], dtype=self._leaf(dep).dtype)
-            requests.append(self.comm.Irecv(buf, source=self.stage - 1, tag=m))
+            requests.append(self.comm.Irecv(buf, source=source, tag=tag))
             micro.received[dep] = buf
         Request.waitall(requests)
         for dep, buf in micro.received.items():
@@ -439,29 +482,35 @@ class PipelineModel:
         self._sends.append((self.comm.Isend(tensor, dest=dest, tag=tag), tensor))
 
     def _send_forward(self, m: int, micro: _Micro) -> None:
-        nxt = self.stage + 1
+        nxt = micro.vstage + 1
+        dest, tag = self.plan.rank_of(nxt), self._tag(m, nxt, "F")
         shapes = []
         for dep in self._tensor_deps(self.plan.first[nxt]):
             shapes += list(micro.shapes[dep] if dep in micro.shapes else
                            micro.outputs[dep].shape)
-        self._send(torch.tensor(shapes, dtype=torch.int64), nxt, m)
+        self._send(torch.tensor(shapes, dtype=torch.int64), dest, tag)
         for dep in self.plan.live[nxt]:
             t = micro.received[dep] if dep in micro.received else micro.outputs[dep]
-            self._send(t, nxt, m)
+            self._send(t, dest, tag)
             micro.sent.append((dep, t))
 
-    def _forward(self, m: int, fn: Callable, args: tuple, kwargs: dict) -> float:
-        """Forward of microbatch ``m``; returns seconds spent waiting for messages."""
-        micro = _Micro(training=torch.is_grad_enabled())
-        self._micro[m] = micro
+    def _autocast(self) -> Any:
+        return self.precision.autocast() if self.precision is not None \
+            else contextlib.nullcontext()
+
+    def _forward(self, m: int, chunk: int, fn: Callable, args: tuple, kwargs: dict) -> float:
+        """Forward of microbatch ``m`` on this rank's ``chunk``; returns seconds spent waiting
+        for messages."""
+        micro = _Micro(training=torch.is_grad_enabled(), vstage=self._mine[chunk])
+        self._micro[(m, chunk)] = micro
         start = time.perf_counter()
-        if self.stage > 0:
+        if micro.vstage > 0:
             self._receive_forward(m, micro)
         waited = time.perf_counter() - start
         self._current = micro
         finished = False
         try:
-            with ActivationCounter(self._storages) as counter:
+            with ActivationCounter(self._storages) as counter, self._autocast():
                 counter.seen.update(t.untyped_storage().data_ptr()  # counted on receipt
                                     for t in micro.received.values())
                 micro.counter = counter
@@ -473,10 +522,10 @@ class PipelineModel:
             self._current = None
         micro.activation_bytes += counter.bytes
         micro.counter = None
-        last = self.stage == self.stages - 1
+        last = micro.vstage == self.vstages - 1
         if finished != last:
             where = "returned before the next stage's modules" if finished else "stopped early"
-            raise RuntimeError(f"pipeline stage {self.stage}: the step function {where}; the "
+            raise RuntimeError(f"pipeline stage {micro.vstage}: the step function {where}; the "
                                "module calls must follow the traced sequence")
         if last and micro.next_call != len(self.trace.calls):
             raise RuntimeError(f"pipeline: the forward made {micro.next_call} of the "
@@ -490,13 +539,15 @@ class PipelineModel:
         micro.outputs = {}
         return waited
 
-    def _backward(self, m: int) -> float:
-        """Backward of microbatch ``m``; returns seconds spent waiting for messages."""
-        micro = self._micro.pop(m)
+    def _backward(self, m: int, chunk: int) -> float:
+        """Backward of microbatch ``m`` on this rank's ``chunk``; returns seconds spent waiting
+        for messages."""
+        micro = self._micro.pop((m, chunk))
+        vs = micro.vstage
         tensors: list[torch.Tensor] = []
         grads: list[torch.Tensor | None] = []
         waited = 0.0
-        if self.stage == self.stages - 1:
+        if vs == self.vstages - 1:
             tensors.append(micro.loss)
             grads.append(None)
         else:
@@ -504,7 +555,8 @@ class PipelineModel:
             for dep, t in micro.sent:
                 if self._leaf(dep).requires_grad:
                     g = torch.empty(t.shape, dtype=t.dtype)
-                    pending.append((self.comm.Irecv(g, source=self.stage + 1, tag=m), t, g))
+                    pending.append((self.comm.Irecv(g, source=self.plan.rank_of(vs + 1),
+                                                    tag=self._tag(m, vs, "B")), t, g))
             start = time.perf_counter()
             Request.waitall([p[0] for p in pending])
             waited = time.perf_counter() - start
@@ -514,12 +566,12 @@ class PipelineModel:
                     grads.append(g)
         if tensors:
             torch.autograd.backward(tensors, grads)
-        if self.stage > 0:
-            for dep in self.plan.live[self.stage]:
+        if vs > 0:
+            for dep in self.plan.live[vs]:
                 if self._leaf(dep).requires_grad:
                     buf = micro.received[dep]
                     self._send(buf.grad if buf.grad is not None else torch.zeros_like(buf),
-                               self.stage - 1, m)
+                               self.plan.rank_of(vs - 1), self._tag(m, vs - 1, "B"))
         return waited
 
     # -- one step ------------------------------------------------------------------------------
@@ -536,29 +588,35 @@ class PipelineModel:
         training = torch.is_grad_enabled()
         # read now: an optimizer built after the model (ZeRO-1) may have moved them
         self._storages = param_storages(self.module)
-        actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage) \
-            if training else [("F", m) for m in range(self.microbatches)]
+        actions = schedule(self.schedule)(self.stages, self.microbatches, self.stage,
+                                          self.chunks) if training else \
+            [("F", m, c) for m in range(self.microbatches) for c in range(self.chunks)]
+        last_backward = max((i for i, a in enumerate(actions) if a[0] == "B"), default=-1)
         waited = {"F": 0.0, "B": 0.0}
         busy = {"F": 0.0, "B": 0.0}
         live_bytes, peak_bytes = 0, 0
-        act: dict[int, int] = {}
+        act: dict[tuple[int, int], int] = {}
         results: dict[int, Any] = {}
         start = time.perf_counter()
-        for kind, m in actions:
+        for i, (kind, m, c) in enumerate(actions):
             t0 = time.perf_counter()
             if kind == "F":
-                w = self._forward(m, fn, *chunks[m])
-                act[m] = self._micro[m].activation_bytes
-                results[m] = self._micro[m].result
+                w = self._forward(m, c, fn, *chunks[m])
+                micro = self._micro[(m, c)]
+                act[(m, c)] = micro.activation_bytes
+                if micro.vstage == self.vstages - 1:
+                    results[m] = micro.result
                 if not training:
-                    del self._micro[m]
-                live_bytes += act[m]
+                    del self._micro[(m, c)]
+                live_bytes += act[(m, c)]
                 peak_bytes = max(peak_bytes, live_bytes)
             else:
                 # a checkpointed unit's activations exist again while its backward runs
                 peak_bytes = max(peak_bytes, live_bytes + self._recomputed_bytes)
-                w = self._backward(m)
-                live_bytes -= act[m]
+                with self._reducer.no_sync() if self._reducer is not None and \
+                        i != last_backward else contextlib.nullcontext():
+                    w = self._backward(m, c)
+                live_bytes -= act[(m, c)]
             waited[kind] += w
             busy[kind] += time.perf_counter() - t0 - w
         start_wait = time.perf_counter()
@@ -604,14 +662,17 @@ class PipelineModel:
 
     # -- reports -------------------------------------------------------------------------------
     def partition_table(self) -> str:
-        """The partition: each stage's units, parameter count and share of the cost. Local."""
-        totals = stage_costs(self.costs, self.plan.stage_of, self.stages)
-        lines = ["| stage | units | parameters | cost share |", "|---:|---|---:|---:|"]
-        for s in range(self.stages):
+        """The partition: each (virtual) stage's units, parameter count, share of the cost and
+        the pipeline rank that runs it. Local."""
+        totals = stage_costs(self.costs, self.plan.stage_of, self.vstages)
+        lines = ["| stage | units | parameters | cost share | rank |",
+                 "|---:|---|---:|---:|---:|"]
+        for s in range(self.vstages):
             units = list(dict.fromkeys(c.unit for k, c in enumerate(self.trace.calls)
                                        if self.plan.stage_of[k] == s))
-            params = sum(self._shapes[n].numel() for n in self.plan.held(s))
-            lines.append(f"| {s} | {_compress(units)} | {params} | {totals[s]:.3f} |")
+            params = sum(self._shapes[n].numel() for n, v in self.plan.holders.items() if s in v)
+            lines.append(f"| {s} | {_compress(units)} | {params} | {totals[s]:.3f} | "
+                         f"{self.plan.rank_of(s)} |")
         shared = self.plan.shared
         if shared:
             lines.append(f"\nshared across stages (gradients summed): {', '.join(shared)}")
@@ -630,9 +691,12 @@ class PipelineModel:
             lines.append(f"| {s} | {r['parameters']:.0f} | {r['peak_activation_bytes']:.0f} | "
                          f"{r['forward_ms']:.1f} | {r['backward_ms']:.1f} | {r['bubble']:.3f} |")
         measured = sum(r["bubble"] for r in rows) / len(rows)
+        s, m, v = self.stages, self.microbatches, self.chunks
+        formula = "(S-1)/(M+S-1)" if v == 1 else "(S-1)/(v*M+S-1)"
         lines.append(f"\nbubble: measured {measured:.3f} (mean over stages) vs theoretical "
-                     f"(S-1)/(M+S-1) = {theoretical_bubble(self.stages, self.microbatches):.3f}"
-                     f" (S={self.stages}, M={self.microbatches}, {self.schedule})")
+                     f"{formula} = {theoretical_bubble(s, m, v):.3f} (S={s}, M={m}, v={v}, "
+                     f"{self.schedule}; both idle / wall time; arXiv 2104.04473 states idle / "
+                     f"compute, (S-1)/(v*M) = {paper_bubble(s, m, v):.3f})")
         return "\n".join(lines)
 
     # -- checkpoints (hpcml.parallel.pipeline_checkpoint) -------------------------------------

@@ -32,7 +32,7 @@ def state_owners(module: nn.Module, units: Sequence[str], plan: Plan,
     names = param_names(module)
     buffer_stage: dict[str, int] = {}
     for k, unit in enumerate(units):
-        buffer_stage.setdefault(unit, plan.stage_of[k])
+        buffer_stage.setdefault(unit, plan.rank_of(plan.stage_of[k]))
     out = {}
     for key, t in module.state_dict(keep_vars=True).items():
         if isinstance(t, nn.Parameter) and id(t) in names:

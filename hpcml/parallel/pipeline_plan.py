@@ -12,8 +12,13 @@ every unit call. Pure: no MPI, identical on every rank.
   calls or output read it outside its unit (a tied embedding is held by the first and the last
   stage), every stage whose replay of the forward runs code between units that reads it (a
   positional parameter added before the first layer), stage 0 for a parameter no call uses.
-  Parameters held by more than one stage are *shared*: their gradients are summed over the
+  Parameters held by more than one rank are *shared*: their gradients are summed over the
   pipeline after the backward passes.
+
+With interleaving (``ranks`` < ``stages``), the stages are virtual: stage v runs on pipeline
+rank ``v % ranks``. ``stage_of``, ``first``, ``live`` and ``header_len`` count virtual stages;
+:meth:`Plan.owner`, :meth:`Plan.held` and :attr:`Plan.shared` answer for ranks (a parameter two
+chunks of one rank use is one tensor there, whose gradient accumulates both uses).
 """
 
 from __future__ import annotations
@@ -30,24 +35,32 @@ class Plan:
     first: list[int]
     live: list[list[Dep]]
     header_len: list[int]
-    holders: dict[str, frozenset[int]]
+    holders: dict[str, frozenset[int]]  # parameter -> the (virtual) stages that hold it
+    ranks: int  # pipeline ranks; == stages without interleaving
+
+    def rank_of(self, stage: int) -> int:
+        """The pipeline rank that runs (virtual) stage ``stage``."""
+        return stage % self.ranks
 
     @property
     def shared(self) -> list[str]:
-        """Parameters held by several stages, sorted by name."""
-        return sorted(n for n, s in self.holders.items() if len(s) > 1)
+        """Parameters held by several ranks, sorted by name."""
+        return sorted(n for n, s in self.holders.items()
+                      if len({self.rank_of(v) for v in s}) > 1)
 
     def owner(self, name: str) -> int:
-        """The stage whose copy of parameter ``name`` goes into a checkpoint."""
-        return min(self.holders[name])
+        """The rank whose copy of parameter ``name`` goes into a checkpoint."""
+        return self.rank_of(min(self.holders[name]))
 
-    def held(self, stage: int) -> set[str]:
-        return {n for n, s in self.holders.items() if stage in s}
+    def held(self, rank: int) -> set[str]:
+        """The parameters pipeline rank ``rank`` keeps (for any of its virtual stages)."""
+        return {n for n, s in self.holders.items() if any(self.rank_of(v) == rank for v in s)}
 
 
 def make_plan(trace: Trace, stage_of: list[int], stages: int,
-              all_params: list[str]) -> Plan:
-    """The plan for ``stage_of`` (non-decreasing, each of the ``stages`` stages non-empty)."""
+              all_params: list[str], ranks: int | None = None) -> Plan:
+    """The plan for ``stage_of`` (non-decreasing, each of the ``stages`` stages non-empty),
+    run by ``ranks`` pipeline ranks (default ``stages``; it must divide ``stages``)."""
     calls = trace.calls
     if len(stage_of) != len(calls) or sorted(set(stage_of)) != list(range(stages)) or \
             any(a > b for a, b in zip(stage_of, stage_of[1:], strict=False)):
@@ -76,4 +89,5 @@ def make_plan(trace: Trace, stage_of: list[int], stages: int,
         # every stage replays the code between units up to its own last call
         holders[name] |= {s for s in range(stages) if first[s + 1] >= position}
     return Plan(stages, list(stage_of), first, live, header_len,
-                {n: frozenset(s or {0}) for n, s in holders.items()})
+                {n: frozenset(s or {0}) for n, s in holders.items()},
+                stages if ranks is None else ranks)

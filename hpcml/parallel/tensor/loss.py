@@ -37,13 +37,16 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
     allgather per call: pass them, e.g. ``embed.vocab_start`` and ``embed.num_embeddings`` of a
     :class:`~hpcml.parallel.tensor.VocabParallelEmbedding`, in a training loop).
     ``reduction``: ``"mean"`` (over non-ignored targets), ``"sum"`` or ``"none"`` (shape of
-    ``target``)."""
+    ``target``). Computed in float32 for bfloat16/float16 logits, as ``F.cross_entropy`` is
+    under ``torch.autocast`` (mixed precision)."""
     if reduction not in ("mean", "sum", "none"):
         raise UsageError(f"reduction: {reduction!r} is not one of 'mean', 'sum', 'none'")
     local = logits.shape[-1]
     if vocab_start is None or vocab_size is None:
         vocab_start, vocab_size = vocab_range(local, comm)
     z = logits.reshape(-1, local)
+    if z.dtype in (torch.bfloat16, torch.float16):
+        z = z.float()
     t = target.reshape(-1)
     z = z - max_over(z.detach().max(dim=-1).values, comm).unsqueeze(-1)
     lse = reduce_from(z.exp().sum(dim=-1), comm).log()
