@@ -1,0 +1,79 @@
+"""``import hpcml.distributed``: torch.distributed on hpcml.comm, as a backend named ``"hpcml"``.
+
+Importing registers the backend (CPU tensors) and lets ``env://`` take rank, size and store
+from MPI when ``MASTER_ADDR`` is unset (:mod:`.rendezvous`), so under ``mpiexec``::
+
+    import torch.distributed as dist
+    import hpcml.distributed  # noqa: F401
+    dist.init_process_group("hpcml")
+
+needs no environment variables. Each process group is a :class:`ProcessGroupHpcml` on its own
+hpcml communicator (the world group on a duplicate of hpcml's world, ``new_group`` ranks on
+``MPI_Comm_create_group`` of it), so the ledger counts every byte torch moves and the watchdog
+ends a job whose collective hangs. :mod:`.group` holds the collectives, :mod:`.work` the
+``Work`` objects, :mod:`.ops` what MPI can reduce exactly (the rest is refused with one line).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+
+from hpcml.comm import Communicator, world
+from hpcml.distributed import rendezvous
+from hpcml.distributed.group import BACKEND, ProcessGroupHpcml
+
+__all__ = ["BACKEND", "ProcessGroupHpcml", "communicator", "monitored_barrier"]
+
+_TORCH_WORLD: Communicator | None = None
+
+
+def _torch_world() -> Communicator:
+    """The duplicate of hpcml's world that torch's groups live on (collective, once)."""
+    global _TORCH_WORLD
+    if _TORCH_WORLD is None:
+        _TORCH_WORLD = world().dup("torch")
+    return _TORCH_WORLD
+
+
+def _create(opts: Any, _pg_options: Any) -> ProcessGroupHpcml:
+    """torch's backend factory (extended API): called by every rank of a new group."""
+    base = _torch_world()
+    ranks = list(opts.global_ranks_in_group)
+    if not ranks or ranks == list(range(base.size)):
+        if opts.group_size != base.size or opts.group_rank != base.rank:
+            raise ValueError(f"hpcml backend: torch says rank {opts.group_rank} of "
+                             f"{opts.group_size} but MPI says rank {base.rank} of {base.size}; "
+                             "launch with mpiexec/srun and let hpcml set RANK and WORLD_SIZE")
+        comm = base if not ranks else base.create_group(ranks, f"torch.{opts.group_id}")
+    else:
+        comm = base.create_group(ranks, f"torch.{opts.group_id}")
+    return ProcessGroupHpcml(comm, opts.timeout)
+
+
+def communicator(group: dist.ProcessGroup | None = None) -> Communicator:
+    """The hpcml communicator under ``group`` (default: the world group), e.g. to read its
+    ledger. Raises ``ValueError`` when ``group`` does not run on the ``"hpcml"`` backend."""
+    pg = dist.distributed_c10d._get_default_group() if group is None else group
+    if not isinstance(pg, ProcessGroupHpcml):
+        raise ValueError(f"{pg!r} is not an hpcml process group; create it with "
+                         "init_process_group('hpcml') or new_group(backend='hpcml')")
+    return pg.comm
+
+
+def monitored_barrier(group: dist.ProcessGroup | None = None,
+                      timeout: timedelta | float | None = None,
+                      wait_all_ranks: bool = False) -> None:
+    """``dist.monitored_barrier`` for ``"hpcml"`` groups (torch's refuses every backend but
+    gloo before reaching the group): see :meth:`ProcessGroupHpcml.monitored_barrier`."""
+    pg = dist.distributed_c10d._get_default_group() if group is None else group
+    if not isinstance(pg, ProcessGroupHpcml):
+        raise ValueError(f"{pg!r} is not an hpcml process group; use dist.monitored_barrier")
+    pg.monitored_barrier(timeout, wait_all_ranks)
+
+
+if BACKEND not in dist.Backend.backend_list:
+    dist.Backend.register_backend(BACKEND, _create, extended_api=True, devices=["cpu"])
+rendezvous.install()
