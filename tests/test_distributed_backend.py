@@ -257,14 +257,14 @@ def check_ddp_against_gloo(n: int, r: int) -> None:
         for step in range(20):
             g = torch.Generator().manual_seed(step * 100 + r)
             x, y = torch.randn(3, 4, generator=g), torch.randn(3, 2, generator=g)
-            for model, opt in zip(models, opts):
+            for model, opt in zip(models, opts, strict=True):
                 opt.zero_grad()
                 if step % 4 == 3:  # accumulate one micro-batch without syncing
                     with model.no_sync():
                         nn.functional.mse_loss(model(x[:1]), y[:1]).backward()
                 nn.functional.mse_loss(model(x, find_unused and step % 2 == 1), y).backward()
                 opt.step()
-        for p, q in zip(models[0].parameters(), models[1].parameters()):
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
             assert (p - q).abs().max() <= 1e-6, (find_unused, (p - q).abs().max())
 
 
@@ -326,7 +326,7 @@ def full(p: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same(model: nn.Module, reference: nn.Module, what: str) -> None:
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         gap = (full(p.detach()) - q.detach()).abs().max().item()
         assert gap <= 1e-5, (what, name, gap)
 
@@ -400,7 +400,7 @@ def check_pipeline(n: int, r: int) -> None:
             want = nn.functional.mse_loss(whole(x), y)
             assert abs(torch.stack(losses).mean() - want) < 1e-6, schedule.__name__
         mine = reference[:2] if r == 0 else reference[2:]
-        for p, q in zip(part.parameters(), mine.parameters()):
+        for p, q in zip(part.parameters(), mine.parameters(), strict=True):
             assert (p.grad - q.grad).abs().max() <= 1e-6, schedule.__name__
     dist.barrier()
 

@@ -25,9 +25,10 @@ from hpcml.comm import Communicator, world
 from hpcml.distributed import rendezvous
 from hpcml.distributed.group import BACKEND, ProcessGroupHpcml
 
-__all__ = ["BACKEND", "ProcessGroupHpcml", "communicator", "monitored_barrier"]
+__all__ = ["BACKEND", "ProcessGroupHpcml", "communicator", "monitored_barrier", "world_group"]
 
 _TORCH_WORLD: Communicator | None = None
+_EVERY_RANK: ProcessGroupHpcml | None = None
 
 
 def _torch_world() -> Communicator:
@@ -51,6 +52,22 @@ def _create(opts: Any, _pg_options: Any) -> ProcessGroupHpcml:
     else:
         comm = base.create_group(ranks, f"torch.{opts.group_id}")
     return ProcessGroupHpcml(comm, opts.timeout)
+
+
+def world_group() -> ProcessGroupHpcml:
+    """An ``"hpcml"`` process group of every rank: the default group, initialised with
+    ``init_process_group("hpcml")`` when torch.distributed is not initialised yet; when it runs
+    on another backend (gloo), one ``new_group`` of every rank on ``"hpcml"``, made once.
+    Collective (every rank calls it, the first time at the same point)."""
+    global _EVERY_RANK
+    if not dist.is_initialized():
+        dist.init_process_group(BACKEND)
+    default = dist.distributed_c10d._get_default_group()
+    if isinstance(default, ProcessGroupHpcml):
+        return default
+    if _EVERY_RANK is None:
+        _EVERY_RANK = dist.new_group(backend=BACKEND)
+    return _EVERY_RANK
 
 
 def communicator(group: dist.ProcessGroup | None = None) -> Communicator:
