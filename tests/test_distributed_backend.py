@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
+import warnings
 from datetime import timedelta
 
 import torch
@@ -188,6 +189,12 @@ def check_groups_and_objects(n: int, r: int) -> None:
     box = [f"from {n - 1}"] if r == n - 1 else [None]
     dist.broadcast_object_list(box, src=n - 1)
     assert box == [f"from {n - 1}"]
+    outs = [[torch.empty(2), torch.empty(3)] for _ in range(n)]  # [rank][tensor]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in torch, still used
+        dist.all_gather_coalesced(outs, [torch.full((2,), float(r)), torch.full((3,), -1.0 * r)])
+    assert all(torch.equal(outs[k][0], torch.full((2,), float(k))) and
+               torch.equal(outs[k][1], torch.full((3,), -1.0 * k)) for k in range(n))
     evens = dist.new_group([k for k in range(n) if k % 2 == 0])
     if r % 2 == 0:
         t = torch.tensor([float(r)])

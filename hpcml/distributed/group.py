@@ -184,7 +184,9 @@ class ProcessGroupHpcml(dist.ProcessGroup):
 
     def allgather_coalesced(self, output_lists: list[list[torch.Tensor]],
                             inputs: list[torch.Tensor], opts: Any = None) -> HpcmlWork:
-        return self.allgather(output_lists, inputs, opts)
+        """``output_lists[r][i]`` receives rank r's ``inputs[i]`` (torch's coalesced form)."""
+        by_input = [[outputs[i] for outputs in output_lists] for i in range(len(inputs))]
+        return self.allgather(by_input, inputs, opts)
 
     def all_gather_single(self, output: torch.Tensor, input: torch.Tensor,  # noqa: A002
                           opts: Any = None) -> HpcmlWork:
