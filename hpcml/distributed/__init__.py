@@ -40,17 +40,16 @@ def _torch_world() -> Communicator:
 
 
 def _create(opts: Any, _pg_options: Any) -> ProcessGroupHpcml:
-    """torch's backend factory (extended API): called by every rank of a new group."""
+    """torch's backend factory (extended API), called by every member of a new group: the
+    world group runs on the torch world communicator itself, any other group (its members as
+    torch world ranks, which are MPI world ranks) on a new communicator of its members."""
     base = _torch_world()
     ranks = list(opts.global_ranks_in_group)
-    if not ranks or ranks == list(range(base.size)):
-        if opts.group_size != base.size or opts.group_rank != base.rank:
-            raise ValueError(f"hpcml backend: torch says rank {opts.group_rank} of "
-                             f"{opts.group_size} but MPI says rank {base.rank} of {base.size}; "
-                             "launch with mpiexec/srun and let hpcml set RANK and WORLD_SIZE")
-        comm = base if not ranks else base.create_group(ranks, f"torch.{opts.group_id}")
-    else:
-        comm = base.create_group(ranks, f"torch.{opts.group_id}")
+    comm = base.create_group(ranks, f"torch.{opts.group_id}") if ranks else base
+    if (comm.rank, comm.size) != (opts.group_rank, opts.group_size):
+        raise ValueError(f"hpcml backend: torch says rank {opts.group_rank} of "
+                         f"{opts.group_size} but MPI says rank {comm.rank} of {comm.size}; "
+                         "launch with mpiexec/srun and let hpcml set RANK and WORLD_SIZE")
     return ProcessGroupHpcml(comm, opts.timeout)
 
 
