@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import operator
+import sys
 import warnings
 from datetime import timedelta
 
@@ -24,7 +25,7 @@ from torch import nn
 
 import hpcml.distributed as hd
 from hpcml.distributed.ops import cpu
-from hpcml.testing import mpi_test
+from hpcml.testing import launch, mpi_test
 
 R = dist.ReduceOp
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -427,3 +428,26 @@ def test_distributed_backend(comm) -> None:
     check_fsdp2_and_tensor_parallel(n, r)
     check_pipeline(n, r)
     dist.destroy_process_group()
+
+
+ABORTS = """
+import torch
+import torch.distributed as dist
+import hpcml.distributed
+dist.init_process_group("hpcml")
+if dist.get_rank() == 1:
+    raise RuntimeError("boom on rank 1")
+dist.all_reduce(torch.ones(1))  # rank 0 would wait here for ever
+print("unreachable")
+"""
+
+
+def test_uncaught_exception_ends_the_job(tmp_path) -> None:
+    """A plain script (no hpcml wrapper): rank 1 raises while rank 0 waits in an allreduce; the
+    job ends at once with rank 1's traceback instead of hanging."""
+    script = tmp_path / "aborts.py"
+    script.write_text(ABORTS)
+    res = launch(2, [sys.executable, str(script)], timeout=120)
+    assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+    assert "hpcml: rank 1 of 2 failed; aborting the job." in res.stderr, res.stderr[-3000:]
+    assert "RuntimeError: boom on rank 1" in res.stderr and "unreachable" not in res.stdout

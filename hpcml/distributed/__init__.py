@@ -9,19 +9,22 @@ from MPI when ``MASTER_ADDR`` is unset (:mod:`.rendezvous`), so under ``mpiexec`
 
 needs no environment variables. Each process group is a :class:`ProcessGroupHpcml` on its own
 hpcml communicator (the world group on a duplicate of hpcml's world, ``new_group`` ranks on
-``MPI_Comm_create_group`` of it), so the ledger counts every byte torch moves and the watchdog
-ends a job whose collective hangs. :mod:`.group` holds the collectives, :mod:`.work` the
-``Work`` objects, :mod:`.ops` what MPI can reduce exactly (the rest is refused with one line).
+``MPI_Comm_create_group`` of it), so the ledger counts every byte torch moves, the watchdog
+ends a job whose collective hangs, and an uncaught exception on one rank ends the whole job.
+:mod:`.group` holds the collectives, :mod:`.work` the ``Work`` objects, :mod:`.ops` what MPI can
+reduce exactly (the rest is refused with one line).
 """
 
 from __future__ import annotations
 
+import sys
 from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
 
 from hpcml.comm import Communicator, world
+from hpcml.comm.abort import report_and_abort
 from hpcml.distributed import rendezvous
 from hpcml.distributed.group import BACKEND, ProcessGroupHpcml
 
@@ -32,11 +35,22 @@ _EVERY_RANK: ProcessGroupHpcml | None = None
 
 
 def _torch_world() -> Communicator:
-    """The duplicate of hpcml's world that torch's groups live on (collective, once)."""
+    """The duplicate of hpcml's world that torch's groups live on (collective, once). From then
+    on an uncaught exception on one rank ends the whole job (:func:`_abort_hook`)."""
     global _TORCH_WORLD
     if _TORCH_WORLD is None:
         _TORCH_WORLD = world().dup("torch")
+        sys.excepthook = _abort_hook
     return _TORCH_WORLD
+
+
+def _abort_hook(_type: type, exc: BaseException, _tb: Any) -> None:
+    """hpcml's abort-on-error for a plain script: print the traceback and ``MPI_Abort`` the job,
+    so the other ranks do not wait forever in a collective. torch's ``init_process_group`` wraps
+    this hook to prefix the lines with the rank through a captured ``sys.stderr``, which would
+    never be printed (the job ends first): write to the real stderr instead."""
+    sys.stderr = sys.__stderr__
+    report_and_abort(exc)
 
 
 def _create(opts: Any, _pg_options: Any) -> ProcessGroupHpcml:
