@@ -123,6 +123,10 @@ def test_bench_collectives_writes_a_complete_run_directory(tmp_path, nranks):
     assert len(ops) == (6 if nranks == 1 else 10) and all(r["ratio"] > 0 for r in summary["rows"])
     bound = {r["op"] for r in summary["rows"] if r["hpcml_persistent_us"] is not None}
     assert bound == ({"Allreduce"} if nranks == 1 else {"Allreduce", "SendRecv"})
+    # torch buffers also take the torch.distributed path on the "hpcml" backend
+    paths = {(r["buffer"], r["torch_us"] is not None and (r["ratio_torch"] or 0) > 0)
+             for r in summary["rows"]}
+    assert paths == {("torch", True), ("numpy", False)}
     assert all(r["ratio_persistent"] > 0 and r["raw_persistent_us"] > 0
                for r in summary["rows"] if r["op"] in bound)
     env = json.loads((run / "env.json").read_text())

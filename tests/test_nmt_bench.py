@@ -1,4 +1,5 @@
-"""``hpcml bench reduction`` end to end on 2 ranks with a tiny model: rows for every method,
+"""``hpcml bench reduction`` end to end on 2 ranks with a tiny model: rows for every method
+(DDP over gloo and over "hpcml" moving the same bytes),
 the memory facts the paper predicts, accumulation over runs, and bad input exits 2."""
 
 import json
@@ -32,10 +33,13 @@ def test_bench_reduction_two_ranks(tmp_path, corpus):
     assert res.returncode == 0, res.stderr
     rows = {r["method"]: r for r in map(json.loads, (tmp_path / "rows.jsonl").read_text()
                                         .splitlines())}
-    assert {"sparse_allgather", "dense_allreduce", "ddp"} <= set(rows)
+    assert {"sparse_allgather", "dense_allreduce", "ddp", "ddp_hpcml"} <= set(rows)
     assert all(r["P"] == 2 and r["step_ms"] > 0 for r in rows.values())
     dense, sparse = rows["dense_allreduce"], rows["sparse_allgather"]
     assert dense["exchange_peak_bytes"] == rows["ddp"]["exchange_peak_bytes"]  # model size
+    # DDP over "hpcml": the same buckets, and the ledger counts exactly what gloo's would move
+    for key in ("exchange_peak_bytes", "recv_bytes_per_step"):
+        assert rows["ddp_hpcml"][key] == rows["ddp"][key], key
     assert sparse["exchange_peak_bytes"] > dense["exchange_peak_bytes"]
     assert sparse["recv_KiB_per_step"] > dense["recv_KiB_per_step"]
     if "horovod" not in rows:

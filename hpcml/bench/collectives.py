@@ -1,4 +1,5 @@
-"""``hpcml bench collectives``: hpcml.comm against raw mpi4py on the same buffers, same run.
+"""``hpcml bench collectives``: hpcml.comm against raw mpi4py on the same buffers, same run,
+and for torch buffers torch.distributed on the ``"hpcml"`` backend (:mod:`hpcml.distributed`).
 
 For each operation and message size the paths take turns call by call, each going first equally
 often (so drift in machine load and cache warmth hit all alike); each rank takes the median time
@@ -10,6 +11,12 @@ tensor itself goes through DLPack: ~8 µs more per 4 KiB Allreduce here), so ``r
 speed / this peer's) is the strict comparison. Programs whose tensors are new every step
 (activations, gradients) have to make the view in every call; for torch buffers that third path
 is timed too (``raw_view_us``, ``ratio_view``), as context, never as the goal's peer.
+
+For torch buffers a fourth path is torch.distributed over ``"hpcml"`` (``torch_us``):
+``all_reduce`` (in place on the output buffer), ``all_gather_single``, ``reduce_scatter_single``,
+``send``/``recv`` and ``isend``/``irecv`` + ``wait``, each starting hpcml's non-blocking form
+and waiting on it; ``ratio_torch`` is its speed / raw mpi4py's, ``torch_vs_hpcml`` its speed /
+hpcml.comm's (the cost of torch's Python layer and the Work object).
 
 Allreduce and SendRecv are also timed as bound (persistent) operations, the buffers bound once
 and each call a start and a wait: hpcml's ``Allreduce_init`` / ``Send_init`` / ``Recv_init``
@@ -112,7 +119,7 @@ def _calls(comm: Communicator, op: str, send: Any,
     if op in PING_PONGS:
         peer = comm.rank ^ 1
         if peer >= comm.size:  # an odd last rank idles
-            names = ["hpcml", "raw"] + ["raw_view"] * is_tensor + [
+            names = ["hpcml", "raw"] + ["raw_view", "torch"] * is_tensor + [
                 "hpcml_persistent", "raw_persistent"] * (op in PERSISTENT_OPS)
             return {name: lambda: None for name in names}, frees
         if op == "SendRecv":
@@ -130,6 +137,8 @@ def _calls(comm: Communicator, op: str, send: Any,
                                  lambda: mpi.Irecv(recv.numpy(), peer, 0).Wait())}
         paths = {name: _ping_pong(comm, *pair) for name, pair in ends.items()
                  if name != "raw_view" or is_tensor}
+        if is_tensor:
+            paths.update(_torch_calls(comm, op, send, recv))
         if op not in PERSISTENT_OPS:
             return paths, frees
         hp_send, hp_recv = comm.Send_init(send, peer, 1), comm.Recv_init(recv, peer, 1)
@@ -145,6 +154,7 @@ def _calls(comm: Communicator, op: str, send: Any,
     paths = {"hpcml": lambda: hp(send, recv), "raw": lambda: call(raw_send, raw_recv)}
     if is_tensor:
         paths["raw_view"] = lambda: call(send.numpy(), recv.numpy())
+        paths.update(_torch_calls(comm, op, send, recv))
     if op in PERSISTENT_OPS:
         hp_bound = comm.Allreduce_init(send, recv)
         raw_bound = mpi.Allreduce_init(raw_send, raw_recv)
@@ -152,6 +162,28 @@ def _calls(comm: Communicator, op: str, send: Any,
         paths["raw_persistent"] = lambda: (raw_bound.Start(), raw_bound.Wait())
         frees = [hp_bound.free, raw_bound.Free]
     return paths, frees
+
+
+def _torch_calls(comm: Communicator, op: str, send: Any, recv: Any) -> dict[str, Any]:
+    """The ``torch`` path: torch.distributed on the ``"hpcml"`` world group (made by
+    :func:`run` before any path), on the same tensors."""
+    import torch.distributed as dist
+
+    from hpcml.distributed import world_group
+
+    g = world_group()
+    if op == "SendRecv":
+        peer = comm.rank ^ 1
+        return {"torch": _ping_pong(comm, lambda: dist.send(send, peer, group=g),
+                                    lambda: dist.recv(recv, peer, group=g))}
+    if op == "IsendIrecv":
+        peer = comm.rank ^ 1
+        return {"torch": _ping_pong(comm, lambda: dist.isend(send, peer, group=g).wait(),
+                                    lambda: dist.irecv(recv, peer, group=g).wait())}
+    return {"torch": {"Allreduce": lambda: dist.all_reduce(recv, group=g),
+                      "Allgather": lambda: dist.all_gather_single(recv, send, group=g),
+                      "Reduce_scatter": lambda: dist.reduce_scatter_single(recv, send, group=g),
+                      }[op]}
 
 
 def _views(*bufs: Any) -> list[Any]:
@@ -196,6 +228,10 @@ def _memcpy_seconds(nbytes: int, calls: int) -> float:
 def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
     comm, p = ctx.comm, ctx.comm.size
     rows = []
+    if "torch" in cfg.buffers:
+        from hpcml.distributed import world_group
+
+        world_group()  # collective: made once, before the first path
     for op in cfg.ops:
         if op in PING_PONGS and p < 2:
             ctx.log(f"  {op:<15} skipped: a ping-pong needs 2 ranks")
@@ -211,6 +247,7 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
                     free()
                 t_hp, t_raw, bus = t["hpcml"], t["raw"], BUS_FACTOR[op](p)
                 t_php, t_praw = t.get("hpcml_persistent"), t.get("raw_persistent")
+                t_torch = t.get("torch")
                 rows.append({
                     "op": op, "buffer": kind, "bytes": nbytes, "size": human_bytes(nbytes),
                     "calls": calls, "hpcml_us": t_hp * 1e6, "raw_us": t_raw * 1e6,
@@ -220,6 +257,9 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
                     "ratio": t_raw / t_hp,
                     "raw_view_us": t["raw_view"] * 1e6 if "raw_view" in t else None,
                     "ratio_view": t["raw_view"] / t_hp if "raw_view" in t else None,
+                    "torch_us": t_torch * 1e6 if t_torch else None,
+                    "ratio_torch": t_raw / t_torch if t_torch else None,
+                    "torch_vs_hpcml": t_hp / t_torch if t_torch else None,
                     "hpcml_persistent_us": t_php * 1e6 if t_php else None,
                     "raw_persistent_us": t_praw * 1e6 if t_praw else None,
                     "ratio_persistent": t_praw / t_php if t_php else None,
@@ -239,6 +279,9 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
             ("raw_busbw_GBs", "raw busbw GB/s", ".3f"), ("ratio", "hpcml/raw", ".3f"),
             ("raw_view_us", "raw, t.numpy() per call µs", ".1f"),
             ("ratio_view", "hpcml/that", ".3f"),
+            ("torch_us", "torch.distributed on hpcml µs", ".1f"),
+            ("ratio_torch", "torch.distributed/raw", ".3f"),
+            ("torch_vs_hpcml", "torch.distributed/hpcml", ".3f"),
             ("hpcml_persistent_us", "hpcml bound µs", ".1f"),
             ("raw_persistent_us", "raw bound µs", ".1f"),
             ("ratio_persistent", "bound hpcml/raw", ".3f"),

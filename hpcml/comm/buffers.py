@@ -20,7 +20,10 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD,
+              # bitwise (integer buffers) and logical (bool buffers) reductions
+              "band": MPI.BAND, "bor": MPI.BOR, "bxor": MPI.BXOR,
+              "land": MPI.LAND, "lor": MPI.LOR, "lxor": MPI.LXOR}
 _from_address = MPI.buffer.fromaddress
 _NDARRAY = np.ndarray
 

@@ -133,6 +133,103 @@ class Communicator:
         return Request(self.mpi.Iallreduce(IN_PLACE, spec, reduce_op(op)),
                        self._entry("Iallreduce"), nbytes, nbytes, itemsize, back, (buf, spec))
 
+    def _start(self, op: str, req: MPI.Request, sent: int, received: int, itemsize: int,
+               back: Callable[[], None] | None, keep: tuple[Any, ...]) -> Request:
+        """A started non-blocking collective as a :class:`Request` completing into ``op``."""
+        return Request(req, self._entry(op), sent, received, itemsize, back, keep)
+
+    def Ireduce(self, buf: Any, root: int = 0, op: str = "sum") -> Request:
+        """Start a reduction of every rank's ``buf`` into ``root``'s ``buf`` (in place there;
+        other ranks' ``buf`` is only read). Collective, non-blocking."""
+        spec, nbytes, itemsize, back = message(buf, True)
+        mop = reduce_op(op)
+        if self.rank == root:
+            return self._start("Ireduce", self.mpi.Ireduce(IN_PLACE, spec, mop, root), nbytes,
+                               nbytes, itemsize, back, (buf, spec))
+        return self._start("Ireduce", self.mpi.Ireduce(spec, None, mop, root), nbytes, 0,
+                           itemsize, None, (buf, spec))
+
+    def Ireduce_scatter(self, send: Any, recv: Any, counts: Sequence[int] | None = None,
+                        op: str = "sum") -> Request:
+        """Start ``Reduce_scatter`` (same contract); ``recv`` holds block ``rank`` after
+        ``wait()``. Collective, non-blocking."""
+        src, sent, itemsize, _ = message(send, True)
+        dst, received, _, back = message(recv, True)
+        mop = reduce_op(op)
+        if counts is None:
+            self._check_count("Ireduce_scatter", sent // itemsize, received // itemsize,
+                              self.size)
+            req = self.mpi.Ireduce_scatter_block(src, dst, mop)
+        else:
+            counts = self._check_counts("Ireduce_scatter", counts, sent // itemsize)
+            req = self.mpi.Ireduce_scatter(src, dst, counts, mop)
+        return self._start("Ireduce_scatter", req, sent, received, itemsize, back,
+                           (send, src, recv, dst))
+
+    def Ibcast(self, buf: Any, root: int = 0) -> Request:
+        """Start broadcasting ``root``'s ``buf`` into every rank's ``buf``. Collective,
+        non-blocking."""
+        spec, nbytes, itemsize, back = message(buf)
+        is_root = self.rank == root
+        return self._start("Ibcast", self.mpi.Ibcast(spec, root), nbytes if is_root else 0,
+                           0 if is_root else nbytes, itemsize, None if is_root else back,
+                           (buf, spec))
+
+    def Iallgather(self, send: Any, recv: Any) -> Request:
+        """Start ``Allgather``; ``send=None`` means this rank's block already sits at block
+        ``rank`` of ``recv`` (MPI_IN_PLACE). Collective, non-blocking."""
+        dst, received, itemsize, back = message(recv)
+        if send is None:
+            src, sent = IN_PLACE, received // self.size
+        else:
+            src, sent, send_itemsize, _ = message(send)
+            self._check_count("Iallgather", received // itemsize, sent // send_itemsize,
+                              self.size)
+        return self._start("Iallgather", self.mpi.Iallgather(src, dst), sent, received,
+                           itemsize, back, (send, src, recv, dst))
+
+    def Igather(self, send: Any, recv: Any, root: int = 0) -> Request:
+        """Start gathering every rank's ``send`` (same size everywhere) into ``root``'s ``recv``
+        in rank order (``recv`` is ignored elsewhere). Collective, non-blocking."""
+        src, sent, itemsize, _ = message(send)
+        if self.rank != root:
+            return self._start("Igather", self.mpi.Igather(src, None, root), sent, 0, itemsize,
+                               None, (send, src))
+        dst, received, recv_itemsize, back = message(recv)
+        self._check_count("Igather", received // recv_itemsize, sent // itemsize, self.size)
+        return self._start("Igather", self.mpi.Igather(src, dst, root), sent, received,
+                           itemsize, back, (send, src, recv, dst))
+
+    def Iscatter(self, send: Any, recv: Any, root: int = 0) -> Request:
+        """Start scattering ``root``'s ``send`` (``size`` equal blocks, ignored elsewhere): block
+        r lands in rank r's ``recv``. Collective, non-blocking."""
+        dst, received, itemsize, back = message(recv)
+        if self.rank != root:
+            return self._start("Iscatter", self.mpi.Iscatter(None, dst, root), 0, received,
+                               itemsize, back, (recv, dst))
+        src, sent, send_itemsize, _ = message(send)
+        self._check_count("Iscatter", sent // send_itemsize, received // itemsize, self.size)
+        return self._start("Iscatter", self.mpi.Iscatter(src, dst, root), sent, received,
+                           itemsize, back, (send, src, recv, dst))
+
+    def Ialltoallv(self, send: Any, recv: Any, send_counts: Sequence[int],
+                   recv_counts: Sequence[int]) -> Request:
+        """Start ``Alltoallv`` (same contract: per-destination and per-source element counts,
+        blocks packed in rank order). Collective, non-blocking."""
+        src, dst = stage(send), stage(recv)
+        sc = self._check_counts("Ialltoallv", send_counts, src.size)
+        rc = self._check_counts("Ialltoallv", recv_counts, dst.size)
+        sd = np.concatenate([[0], np.cumsum(sc)[:-1]]).tolist()
+        rd = np.concatenate([[0], np.cumsum(rc)[:-1]]).tolist()
+        req = self.mpi.Ialltoallv(src.vector(sc, sd), dst.vector(rc, rd))
+        return self._start("Ialltoallv", req, src.nbytes, dst.nbytes, dst.itemsize,
+                           dst.write_back, (src, dst))
+
+    def Ibarrier(self) -> Request:
+        """Start a barrier; it completes once every rank has started it. Collective,
+        non-blocking."""
+        return self._start("Ibarrier", self.mpi.Ibarrier(), 0, 0, 1, None, ())
+
     def Allreduce_init(self, buf: Any, out: Any = None, op: str = "sum") -> Persistent:
         """Collective: bind an allreduce of ``buf`` (in place when ``out`` is None, else into
         ``out``) to be started many times (MPI_Allreduce_init; see
@@ -357,6 +454,21 @@ class Communicator:
         sub = self._watched("Split", lambda: self.mpi.Split(color,
                                                             self.rank if key is None else key))
         return self._derive(sub, name or f"{self.name}.split{color}")
+
+    def dup(self, name: str) -> Communicator:
+        """Collective: a duplicate of this communicator (same ranks, its own message space)
+        recording in the ledger under ``name``."""
+        return self._derive(self._watched("Dup", self.mpi.Dup), name)
+
+    def create_group(self, ranks: Sequence[int], name: str) -> Communicator:
+        """Collective over ``ranks`` only (ranks of this communicator; the others do not call
+        it): a communicator of those ranks, ordered as listed (MPI_Comm_create_group)."""
+        group = self.mpi.Get_group().Incl(list(ranks))
+        try:
+            sub = self._watched("Create_group", lambda: self.mpi.Create_group(group))
+        finally:
+            group.Free()
+        return self._derive(sub, name)
 
     def split_shared(self) -> Communicator:
         """Collective: the ranks that share this node's memory."""

@@ -284,3 +284,9 @@ def set_timeout(key: float) -> float:
     if _WATCHDOG is not None:
         _WATCHDOG.timeout = timeout
     return timeout
+
+
+def current_timeout() -> float:
+    """The timeout in force on this rank (seconds; 0: off): the running watchdog's, else the
+    one :func:`start` would use. Not collective."""
+    return _WATCHDOG.timeout if _WATCHDOG is not None else effective_timeout(DEFAULT_TIMEOUT)

@@ -16,7 +16,9 @@ resident memory per rank is each method's own:
   bytes of the exchange (taken around ``optimizer.step()``, where every request completes);
 - ``ddp``: torch DDP over gloo on the all-dense model; memory = its reducer's bucket sizes; its
   traffic is not in the ledger and is given by the ledger's convention for an allreduce of those
-  buckets (received = bucket bytes);
+  buckets (received = bucket bytes); ``ddp_hpcml``: the same DDP over the ``"hpcml"``
+  torch.distributed backend (:mod:`hpcml.distributed`), its bytes the ledger's own count of
+  its gradient allreduces;
 - ``horovod`` / ``horovod_sparse``: Horovod with ``sparse_as_dense=True`` / ``False`` on the
   sparse-gradient model, when ``horovod.torch`` imports (``make horovod``); otherwise skipped
   with the reason. Horovod reports neither buffers nor bytes: compare its peak RSS.
@@ -69,7 +71,7 @@ from hpcml.parallel import (
 from hpcml.report.scaling import fit_bench
 
 HOROVOD = {"horovod": True, "horovod_sparse": False}  # method -> sparse_as_dense
-METHODS = (*REDUCTIONS, "ddp", *HOROVOD)
+METHODS = (*REDUCTIONS, *peers.DDP_BACKENDS, *HOROVOD)
 
 
 @dataclasses.dataclass
@@ -140,7 +142,7 @@ class _Runner:
 def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _Runner:
     """Model (same seed for every method), optimizer and exchange of ``method``. Collective."""
     comm, bucket = ctx.comm, cfg.bucket_kib * 1024
-    model = _model(cfg, vocab, sparse=method != "ddp")
+    model = _model(cfg, vocab, sparse=method not in peers.DDP_BACKENDS)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-9)
     broadcast_parameters(model, comm)
     broadcast_optimizer_state(optimizer, comm)
@@ -160,12 +162,18 @@ def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _R
         dist.register_step_post_hook(post)
         runner.close = dist.reducer.remove_hooks
         return runner
-    if method == "ddp":
-        net = peers.ddp(comm, model, bucket)
+    if method in peers.DDP_BACKENDS:
+        net = peers.ddp(comm, model, bucket, peers.DDP_BACKENDS[method])
         runner = _Runner(method, net, optimizer, lambda: peers.ddp_bucket_bytes(net))
+        seen = [peers.torch_allreduce_bytes(comm)]
 
         def counted() -> None:
-            runner.exchanged += peers.ddp_bucket_bytes(net) or 0
+            if method == "ddp":
+                runner.exchanged += peers.ddp_bucket_bytes(net) or 0
+            else:  # the ledger's count of this step's gradient allreduces
+                now = peers.torch_allreduce_bytes(comm)
+                runner.exchanged += now - seen[0]
+                seen[0] = now
 
         runner.after_step = counted
         return runner

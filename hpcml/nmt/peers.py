@@ -4,7 +4,8 @@
   from the hpcml communicator and a TCP rendezvous on rank 0 (127.0.0.1 when all ranks share a
   node, else rank 0's host name) at a free port that rank 0 picks and broadcasts. DDP gets the
   all-dense model (``sparse=False``): its buckets are allreduced during backward, the dense
-  path of the paper.
+  path of the paper. ``ddp_hpcml`` is the same DDP on a group of every rank on the ``"hpcml"``
+  backend (:mod:`hpcml.distributed`), beside gloo's default group.
 - Horovod (``hvd.DistributedOptimizer``) with ``sparse_as_dense=True`` (the paper's fix) or
   ``False`` (Horovod's allgather of sparse gradients), only where ``horovod.torch`` imports
   (``make horovod``); :func:`horovod_unavailable` says why not otherwise.
@@ -39,10 +40,29 @@ def init_gloo(comm: Communicator) -> None:
                             rank=comm.rank, world_size=comm.size)
 
 
-def ddp(comm: Communicator, model: nn.Module, bucket_bytes: int) -> nn.Module:
-    """``model`` wrapped in DistributedDataParallel (gloo). Collective."""
+DDP_BACKENDS = {"ddp": "gloo", "ddp_hpcml": "hpcml"}  # bench method -> torch backend
+
+
+def ddp(comm: Communicator, model: nn.Module, bucket_bytes: int,
+        backend: str = "gloo") -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel over ``backend`` ("gloo": the default
+    group; "hpcml": :func:`hpcml.distributed.world_group`). Collective."""
     init_gloo(comm)
-    return nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_bytes / 2**20)
+    group = None
+    if backend == "hpcml":
+        import hpcml.distributed
+
+        group = hpcml.distributed.world_group()
+    return nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_bytes / 2**20,
+                                               process_group=group)
+
+
+def torch_allreduce_bytes(comm: Communicator) -> int:
+    """Bytes the ledger counts as received by the allreduces of torch.distributed's ``"hpcml"``
+    groups: DDP's gradient exchange (not its per-step broadcast of module buffers, which the
+    ``ddp`` row's convention leaves out too)."""
+    return sum(v["bytes_received"] for k, v in comm.ledger.totals().items()
+               if k.startswith("torch.") and k.endswith("Iallreduce"))
 
 
 def ddp_bucket_bytes(model: nn.Module) -> int | None:
