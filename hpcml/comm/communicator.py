@@ -172,6 +172,17 @@ class Communicator:
             back()
         return recv
 
+    def Ireduce_scatter(self, send: Any, recv: Any, op: str = "sum") -> Request:
+        """Start a reduce-scatter of equal blocks (``send`` holds ``size`` blocks of ``recv``'s
+        length); block ``rank`` of the reduction is in ``recv`` after ``wait()``. ``send`` must
+        stay untouched until then."""
+        src, sent, itemsize, _ = message(send, True)
+        dst, received, _, back = message(recv, True)
+        self._check_count("Ireduce_scatter", sent // itemsize, received // itemsize, self.size)
+        return Request(self.mpi.Ireduce_scatter_block(src, dst, reduce_op(op)),
+                       self._entry("Ireduce_scatter"), sent, received, itemsize, back,
+                       (send, recv, src, dst))
+
     # -- data movement ---------------------------------------------------------------------------
     def Bcast(self, buf: Any, root: int = 0) -> Any:
         """Broadcast ``buf`` from ``root`` into every rank's ``buf``; returns ``buf``."""
@@ -192,6 +203,15 @@ class Communicator:
         if back is not None:
             back()
         return recv
+
+    def Iallgather(self, send: Any, recv: Any) -> Request:
+        """Start an ``Allgather``: every rank's ``send`` in rank order in ``recv`` after
+        ``wait()``."""
+        src, sent, itemsize, _ = message(send)
+        dst, received, recv_itemsize, back = message(recv)
+        self._check_count("Iallgather", received // recv_itemsize, sent // itemsize, self.size)
+        return Request(self.mpi.Iallgather(src, dst), self._entry("Iallgather"), sent, received,
+                       recv_itemsize, back, (send, recv, src, dst))
 
     def Allgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Any:
         """Like ``Allgather`` with rank r contributing ``counts[r]`` elements."""
