@@ -58,6 +58,7 @@ from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
 from hpcml.nmt.vocab import PAD
+from hpcml.parallel.clip import clip_grad_norm_
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline import PipelineModel, step
 from hpcml.parallel.pipeline_schedule import theoretical_bubble
@@ -73,6 +74,8 @@ class Layout:
     schedule: str = "1f1b"
     recompute: bool = False  # activation checkpointing of every stage
     zero: bool = False  # optimizer state sharded over the data group (ZeRO-1)
+    stage: int = 1  # with zero: ZeRO stage (2: gradients sharded too, 3: parameters too)
+    clip: float = 0.0  # > 0: global gradient clipping to this norm before every step
 
     @property
     def ranks(self) -> int:
@@ -99,6 +102,12 @@ LAYOUTS: dict[str, Layout] = {
     "pp2xtp2-gpipe": Layout(pipeline=2, tensor=2, schedule="gpipe"),
     "pp2-zero1": Layout(pipeline=2, zero=True),
     "dp2xpp2-zero1": Layout(data=2, pipeline=2, zero=True),
+    "dp2-zero2": Layout(data=2, zero=True, stage=2),
+    "dp4-zero3": Layout(data=4, zero=True, stage=3),
+    "dp2xtp2-zero3": Layout(data=2, tensor=2, zero=True, stage=3),
+    "dp2xpp2-zero2": Layout(data=2, pipeline=2, zero=True, stage=2),
+    "dp2xpp2-zero3": Layout(data=2, pipeline=2, zero=True, stage=3),
+    "dp2-zero3-clip": Layout(data=2, zero=True, stage=3, clip=0.25),
 }
 
 MODELS: dict[str, dict[str, int]] = {
@@ -212,7 +221,14 @@ def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
                            checkpoint_modules=cfg.checkpoint_modules,
                            data_reduction="optimizer" if layout.zero else "allreduce")
     if layout.zero:
-        optimizer = ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, lr=cfg.lr)
+        # ZeRO-3 units: the encoder and decoder layers (the embedding, read again by the tied
+        # output projection, stays gathered); pipelined, the pipeline's units (the default)
+        units = [f"{part}.layers.{i}" for part in ("encoder", "decoder")
+                 for i in range(MODELS[name]["layers"])] \
+            if layout.stage == 3 and layout.pipeline == 1 else None
+        optimizer = ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data,
+                                     stage=layout.stage, units=units,
+                                     pipeline=pmodel if layout.stage > 1 else None, lr=cfg.lr)
     else:
         optimizer = torch.optim.Adam(pmodel.parameters(), lr=cfg.lr)
     return mesh, pmodel, optimizer
@@ -223,10 +239,7 @@ def _state_bytes(optimizer: Any) -> tuple[int, int]:
     live in its flat gradient buffer): this rank's reduced shard and its Allgather send buffer;
     0 for a plain optimizer."""
     if isinstance(optimizer, ShardedOptimizer):
-        buffers = [b for b in (optimizer.grad_shard, optimizer.send)
-                   if b.untyped_storage().data_ptr() !=
-                   optimizer.grad_flat.untyped_storage().data_ptr()]
-        return optimizer.state_bytes(), sum(b.numel() * b.element_size() for b in buffers)
+        return optimizer.state_bytes(), optimizer.buffer_bytes()
     return sum(t.numel() * t.element_size() for s in optimizer.state.values()
                for t in s.values() if isinstance(t, torch.Tensor)), 0
 
@@ -241,15 +254,8 @@ def _reduced_grads(mesh: Mesh, pmodel: PipelineModel, optimizer: Any,
     grads = {n: p.grad for n, p in named if p.grad is not None}
     if isinstance(optimizer, ShardedOptimizer):
         names = {id(p): n for n, p in named}
-        flat = torch.zeros(optimizer.numel)
-        lo = mesh.data.rank * optimizer.shard_numel
-        for i, piece, rows in optimizer.pieces:
-            if piece.grad is not None:
-                _, off = optimizer.offsets[i]
-                flat[rows.start + lo:rows.stop + lo].copy_(piece.grad)
-        flat = mesh.data.Allreduce(flat)
-        grads = {names[id(p)]: flat[off:off + p.numel()].view_as(p)
-                 for p, off in optimizer.offsets}
+        grads = {names[id(p)]: g for (p, _), g in
+                 zip(optimizer.offsets, optimizer.unshard(optimizer.grad_shard), strict=True)}
     return pmodel.gather_full(grads)
 
 
@@ -274,9 +280,16 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
     if layout.pipeline > 1:
         ctx.log(f"\n{name} / {layout_name}: partition\n{pmodel.partition_table()}")
     loss, _ = _local_step(cfg, mesh, pmodel, optimizer, 0)
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters())
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters()
+                     if p.grad is not None)  # ZeRO-2/3: freed, the shard is a ZeRO buffer
+    if layout.clip:
+        clip_grad_norm_(optimizer, layout.clip, pipeline=pmodel)
     optimizer.step()
     ref_loss, ref_grads = reference
+    if layout.clip:
+        norm = torch.nn.utils.get_total_norm(list(ref_grads.values()))  # torch's clipping
+        coef = torch.clamp(layout.clip / (norm + 1e-6), max=1.0)
+        ref_grads = {n: g * coef for n, g in ref_grads.items()}
     abs_diff = rel_diff = 0.0
     full = _reduced_grads(mesh, pmodel, optimizer)
     if full is not None:
@@ -292,6 +305,8 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
         comm.barrier()
         start = time.perf_counter()
         _, n = _local_step(cfg, mesh, pmodel, optimizer, i)
+        if layout.clip:
+            clip_grad_norm_(optimizer, layout.clip, pipeline=pmodel)
         optimizer.step()
         if i > cfg.warmup:
             times.append(time.perf_counter() - start)
@@ -301,7 +316,8 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
     if layout.pipeline > 1:
         table = pmodel.stage_table()
         ctx.log(f"{name} / {layout_name}: last step per stage\n{table}")
-    param_bytes = sum(p.numel() * p.element_size() for p in pmodel.parameters())
+    param_bytes = optimizer.param_bytes() if isinstance(optimizer, ShardedOptimizer) else \
+        sum(p.numel() * p.element_size() for p in pmodel.parameters())
     state_bytes, zero_bytes = _state_bytes(optimizer)
     mine = {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_bytes": state_bytes,
             "activation_bytes": max(peaks), "exchange_bytes": pmodel.exchange_bytes + zero_bytes}

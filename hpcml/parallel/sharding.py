@@ -69,7 +69,13 @@ from torch import nn
 from hpcml.comm import Communicator
 from hpcml.errors import UsageError
 from hpcml.parallel.buckets import plan_buckets
-from hpcml.parallel.zero import ParameterGather, ShardReducer, Unit, module_units
+from hpcml.parallel.zero import (
+    ParameterGather,
+    ShardReducer,
+    Unit,
+    module_units,
+    pipeline_units,
+)
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 STAGES = (1, 2, 3)
@@ -204,8 +210,8 @@ class ShardedOptimizer(torch.optim.Optimizer):
             chunks = plan_buckets([p.numel() for p in order], bucket_bytes,
                                   order[0].element_size())
             return [[order[i] for i in c] for c in chunks], [None] * len(chunks)
-        if units is None and pipeline is not None:
-            units = pipeline.trace.units
+        if pipeline is not None:
+            units = pipeline_units(pipeline, units)
         return module_units(module, params, units)
 
     @torch.no_grad()
@@ -312,16 +318,21 @@ class ShardedOptimizer(torch.optim.Optimizer):
                 out[index[id(p)]] = full[off:off + p.numel()].view(p.shape).clone()
         return out  # type: ignore[return-value]
 
+    def param_bytes(self) -> int:
+        """Peak bytes of parameters on this rank: all of them (stages 1, 2); this rank's chunks
+        and the most gathered at once (stage 3). Not collective."""
+        if self.gather is None:
+            return sum(u.flat.numel() * u.flat.element_size() for u in self.units)
+        return self.param_shard.numel() * self.param_shard.element_size() + \
+            self.gather.peak_bytes
+
     def buffer_bytes(self) -> int:
-        """Peak bytes this rank holds for the sharding beside the parameters and their
-        ``.grad`` s: the gradient shard, the parameter shard (stage 3) or the send buffer of
-        the parameter Allgather (stages 1, 2), the reduction buckets (stages 2, 3) and the
-        gathered units (stage 3). Not collective."""
+        """Peak bytes this rank holds for the sharding beside the parameters and the
+        ``.grad`` s: the gradient shard, the send buffer of a parameter Allgather, and the
+        reduction buckets (stages 2, 3). Not collective."""
         total = 2 * self.grad_shard.numel() * self.grad_shard.element_size()
         if self.reducer is not None:
             total += self.reducer.memory.peak
-        if self.gather is not None:
-            total += self.gather.peak_bytes
         return total
 
     def state_bytes(self) -> int:

@@ -167,6 +167,27 @@ def module_units(module: nn.Module, params: list[nn.Parameter], units: Iterable[
     return members, unit_names
 
 
+def pipeline_units(pipeline: Any, units: Iterable[str] | None) -> list[str]:
+    """Stage 3's units under pipeline parallelism: ``units``, or the pipeline's own units
+    except those holding a parameter shared between stages (read on several stages, it stays
+    gathered). ``UsageError`` for a unit whose calls run on more than one stage (its forward
+    would stop at the stage boundary, before the hook that prepares its backward)."""
+    calls = pipeline.trace.calls
+    if units is None:
+        shared = set(pipeline.plan.shared)
+        units = [u for u in pipeline.trace.units
+                 if not any(n == u or n.startswith(u + ".") for n in shared)]
+    units = list(units)
+    for u in units:
+        stages = sorted({pipeline.plan.stage_of[k] for k, c in enumerate(calls)
+                         if c.unit == u or c.unit.startswith(u + ".")
+                         or u.startswith(c.unit + ".")})
+        if len(stages) > 1:
+            raise UsageError(f"ZeRO-3 unit {u!r} runs on pipeline stages {stages}; name units "
+                             "that lie within one stage (e.g. the pipeline's units, the default)")
+    return units
+
+
 class ShardReducer(GradientReducer):
     """The gradient reducer with the optimizer's units as buckets, reduce-scattered into its
     ``grad_shard`` (see module docstring). ``deferred``: ids of parameters reduced only at
