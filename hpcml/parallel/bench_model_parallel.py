@@ -27,7 +27,11 @@ wraps it in a :class:`~hpcml.parallel.PipelineModel` over the layout's mesh (one
 ``pipeline`` is 1). ``-zero1`` layouts build it with ``data_reduction="optimizer"`` and shard
 Adam's state over the data group with a :class:`~hpcml.parallel.ShardedOptimizer` over
 ``pmodel.parameters()`` (it reduce-scatters the gradients); their gradients are read from the
-optimizer's reduced shards. For the comparison the gradients are gathered whole to the first
+optimizer's reduced shards. ``-zero2`` / ``-zero3`` layouts use ZeRO stage 2 / 3 (gradients,
+and parameters, sharded too; ZeRO-3 units: the transformer layers, or pipelined the pipeline's
+units), given the pipeline model; ``-clip`` clips the global gradient norm with
+:func:`~hpcml.parallel.clip_grad_norm_` and compares with the single-process gradient clipped
+as torch does. For the comparison the gradients are gathered whole to the first
 rank with :meth:`~hpcml.parallel.PipelineModel.gather_full` (tensor shards within each stage,
 then the stages), the same gather that writes full checkpoints.
 

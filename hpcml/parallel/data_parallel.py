@@ -58,7 +58,9 @@ class GradientReducer:
     ``predivide`` (with ``average``): fused gradients are divided by it before the sum and the
     sum by ``size / predivide`` after (Horovod's ``gradient_predivide_factor``). ``wire_dtype``:
     floating-point gradients travel in this dtype (Horovod's ``Compression.fp16``) and come back
-    in their parameter's dtype."""
+    in their parameter's dtype. ``buckets``: a ready layout instead of :func:`build_buckets`
+    (ZeRO's units, :class:`~hpcml.parallel.zero.ShardReducer`, which also overrides how a
+    bucket is filled, posted and delivered: :meth:`_fill`, :meth:`_post`, :meth:`_deliver`)."""
 
     def __init__(self, comm: Communicator, params: Sequence[tuple[str, torch.Tensor]],
                  reduction: Reduction, *, bucket_bytes: int = 2**20,

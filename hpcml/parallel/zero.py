@@ -188,6 +188,9 @@ def pipeline_units(pipeline: Any, units: Iterable[str] | None) -> list[str]:
     return units
 
 
+IN_FLIGHT = 2  # reduce-scatters of ZeRO-2/3 buckets outstanding at once (bounds the buffers)
+
+
 class ShardReducer(GradientReducer):
     """The gradient reducer with the optimizer's units as buckets, reduce-scattered into its
     ``grad_shard`` (see module docstring). ``deferred``: ids of parameters reduced only at
@@ -219,12 +222,21 @@ class ShardReducer(GradientReducer):
             p.grad = None
 
     def _post(self, bucket: Bucket) -> Request:
+        """Start the bucket's reduce-scatter, after finishing (and freeing) the buckets
+        posted more than ``IN_FLIGHT`` before it."""
+        k = self.buckets.index(bucket)
+        for old in self.buckets[:max(0, k - IN_FLIGHT + 1)]:
+            if old.request is not None:
+                old.request.wait()
+                self._deliver(old)
         unit: Unit = bucket  # type: ignore[assignment]
         return self.comm.Ireduce_scatter(unit.buffer,
                                          self.opt.grad_shard[unit.lo:unit.lo + unit.chunk])
 
     def _deliver(self, bucket: Bucket) -> None:
         unit: Unit = bucket  # type: ignore[assignment]
+        if unit.buffer.numel() == 0:
+            return  # delivered early by _post
         if self.average and not self._predivide(bucket) and self.comm.size > 1:
             self.opt.grad_shard[unit.lo:unit.lo + unit.chunk].div_(self.comm.size)
         self.memory.free(unit.buffer.nbytes)
