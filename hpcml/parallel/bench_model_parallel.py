@@ -400,8 +400,10 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
               "peak_h": human_bytes(r["peak_bytes_per_rank"]),
               "fits": "yes" if r["fits_budget"] else "no"} for r in rows]
     notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations + "
-             f"data-parallel reduction buffers (ZeRO-1: the reduced gradient shard and the "
-             f"Allgather send buffer) held by the rank (largest rank); budget "
+             f"data-parallel reduction buffers (ZeRO: the reduced gradient shard, the "
+             f"Allgather send buffer and, stages 2, 3, the reduction buckets; ZeRO-3 parameters: "
+             f"this rank's chunks + the most gathered at once) held by the rank (largest "
+             f"rank); budget "
              f"{cfg.budget_mib:g} MiB. Global batch {cfg.batch} sentences of "
              f"{cfg.min_len}-{cfg.max_len} tokens, "
              f"{cfg.microbatches} microbatches. Diffs: first step vs the single-process model "
