@@ -166,9 +166,8 @@ def check_pipeline(comm, stage: int) -> None:
 @mpi_test(ranks=[1, 2, 4], timeout=240)
 def test_zero23_matches_one_process(comm):
     for stage in (2, 3):
-        check_data_parallel(comm, stage, "mlp")
         check_data_parallel(comm, stage, "twice", passes=2)
-        check_data_parallel(comm, stage, "mlp", clip=0.05, steps=2)
+        check_data_parallel(comm, stage, "mlp", clip=0.05)
     if comm.size == 4:
         for stage in (2, 3):
             check_tensor_parallel(comm, stage)
