@@ -197,3 +197,22 @@ def test_zero23_refusals():
     with pytest.raises(UsageError, match="inside the unit '0'"):
         ShardedOptimizer(seq.parameters(), torch.optim.SGD, world(), stage=3, module=seq,
                          units=["0", "0.0"], lr=1)
+
+
+def test_zero23_unused_parameter_is_skipped():
+    """A parameter without a gradient on every rank gets none in the optimizer (AdamW's weight
+    decay would move it on a zero gradient), as in the unsharded optimizer."""
+    from hpcml.comm import world
+
+    for stage in (2, 3):
+        torch.manual_seed(0)
+        net = nn.ModuleDict({"a": nn.Linear(3, 3), "b": nn.Linear(3, 3)})
+        before = [p.detach().clone() for p in net.parameters()]
+        opt = ShardedOptimizer(net.parameters(), torch.optim.AdamW, world(), stage=stage,
+                               module=net, lr=0.1, weight_decay=0.5)
+        opt.zero_grad()
+        net["a"](torch.randn(2, 3)).sum().backward()
+        opt.step()
+        after = opt.unshard(opt.param_shard) if stage == 3 else list(net.parameters())
+        moved = [not torch.equal(x, y) for x, y in zip(before, after, strict=True)]
+        assert moved == [True, True, False, False], (stage, moved)
