@@ -129,8 +129,9 @@ def pp_step(model, x, y, scale: float):  # noqa: ANN001, ANN201
 
 
 def check_pipeline(comm, stage: int) -> None:
-    """data 2 x pipeline 2, two microbatches: ZeRO within each stage, Adam, against one
-    process on the global batch (loss and parameters after three steps)."""
+    """data 2 x pipeline 2, two microbatches: ZeRO within each stage, Adam, global gradient
+    clipping over shards and stages, against one process on the global batch (loss, norm and
+    parameters after three steps)."""
     mesh = hp.Mesh(comm, data=2, pipeline=2)
 
     def deep() -> nn.Module:
@@ -149,12 +150,15 @@ def check_pipeline(comm, stage: int) -> None:
         ref_opt.zero_grad()
         ref_loss = (ref(torch.cat(xs)) - torch.cat(ys)).square().mean()
         ref_loss.backward()
+        ref_norm = float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05))
         ref_opt.step()
         opt.zero_grad()
         r = mesh.coords["data"]
         out = pp_step(pmodel, xs[r], ys[r], 2 / ys[r].numel() / 2)
         loss = mesh.data.allreduce(out.reduce_sum()) / 2
         assert abs(loss - float(ref_loss)) <= 1e-6 * float(ref_loss), (loss, float(ref_loss))
+        norm = float(hp.clip_grad_norm_(opt, 0.05, pipeline=pmodel))
+        assert abs(norm - ref_norm) <= 1e-5 * ref_norm and norm > 0.05, (norm, ref_norm)
         opt.step()
     values = opt.unshard(opt.param_shard) if stage == 3 else [p.detach() for p in
                                                                 pmodel.parameters()]
