@@ -193,9 +193,12 @@ IN_FLIGHT = 2  # reduce-scatters of ZeRO-2/3 buckets outstanding at once (bounds
 
 class ShardReducer(GradientReducer):
     """The gradient reducer with the optimizer's units as buckets, reduce-scattered into its
-    ``grad_shard`` (see module docstring). ``deferred``: ids of parameters reduced only at
-    :meth:`synchronize` (a pipeline sums them over the stages first). ``has_grad`` after
-    :meth:`synchronize`: parameter id -> whether some rank had a gradient for it."""
+    ``grad_shard`` (see module docstring). ``memory``: bytes of the buckets and of the full
+    ``.grad`` s held until their last backward pass (with ``passes`` > 1, e.g. pipeline
+    microbatches, they accumulate there until the last one). ``deferred``: ids of parameters
+    reduced only at :meth:`synchronize` (a pipeline sums them over the stages first).
+    ``has_grad`` after :meth:`synchronize`: parameter id -> whether some rank had a gradient
+    for it."""
 
     def __init__(self, opt: ShardedOptimizer, passes: int, deferred: set[int],
                  names: dict[int, str]) -> None:
@@ -203,6 +206,7 @@ class ShardReducer(GradientReducer):
                   for i, p in enumerate(p for u in opt.units for p in u.params)]
         self.opt = opt
         self._seen: set[int] = set()
+        self._held: set[int] = set()  # parameters whose full .grad is counted in memory
         self.has_grad: dict[int, bool] = {}
         super().__init__(opt.comm, params, make_reduction("dense_allreduce"), passes=passes,
                          average=opt.average, buckets=list(opt.units))
@@ -220,6 +224,17 @@ class ShardReducer(GradientReducer):
         if grad is not None:
             self._seen.add(id(p))
             p.grad = None
+            if id(p) in self._held:
+                self._held.discard(id(p))
+                self.memory.free(grad.nbytes)
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        """Count the ``.grad`` backward made (until it is copied into its bucket, after the
+        last of the ``passes``) in :attr:`memory`, then as :class:`GradientReducer`."""
+        if not self._skip and id(p) not in self._held and p.grad is not None:
+            self._held.add(id(p))
+            self.memory.alloc(p.grad.nbytes)
+        super()._on_grad(p)
 
     def _post(self, bucket: Bucket) -> Request:
         """Start the bucket's reduce-scatter, after finishing (and freeing) the buckets
