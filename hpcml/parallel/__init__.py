@@ -7,9 +7,10 @@ Data parallelism (:mod:`.optimizer`, :mod:`.data_parallel`, :mod:`.reductions`,
 loop averages its gradients over the ranks, overlapping the reduction with backward;
 :func:`broadcast_parameters` and :func:`broadcast_optimizer_state` start every rank from the
 same state. Tensor parallelism (:mod:`.tensor`): :func:`parallelize` splits layers over a
-tensor-parallel communicator. Optimizer-state sharding (:mod:`.sharding`, ZeRO-1):
-:class:`ShardedOptimizer`. Pipeline parallelism (:mod:`.pipeline`): :class:`PipelineModel`
-splits any ``nn.Module`` into stages and :func:`step` runs the user's step over microbatches.
+tensor-parallel communicator. Sharding of optimizer state, gradients and parameters
+(:mod:`.sharding`, :mod:`.zero`; ZeRO stages 1, 2, 3): :class:`ShardedOptimizer`. Pipeline
+parallelism (:mod:`.pipeline`): :class:`PipelineModel` splits any ``nn.Module`` into stages
+and :func:`step` runs the user's step over microbatches.
 Checkpoints across layouts (:mod:`.layout_checkpoint`): :func:`save_checkpoint` /
 :func:`load_checkpoint` move a model and its optimizer state between any (D, S, T, ZeRO-1)
 layouts and one process. :func:`clip_grad_norm_` (:mod:`.clip`) clips the global gradient norm

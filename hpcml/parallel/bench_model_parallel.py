@@ -31,7 +31,11 @@ wraps it in a :class:`~hpcml.parallel.PipelineModel` over the layout's mesh (one
 ``pipeline`` is 1). ``-zero1`` layouts build it with ``data_reduction="optimizer"`` and shard
 Adam's state over the data group with a :class:`~hpcml.parallel.ShardedOptimizer` over
 ``pmodel.parameters()`` (it reduce-scatters the gradients); their gradients are read from the
-optimizer's reduced shards. For the comparison the gradients are gathered whole to the first
+optimizer's reduced shards. ``-zero2`` / ``-zero3`` layouts use ZeRO stage 2 / 3 (gradients,
+and parameters, sharded too; ZeRO-3 units: the transformer layers, or pipelined the pipeline's
+units), given the pipeline model; ``-clip`` clips the global gradient norm with
+:func:`~hpcml.parallel.clip_grad_norm_` and compares with the single-process gradient clipped
+as torch does. For the comparison the gradients are gathered whole to the first
 rank with :meth:`~hpcml.parallel.PipelineModel.gather_full` (tensor shards within each stage,
 then the stages), the same gather that writes full checkpoints.
 
@@ -75,6 +79,7 @@ from hpcml.errors import ConfigError
 from hpcml.jobs import JobKind, RunContext
 from hpcml.nmt.model import Transformer, smoothed_loss_sum
 from hpcml.nmt.vocab import PAD
+from hpcml.parallel.clip import clip_grad_norm_
 from hpcml.parallel.deferred import deferred_init, materialize
 from hpcml.parallel.mesh import Mesh
 from hpcml.parallel.pipeline import PipelineModel, step
@@ -94,6 +99,8 @@ class Layout:
     zero: bool = False  # optimizer state sharded over the data group (ZeRO-1)
     precision: str = "fp32"  # "bf16" / "fp16": MixedPrecision (fp32 master weights)
     virtual_stages: int = 1  # chunks per rank (schedule "interleaved-1f1b")
+    stage: int = 1  # with zero: ZeRO stage (2: gradients sharded too, 3: parameters too)
+    clip: float = 0.0  # > 0: global gradient clipping to this norm before every step
 
     @property
     def ranks(self) -> int:
@@ -126,6 +133,12 @@ LAYOUTS: dict[str, Layout] = {
     "dp2-zero1-bf16": Layout(data=2, zero=True, precision="bf16"),
     "pp2-interleaved": Layout(pipeline=2, schedule="interleaved-1f1b", virtual_stages=2),
     "pp4-interleaved": Layout(pipeline=4, schedule="interleaved-1f1b", virtual_stages=2),
+    "dp2-zero2": Layout(data=2, zero=True, stage=2),
+    "dp4-zero3": Layout(data=4, zero=True, stage=3),
+    "dp2xtp2-zero3": Layout(data=2, tensor=2, zero=True, stage=3),
+    "dp2xpp2-zero2": Layout(data=2, pipeline=2, zero=True, stage=2),
+    "dp2xpp2-zero3": Layout(data=2, pipeline=2, zero=True, stage=3),
+    "dp2-zero3-clip": Layout(data=2, zero=True, stage=3, clip=0.25),
 }
 
 MODELS: dict[str, dict[str, int]] = {
@@ -257,8 +270,12 @@ def _reference(cfg: ModelParallelConfig, name: str, precision: str = "fp32",
     return float(loss.detach()), {n: p.grad / scale for n, p in model.named_parameters()}
 
 
-def _optimizer_step(pmodel: PipelineModel, optimizer: Any) -> None:
-    """``optimizer.step()``, through the layout's MixedPrecision (unscale, agreed skip)."""
+def _optimizer_step(pmodel: PipelineModel, optimizer: Any, clip: float = 0.0) -> None:
+    """``optimizer.step()``, after global clipping to norm ``clip`` when > 0 (no layout clips
+    in mixed precision, whose gradients are still scaled here), through the layout's
+    MixedPrecision (unscale, agreed skip)."""
+    if clip:
+        clip_grad_norm_(optimizer, clip, pipeline=pmodel)
     if pmodel.precision is not None:
         pmodel.precision.step(optimizer)
     else:
@@ -287,7 +304,14 @@ def _parallelize(cfg: ModelParallelConfig, layout: Layout, name: str,
                            checkpoint_modules=cfg.checkpoint_modules,
                            data_reduction="optimizer" if layout.zero else "allreduce")
     if layout.zero:
-        optimizer = ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, lr=cfg.lr)
+        # ZeRO-3 units: the encoder and decoder layers (the embedding, read again by the tied
+        # output projection, stays gathered); pipelined, the pipeline's units (the default)
+        units = [f"{part}.layers.{i}" for part in ("encoder", "decoder")
+                 for i in range(MODELS[name]["layers"])] \
+            if layout.stage == 3 and layout.pipeline == 1 else None
+        optimizer = ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data,
+                                     stage=layout.stage, units=units,
+                                     pipeline=pmodel if layout.stage > 1 else None, lr=cfg.lr)
     else:
         optimizer = torch.optim.Adam(pmodel.parameters(), lr=cfg.lr)
     return mesh, pmodel, optimizer
@@ -298,10 +322,7 @@ def _state_bytes(optimizer: Any) -> tuple[int, int]:
     live in its flat gradient buffer): this rank's reduced shard and its Allgather send buffer;
     0 for a plain optimizer."""
     if isinstance(optimizer, ShardedOptimizer):
-        buffers = [b for b in (optimizer.grad_shard, optimizer.send)
-                   if b.untyped_storage().data_ptr() !=
-                   optimizer.grad_flat.untyped_storage().data_ptr()]
-        return optimizer.state_bytes(), sum(b.numel() * b.element_size() for b in buffers)
+        return optimizer.state_bytes(), optimizer.buffer_bytes()
     return sum(t.numel() * t.element_size() for s in optimizer.state.values()
                for t in s.values() if isinstance(t, torch.Tensor)), 0
 
@@ -316,15 +337,8 @@ def _reduced_grads(mesh: Mesh, pmodel: PipelineModel, optimizer: Any,
     grads = {n: p.grad for n, p in named if p.grad is not None}
     if isinstance(optimizer, ShardedOptimizer):
         names = {id(p): n for n, p in named}
-        flat = torch.zeros(optimizer.numel)
-        lo = mesh.data.rank * optimizer.shard_numel
-        for i, piece, rows in optimizer.pieces:
-            if piece.grad is not None:
-                _, off = optimizer.offsets[i]
-                flat[rows.start + lo:rows.stop + lo].copy_(piece.grad)
-        flat = mesh.data.Allreduce(flat)
-        grads = {names[id(p)]: flat[off:off + p.numel()].view_as(p)
-                 for p, off in optimizer.offsets}
+        grads = {names[id(p)]: g for (p, _), g in
+                 zip(optimizer.offsets, optimizer.unshard(optimizer.grad_shard), strict=True)}
     return pmodel.gather_full(grads)
 
 
@@ -354,10 +368,15 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
     if layout.pipeline > 1:
         ctx.log(f"\n{name} / {layout_name}: partition\n{pmodel.partition_table()}")
     loss, _ = _local_step(cfg, mesh, pmodel, optimizer, 0)
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters())
-    _optimizer_step(pmodel, optimizer)
+    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in pmodel.parameters()
+                     if p.grad is not None)  # ZeRO-2/3: freed, the shard is a ZeRO buffer
+    _optimizer_step(pmodel, optimizer, layout.clip)
     checked = references is not None
     ref_loss, ref_grads = references[layout.precision] if checked else (math.nan, {})
+    if layout.clip and checked:
+        norm = torch.nn.utils.get_total_norm(list(ref_grads.values()))  # torch's clipping
+        coef = torch.clamp(layout.clip / (norm + 1e-6), max=1.0)
+        ref_grads = {n: g * coef for n, g in ref_grads.items()}
     abs_diff = rel_diff = fp32_diff = 0.0 if checked else math.nan
     full = _reduced_grads(mesh, pmodel, optimizer) if checked else None
     if full is not None:
@@ -376,7 +395,7 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
         comm.barrier()
         start = time.perf_counter()
         _, n = _local_step(cfg, mesh, pmodel, optimizer, i)
-        _optimizer_step(pmodel, optimizer)
+        _optimizer_step(pmodel, optimizer, layout.clip)
         if i > cfg.warmup:
             times.append(time.perf_counter() - start)
             tokens.append(n)
@@ -385,7 +404,8 @@ def _measure(cfg: ModelParallelConfig, name: str, layout_name: str, comm: Commun
     if layout.pipeline > 1:
         table = pmodel.stage_table()
         ctx.log(f"{name} / {layout_name}: last step per stage\n{table}")
-    param_bytes = sum(p.numel() * p.element_size() for p in pmodel.parameters())
+    param_bytes = optimizer.param_bytes() if isinstance(optimizer, ShardedOptimizer) else \
+        sum(p.numel() * p.element_size() for p in pmodel.parameters())
     state_bytes, zero_bytes = _state_bytes(optimizer)
     mine = {"param_bytes": param_bytes, "grad_bytes": grad_bytes, "optimizer_bytes": state_bytes,
             "activation_bytes": max(peaks), "exchange_bytes": pmodel.exchange_bytes + zero_bytes}
@@ -498,8 +518,10 @@ def _report(cfg: ModelParallelConfig, ctx: RunContext, rows: list[dict], skipped
               "peak_h": human_bytes(r["peak_bytes_per_rank"]),
               "fits": "yes" if r["fits_budget"] else "no"} for r in rows]
     notes = (f"\npeak/rank = parameters + gradients + Adam state + peak saved activations + "
-             f"data-parallel reduction buffers (ZeRO-1: the reduced gradient shard and the "
-             f"Allgather send buffer) held by the rank (largest rank); budget "
+             f"data-parallel reduction buffers (ZeRO: the reduced gradient shard, the "
+             f"Allgather send buffer and, stages 2, 3, the reduction buckets; ZeRO-3 parameters: "
+             f"this rank's chunks + the most gathered at once) held by the rank (largest "
+             f"rank); budget "
              f"{cfg.budget_mib:g} MiB. Global batch {cfg.batch} sentences of "
              f"{cfg.min_len}-{cfg.max_len} tokens, "
              f"{cfg.microbatches} microbatches. Diffs: first step vs the single-process model "

@@ -11,13 +11,15 @@ Which elements a rank counts (so that the sums over the groups count each elemen
   tensor-parallel model: on tensor rank 0 only;
 - a pipeline stage: its held parameters, summed over the pipeline; a parameter held by several
   stages (a tied weight, whose gradients the pipeline already summed): on its owner stage only;
-- ZeRO-1 (:class:`~hpcml.parallel.ShardedOptimizer`): the reduce-scattered shard of the
-  averaged gradient, summed over the data-parallel communicator;
+- ZeRO stages 1, 2 and 3 (:class:`~hpcml.parallel.ShardedOptimizer`): the reduce-scattered
+  shard of the averaged gradient (the reduction finished first), summed over the
+  data-parallel communicator;
 - data parallelism (:class:`~hpcml.parallel.DistributedOptimizer`, or a pipeline's own
   reduction): the reduced gradients are equal on every replica, so nothing is summed over it.
 
 Torch's own ``clip_grad_norm_`` on ``param.grad`` before a ZeRO-1 ``step`` (or before a
-``DistributedOptimizer`` has synchronized) clips unreduced local gradients: use this one.
+``DistributedOptimizer`` has synchronized) clips unreduced local gradients, and under ZeRO-2/3
+finds no ``param.grad`` at all: use this one.
 """
 
 from __future__ import annotations

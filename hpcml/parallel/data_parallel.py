@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from hpcml.comm import Communicator
+from hpcml.comm import Communicator, Request
 from hpcml.parallel.buckets import Bucket, build_buckets
 from hpcml.parallel.memory import ExchangeMemory
 from hpcml.parallel.reductions import ALLGATHER, Reduction
@@ -58,13 +58,16 @@ class GradientReducer:
     ``predivide`` (with ``average``): fused gradients are divided by it before the sum and the
     sum by ``size / predivide`` after (Horovod's ``gradient_predivide_factor``). ``wire_dtype``:
     floating-point gradients travel in this dtype (Horovod's ``Compression.fp16``) and come back
-    in their parameter's dtype."""
+    in their parameter's dtype. ``buckets``: a ready layout instead of :func:`build_buckets`
+    (ZeRO's units, :class:`~hpcml.parallel.zero.ShardReducer`, which also overrides how a
+    bucket is filled, posted and delivered: :meth:`_fill`, :meth:`_post`, :meth:`_deliver`)."""
 
     def __init__(self, comm: Communicator, params: Sequence[tuple[str, torch.Tensor]],
                  reduction: Reduction, *, bucket_bytes: int = 2**20,
                  sparse: frozenset[int] = frozenset(), passes: int = 1, average: bool = True,
                  on_choice: Callable[[str, str], None] | None = None,
-                 predivide: float = 1.0, wire_dtype: torch.dtype | None = None) -> None:
+                 predivide: float = 1.0, wire_dtype: torch.dtype | None = None,
+                 buckets: list[Bucket] | None = None) -> None:
         if passes < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {passes}")
         self.comm, self.reduction, self.on_choice = comm, reduction, on_choice
@@ -75,7 +78,8 @@ class GradientReducer:
         fused = [p for _, p in params if reduction.fused(id(p) in sparse)]
         fused_ids = {id(p) for p in fused}
         self.separate = [(n, p) for n, p in params if id(p) not in fused_ids]
-        self.buckets: list[Bucket] = build_buckets(fused, bucket_bytes, wire_dtype)
+        self.buckets: list[Bucket] = buckets if buckets is not None else \
+            build_buckets(fused, bucket_bytes, wire_dtype)
         self._slot = {id(p): (b, j) for b, bucket in enumerate(self.buckets)
                       for j, p in enumerate(bucket.params)}
         for bucket in self.buckets:
@@ -149,9 +153,36 @@ class GradientReducer:
         if slot is None:
             return
         bucket = self.buckets[slot[0]]
-        densify_into(p.grad, bucket.view(slot[1]).view(-1))
+        self._fill(bucket, slot[1], p.grad)
         bucket.filled.add(slot[1])
         self._launch_ready()
+
+    def _fill(self, bucket: Bucket, j: int, grad: torch.Tensor | None) -> None:
+        """Copy ``grad`` (zeros when None) into slot ``j`` of ``bucket``."""
+        if grad is None:
+            bucket.view(j).zero_()
+        else:
+            densify_into(grad, bucket.view(j).view(-1))
+
+    def _post(self, bucket: Bucket) -> Request:
+        """Start the reduction of a filled bucket (collective, in bucket order)."""
+        return self.comm.Iallreduce(bucket.buffer)
+
+    def _deliver(self, bucket: Bucket) -> None:
+        """After the bucket's reduction: the averaged gradient into its parameters' ``.grad``."""
+        if self.average and not self._predivide(bucket):
+            bucket.buffer.div_(self.comm.size / self.predivide)
+        for j, p in enumerate(bucket.params):
+            view = bucket.view(j)
+            p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
+
+    def _used(self, p: torch.Tensor) -> bool:
+        """Whether ``p`` got a gradient in this step on this rank."""
+        return p.grad is not None
+
+    def _unused(self, p: torch.Tensor) -> None:
+        """``p`` got no gradient on any rank in this step."""
+        p.grad = None
 
     def _predivide(self, bucket: Bucket) -> bool:
         """float16 buckets are averaged *before* the sum (as torch DDP does): the float32 sum
@@ -166,15 +197,12 @@ class GradientReducer:
                     return
                 for j, p in enumerate(bucket.params):
                     if j not in bucket.filled:
-                        if p.grad is None:
-                            bucket.view(j).zero_()
-                        else:
-                            densify_into(p.grad, bucket.view(j).view(-1))
+                        self._fill(bucket, j, p.grad)
             if self._predivide(bucket):
                 bucket.buffer.div_(self.comm.size)
             elif self.predivide != 1.0:
                 bucket.buffer.div_(self.predivide)
-            bucket.request = self.comm.Iallreduce(bucket.buffer)
+            bucket.request = self._post(bucket)
             self._next += 1
 
     def _exchange_separate(self, name: str, p: torch.Tensor) -> torch.Tensor:
@@ -214,18 +242,13 @@ class GradientReducer:
         of its bucket for fused parameters, same dtype and device as the parameter).
         Collective; afterwards a new step's passes may begin."""
         params = [p for _, p in self.params]
-        used = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+        used = torch.tensor([self._used(p) for p in params], dtype=torch.int32)
         self._launch_ready(force=True)
         used_request = self.comm.Iallreduce(used)
         results = [(p, self._exchange_separate(name, p)) for name, p in self.separate]
-        size = self.comm.size
         for bucket in self.buckets:
             bucket.request.wait()
-            if self.average and not self._predivide(bucket):
-                bucket.buffer.div_(size / self.predivide)
-            for j, p in enumerate(bucket.params):
-                view = bucket.view(j)
-                p.grad = view if view.dtype == p.dtype else view.to(p.dtype)
+            self._deliver(bucket)
             bucket.filled.clear()
             bucket.request = None
         for p, grad in results:
@@ -233,7 +256,7 @@ class GradientReducer:
         used_request.wait()
         for p, anywhere in zip(params, used.tolist(), strict=True):
             if not anywhere:
-                p.grad = None
+                self._unused(p)
         self._next = 0
         self._count = dict.fromkeys(self._count, 0)
         self._started = self._pending = False

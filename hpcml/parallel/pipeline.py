@@ -57,11 +57,12 @@ the meta device and each rank then materializes only its stage's parameters, its
    ranks of a stage run the same schedule), activations travel between the stages of each
    tensor coordinate, and the last stage computes the loss (e.g.
    :func:`~hpcml.parallel.tensor.vocab_parallel_cross_entropy` over ``mesh.tensor``);
-2. ``PipelineModel(model, mesh, ...)``, with ``data_reduction="optimizer"`` for ZeRO-1;
+2. ``PipelineModel(model, mesh, ...)``, with ``data_reduction="optimizer"`` for ZeRO;
 3. the optimizer over ``pmodel.parameters()`` (this stage's, this tensor rank's pieces):
-   ``ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, ...)`` for ZeRO-1. It
-   rebinds the parameters' storage to its flat buffer; the pipeline reads the parameters'
-   storages at every step, so they are still not counted as activations.
+   ``ShardedOptimizer(pmodel.parameters(), torch.optim.Adam, mesh.data, ...)`` for ZeRO-1
+   (``stage=2`` or ``3, pipeline=pmodel`` for ZeRO-2/3). It rebinds the parameters' storage to
+   its flat buffers; the pipeline reads the parameters' storages at every step (and skips
+   parameters and their views), so they are still not counted as activations.
 """
 
 from __future__ import annotations

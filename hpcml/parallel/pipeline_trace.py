@@ -149,6 +149,8 @@ class ActivationCounter:
     def count(self, t: torch.Tensor) -> torch.Tensor:
         """Count ``t``'s storage (once, unless it is a parameter's) and return ``t``; the
         saved-tensors hook, and usable for tensors kept alive otherwise."""
+        if isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter):
+            return t  # a parameter (or a view of one) whose storage moved: ZeRO-3 gathers anew
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
         if ptr not in self.seen and ptr not in self.param_storages:
