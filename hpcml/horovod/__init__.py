@@ -4,11 +4,13 @@ Python, a face over :mod:`hpcml.comm` (collectives, ledger, abort) and :mod:`hpc
 
 :mod:`.basics`: ``init`` and the process model; :mod:`.ops`: tensor collectives;
 :mod:`.optimizer`: ``DistributedOptimizer`` and the broadcasts (and where they differ from
-Horovod); :mod:`.compression`: ``Compression``. Not implemented (refused with one line where
-called): Adasum, ``join``. Absent: ``elastic``,
-``horovodrun``. :mod:`.sync_batch_norm`: ``SyncBatchNorm``.
+Horovod); :mod:`.compression`: ``Compression``; :mod:`.join`: ``join()``; :mod:`.elastic`:
+``TorchState`` and ``run`` over checkpoints and restarts; :mod:`.sync_batch_norm`:
+``SyncBatchNorm``. Not implemented (refused with one line where called): Adasum. The launcher:
+``hpcml horovodrun -np N python train.py`` (:mod:`hpcml.horovodrun`) or ``mpiexec -n N``.
 """
 
+from hpcml.horovod import elastic
 from hpcml.horovod.basics import (
     Adasum,
     Average,
@@ -44,6 +46,7 @@ from hpcml.horovod.basics import (
     synchronize,
 )
 from hpcml.horovod.compression import Compression
+from hpcml.horovod.join import join
 from hpcml.horovod.ops import (
     allgather,
     allgather_async,
@@ -66,7 +69,6 @@ from hpcml.horovod.ops import (
     grouped_allreduce_async,
     grouped_allreduce_async_,
     grouped_reducescatter,
-    join,
     reducescatter,
     reducescatter_async,
 )
@@ -83,6 +85,7 @@ __all__ = [
     "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "alltoall", "alltoall_async", "barrier", "broadcast", "broadcast_", "broadcast_async",
     "broadcast_async_", "broadcast_object", "broadcast_optimizer_state", "broadcast_parameters",
+    "elastic",
     "ccl_built", "cross_rank", "cross_size", "cuda_built", "ddl_built", "global_process_set",
     "gloo_built", "gloo_enabled", "grouped_allgather", "grouped_allreduce",
     "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
