@@ -7,10 +7,11 @@ A small CNN on synthetic 16x16 images: init, seed, broadcast of parameters and o
 DistributedOptimizer with named parameters (and fp16 compression), timed steps, the metric
 averaged with allreduce, throughput summed over ranks. ``--check`` (float64): every rank also
 trains one process's copy on the concatenated batch and the script fails unless the parameters
-agree to 1e-10.
+agree to 1e-10 (1e-3 with ``--fp16-allreduce``: gradients travel rounded to float16).
 """
 
 import argparse
+import copy
 import timeit
 
 import torch
@@ -53,7 +54,7 @@ def main() -> None:
     reference = Net().to(dtype)
     reference.load_state_dict(model.state_dict())
     ref_opt = torch.optim.SGD(reference.parameters(), lr=0.01 * hvd.size(), momentum=0.9)
-    ref_opt.load_state_dict(optimizer.state_dict())
+    ref_opt.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # not sharing buffers
 
     n, r, b = hvd.size(), hvd.rank(), args.batch_size
     g = torch.Generator().manual_seed(7)
@@ -76,7 +77,7 @@ def main() -> None:
     rate = hvd.allreduce(torch.tensor(b * args.num_iters / seconds), op=hvd.Sum).item()
     if args.check:
         for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
-            if not torch.allclose(p, q, atol=1e-10, rtol=0):
+            if not torch.allclose(p, q, atol=1e-3 if args.fp16_allreduce else 1e-10, rtol=0):
                 raise SystemExit(f"rank {r}: {name} differs from one process by "
                                  f"{(p - q).abs().max().item():.3g}")
     if r == 0:
