@@ -33,6 +33,8 @@ def check_basics(n: int, r: int) -> None:
     assert (hvd.local_size(), hvd.local_rank(), hvd.cross_size(), hvd.cross_rank()) == (n, r, 1, 0)
     assert hvd.mpi_enabled() and hvd.mpi_built()
     assert not (hvd.gloo_enabled() or hvd.gloo_built() or hvd.nccl_built())
+    assert not (hvd.ccl_built() or hvd.cuda_built() or hvd.ddl_built() or hvd.rocm_built())
+    assert hvd.is_homogeneous()  # one node
     assert isinstance(hvd.mpi_threads_supported(), bool)
     assert len({hvd.Average, hvd.Sum, hvd.Min, hvd.Max, hvd.Product, hvd.Adasum}) == 6
 
@@ -98,6 +100,10 @@ def check_allreduce(n: int, r: int) -> None:
     while not hvd.poll(handle):
         pass
     assert all(torch.allclose(t, 2 * expected[hvd.Average]) for t in hvd.synchronize(handle))
+    a, b = x.clone(), x.clone()
+    got = hvd.synchronize(hvd.grouped_allreduce_async_([a, b], op=hvd.Min))
+    assert got[0] is a and got[1] is b
+    assert torch.equal(a, expected[hvd.Min]) and torch.equal(b, expected[hvd.Min])
 
 
 def check_allgather(n: int, r: int) -> None:
@@ -127,6 +133,9 @@ def check_broadcast(n: int, r: int) -> None:
     assert hvd.broadcast_(t, root) is t and torch.equal(t, torch.full((3,), float(root)))
     u = torch.full((2,), float(r))
     assert torch.equal(hvd.synchronize(hvd.broadcast_async_(u, 0)), torch.zeros(2))
+    v = torch.full((2,), float(r))
+    assert torch.equal(hvd.synchronize(hvd.broadcast_async(v, root)), torch.full((2,), float(root)))
+    assert torch.equal(v, torch.full((2,), float(r)))  # not in place
     w = torch.full((3,), float(r), requires_grad=True)
     (hvd.broadcast(w, root) * (r + 1)).sum().backward()  # averaged gradient on the root only
     assert torch.allclose(w.grad, torch.full((3,), (n + 1) / 2 if r == root else 0.0))
@@ -147,6 +156,7 @@ def check_alltoall(n: int, r: int) -> None:
     t = torch.cat([torch.full((2, 3), 100.0 * r + j) for j in range(n)])
     out = hvd.alltoall(t)
     assert torch.equal(out, torch.cat([torch.full((2, 3), 100.0 * i + r) for i in range(n)]))
+    assert torch.equal(hvd.synchronize(hvd.alltoall_async(t)), out)
     # gradient: each received row's gradient goes back to the rank and row it came from
     w = t.clone().requires_grad_()
     (hvd.alltoall(w) * (r + 1)).sum().backward()
