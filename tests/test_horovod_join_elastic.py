@@ -5,7 +5,8 @@ the remaining ranks' allreduces (every op, float and int, async, grouped) and
 DistributedOptimizer steps equal the closed form over the ranks still working (a joined rank
 contributes zeros to Sum/Average, which still divide by the whole size, and the identity to
 Min/Max/Product); other collectives raise on every working rank; join() returns the last rank
-to join, the same on every rank.
+to join, the same on every rank. Ranks whose allreduces differ in dtype or shape, or that call
+different collectives, raise on every rank.
 
 elastic: a 2-rank job trains, commits, changes its state without committing and is killed;
 restarted at 1 and at 4 ranks the state (parameters, optimizer state, attributes) equals the
@@ -86,6 +87,14 @@ def test_join(comm) -> None:
     n, r = comm.size, comm.rank
     order = [(3 * k + 1) % n for k in range(n)] if n != 2 else [1, 0]  # a permutation
     assert sorted(order) == list(range(n))
+    if n > 1:  # the header catches ranks that disagree, on every rank (MPI would not)
+        expect_error(RuntimeError, "differ in dtypes", hvd.allreduce,
+                     torch.zeros(3, dtype=torch.float64 if r else torch.float32))
+        expect_error(RuntimeError, "differ in shapes", hvd.allreduce, torch.zeros(3 + r))
+        expect_error(RuntimeError, "differ in shapes", hvd.allreduce, torch.zeros(1, 2) if r
+                     else torch.zeros(2, 1))
+        expect_error(RuntimeError, "differ in operations",
+                     *((hvd.barrier,) if r else (hvd.allreduce, torch.zeros(1))))
     w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
     opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=1.0), named_parameters=[("w", w)])
     for departed in range(n):

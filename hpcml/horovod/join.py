@@ -3,9 +3,12 @@ on takes part, with a neutral contribution, in the allreduces the other ranks st
 every rank has joined.
 
 MPI matches collectives by order, so the ranks must agree on what comes next: every operation
-over the global process set starts with one small header allreduce (8 int64, ``MAX``) that says
+over the global process set starts with one small header allreduce (13 int64, ``MAX``) that says
 whether some rank has joined and, from the ranks still working, which operation follows (kind,
-op, dtype, element count). A rank inside ``join()`` loops on that header:
+op, dtype, shape). The working ranks must agree on kind, and for an allreduce on op, dtype and
+shape: when they do not, every one of them raises ``RuntimeError`` naming the mismatch (as
+Horovod does; plain MPI would reduce garbage or hang). A rank inside ``join()`` loops on that
+header:
 
 - an **allreduce** (``allreduce``/``grouped_allreduce``, their in-place and async forms, and the
   gradient reduction of ``DistributedOptimizer``): the joined rank contributes zeros to ``Sum``
@@ -32,9 +35,13 @@ import torch
 from hpcml.horovod.basics import MPI_OPS, Max, Min, Product, communicator
 
 ALLREDUCE, OPTIMIZER, OTHER, JOIN = 1, 2, 3, 4
-# header fields (MAX-reduced): someone joined, someone working, kind, op, dtype, numel,
-# optimizer index, rank joining in this round
-_JOINED, _WORKING, _KIND, _OP, _DTYPE, _NUMEL, _INDEX, _NEW = range(8)
+# header fields (MAX-reduced): someone joined, someone working, kind, op, dtype, shape digest,
+# numel, optimizer index, rank joining in this round, then kind, op, dtype and shape digest
+# negated (their MAX is minus the working ranks' minimum: the ranks agree when max == min)
+_JOINED, _WORKING, _KIND, _OP, _DTYPE, _SHAPE, _NUMEL, _INDEX, _NEW = range(9)
+_AGREE = (_KIND, _OP, _DTYPE, _SHAPE)
+FIELDS = 9 + len(_AGREE)
+_LOW = -(2**62)  # a joined rank's entry in the negated fields
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
           torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128)
 
@@ -60,12 +67,23 @@ def negotiate(what: str, process_set: Any = None, kind: int = OTHER,
     allreduce); raises ``RuntimeError`` for any other operation after a rank joined."""
     if not _is_global(process_set):
         return False
-    header = torch.full((8,), -1, dtype=torch.int64)
+    header = torch.full((FIELDS,), -1, dtype=torch.int64)
     header[_JOINED], header[_WORKING], header[_KIND], header[_OP] = 0, 1, kind, op
+    header[_DTYPE] = header[_SHAPE] = header[_NUMEL] = 0
     if tensor is not None:
         header[_DTYPE], header[_NUMEL] = DTYPES.index(tensor.dtype), tensor.numel()
+        header[_SHAPE] = hash(tuple(tensor.shape)) & (2**62 - 1)
     header[_INDEX] = index
+    header[9:] = -header[list(_AGREE)]
     communicator(None).Allreduce(header, op="max")
+    differ = [name for name, f, k in zip(("operations", "ops", "dtypes", "shapes"), _AGREE,
+                                         range(9, FIELDS), strict=True)
+              if header[f] != -header[k]]
+    if differ:
+        raise RuntimeError(f"hpcml.horovod: {what}: the ranks called collectives that differ in "
+                           f"{', '.join(differ)} (every rank must post the same operations, "
+                           "with the same op, dtype and shape for an allreduce, in the same "
+                           "order)")
     if header[_JOINED] > 0 and kind not in (ALLREDUCE, OPTIMIZER):
         raise RuntimeError(f"hpcml.horovod: {what} after a rank called join(): only allreduces "
                            "(and DistributedOptimizer) go on until every rank has joined")
@@ -94,13 +112,16 @@ def join(device: int = -1) -> int:
     comm = communicator(None)
     first = True
     while True:
-        header = torch.full((8,), -1, dtype=torch.int64)
+        header = torch.full((FIELDS,), -1, dtype=torch.int64)
+        header[9:] = _LOW
         header[_JOINED], header[_WORKING] = 1, 0
         header[_NEW] = comm.rank if first else -1
         first = False
         comm.Allreduce(header, op="max")
         if header[_WORKING] <= 0:
             return int(header[_NEW])
+        if any(header[f] != -header[k] for f, k in zip(_AGREE, range(9, FIELDS), strict=True)):
+            continue  # the working ranks raise; this rank waits for what they do next
         kind = int(header[_KIND])
         if kind == ALLREDUCE:
             op = int(header[_OP])
