@@ -93,6 +93,12 @@ def test_join(comm) -> None:
         expect_error(RuntimeError, "differ in shapes", hvd.allreduce, torch.zeros(3 + r))
         expect_error(RuntimeError, "differ in shapes", hvd.allreduce, torch.zeros(1, 2) if r
                      else torch.zeros(2, 1))
+        expect_error(RuntimeError, "differ in ops or root ranks", hvd.broadcast, torch.zeros(2),
+                     r % 2)
+        expect_error(RuntimeError, "differ in shapes", hvd.broadcast_, torch.zeros(2 + r), 0)
+        a, b = torch.ones(2, requires_grad=True), torch.ones(3, requires_grad=True)
+        sum(t.sum() * (r + 1) for t in hvd.grouped_allreduce([a, b], op=hvd.Sum)).backward()
+        assert torch.equal(a.grad, torch.full((2,), n * (n + 1) / 2))  # differentiable
         expect_error(RuntimeError, "differ in operations",
                      *((hvd.barrier,) if r else (hvd.allreduce, torch.zeros(1))))
     w = torch.zeros(4, dtype=torch.float64, requires_grad=True)

@@ -5,10 +5,10 @@ every rank has joined.
 MPI matches collectives by order, so the ranks must agree on what comes next: every operation
 over the global process set starts with one small header allreduce (13 int64, ``MAX``) that says
 whether some rank has joined and, from the ranks still working, which operation follows (kind,
-op, dtype, shape). The working ranks must agree on kind, and for an allreduce on op, dtype and
-shape: when they do not, every one of them raises ``RuntimeError`` naming the mismatch (as
-Horovod does; plain MPI would reduce garbage or hang). A rank inside ``join()`` loops on that
-header:
+op, dtype, shape). The working ranks must agree on kind, for an allreduce on op, dtype and
+shape, for a broadcast on root, dtype and shape: when they do not, every one of them raises
+``RuntimeError`` naming the mismatch (as Horovod does; plain MPI would reduce garbage or hang).
+A rank inside ``join()`` loops on that header:
 
 - an **allreduce** (``allreduce``/``grouped_allreduce``, their in-place and async forms, and the
   gradient reduction of ``DistributedOptimizer``): the joined rank contributes zeros to ``Sum``
@@ -76,14 +76,14 @@ def negotiate(what: str, process_set: Any = None, kind: int = OTHER,
     header[_INDEX] = index
     header[9:] = -header[list(_AGREE)]
     communicator(None).Allreduce(header, op="max")
-    differ = [name for name, f, k in zip(("operations", "ops", "dtypes", "shapes"), _AGREE,
-                                         range(9, FIELDS), strict=True)
+    names = ("operations", "ops or root ranks", "dtypes", "shapes")
+    differ = [name for name, f, k in zip(names, _AGREE, range(9, FIELDS), strict=True)
               if header[f] != -header[k]]
     if differ:
         raise RuntimeError(f"hpcml.horovod: {what}: the ranks called collectives that differ in "
                            f"{', '.join(differ)} (every rank must post the same operations, "
-                           "with the same op, dtype and shape for an allreduce, in the same "
-                           "order)")
+                           "with the same op, dtype and shape for an allreduce, the same root, "
+                           "dtype and shape for a broadcast, in the same order)")
     if header[_JOINED] > 0 and kind not in (ALLREDUCE, OPTIMIZER):
         raise RuntimeError(f"hpcml.horovod: {what} after a rank called join(): only allreduces "
                            "(and DistributedOptimizer) go on until every rank has joined")

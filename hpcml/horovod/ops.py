@@ -182,7 +182,11 @@ def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = No
                       op: int | None = None, prescale_factor: float = 1.0,
                       postscale_factor: float = 1.0, process_set: Any = None
                       ) -> list[torch.Tensor]:
-    """``[allreduce(t) for t in tensors]``, all in flight together (not differentiable)."""
+    """``[allreduce(t) for t in tensors]``, all in flight together; differentiable (each
+    tensor's gradient is the same allreduce of its gradient) when a tensor requires grad."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return [allreduce(t, average, None, compression, op, prescale_factor, postscale_factor,
+                          process_set) for t in tensors]
     pairs = [compression.compress(t) for t in tensors]
     out = synchronize(grouped_allreduce_async([c for c, _ in pairs], average, name, op,
                                               prescale_factor, postscale_factor, process_set))
@@ -207,7 +211,7 @@ def _rows(what: str, tensor: torch.Tensor, comm: Communicator) -> list[int]:
                          "dimension (reshape it to (1,))")
     meta = comm.allgather((tuple(tensor.shape), str(tensor.dtype)))
     if len({(shape[1:], dtype) for shape, dtype in meta}) != 1:
-        raise ValueError(f"hpcml.horovod: {what}: the ranks' tensors differ in dtype or beyond "
+        raise RuntimeError(f"hpcml.horovod: {what}: the ranks' tensors differ in dtype or beyond "
                          f"the first dimension ({[f'{s} {d}' for s, d in meta]})")
     return [shape[0] for shape, _ in meta]
 
@@ -269,7 +273,7 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
     """Copy ``root_rank``'s ``tensor`` into every rank's ``tensor`` (in place); returns it."""
     comm = communicator(process_set)
     root = _root(root_rank, process_set)
-    negotiate("broadcast", process_set)
+    negotiate("broadcast", process_set, tensor=tensor, op=root)
     comm.Bcast(_contiguous("broadcast_", tensor).data, root=root)
     return tensor
 
