@@ -14,6 +14,7 @@ from hpcml.horovod import elastic
 from hpcml.horovod.basics import (
     Adasum,
     Average,
+    HorovodInternalError,
     Max,
     Min,
     ProcessSet,
@@ -80,7 +81,8 @@ from hpcml.horovod.optimizer import (
 from hpcml.horovod.sync_batch_norm import SyncBatchNorm
 
 __all__ = [
-    "Adasum", "Average", "Compression", "DistributedOptimizer", "Max", "Min", "ProcessSet",
+    "Adasum", "Average", "Compression", "DistributedOptimizer", "HorovodInternalError", "Max",
+    "Min", "ProcessSet",
     "Product", "Sum", "SyncBatchNorm", "add_process_set", "allgather", "allgather_async",
     "allgather_object", "allreduce", "allreduce_", "allreduce_async", "allreduce_async_",
     "alltoall", "alltoall_async", "barrier", "broadcast", "broadcast_", "broadcast_async",

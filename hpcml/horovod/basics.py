@@ -55,6 +55,11 @@ class ProcessSet:
 global_process_set = ProcessSet()
 
 
+class HorovodInternalError(RuntimeError):
+    """Horovod's error for a collective the ranks cannot complete (here: ranks that posted
+    collectives differing in kind, op, root, dtype or shape); raised on every rank alike."""
+
+
 def add_process_set(process_set: ProcessSet | Any) -> ProcessSet:
     """Register ``process_set`` (or a list of global ranks). Collective over every rank of the
     job: all call it with the same ranks, in the same order."""

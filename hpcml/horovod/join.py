@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from hpcml.horovod.basics import MPI_OPS, Max, Min, Product, communicator
+from hpcml.horovod.basics import MPI_OPS, HorovodInternalError, Max, Min, Product, communicator
 
 ALLREDUCE, OPTIMIZER, OTHER, JOIN = 1, 2, 3, 4
 # header fields (MAX-reduced): someone joined, someone working, kind, op, dtype, shape digest,
@@ -80,10 +80,11 @@ def negotiate(what: str, process_set: Any = None, kind: int = OTHER,
     differ = [name for name, f, k in zip(names, _AGREE, range(9, FIELDS), strict=True)
               if header[f] != -header[k]]
     if differ:
-        raise RuntimeError(f"hpcml.horovod: {what}: the ranks called collectives that differ in "
-                           f"{', '.join(differ)} (every rank must post the same operations, "
-                           "with the same op, dtype and shape for an allreduce, the same root, "
-                           "dtype and shape for a broadcast, in the same order)")
+        raise HorovodInternalError(
+            f"hpcml.horovod: {what}: the ranks called collectives that differ in "
+            f"{', '.join(differ)} (every rank must post the same operations, with the same op, "
+            "dtype and shape for an allreduce, the same root, dtype and shape for a broadcast, "
+            "in the same order)")
     if header[_JOINED] > 0 and kind not in (ALLREDUCE, OPTIMIZER):
         raise RuntimeError(f"hpcml.horovod: {what} after a rank called join(): only allreduces "
                            "(and DistributedOptimizer) go on until every rank has joined")
