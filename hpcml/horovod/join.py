@@ -61,10 +61,13 @@ def _is_global(process_set: Any) -> bool:
 
 
 def negotiate(what: str, process_set: Any = None, kind: int = OTHER,
-              tensor: torch.Tensor | None = None, op: int = 0, index: int = 0) -> bool:
+              tensor: torch.Tensor | None = None, op: int = 0, index: int = 0,
+              rows_free: bool = False) -> bool:
     """Called by every working rank before an operation over ``process_set`` (collective over
     it). Returns True when some rank has joined (the joined ranks then take part in an
-    allreduce); raises ``RuntimeError`` for any other operation after a rank joined."""
+    allreduce); raises ``RuntimeError`` for any other operation after a rank joined, and
+    :class:`HorovodInternalError` on every rank when the ranks' ``kind``, ``op`` or
+    ``tensor`` dtype and shape (beyond the first dimension with ``rows_free``) differ."""
     if not _is_global(process_set):
         return False
     header = torch.full((FIELDS,), -1, dtype=torch.int64)
@@ -72,7 +75,8 @@ def negotiate(what: str, process_set: Any = None, kind: int = OTHER,
     header[_DTYPE] = header[_SHAPE] = header[_NUMEL] = 0
     if tensor is not None:
         header[_DTYPE], header[_NUMEL] = DTYPES.index(tensor.dtype), tensor.numel()
-        header[_SHAPE] = hash(tuple(tensor.shape)) & (2**62 - 1)
+        shape = tuple(tensor.shape)[1:] if rows_free else tuple(tensor.shape)
+        header[_SHAPE] = hash(shape) & (2**62 - 1)
     header[_INDEX] = index
     header[9:] = -header[list(_AGREE)]
     communicator(None).Allreduce(header, op="max")

@@ -230,7 +230,7 @@ class _Allgather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, process_set: Any) -> torch.Tensor:
         comm = communicator(process_set)
-        negotiate("allgather", process_set)
+        negotiate("allgather", process_set, tensor=tensor, rows_free=True)
         out, rows = _allgather(tensor, comm)
         ctx.process_set, ctx.offset, ctx.rows = process_set, sum(rows[:comm.rank]), rows[comm.rank]
         return out
@@ -251,7 +251,7 @@ def allgather(tensor: torch.Tensor, name: str | None = None,
 def allgather_async(tensor: torch.Tensor, name: str | None = None,
                     process_set: Any = None) -> int:
     comm = communicator(process_set)
-    negotiate("allgather_async", process_set)
+    negotiate("allgather_async", process_set, tensor=tensor, rows_free=True)
     out = _allgather(tensor, comm)[0]
     return new_handle([], lambda: out)
 
@@ -338,7 +338,7 @@ def barrier(process_set: Any = None) -> None:
 def _alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None,
               process_set: Any) -> tuple[torch.Tensor, torch.Tensor]:
     comm = communicator(process_set)
-    negotiate("alltoall", process_set)
+    negotiate("alltoall", process_set, tensor=tensor, rows_free=True)
     t = tensor.detach().contiguous()
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: alltoall: a 0-dimensional tensor has no first "
@@ -429,7 +429,7 @@ class _Reducescatter(torch.autograd.Function):
 def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
                    postscale_factor: float, process_set: Any) -> torch.Tensor:
     comm = communicator(process_set)
-    negotiate("reducescatter", process_set)
+    negotiate("reducescatter", process_set, tensor=tensor, op=op)
     t = tensor.detach().contiguous()
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
