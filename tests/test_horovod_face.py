@@ -291,6 +291,7 @@ def check_optimizer_misc(n: int, r: int) -> None:
     opt = hvd.DistributedOptimizer(torch.optim.SGD(fmodel.parameters(), lr=0.1),
                                    named_parameters=fmodel.named_parameters(),
                                    compression=hvd.Compression.fp16, op=hvd.Sum)
+    assert {p: n for n, p in fmodel.named_parameters()} == opt._parameter_names
     loss_of(fmodel, x[lo:hi].float(), y[lo:hi].float()).backward()
     opt.synchronize()
     ref = net(3)

@@ -48,6 +48,11 @@ class _HorovodOptimizer(_ParallelOptimizer):
     _synced_by_user = False  # synchronize() was called by the user since the last step()
     _join_index: int | None = None  # over the global set: its index for join()
 
+    @property
+    def _parameter_names(self) -> dict[torch.Tensor, str]:
+        """Horovod's map from each reduced parameter to its name (read by its tests)."""
+        return {p: self.reducer.names[id(p)] for _, p in self.reducer.params}
+
     @contextlib.contextmanager
     def skip_synchronize(self) -> Iterator[None]:
         """``step()`` inside does not reduce: call ``synchronize()`` before it."""
