@@ -103,6 +103,13 @@ def check_allreduce(n: int, r: int) -> None:
     a, b = x.clone(), x.clone()
     got = hvd.synchronize(hvd.grouped_allreduce_async_([a, b], op=hvd.Min))
     assert got[0] is a and got[1] is b
+    # sparse: rank r holds row r (of 5) = r + 1; Horovod's handle is a callable
+    dense = torch.zeros(5, 2)
+    dense[r] = r + 1.0
+    got = hvd.sparse_allreduce_async(dense.to_sparse(), op=hvd.Sum)()
+    assert got.is_sparse and torch.equal(got.to_dense(), hvd.allreduce(dense, op=hvd.Sum))
+    got = hvd.sparse_allreduce_async(dense.to_sparse(), op=hvd.Average)().to_dense()
+    assert torch.allclose(got, hvd.allreduce(dense))
     assert torch.equal(a, expected[hvd.Min]) and torch.equal(b, expected[hvd.Min])
 
 

@@ -72,6 +72,7 @@ from hpcml.horovod.ops import (
     grouped_reducescatter,
     reducescatter,
     reducescatter_async,
+    sparse_allreduce_async,
 )
 from hpcml.horovod.optimizer import (
     DistributedOptimizer,
@@ -94,5 +95,5 @@ __all__ = [
     "grouped_reducescatter", "init", "is_homogeneous", "is_initialized", "join", "local_rank",
     "local_size", "mpi_built", "mpi_enabled", "mpi_threads_supported", "nccl_built", "poll",
     "rank", "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built",
-    "shutdown", "size", "synchronize",
+    "shutdown", "size", "sparse_allreduce_async", "synchronize",
 ]

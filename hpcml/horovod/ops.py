@@ -25,7 +25,7 @@ tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -260,6 +260,27 @@ def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
                       process_set: Any = None) -> list[torch.Tensor]:
     """``[allgather(t) for t in tensors]``."""
     return [allgather(t, process_set=process_set) for t in tensors]
+
+
+def sparse_allreduce_async(tensor: torch.Tensor, name: str | None = None, op: int = Average,
+                           process_set: Any = None) -> Callable[[], torch.Tensor]:
+    """The reduction of a sparse COO ``tensor`` over the ranks, as Horovod computes it: every
+    rank's indices and values are gathered (two allgathers, collective now) and returned by the
+    callable (Horovod's handle) as one uncoalesced sparse tensor of ``tensor``'s shape, its
+    values divided by the size for ``Average``. ``op``: ``Average`` or ``Sum``."""
+    if op not in (Average, Sum):
+        raise ValueError("hpcml.horovod: sparse_allreduce_async: op must be hvd.Average or "
+                         "hvd.Sum")
+    t = tensor.coalesce() if not tensor.is_coalesced() else tensor
+    indices = allgather(t.indices().t().contiguous(), process_set=process_set)
+    values = allgather(t.values().contiguous(), process_set=process_set)
+    if op == Average:
+        values = values / communicator(process_set).size
+
+    def handle() -> torch.Tensor:
+        return torch.sparse_coo_tensor(indices.t(), values, t.shape, check_invariants=True)
+
+    return handle
 
 
 # -- broadcast ------------------------------------------------------------------------------------
