@@ -347,6 +347,14 @@ def check_process_sets(n: int, r: int) -> None:
                                                  strict=True))
     if other is not None:
         assert not other.included()
+        # an optimizer over the other set: this rank is outside it and steps alone
+        w = torch.ones(2, requires_grad=True)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD([w], lr=1.0), process_set=other)
+        (w * (r + 1.0)).sum().backward()
+        opt.synchronize()
+        with opt.skip_synchronize():
+            opt.step()
+        assert torch.equal(w.detach(), torch.full((2,), -float(r)))
         expect_error(ValueError, "does not include this rank", hvd.allreduce, x,
                      process_set=other)
     expect_error(ValueError, "is not in", hvd.broadcast, x, (r + 1) % n if n > 1 else 1,

@@ -39,6 +39,7 @@ from hpcml.horovod.compression import Compression
 from hpcml.horovod.join import OPTIMIZER, negotiate, register_optimizer
 from hpcml.parallel import broadcast as _broadcast
 from hpcml.parallel.optimizer import DistributedOptimizer as _ParallelOptimizer
+from hpcml.parallel.wrapper import WrappedOptimizer
 
 
 class _HorovodOptimizer(_ParallelOptimizer):
@@ -108,21 +109,43 @@ class _HorovodOptimizer(_ParallelOptimizer):
         super().synchronize()
 
 
+class _Bystander(WrappedOptimizer):
+    """Horovod's ``DistributedOptimizer`` on a rank outside its process set: nothing is
+    reduced, ``step()`` steps the wrapped optimizer on this rank's own gradients."""
+
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        yield
+
+    def synchronize(self) -> None:
+        """Nothing to reduce on a rank outside the process set (not collective)."""
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Nothing accumulates across ranks here; accepted for Horovod's API."""
+
+    def step(self, closure: Any = None) -> Any:
+        return self.optimizer.step(closure)
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,  # noqa: N802 (Horovod's name)
                          named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
                          compression: Any = Compression.none, backward_passes_per_step: int = 1,
                          op: int = Average, gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
-                         process_set: Any = None) -> _HorovodOptimizer:
+                         process_set: Any = None) -> _HorovodOptimizer | _Bystander:
     """Wrap ``optimizer`` so that ``step()`` uses the gradients averaged (``op=Average``) or
     summed (``op=Sum``) over the ranks, reduced while backward runs. Collective: every rank
-    wraps the same parameters. ``compression=Compression.fp16``: gradients travel as float16."""
+    wraps the same parameters. ``compression=Compression.fp16``: gradients travel as float16.
+    On a rank outside ``process_set`` (added, as Horovod requires), the wrapper reduces nothing
+    and steps on this rank's gradients (Horovod's behaviour); not collective there."""
     if op not in (Average, Sum):
         raise ValueError(f"hpcml.horovod: DistributedOptimizer(op={OP_NAMES.get(op, op)}): only "
                          "hvd.Average and hvd.Sum are implemented")
     if compression not in (Compression.none, Compression.fp16):
         raise ValueError("hpcml.horovod: compression: only Compression.none and "
                          "Compression.fp16 are implemented")
+    if process_set is not None and process_set.added and not process_set.included():
+        return _Bystander(optimizer)  # as Horovod: a rank outside the set steps alone
     comm = communicator(process_set)
     negotiate("DistributedOptimizer()", process_set)
     is_global = process_set is None or process_set.ranks is None
