@@ -54,6 +54,22 @@ def bench(name: str, job_file: str | None, overrides: tuple[str, ...]) -> None:
     execute(job_file, kind=f"bench-{name}", overrides=overrides)
 
 
+@cli.command(context_settings={"ignore_unknown_options": False,
+                                "allow_interspersed_args": False})
+@click.option("-np", "--num-proc", "np", type=int, required=True, metavar="N",
+              help="Number of ranks.")
+@click.option("-H", "--hosts", default=None, metavar="HOST:SLOTS,...",
+              help="Hosts and their slots, e.g. node1:4,node2:4.")
+@click.option("--verbose", is_flag=True, help="Print the mpiexec line first.")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def horovodrun(np: int, hosts: str | None, verbose: bool, command: tuple[str, ...]) -> None:
+    """Horovod's launcher: run COMMAND (e.g. python train.py) on N ranks with the embedded
+    mpiexec."""
+    from hpcml.horovodrun import horovodrun as run_it
+
+    raise SystemExit(run_it(np, hosts, command, verbose))
+
+
 @cli.command()
 def info() -> None:
     """MPI library, ranks, hosts, threads and versions as this job sees them."""

@@ -55,6 +55,11 @@ class ProcessSet:
 global_process_set = ProcessSet()
 
 
+class HorovodInternalError(RuntimeError):
+    """Horovod's error for a collective the ranks cannot complete (here: ranks that posted
+    collectives differing in kind, op, root, dtype or shape); raised on every rank alike."""
+
+
 def add_process_set(process_set: ProcessSet | Any) -> ProcessSet:
     """Register ``process_set`` (or a list of global ranks). Collective over every rank of the
     job: all call it with the same ranks, in the same order."""
@@ -66,6 +71,9 @@ def add_process_set(process_set: ProcessSet | Any) -> ProcessSet:
             not 0 <= ps.ranks[0] <= ps.ranks[-1] < st.comm.size:
         raise ValueError(f"hpcml.horovod: add_process_set: ranks {ps.ranks} must be distinct "
                          f"ranks of the job (0..{st.comm.size - 1})")
+    from hpcml.horovod.join import negotiate  # join builds on this module
+
+    negotiate("add_process_set", None)
     member = st.comm.rank in ps.ranks
     sub = st.comm.split(0 if member else 1, st.comm.rank, name=f"process_set{ps.ranks}")
     ps.comm, ps.added = (sub if member else None), True
@@ -179,7 +187,10 @@ def cross_rank() -> int:
 
 def is_homogeneous() -> bool:
     """Whether every node runs the same number of ranks (collective)."""
+    from hpcml.horovod.join import negotiate  # join builds on this module
+
     st = _state()
+    negotiate("is_homogeneous", None)
     return len(set(st.comm.allgather(st.local.size))) == 1
 
 

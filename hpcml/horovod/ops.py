@@ -25,7 +25,7 @@ tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensor
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -43,6 +43,7 @@ from hpcml.horovod.basics import (
     synchronize,
 )
 from hpcml.horovod.compression import Compression
+from hpcml.horovod.join import ALLREDUCE, negotiate
 
 
 def _op(op: int | None, average: bool | None) -> int:
@@ -107,9 +108,12 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     op: int | None = None, prescale_factor: float = 1.0,
                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
     """Start reducing ``tensor`` over the ranks into a new tensor; ``tensor`` is unchanged."""
+    op = _op(op, average)
+    comm = communicator(process_set)
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    return _allreduce_start(tensor.detach(), output, _op(op, average), prescale_factor,
-                            postscale_factor, communicator(process_set))
+    negotiate("allreduce", process_set, ALLREDUCE, output, op)
+    return _allreduce_start(tensor.detach(), output, op, prescale_factor, postscale_factor,
+                            comm)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -117,8 +121,10 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      postscale_factor: float = 1.0, process_set: Any = None) -> int:
     """Start reducing ``tensor`` in place; its value is the result after ``synchronize``."""
     t = _contiguous("allreduce_", tensor)
-    return _allreduce_start(t, t, _op(op, average), prescale_factor, postscale_factor,
-                            communicator(process_set))
+    op = _op(op, average)
+    comm = communicator(process_set)
+    negotiate("allreduce_", process_set, ALLREDUCE, t, op)
+    return _allreduce_start(t, t, op, prescale_factor, postscale_factor, comm)
 
 
 class _Allreduce(torch.autograd.Function):
@@ -176,7 +182,11 @@ def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = No
                       op: int | None = None, prescale_factor: float = 1.0,
                       postscale_factor: float = 1.0, process_set: Any = None
                       ) -> list[torch.Tensor]:
-    """``[allreduce(t) for t in tensors]``, all in flight together (not differentiable)."""
+    """``[allreduce(t) for t in tensors]``, all in flight together; differentiable (each
+    tensor's gradient is the same allreduce of its gradient) when a tensor requires grad."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return [allreduce(t, average, None, compression, op, prescale_factor, postscale_factor,
+                          process_set) for t in tensors]
     pairs = [compression.compress(t) for t in tensors]
     out = synchronize(grouped_allreduce_async([c for c, _ in pairs], average, name, op,
                                               prescale_factor, postscale_factor, process_set))
@@ -201,33 +211,34 @@ def _rows(what: str, tensor: torch.Tensor, comm: Communicator) -> list[int]:
                          "dimension (reshape it to (1,))")
     meta = comm.allgather((tuple(tensor.shape), str(tensor.dtype)))
     if len({(shape[1:], dtype) for shape, dtype in meta}) != 1:
-        raise ValueError(f"hpcml.horovod: {what}: the ranks' tensors differ in dtype or beyond "
+        raise RuntimeError(f"hpcml.horovod: {what}: the ranks' tensors differ in dtype or beyond "
                          f"the first dimension ({[f'{s} {d}' for s, d in meta]})")
     return [shape[0] for shape, _ in meta]
 
 
-def _allgather(tensor: torch.Tensor, comm: Communicator) -> torch.Tensor:
+def _allgather(tensor: torch.Tensor, comm: Communicator) -> tuple[torch.Tensor, list[int]]:
+    """The gathered tensor and every rank's number of rows."""
     t = tensor.detach().contiguous()
     rows = _rows("allgather", t, comm)
     row = math.prod(t.shape[1:])
     out = torch.empty((sum(rows), *t.shape[1:]), dtype=t.dtype)
     comm.Allgatherv(t, out, [r * row for r in rows])
-    return out
+    return out, rows
 
 
 class _Allgather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, process_set: Any) -> torch.Tensor:
-        out = _allgather(tensor, communicator(process_set))
-        ctx.process_set, ctx.rows = process_set, tensor.shape[0]
+        comm = communicator(process_set)
+        negotiate("allgather", process_set, tensor=tensor, rows_free=True)
+        out, rows = _allgather(tensor, comm)
+        ctx.process_set, ctx.offset, ctx.rows = process_set, sum(rows[:comm.rank]), rows[comm.rank]
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        comm = communicator(ctx.process_set)
         averaged = allreduce(grad.contiguous(), op=Average, process_set=ctx.process_set)
-        offset = sum(comm.allgather(ctx.rows)[:comm.rank])
-        return averaged.narrow(0, offset, ctx.rows), None
+        return averaged.narrow(0, ctx.offset, ctx.rows), None
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None,
@@ -239,7 +250,9 @@ def allgather(tensor: torch.Tensor, name: str | None = None,
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None,
                     process_set: Any = None) -> int:
-    out = _allgather(tensor, communicator(process_set))
+    comm = communicator(process_set)
+    negotiate("allgather_async", process_set, tensor=tensor, rows_free=True)
+    out = _allgather(tensor, comm)[0]
     return new_handle([], lambda: out)
 
 
@@ -247,6 +260,27 @@ def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
                       process_set: Any = None) -> list[torch.Tensor]:
     """``[allgather(t) for t in tensors]``."""
     return [allgather(t, process_set=process_set) for t in tensors]
+
+
+def sparse_allreduce_async(tensor: torch.Tensor, name: str | None = None, op: int = Average,
+                           process_set: Any = None) -> Callable[[], torch.Tensor]:
+    """The reduction of a sparse COO ``tensor`` over the ranks, as Horovod computes it: every
+    rank's indices and values are gathered (two allgathers, collective now) and returned by the
+    callable (Horovod's handle) as one uncoalesced sparse tensor of ``tensor``'s shape, its
+    values divided by the size for ``Average``. ``op``: ``Average`` or ``Sum``."""
+    if op not in (Average, Sum):
+        raise ValueError("hpcml.horovod: sparse_allreduce_async: op must be hvd.Average or "
+                         "hvd.Sum")
+    t = tensor.coalesce() if not tensor.is_coalesced() else tensor
+    indices = allgather(t.indices().t().contiguous(), process_set=process_set)
+    values = allgather(t.values().contiguous(), process_set=process_set)
+    if op == Average:
+        values = values / communicator(process_set).size
+
+    def handle() -> torch.Tensor:
+        return torch.sparse_coo_tensor(indices.t(), values, t.shape, check_invariants=True)
+
+    return handle
 
 
 # -- broadcast ------------------------------------------------------------------------------------
@@ -259,7 +293,9 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: Any = None) -> torch.Tensor:
     """Copy ``root_rank``'s ``tensor`` into every rank's ``tensor`` (in place); returns it."""
     comm = communicator(process_set)
-    comm.Bcast(_contiguous("broadcast_", tensor).data, root=_root(root_rank, process_set))
+    root = _root(root_rank, process_set)
+    negotiate("broadcast", process_set, tensor=tensor, op=root)
+    comm.Bcast(_contiguous("broadcast_", tensor).data, root=root)
     return tensor
 
 
@@ -300,30 +336,30 @@ def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = Non
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: Any = None) -> Any:
     """``root_rank``'s picklable ``obj`` on every rank (pickled within the job)."""
-    return communicator(process_set).bcast(obj, root=_root(root_rank, process_set))
+    comm, root = communicator(process_set), _root(root_rank, process_set)
+    negotiate("broadcast_object", process_set)
+    return comm.bcast(obj, root=root)
 
 
 def allgather_object(obj: Any, name: str | None = None, process_set: Any = None) -> list[Any]:
     """Every rank's picklable ``obj``, in rank order."""
-    return communicator(process_set).allgather(obj)
+    comm = communicator(process_set)
+    negotiate("allgather_object", process_set)
+    return comm.allgather(obj)
 
 
 def barrier(process_set: Any = None) -> None:
     """Return when every rank has called it."""
-    communicator(process_set).barrier()
-
-
-def join(device: int = -1) -> int:
-    """Refused: Horovod's join lets ranks stop early while the others keep reducing, which
-    needs its background negotiation; MPI collectives need every rank."""
-    raise NotImplementedError("hpcml.horovod: join() is not implemented (give every rank the "
-                              "same number of batches, e.g. drop_last=True in the sampler)")
+    comm = communicator(process_set)
+    negotiate("barrier", process_set)
+    comm.barrier()
 
 
 # -- alltoall, reducescatter -----------------------------------------------------------------------
 def _alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None,
               process_set: Any) -> tuple[torch.Tensor, torch.Tensor]:
     comm = communicator(process_set)
+    negotiate("alltoall", process_set, tensor=tensor, rows_free=True)
     t = tensor.detach().contiguous()
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: alltoall: a 0-dimensional tensor has no first "
@@ -406,12 +442,15 @@ class _Reducescatter(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         op, prescale, postscale, process_set = ctx.args
         factor = prescale * postscale * (communicator(process_set).size if op == Sum else 1)
-        return _allgather(grad * factor, communicator(process_set)), None, None, None, None
+        comm = communicator(process_set)
+        negotiate("reducescatter (backward)", process_set)
+        return _allgather(grad * factor, comm)[0], None, None, None, None
 
 
 def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
                    postscale_factor: float, process_set: Any) -> torch.Tensor:
     comm = communicator(process_set)
+    negotiate("reducescatter", process_set, tensor=tensor, op=op)
     t = tensor.detach().contiguous()
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "

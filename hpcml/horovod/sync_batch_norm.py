@@ -50,7 +50,7 @@ class SyncBatchNorm(_BatchNorm):
         centred = x - mean.view(shape)
         var = allreduce((centred * centred).sum(dims), op=Sum,
                         process_set=self.process_set) / n
-        count = float(n)
+        count = float(n.detach())
         if count < 2:
             raise ValueError("hpcml.horovod: SyncBatchNorm: the whole batch holds one value per "
                              "channel, so its variance is undefined (use more than one sample)")

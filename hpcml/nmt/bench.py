@@ -22,6 +22,9 @@ resident memory per rank is each method's own:
 - ``horovod`` / ``horovod_sparse``: Horovod with ``sparse_as_dense=True`` / ``False`` on the
   sparse-gradient model, when ``horovod.torch`` imports (``make horovod``); otherwise skipped
   with the reason. Horovod reports neither buffers nor bytes: compare its peak RSS.
+- ``hpcml_horovod``: the ``horovod`` method's code (``HorovodPeer``) with ``hpcml.horovod``
+  instead of ``horovod.torch`` (always available); its buffers and bytes are hpcml's (the
+  dense buckets, plus the 104-byte header of ``join()`` per step).
 
 Step time is each rank's median, then the slowest rank's; tokens/s = global target tokens per
 step / that time; ``vs_ddp`` = DDP step time / method step time (> 1: faster than DDP);
@@ -71,14 +74,16 @@ from hpcml.parallel import (
 from hpcml.report.scaling import fit_bench
 
 HOROVOD = {"horovod": True, "horovod_sparse": False}  # method -> sparse_as_dense
-METHODS = (*REDUCTIONS, *peers.DDP_BACKENDS, *HOROVOD)
+HPCML_HOROVOD = "hpcml_horovod"  # the same peer code through hpcml.horovod
+METHODS = (*REDUCTIONS, *peers.DDP_BACKENDS, *HOROVOD, HPCML_HOROVOD)
 
 
 @dataclasses.dataclass
 class ReductionConfig(JobConfig):
     model: ModelConfig = option(ModelConfig())
     data: DataConfig = option(DataConfig())
-    methods: list[str] = option(["sparse_allgather", "dense_allreduce", "ddp", "horovod"],
+    methods: list[str] = option(["sparse_allgather", "dense_allreduce", "ddp", "horovod",
+                                 "hpcml_horovod"],
                                 choices=METHODS, nonempty=True, help="exchanges and peers to time")
     synthetic: SyntheticConfig = option(SyntheticConfig())
     scaling: str = option("weak", choices=("weak", "strong"),
@@ -176,6 +181,21 @@ def _setup(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: int) -> _R
                 seen[0] = now
 
         runner.after_step = counted
+        return runner
+    if method == HPCML_HOROVOD:
+        import hpcml.horovod
+
+        peer = peers.HorovodPeer(model, optimizer, True, hvd=hpcml.horovod)
+        runner = _Runner(method, model, peer, lambda: peer.optimizer.memory.peak)
+        step = peer.step
+
+        def counted_step() -> None:
+            before = comm.ledger.bytes_received()
+            step()
+            runner.exchanged += comm.ledger.bytes_received() - before
+
+        peer.step = counted_step  # type: ignore[method-assign]
+        runner.close = peer.optimizer.reducer.remove_hooks
         return runner
     return _Runner(method, model, peers.HorovodPeer(model, optimizer, HOROVOD[method]),
                    lambda: None)

@@ -8,12 +8,14 @@
   backend (:mod:`hpcml.distributed`), beside gloo's default group.
 - Horovod (``hvd.DistributedOptimizer``) with ``sparse_as_dense=True`` (the paper's fix) or
   ``False`` (Horovod's allgather of sparse gradients), only where ``horovod.torch`` imports
-  (``make horovod``); :func:`horovod_unavailable` says why not otherwise.
+  (``make horovod``); :func:`horovod_unavailable` says why not otherwise. The same peer runs
+  over ``hpcml.horovod`` (``hvd=hpcml.horovod``) for the benchmark's ``hpcml_horovod`` method.
 """
 
 from __future__ import annotations
 
 import socket
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -87,11 +89,12 @@ class HorovodPeer:
     parameters. :meth:`step` waits for Horovod's reductions, densifies the averaged sparse
     gradients (torch's Adam takes dense gradients only) and updates without synchronizing again
     (Horovod's ``skip_synchronize``). Only build it when :func:`horovod_unavailable` is None.
-    Collective."""
+    Collective. ``hvd``: the Horovod module (``None``: ``horovod.torch``)."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 sparse_as_dense: bool) -> None:
-        import horovod.torch as hvd
+                 sparse_as_dense: bool, hvd: ModuleType | None = None) -> None:
+        if hvd is None:
+            import horovod.torch as hvd
 
         hvd.init()
         hvd.broadcast_parameters(model.state_dict(), root_rank=0)
