@@ -122,7 +122,9 @@ def env_for(root: Path) -> dict[str, str]:
     return {**os.environ, "SLURM_CONF": str(root / "slurm.conf")}
 
 
-def _wait_idle(root: Path, timeout: float, count: int = 1) -> None:
+def wait_idle(root: Path, timeout: float, count: int = 1) -> None:
+    """Block until sinfo shows ``count`` nodes, each idle, mixed or allocated; raises
+    ``ClusterUnavailable`` (one line, with the tail of a slurmd log) after ``timeout`` s."""
     deadline = time.monotonic() + timeout
     out = ""
     while time.monotonic() < deadline:
@@ -187,7 +189,7 @@ def up(root: str | Path, timeout: float = 60, nodes: int | None = None,
                 slurm_conf(root, ports, cpus, host, table, rec.gateway))
             _start(root, daemons)
             _start_nodes(root, rec)
-        _wait_idle(root, timeout, nodes or 1)
+        wait_idle(root, timeout, nodes or 1)
     except ClusterUnavailable:
         down(root)
         raise
