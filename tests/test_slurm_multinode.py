@@ -213,3 +213,59 @@ def _with_arg(text: str) -> list[int]:
         if text in cmdline and state != "Z" and int(entry) != os.getpid():
             found.append(int(entry))
     return found
+
+
+# ---- pure parts (no root, no Slurm) ----------------------------------------------------------
+
+def test_bad_arguments_are_one_line_exit_2_and_nothing_is_made(tmp_path):
+    for args, field in ((["--nodes", "5"], "--nodes 5"), (["--nodes", "2", "--link-rate", "fast"],
+                                                          "--link-rate"),
+                        (["--link-rate", "1gbit"], "--link-rate needs --nodes")):
+        res = subprocess.run([sys.executable, "-m", "hpcml.slurm.local_cluster", "up",
+                              str(tmp_path / "c"), *args], capture_output=True, text=True)
+        assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+        assert field in res.stderr
+        assert not (tmp_path / "c").exists()
+
+
+def test_rates_hosts_and_multi_node_conf():
+    assert netns.rate_bits("1gbit") == 1e9 and netns.rate_bits("500mbit") == 5e8
+    with pytest.raises(ValueError, match="like 1gbit"):
+        netns.rate_bits("1 GB")
+    nodes = [netns.Node(k, f"node{k}", f"ns{k}", f"10.9.9.{10 + k}", f"h{k}") for k in (1, 2)]
+    assert netns.hosts_text(nodes, "vm", "10.9.9.1").splitlines() == [
+        "127.0.0.1 localhost", "10.9.9.1 vm", "10.9.9.11 node1", "10.9.9.12 node2"]
+    conf = local_cluster.slurm_conf(Path("/r"), (1, 2), 2, "vm",
+                                    [("node1", "node1", "10.9.9.11"),
+                                     ("node2", "node2", "10.9.9.12")], "10.9.9.1").splitlines()
+    assert "SlurmctldHost=vm(10.9.9.1)" in conf and "SlurmdPidFile=/r/slurmd.%n.pid" in conf
+    assert "NodeName=node2 NodeHostname=node2 NodeAddr=10.9.9.12 CPUs=2 State=UNKNOWN" in conf
+    assert conf[-1].startswith("PartitionName=debug Nodes=node1,node2 ")
+    single = local_cluster.slurm_conf(Path("/r"), (1, 2), 2, "vm").splitlines()
+    assert "SlurmdPidFile=/r/slurmd.pid" in single and "SlurmctldHost=vm(127.0.0.1)" in single
+
+
+def test_transport_names_and_warning():
+    from hpcml.comm import transport
+
+    same = {"boot_id": "b", "shm": "1:2"}
+    ids = [{"host": "node1", **same}, {"host": "node2", **same},
+           {"host": "far", "boot_id": "c", "shm": "1:2"}]
+    assert transport.shared_machines(ids) == ["node1", "node2"]
+    assert transport.classify(transport.PROBE_BYTES * 2, True) == "ip network"
+    assert transport.classify(0, True) == "shared memory"
+    assert transport.classify(0, False) == "network, not IP"
+    warn = transport.warning({"inter_node": "shared memory",
+                              "shared_memory_hosts": ["node1", "node2"]})
+    assert warn.count("\n") == 0 and "node1, node2" in warn and "UCX_TLS=tcp" in warn
+    assert transport.warning({"inter_node": "network, not IP", "shared_memory_hosts": []}) is None
+
+
+def test_watchdog_line_names_hosts_only_across_hosts():
+    from hpcml.comm import watchdog
+
+    mine = ("Allreduce", 5.0, "at step 3", "")
+    two = watchdog.line(0, mine, [1], {}, ["node1", "node2"])
+    assert two.startswith("hpcml: watchdog: rank 0 (node1) blocked 5 s in Allreduce at step 3; "
+                          "rank 1 (node2) stopped answering")
+    assert watchdog.line(0, mine, [1], {}, ["vm", "vm"]) == watchdog.line(0, mine, [1], {})

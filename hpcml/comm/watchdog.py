@@ -35,6 +35,8 @@ Contract:
       (no heartbeat within 2 s); aborting the job (exit code 4)
 
   (one line; the job's run directory keeps what was written before: metrics, checkpoints).
+  When the job spans several hostnames, each rank named is followed by its host:
+  ``rank 0 (node1) blocked ...; rank 1 (node2) stopped answering ...``.
 - **Threads**: the watchdog thread makes MPI calls, which needs ``MPI_THREAD_MULTIPLE``
   (mpi4py asks for it by default; the MPICH wheel provides it). Under a lower thread level it
   makes none: it fires the same way but cannot name the silent rank, and ends its process with

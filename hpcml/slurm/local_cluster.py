@@ -1,16 +1,25 @@
-"""A private single-node Slurm cluster (munged + slurmctld + slurmd) in a temporary directory.
+"""A private Slurm cluster (munged + slurmctld + slurmd) in a temporary directory: one node, or
+up to four namespaced nodes on this machine with shaped links.
 
 Used by the test suite and by anyone who wants to try the templates on a laptop or CI runner:
 
     python -m hpcml.slurm.local_cluster up /tmp/hpcml-slurm     # prints `export SLURM_CONF=...`
+    python -m hpcml.slurm.local_cluster up /tmp/c2 --nodes 2 --link-rate 1gbit
     python -m hpcml.slurm.local_cluster down /tmp/hpcml-slurm
+
+With ``--nodes N`` every node is a network namespace with its own address on a private bridge,
+its own hostname (``node1``..``nodeN``) and its own ``slurmd``; ``--link-rate`` shapes each
+node's link with ``tbf`` (see :mod:`hpcml.slurm.netns`); slurmctld listens on the bridge.
+``DIR/node-exec`` is an ssh stand-in for Hydra (``mpiexec -launcher ssh -launcher-exec
+DIR/node-exec -hosts node1,node2``). ``down`` ends every process of the cluster (daemons, and
+job steps and ranks still running, see :mod:`hpcml.slurm.reaper`) and removes what ``up``
+made, by the records in DIR.
 
 ``up`` (needs root) installs Debian's ``slurm-wlm`` and ``munge`` with apt when ``slurmctld`` is
 missing, writes a munge key and a ``slurm.conf`` whose state, spool, logs, pid files and munge
 socket all live under DIR, picks a free private port pair (so it never collides with a site
 Slurm or another test run), starts the three daemons and waits until ``sinfo`` reports the node
-idle. Every client command must see ``SLURM_CONF=DIR/slurm.conf``. ``down`` stops the daemons
-by the pids recorded in DIR (never by name).
+idle. Every client command must see ``SLURM_CONF=DIR/slurm.conf``.
 
 Configuration choices (Slurm 22.05 as packaged by Debian 12): ``ProctrackType=proctrack/linuxproc``
 and ``TaskPlugin=task/none`` (no cgroups needed), ``SelectType=select/cons_tres`` with
@@ -28,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from hpcml.slurm import netns, reaper
 
@@ -253,8 +263,13 @@ USAGE = ("usage: python -m hpcml.slurm.local_cluster up DIR [--nodes N] [--link-
          "down DIR")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, nothing written
+        self.exit(2, f"hpcml: {message} ({USAGE})\n")
+
+
 def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m hpcml.slurm.local_cluster", usage=USAGE)
+    parser = _Parser(prog="python -m hpcml.slurm.local_cluster", usage=USAGE)
     parser.add_argument("action", choices=("up", "down"))
     parser.add_argument("dir")
     parser.add_argument("--nodes", type=int, default=None)
