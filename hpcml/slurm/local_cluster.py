@@ -190,6 +190,11 @@ def up(root: str | Path, timeout: float = 60, nodes: int | None = None,
             daemons.append(["slurmd", "-N", NODE, "-f", str(root / "slurm.conf")])
             _start(root, daemons)
         else:
+            tools = ["ip", "nsenter", "unshare", "mount", "hostname"] + ["tc"] * bool(link_rate)
+            missing = [t for t in tools if not shutil.which(t)]
+            if missing:
+                raise ClusterUnavailable(f"namespaced nodes need {', '.join(missing)} "
+                                         "(apt-get install iproute2 util-linux)")
             try:
                 rec = netns.setup(root / RECORDS, nodes, link_rate)
             except (netns.NetnsError, ValueError) as exc:
