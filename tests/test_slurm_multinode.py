@@ -182,12 +182,13 @@ def test_a_cut_link_ends_the_job_through_the_watchdog_naming_the_node(client, tm
                     r"rank 1 \(node2\) stopped answering", fired[0]), fired
 
 
-def test_down_leaves_nothing_behind_even_with_a_job_running(client):
+def test_down_leaves_nothing_behind_even_with_a_job_running(client, tmp_path):
     """Last in this file: takes the module's cluster down while a 2-node job still runs (its
     slurmstepd and tasks outlive slurmd unless down ends them)."""
     rec = netns.Records.load(client / local_cluster.RECORDS)
     marker = f"{time.time_ns() % 10**6 + 1000}.5"
-    res = subprocess.run(["sbatch", "--parsable", "-N", "2", "-n", "2", "--wrap",
+    res = subprocess.run(["sbatch", "--parsable", "-N", "2", "-n", "2", "-o",
+                          str(tmp_path / "sleep.out"), "--wrap",
                           f"srun sleep {marker}"], capture_output=True, text=True, check=True)
     job = res.stdout.strip()
     deadline = time.monotonic() + 60
