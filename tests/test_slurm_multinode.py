@@ -52,9 +52,19 @@ def client(cluster: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cluster
 
 
+# Slurm 22.05's pmi2 plugin now and then garbles the long UCX address MPICH puts in the
+# key-value space ("mpi/pmi2: invalid client request" and MPI_Init fails on every rank); a
+# known failure outside hpcml, so one such start is retried.
+PMI2_GARBLED = "mpi/pmi2: invalid client request"
+
+
 def _srun(args: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["srun", "--mpi=pmi2", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env}, cwd=REPO)
+    for _ in range(2):
+        res = subprocess.run(["srun", "--mpi=pmi2", *args], capture_output=True, text=True,
+                             timeout=timeout, env={**os.environ, **env}, cwd=REPO)
+        if PMI2_GARBLED not in res.stderr:
+            break
+    return res
 
 
 def test_multi_node_template_runs_two_ranks_on_each_node(client, tmp_path):
@@ -138,8 +148,13 @@ def optimizer_across_nodes(comm: Communicator) -> None:
 
 
 def test_distributed_optimizer_on_two_nodes_matches_one_process(client):
-    res = _srun(["-N", "2", "-n", "2", sys.executable, "-m", "hpcml.testing", __file__,
-                 "optimizer_across_nodes"], 150)
+    """Launched by the wheel's Hydra from the host, without ssh (``DIR/node-exec``)."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    res = subprocess.run([str(mpiexec), "-launcher", "ssh", "-launcher-exec",
+                          str(client / "node-exec"), "-hosts", "node1,node2", "-n", "2",
+                          sys.executable, "-m", "hpcml.testing", __file__,
+                          "optimizer_across_nodes"], capture_output=True, text=True,
+                         timeout=150, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 

@@ -259,8 +259,7 @@ def down(root: str | Path, timeout: float = 15) -> list[str]:
     root = Path(root).resolve()
     rec = netns.Records.load(root / RECORDS)
     namespaces = rec.namespaces if rec else []
-    reaper.end(reaper.cluster_pids(root / "slurm.conf", namespaces), timeout)
-    left = [f"process {pid}" for pid in reaper.cluster_pids(root / "slurm.conf", namespaces)]
+    left = [f"process {pid}" for pid in reaper.end_all(root / "slurm.conf", namespaces, timeout)]
     return left + netns.teardown(root / RECORDS)
 
 

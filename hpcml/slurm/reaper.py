@@ -95,3 +95,18 @@ def end(pids: Iterable[int], timeout: float) -> None:
         if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # SIGKILL cannot be ignored; exiting takes a moment
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+
+
+def end_all(conf: Path, namespaces: Iterable[str], timeout: float) -> list[int]:
+    """End every process of the cluster (see :func:`cluster_pids`), again while new ones
+    appear (a step daemon starting a task meanwhile), at most 3 rounds; returns the pids
+    still alive after that (empty: all gone)."""
+    for _ in range(3):
+        pids = cluster_pids(conf, namespaces)
+        if not pids:
+            return []
+        end(pids, timeout)
+    return sorted(p for p in cluster_pids(conf, namespaces) if alive(p))
