@@ -10,7 +10,7 @@ from typing import Any
 
 import threadpoolctl
 
-from hpcml.comm import Communicator, progress
+from hpcml.comm import Communicator, progress, transport
 from hpcml.comm.info import mpi_info
 
 # the BLAS thread limits set by configure_threads, held for the life of the process
@@ -45,8 +45,14 @@ def configure_threads(comm: Communicator, requested: int) -> int:
 
 
 def environment(comm: Communicator) -> dict[str, Any]:
-    """What a reader of a result needs to know about where it ran (collective: gathers hosts)."""
+    """What a reader of a result needs to know about where it ran (collective: gathers hosts
+    and observes the transport between hosts, see :mod:`hpcml.comm.transport`; rank 0 prints
+    one warning line when ranks on different hostnames share one machine's memory)."""
     hosts = comm.allgather(platform.node())
+    between = transport.inter_node(comm)
+    warn = transport.warning(between)
+    if warn and comm.rank == 0:
+        print(warn, file=sys.stderr, flush=True)
     try:
         import torch
 
@@ -61,6 +67,7 @@ def environment(comm: Communicator) -> dict[str, Any]:
         "hosts": sorted(set(hosts)),
         "ranks_per_host": {h: hosts.count(h) for h in sorted(set(hosts))},
         **mpi_info(),
+        "transport": between,
         "python": sys.version.split()[0],
         "numpy": numpy.__version__,
         "torch": torch_info,

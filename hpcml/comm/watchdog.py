@@ -35,6 +35,8 @@ Contract:
       (no heartbeat within 2 s); aborting the job (exit code 4)
 
   (one line; the job's run directory keeps what was written before: metrics, checkpoints).
+  When the job spans several hostnames, each rank named is followed by its host:
+  ``rank 0 (node1) blocked ...; rank 1 (node2) stopped answering ...``.
 - **Threads**: the watchdog thread makes MPI calls, which needs ``MPI_THREAD_MULTIPLE``
   (mpi4py asks for it by default; the MPICH wheel provides it). Under a lower thread level it
   makes none: it fires the same way but cannot name the silent rank, and ends its process with
@@ -51,6 +53,7 @@ from __future__ import annotations
 import atexit
 import math
 import os
+import platform
 import sys
 import threading
 from time import monotonic, perf_counter, sleep
@@ -152,15 +155,26 @@ def where(state: State) -> str:
     return f"blocked {seconds:.0f} s in {what} {step}"
 
 
-def verdict(mine: State, silent: list[int], answers: dict[int, State] | None) -> str:
-    """The middle of the line: who stopped answering, or where the answering ranks are when
-    none did. ``answers`` is None when there was no heartbeat (no MPI_THREAD_MULTIPLE)."""
+def on_hosts(ranks: list[int], hosts: list[str] | None) -> str:
+    """`` (node2)`` / `` (node2, node3)``: the hostnames of ``ranks`` when the job spans more
+    than one hostname (``hosts[r]`` is rank r's), else nothing (pure)."""
+    if not hosts or len(set(hosts)) < 2:
+        return ""
+    return f" ({', '.join(sorted({hosts[r] for r in ranks}))})"
+
+
+def verdict(mine: State, silent: list[int], answers: dict[int, State] | None,
+            hosts: list[str] | None = None) -> str:
+    """The middle of the line: who stopped answering (and on which hosts, see
+    :func:`on_hosts`), or where the answering ranks are when none did. ``answers`` is None
+    when there was no heartbeat (no MPI_THREAD_MULTIPLE)."""
     if answers is None:
         return ("the rank that stopped answering is unknown (the heartbeat needs "
                 "MPI_THREAD_MULTIPLE)")
     if silent:
         who = f"rank {silent[0]}" if len(silent) == 1 else f"ranks {silent}"
-        return f"{who} stopped answering (no heartbeat within {HEARTBEAT_SECONDS:g} s)"
+        return (f"{who}{on_hosts(silent, hosts)} stopped answering (no heartbeat within "
+                f"{HEARTBEAT_SECONDS:g} s)")
     elsewhere = sorted(r for r, s in answers.items() if s[::2] != mine[::2])
     if not elsewhere:
         return "every rank answers the heartbeat and is blocked in the same call"
@@ -169,11 +183,14 @@ def verdict(mine: State, silent: list[int], answers: dict[int, State] | None) ->
     return f"every rank answers the heartbeat; {listed}{more}"
 
 
-def line(rank: int, mine: State, silent: list[int], answers: dict[int, State] | None) -> str:
-    """The one line a firing rank writes (pure)."""
+def line(rank: int, mine: State, silent: list[int], answers: dict[int, State] | None,
+         hosts: list[str] | None = None) -> str:
+    """The one line a firing rank writes (pure); ``hosts`` (rank r's hostname at r) adds the
+    hostnames of the firing and the silent ranks when the job spans several."""
     what, seconds, step, _ = mine
-    return (f"hpcml: watchdog: rank {rank} blocked {seconds:.0f} s in {what} {step}; "
-            f"{verdict(mine, silent, answers)}; aborting the job (exit code {WATCHDOG_EXIT})")
+    return (f"hpcml: watchdog: rank {rank}{on_hosts([rank], hosts)} blocked {seconds:.0f} s in "
+            f"{what} {step}; {verdict(mine, silent, answers, hosts)}; aborting the job (exit "
+            f"code {WATCHDOG_EXIT})")
 
 
 class Watchdog:
@@ -185,6 +202,7 @@ class Watchdog:
         self.heartbeat = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
         self.comm = MPI.COMM_WORLD.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.hosts: list[str] = self.comm.allgather(platform.node())
         self._ping: MPI.Request | None = None
         self._sends: list[MPI.Request] = []
         self._main = threading.get_ident()  # the thread that communicates (constructs this)
@@ -254,7 +272,7 @@ class Watchdog:
         silent, answers = self._heartbeat() if self.heartbeat else ([], None)
         sys.stdout.flush()
         # a newline first: the line must not continue a progress bar's (tqdm ends with \r)
-        sys.stderr.write(f"\n{line(self.rank, mine, silent, answers)}\n")
+        sys.stderr.write(f"\n{line(self.rank, mine, silent, answers, self.hosts)}\n")
         sys.stderr.flush()
         sleep(LINGER)
         if self.heartbeat:
