@@ -161,3 +161,15 @@ def configure_pytest(config: Any) -> None:
 
 if __name__ == "__main__":
     _run_body(sys.argv[1], sys.argv[2])
+
+
+def expect_error(kind: type[Exception], text: str, call: Callable[..., Any], *args: Any,
+                 **kwargs: Any) -> None:
+    """Assert that ``call(*args, **kwargs)`` raises ``kind`` with ``text`` in its message (for
+    test bodies that run on MPI ranks, where ``pytest.raises`` has no test to report to)."""
+    try:
+        call(*args, **kwargs)
+    except kind as exc:
+        assert text in str(exc), str(exc)
+    else:
+        raise AssertionError(f"{getattr(call, '__name__', call)} did not raise {kind.__name__}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from hpcml.comm import transport
 from hpcml.config import load_job_file, read_toml
 from hpcml.consensus.config import PrivacyConfig
 from hpcml.consensus.job import ConsensusConfig
@@ -74,7 +75,8 @@ def test_a_private_run_sends_only_its_noised_messages(tmp_path, ranks):
     def size(obj):
         return len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
 
-    launcher = size(None) + size(platform.node())  # validation outcome, host name
+    # validation outcome, host name, the host identity the transport check compares
+    launcher = size(None) + size(platform.node()) + size(transport.identity())
     opened = size((str(run), None))  # the run directory (path, no refusal)
     for rank, ops in enumerate(json.loads((run / "ledger.json").read_text())["ranks"]):
         seen = {op: (t["calls"], t["bytes_sent"], t["bytes_received"]) for op, t in ops.items()}
@@ -84,7 +86,7 @@ def test_a_private_run_sends_only_its_noised_messages(tmp_path, ranks):
             # the same message again at each scored round (the last one is the release),
             # plus the 8-byte stop flag
             "Allgather": (scored, scored * (D + 1) * 8, ranks * scored * (D + 1) * 8),
-            "allgather": (2, launcher, ranks * launcher),
+            "allgather": (3, launcher, ranks * launcher),
             # the run directory's path (or rank 0's one-line refusal), from rank 0
             "bcast": (1, opened if rank == 0 else size(None), opened),
         }, f"rank {rank}"

@@ -25,22 +25,13 @@ from torch import nn
 
 import hpcml.distributed as hd
 from hpcml.distributed.ops import cpu
-from hpcml.testing import launch, mpi_test
+from hpcml.testing import expect_error, launch, mpi_test
 
 R = dist.ReduceOp
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 INTS = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64]
 COMPLEX = [torch.complex64, torch.complex128]
 MOVABLE = [*FLOATS, *INTS, *COMPLEX, torch.bool, torch.uint16, torch.uint32, torch.uint64]
-
-
-def expect_error(kind: type[Exception], text: str, call, *args, **kwargs) -> None:
-    try:
-        call(*args, **kwargs)
-    except kind as exc:
-        assert text in str(exc), str(exc)
-    else:
-        raise AssertionError(f"{call} did not raise {kind.__name__}")
 
 
 def value(r: int, dtype: torch.dtype, shape: tuple[int, ...] = (2, 3)) -> torch.Tensor:

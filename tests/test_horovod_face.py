@@ -12,18 +12,9 @@ import torch
 from torch import nn
 
 import hpcml.horovod as hvd
-from hpcml.testing import mpi_test
+from hpcml.testing import expect_error, mpi_test
 
 G = 8  # global batch: divisible by every rank count used here
-
-
-def expect_error(kind: type[Exception], text: str, call, *args, **kwargs) -> None:
-    try:
-        call(*args, **kwargs)
-    except kind as exc:
-        assert text in str(exc), str(exc)
-    else:
-        raise AssertionError(f"{call.__name__} did not raise {kind.__name__}")
 
 
 def check_basics(n: int, r: int) -> None:

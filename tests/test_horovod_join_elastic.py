@@ -30,19 +30,10 @@ import torch
 import hpcml.horovod as hvd
 from hpcml.errors import UsageError
 from hpcml.horovodrun import command
-from hpcml.testing import launch, mpi_test
+from hpcml.testing import expect_error, launch, mpi_test
 
 HERE = Path(__file__).resolve()
 EXAMPLE = str(HERE.parents[1] / "examples" / "horovod_train.py")
-
-
-def expect_error(kind, text, call, *args, **kwargs) -> None:
-    try:
-        call(*args, **kwargs)
-    except kind as exc:
-        assert text in str(exc), str(exc)
-    else:
-        raise AssertionError(f"{call.__name__} did not raise {kind.__name__}")
 
 
 def check_working(n: int, r: int, working: list[int], opt, w) -> None:

@@ -44,8 +44,14 @@ def report_and_abort(exc: BaseException) -> None:
     sys.stderr.write(text)
     sys.stderr.flush()
     if size > 1:
+        # MPI_Abort has the launcher kill every rank at once, its own stdio forwarding included:
+        # give it a moment to forward the lines above first (once seen lost on a loaded machine)
+        time.sleep(FORWARD_SECONDS)
         comm.Abort(code)
     raise SystemExit(code)
+
+
+FORWARD_SECONDS = 0.25
 
 
 AGREE_TAG = 32_767  # on MPI_COMM_WORLD, which hpcml traffic never uses (world() is a duplicate)
