@@ -126,12 +126,17 @@ def _equal(a: dict, b: dict) -> bool:
                                                                             strict=True))
 
 
+def _elastic_state(seed: int):
+    """``hvd.init()``, then a model, its DistributedOptimizer and their TorchState."""
+    hvd.init()
+    model, opt = _model(seed)
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+    return model, opt, hvd.elastic.TorchState(model, opt, epoch=0, batch=0)
+
+
 def elastic_first(comm) -> None:
     """2 ranks: train, commit at batch 3, change more, check restore(), change again, die."""
-    hvd.init()
-    model, opt = _model(1 + comm.rank)
-    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-    state = hvd.elastic.TorchState(model, opt, epoch=0, batch=0)
+    model, opt, state = _elastic_state(1 + comm.rank)
 
     @hvd.elastic.run
     def train(state) -> None:
@@ -158,10 +163,7 @@ def elastic_first(comm) -> None:
 
 def elastic_again(comm) -> None:
     """Restarted at another size: the committed state on every rank, then a preemption."""
-    hvd.init()
-    model, opt = _model(50 + comm.rank)
-    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-    state = hvd.elastic.TorchState(model, opt, epoch=0, batch=0)
+    model, opt, state = _elastic_state(50 + comm.rank)
 
     @hvd.elastic.run
     def resume(state) -> None:
