@@ -11,7 +11,8 @@ Order of events (all ranks):
    validates; an allgather of the outcomes makes the decision collective, so a problem prints
    one line on rank 0 and every rank exits 2 — before any work and before a run directory is
    created or changed;
-3. set torch threads, the straggler model and the collective watchdog's timeout
+3. set torch threads, the heap policy (:mod:`hpcml.heap`), the straggler model and the collective
+   watchdog's timeout
    (``watchdog_timeout``, unless ``HPCML_WATCHDOG_TIMEOUT`` is set, :mod:`hpcml.comm.watchdog`);
    rank 0 creates the run directory and saves the resolved config and the environment
    (``config.toml``, ``env.json`` with the timeout in force: segment 0). A resumed run
@@ -41,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from hpcml import checkpoint
+from hpcml import checkpoint, heap
 from hpcml.comm import Communicator, abort_on_error, make_delay_model, watchdog, world
 from hpcml.comm.ledger import format_table
 from hpcml.config import apply_overrides, load_job_file, read_toml, to_dict
@@ -368,6 +369,7 @@ def execute(job_path: str | None, kind: str | None = None, overrides: Sequence[s
         plan = validated(comm, job_path, kind, overrides, resume, allow_config_change)
         config = plan.config
         threads = configure_threads(comm, config.threads)
+        heap.configure()
         env = {**environment(comm), "watchdog_timeout": watchdog.set_timeout(
             config.watchdog_timeout)}
         run_dir = _opened(comm, plan, env)

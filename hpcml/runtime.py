@@ -1,5 +1,6 @@
 """Process-level settings every hpcml run makes deliberately: torch and BLAS threads and the
-environment report (MPI library, ranks per node, threads, versions)."""
+environment report (MPI library, ranks per node, threads, versions, MPI progress and heap
+decisions)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import threadpoolctl
 
+from hpcml import heap
 from hpcml.comm import Communicator, progress, transport
 from hpcml.comm.info import mpi_info
 
@@ -75,6 +77,7 @@ def environment(comm: Communicator) -> dict[str, Any]:
         "processor": _cpu_model(),
         "cores": cores_available(),
         "mpi_progress": progress.record(),
+        "heap": heap.record(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
 

@@ -131,6 +131,7 @@ def test_bench_collectives_writes_a_complete_run_directory(tmp_path, nranks):
                for r in summary["rows"] if r["op"] in bound)
     env = json.loads((run / "env.json").read_text())
     assert env["ranks"] == nranks and "MPICH" in env["mpi_library"]
+    assert env["heap"] == {"keep_freed_below": 1 << 30, "set_by": "hpcml"}  # hpcml.heap
     assert "hpcml/raw" in res.stdout
 
 
