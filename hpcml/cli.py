@@ -195,17 +195,17 @@ def report() -> None:
 
 @report.command(name="scaling")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--bench", default=None, type=click.Path(file_okay=False),
+@click.option("--bench", multiple=True, type=click.Path(file_okay=False),
               help="run directory of `hpcml bench collectives` (>= 2 ranks) for the "
-                   "alpha-beta projection")
+                   "alpha-beta projection; repeat to fit the rows of several runs of one P")
 @click.option("--mode", type=click.Choice(["weak", "strong"]), default=None,
               help="scaling mode (default: what the runs report)")
 @click.option("--max-ranks", type=click.IntRange(min=2), default=1200, show_default=True,
               help="project efficiency up to this many ranks")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="output directory (default: beside the first run, scaling-report/)")
-def report_scaling(runs: tuple[str, ...], bench: str | None, mode: str | None, max_ranks: int,
-                   out: str | None) -> None:
+def report_scaling(runs: tuple[str, ...], bench: tuple[str, ...], mode: str | None,
+                   max_ranks: int, out: str | None) -> None:
     """Efficiency table, plot and alpha-beta projection from a scaling series RUNS."""
     from pathlib import Path
 
@@ -219,7 +219,7 @@ def report_scaling(runs: tuple[str, ...], bench: str | None, mode: str | None, m
     if len({m.ranks for m in series}) != len(series):
         raise UsageError("RUNS: two runs have the same rank count; give one run per P")
     mode = series_mode(series, mode)
-    model = fit_bench(bench) if bench else None
+    model = fit_bench(*bench) if bench else None
     rows = build_table(series, mode, model, max_ranks)
     target = Path(out) if out else Path(runs[0]).resolve().parent / "scaling-report"
     output.check_out(target)

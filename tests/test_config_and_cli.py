@@ -121,6 +121,7 @@ def test_bench_collectives_writes_a_complete_run_directory(tmp_path, nranks):
     assert summary["status"] == "complete" and summary["ranks"] == nranks
     ops = {(r["op"], r["buffer"]) for r in summary["rows"]}
     assert len(ops) == (6 if nranks == 1 else 10) and all(r["ratio"] > 0 for r in summary["rows"])
+    assert all(0 < r["hpcml_mean_us"] < 1e6 * 60 for r in summary["rows"])  # mean per call
     bound = {r["op"] for r in summary["rows"] if r["hpcml_persistent_us"] is not None}
     assert bound == ({"Allreduce"} if nranks == 1 else {"Allreduce", "SendRecv"})
     # torch buffers also take the torch.distributed path on the "hpcml" backend

@@ -17,9 +17,12 @@ from hpcml.errors import UsageError
 from hpcml.report.alphabeta import bandwidth_factor, fit, latency_factor
 from hpcml.report.scaling import (
     Measurement,
+    bench_link,
     build_table,
     efficiency,
+    fit_bench,
     measure,
+    model_time,
     projection_ranks,
 )
 from hpcml.slurm import render, spec, submit, sweep
@@ -215,6 +218,58 @@ def test_build_table_projects_weak_scaling_with_model():
     effs = [r["efficiency"] for r in rows if r["source"] == "projection"]
     assert effs == sorted(effs, reverse=True)
     assert rows[1]["oversubscribed"] is False
+
+
+def test_model_of_a_whole_step_keeps_the_rest_and_adds_small_allreduces(tmp_path):
+    """A scaling run that reports its whole step: the part that is neither compute nor the
+    gradient's Allreduce is measured at P0 and kept; each small allreduce adds the model's
+    8-byte Allreduce time at P less that at P0; strong scaling divides only the compute."""
+    summary = {"ranks": 2, "mode": "weak", "compute_s_per_step": 0.01,
+               "allreduce_s_per_step": 0.03, "step_s_per_step": 0.045, "allreduce_bytes": 4e6,
+               "small_allreduces_per_step": 2}
+    for name, data in (("summary.json", summary), ("env.json", {"cores": 2}),
+                       ("ledger.json", {"ranks": []})):
+        (tmp_path / name).write_text(json.dumps(data))
+    base = measure(tmp_path)
+    assert (base.time, base.small_allreduces) == (pytest.approx(0.045), 2.0)
+    assert base.other == pytest.approx(0.005)
+    alpha, beta = 1e-4, 8e-9
+    model = fit([1e6, 4e6], [2 * alpha + n * beta for n in (1e6, 4e6)], 2)
+    for p in (2, 4, 8):
+        small = 2 * (latency_factor(p) - latency_factor(2)) * alpha + 2 * (
+            bandwidth_factor(p) - bandwidth_factor(2)) * 8 * beta
+        t = 0.01 + 0.005 + latency_factor(p) * alpha + bandwidth_factor(p) * 4e6 * beta + small
+        assert model_time(base, "weak", model, p) == pytest.approx(t)
+        assert model_time(base, "strong", model, p) == pytest.approx(t - 0.01 + 0.01 * 2 / p)
+    rows = build_table([base], "weak", model, 4)
+    assert rows[0]["model_time"] == pytest.approx(model_time(base, "weak", model, 2))
+    assert rows[-1]["P"] == 4 and rows[-1]["compute"] == pytest.approx(0.015)
+
+
+def test_a_fitted_model_names_the_link_its_bench_measured(tmp_path):
+    rows = [{"op": "Allreduce", "bytes": n, "hpcml_us": 1e6 * (2e-5 + n * 8e-9)}
+            for n in (1e6, 2e6, 4e6)]
+    (tmp_path / "summary.json").write_text(json.dumps({"ranks": 2, "rows": rows}))
+    assert fit_bench(tmp_path).link == ""  # no env.json: not known
+    env = {"ranks_per_host": {"node2": 1, "node1": 1},
+           "transport": {"inter_node": "ip network"}}
+    (tmp_path / "env.json").write_text(json.dumps(env))
+    model = fit_bench(tmp_path)
+    assert model.link == "2 hosts (node1, node2) over ip network"
+    assert model.beta == pytest.approx(8e-9) and model.alpha == pytest.approx(1e-5)
+    assert bench_link({"ranks_per_host": {"vm": 2}}) == "one host (vm), no network"
+    # a second run of small sizes, its means (tail included) fitted rather than its medians
+    small = tmp_path / "small"
+    small.mkdir()
+    rows = [{"op": "Allreduce", "bytes": n, "hpcml_us": 1.0,
+             "hpcml_mean_us": 1e6 * (4e-4 + n * 8e-9)} for n in (8, 64)]
+    (small / "summary.json").write_text(json.dumps({"ranks": 2, "rows": rows}))
+    both = fit_bench(tmp_path, small)
+    assert both.points == 5 and both.link == model.link
+    assert both.alpha == pytest.approx(2e-4, rel=0.2)  # pulled up from 1e-5 by the small means
+    (small / "summary.json").write_text(json.dumps({"ranks": 4, "rows": rows}))
+    with pytest.raises(UsageError, match="different P"):
+        fit_bench(tmp_path, small)
 
 
 def test_measure_reads_generic_run_dir(tmp_path):

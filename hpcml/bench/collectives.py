@@ -3,7 +3,9 @@ and for torch buffers torch.distributed on the ``"hpcml"`` backend (:mod:`hpcml.
 
 For each operation and message size the paths take turns call by call, each going first equally
 often (so drift in machine load and cache warmth hit all alike); each rank takes the median time
-per path and the slowest rank's median is reported.
+per path and the slowest rank's median is reported. The slowest rank's mean of the hpcml path
+is kept beside it (``hpcml_mean_us``, tail included: what a loop of such calls takes on
+average; :func:`hpcml.report.scaling.fit_bench` fits it).
 
 What raw mpi4py gets: the same buffers, a torch tensor as the numpy view ``t.numpy()`` made once
 before timing. That is the fastest way to hand mpi4py a tensor that a program keeps (passing the
@@ -197,8 +199,10 @@ def _ping_pong(comm: Communicator, send_once: Any, recv_once: Any) -> Any:
     return lambda: (recv_once(), send_once())
 
 
-def _time_paths(comm: Communicator, paths: list[Any], calls: int, warmup: int) -> list[float]:
-    """Slowest rank's median seconds per call of each path; call i starts with path i mod n."""
+def _time_paths(comm: Communicator, paths: list[Any], calls: int,
+                warmup: int) -> tuple[list[float], list[float]]:
+    """Slowest rank's median and slowest rank's mean seconds per call of each path (two lists);
+    call i starts with path i mod n. Collective."""
     for _ in range(warmup):
         for fn in paths:
             fn()
@@ -211,7 +215,8 @@ def _time_paths(comm: Communicator, paths: list[Any], calls: int, warmup: int) -
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)
-    return [comm.allreduce(median(t), op="max") for t in times]
+    return ([comm.allreduce(median(t), op="max") for t in times],
+            [comm.allreduce(sum(t) / len(t), op="max") for t in times])
 
 
 def _memcpy_seconds(nbytes: int, calls: int) -> float:
@@ -241,8 +246,8 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
                 calls = max(3, min(cfg.iterations, cfg.bytes_per_size // nbytes))
                 send, recv = _buffers(op, nbytes, p, kind)
                 paths, frees = _calls(comm, op, send, recv)
-                t = dict(zip(paths, _time_paths(comm, list(paths.values()), calls, cfg.warmup),
-                             strict=True))
+                medians, means = _time_paths(comm, list(paths.values()), calls, cfg.warmup)
+                t = dict(zip(paths, medians, strict=True))
                 for free in frees:
                     free()
                 t_hp, t_raw, bus = t["hpcml"], t["raw"], BUS_FACTOR[op](p)
@@ -251,6 +256,7 @@ def run(cfg: CollectivesConfig, ctx: RunContext) -> dict[str, Any]:
                 rows.append({
                     "op": op, "buffer": kind, "bytes": nbytes, "size": human_bytes(nbytes),
                     "calls": calls, "hpcml_us": t_hp * 1e6, "raw_us": t_raw * 1e6,
+                    "hpcml_mean_us": means[list(paths).index("hpcml")] * 1e6,
                     "hpcml_busbw_GBs": nbytes / t_hp * bus / 1e9,
                     "raw_busbw_GBs": nbytes / t_raw * bus / 1e9,
                     "hpcml_algbw_GBs": nbytes / t_hp / 1e9,

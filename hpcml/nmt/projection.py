@@ -167,8 +167,10 @@ def alpha_beta(cfg: ProjectionConfig) -> tuple[AlphaBeta, str]:
     """The network model and how it was obtained."""
     if cfg.bench:
         fitted = fit_bench(cfg.bench)
-        return fitted, (f"alpha-beta fitted to {cfg.bench} (P = {fitted.ranks}): alpha "
-                        f"{fitted.alpha * 1e6:.2f} us, {fitted.bandwidth_GBs:.2f} GB/s")
+        return fitted, (f"alpha-beta fitted to {cfg.bench} (P = {fitted.ranks}; measured link: "
+                        f"{fitted.link or 'not recorded'}): alpha {fitted.alpha * 1e6:.2f} us, "
+                        f"{fitted.bandwidth_GBs:.2f} GB/s ({fitted.bandwidth_GBs * 8:.3g} "
+                        "Gbit/s)")
     return OMNIPATH, "alpha-beta: nominal Intel Omni-Path (Stampede2), alpha 1 us, 12.5 GB/s"
 
 

@@ -41,6 +41,7 @@ class AlphaBeta:
     ranks: int    # P the fit was measured at
     points: int   # measurements used
     rms_rel_error: float
+    link: str = ""  # where the timings were measured (hosts, transport); "" when not known
 
     def allreduce_seconds(self, nbytes: float, p: int) -> float:
         """Predicted Allreduce time of an ``nbytes`` vector on ``p`` ranks."""

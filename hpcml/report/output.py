@@ -15,7 +15,8 @@ from hpcml.rundir import atomic_write, directory_problem, dumps, read_json
 COLUMNS = [("P", "P", "d"), ("source", "source", ""), ("time", "time", ".4g"),
            ("compute", "compute", ".4g"), ("comm", "comm", ".4g"),
            ("speedup", "speed-up", ".3f"), ("efficiency", "efficiency", ".3f"),
-           ("model_efficiency", "model eff.", ".3f"), ("note", "note", "")]
+           ("model_time", "model time", ".4g"), ("model_efficiency", "model eff.", ".3f"),
+           ("note", "note", "")]
 
 
 def markdown(series: Sequence[Measurement], model: AlphaBeta | None,
@@ -34,14 +35,18 @@ def markdown(series: Sequence[Measurement], model: AlphaBeta | None,
     if any(r["oversubscribed"] for r in rows):
         lines.append("Rows marked `oversubscribed` ran more ranks than cores on a host, so "
                      "ranks shared cores; the model assumes one core per rank.")
+    base = min(series, key=lambda m: m.ranks)
     if model:
-        lines.append(f"Alpha-beta fit (Allreduce, {model.points} sizes at P = {model.ranks}): "
+        lines.append(f"Alpha-beta fit (Allreduce, {model.points} sizes at P = {model.ranks}; "
+                     f"measured link: {model.link or 'not recorded'}): "
                      f"alpha = {model.alpha * 1e6:.2f} us, beta = {model.beta * 1e9:.4f} ns/B "
-                     f"({model.bandwidth_GBs:.2f} GB/s), rms relative error "
+                     f"({model.bandwidth_GBs:.2f} GB/s = {model.bandwidth_GBs * 8:.3g} Gbit/s), "
+                     "rms relative error "
                      f"{model.rms_rel_error:.2f}. Projection: compute of P = "
-                     f"{series[0].ranks} ({'divided by P' if mode == 'strong' else 'constant'})"
-                     f" + {series[0].allreduce_calls:g} x Allreduce of "
-                     f"{series[0].allreduce_bytes:.0f} B per unit.")
+                     f"{base.ranks} ({'divided by P' if mode == 'strong' else 'constant'})"
+                     f" + the rest of P = {base.ranks}'s unit ({base.other:.4g} s, constant)"
+                     f" + {base.allreduce_calls:g} x Allreduce of {base.allreduce_bytes:.0f} B"
+                     f" + {base.small_allreduces:g} x Allreduce of 8 B per unit.")
         lines.append(_model_check(rows))
     else:
         lines.append("No projection: pass --bench RUN_DIR of `hpcml bench collectives`.")

@@ -9,16 +9,25 @@ Definitions (P0 = smallest measured rank count, T(P) = time per unit of work at 
 
 T is the time per step when the run reports ``compute_s_per_step`` and ``allreduce_s_per_step``
 (kind ``scaling``), else the run's wall time (``summary.json`` ``seconds``) with communication
-time from ``ledger.json``. The projection keeps P0's compute time (divided by P / P0 for strong
-scaling: one rank per core, perfectly divided work) and adds the Allreduce cost of the fitted
-alpha-beta model (:mod:`hpcml.report.alphabeta`) for the run's message size and Allreduce count:
-``T_model(P) = compute(P) + calls * T_allreduce(n, P)``. Rows beyond the largest measured P are
-marked ``projection``; the model is also shown next to every measured row so its error is
-visible.
+time from ``ledger.json``. A ``scaling`` run that also reports ``step_s_per_step`` (the wall time
+of a whole step) splits T into compute, the gradient's Allreduce and ``other``: the rest of the
+step (the update, ``small_allreduces_per_step`` small allreduces, the metrics line), measured.
+
+The projection keeps P0's compute time (divided by P / P0 for strong scaling: one rank per core,
+perfectly divided work) and P0's ``other`` time (not divided), and adds the Allreduce cost of
+the fitted alpha-beta model (:mod:`hpcml.report.alphabeta`) for the run's message size and
+Allreduce count, and for each small allreduce the model's time of an 8-byte Allreduce (its
+latency term) in place of the one measured at P0::
+
+    T_model(P) = compute(P) + other(P0) + calls * T(n, P) + small * (T(8, P) - T(8, P0))
+
+Rows beyond the largest measured P are marked ``projection``; the model's time and efficiency
+are also shown next to every measured row so its error is visible.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +55,8 @@ class Measurement:
     ranks_per_host: int
     cores: int
     unit: str
+    other: float = 0.0             # rest of the unit: update, small allreduces, metrics
+    small_allreduces: float = 0.0  # small (latency-bound) allreduces per unit
 
 
 def _read(path: Path, name: str) -> dict[str, Any]:
@@ -92,9 +103,13 @@ def _measure(path: Path, summary: dict[str, Any], env: dict[str, Any],
               "cores": int(env.get("cores") or 0)}
     if "compute_s_per_step" in summary:
         compute, comm = summary["compute_s_per_step"], summary["allreduce_s_per_step"]
-        return Measurement(time=compute + comm, compute=compute, comm=comm,
+        step = summary.get("step_s_per_step")
+        other = max(0.0, step - compute - comm) if step is not None else 0.0
+        return Measurement(time=compute + comm + other, compute=compute, comm=comm,
                            allreduce_bytes=summary["allreduce_bytes"], allreduce_calls=1.0,
-                           unit="s/step", **common)
+                           unit="s/step", other=other,
+                           small_allreduces=float(summary.get("small_allreduces_per_step", 0)),
+                           **common)
     per_rank = ledger["ranks"]
     comm = max(sum(op["seconds"] for op in r.values()) for r in per_rank)
     ar = per_rank[0].get("Allreduce", {"calls": 0, "bytes_sent": 0})
@@ -113,10 +128,22 @@ def efficiency(mode: str, p0: int, t0: float, p: int, t: float) -> tuple[float, 
     return eff * p / p0, eff
 
 
+SMALL_BYTES = 8  # one float64 or int: the modelled size of a small allreduce
+
+
+def model_comm(base: Measurement, model: AlphaBeta, p: int) -> float:
+    """Modelled communication per unit at ``p`` ranks: the run's Allreduces plus its small
+    allreduces, less the small ones' modelled time at the baseline's P (pure)."""
+    small = model.allreduce_seconds(SMALL_BYTES, p) - model.allreduce_seconds(SMALL_BYTES,
+                                                                               base.ranks)
+    return (base.allreduce_calls * model.allreduce_seconds(base.allreduce_bytes, p)
+            + base.small_allreduces * small)
+
+
 def model_time(base: Measurement, mode: str, model: AlphaBeta, p: int) -> float:
     """Projected time per unit at ``p`` ranks from the baseline run ``base`` (pure)."""
     compute = base.compute * (base.ranks / p if mode == "strong" else 1.0)
-    return compute + base.allreduce_calls * model.allreduce_seconds(base.allreduce_bytes, p)
+    return compute + base.other + model_comm(base, model, p)
 
 
 def projection_ranks(p_max: int, max_ranks: int) -> list[int]:
@@ -129,20 +156,50 @@ def projection_ranks(p_max: int, max_ranks: int) -> list[int]:
     return out + ([max_ranks] if max_ranks > p_max else [])
 
 
-def fit_bench(bench_dir: str | Path) -> AlphaBeta:
-    """Fit alpha-beta to the Allreduce rows of a ``hpcml bench collectives`` run directory; a
-    one-line ``UsageError`` when it is not one (with >= 2 ranks)."""
-    summary = _read(Path(bench_dir), "summary.json")
+def bench_link(env: dict[str, Any]) -> str:
+    """The link a bench run measured, from its ``env.json`` (pure): its hosts and, across
+    hosts, the transport that carried the data (see :mod:`hpcml.comm.transport`)."""
+    hosts = sorted(env.get("ranks_per_host") or {})
+    if len(hosts) < 2:
+        return f"one host{f' ({hosts[0]})' if hosts else ''}, no network"
+    transport = (env.get("transport") or {}).get("inter_node", "transport not recorded")
+    return f"{len(hosts)} hosts ({', '.join(hosts)}) over {transport}"
+
+
+def fit_bench(*bench_dirs: str | Path) -> AlphaBeta:
+    """Fit alpha-beta to the Allreduce rows of one or more ``hpcml bench collectives`` run
+    directories measured at the same P (e.g. one of small sizes for the latency, one of large
+    sizes for the bandwidth), naming the link the first measured (:func:`bench_link`, when it
+    has an ``env.json``). Each row's time is the slowest rank's mean per call
+    (``hpcml_mean_us``) where the bench recorded it, else its median. A one-line
+    ``UsageError`` when a directory is not such a run (with >= 2 ranks) or the P differ."""
+    sizes: list[float] = []
+    seconds: list[float] = []
+    ranks = set()
+    for bench_dir in bench_dirs:
+        summary = _read(Path(bench_dir), "summary.json")
+        try:
+            rows = [r for r in summary.get("rows", []) if r.get("op") == "Allreduce"]
+            p = int(summary.get("ranks", 1))
+            sizes += [float(r["bytes"]) for r in rows]
+            seconds += [float(r.get("hpcml_mean_us") or r["hpcml_us"]) * 1e-6 for r in rows]
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
+            raise _damaged(Path(bench_dir), exc) from None
+        if p < 2 or not rows:
+            raise UsageError(f"--bench {bench_dir}: needs Allreduce rows measured on >= 2 ranks "
+                             "(run `mpiexec -n 4 hpcml bench collectives --set "
+                             "'ops=[\"Allreduce\"]'`)")
+        ranks.add(p)
+    if len(ranks) != 1:
+        raise UsageError(f"--bench: the runs were measured at different P ({sorted(ranks)}); "
+                         "give runs of one P")
     try:
-        rows = [r for r in summary.get("rows", []) if r.get("op") == "Allreduce"]
-        p = int(summary.get("ranks", 1))
-        if p >= 2 and rows:
-            return fit([float(r["bytes"]) for r in rows],
-                       [float(r["hpcml_us"]) * 1e-6 for r in rows], p)
-    except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as exc:
-        raise _damaged(Path(bench_dir), exc) from None
-    raise UsageError(f"--bench {bench_dir}: needs Allreduce rows measured on >= 2 ranks (run "
-                     "`mpiexec -n 4 hpcml bench collectives --set 'ops=[\"Allreduce\"]'`)")
+        model = fit(sizes, seconds, ranks.pop())
+    except ValueError as exc:
+        raise UsageError(f"--bench {bench_dirs[0]}: {exc}") from None
+    env = Path(bench_dirs[0]) / "env.json"
+    return dataclasses.replace(model, link=bench_link(_read(env.parent, "env.json"))
+                               if env.is_file() else "")
 
 
 def build_table(series: Sequence[Measurement], mode: str, model: AlphaBeta | None,
@@ -156,22 +213,20 @@ def build_table(series: Sequence[Measurement], mode: str, model: AlphaBeta | Non
         speedup, eff = efficiency(mode, base.ranks, base.time, m.ranks, m.time)
         row = {"P": m.ranks, "source": "measured", "time": m.time, "compute": m.compute,
                "comm": m.comm, "speedup": speedup, "efficiency": eff,
-               "oversubscribed": m.ranks_per_host > m.cores > 0, "model_efficiency": None}
+               "oversubscribed": m.ranks_per_host > m.cores > 0, "model_time": None,
+               "model_efficiency": None}
         if model:
+            row["model_time"] = model_time(base, mode, model, m.ranks)
             row["model_efficiency"] = efficiency(mode, base.ranks, t_model0, m.ranks,
-                                                 model_time(base, mode, model, m.ranks))[1]
+                                                 row["model_time"])[1]
         rows.append(row)
     if model:
         for p in projection_ranks(series[-1].ranks, max_ranks):
-            t = model_time(base, mode, model, p)
+            t, comm = model_time(base, mode, model, p), model_comm(base, model, p)
             speedup, eff = efficiency(mode, base.ranks, t_model0, p, t)
-            rows.append({"P": p, "source": "projection", "time": t,
-                         "compute": t - base.allreduce_calls * model.allreduce_seconds(
-                             base.allreduce_bytes, p),
-                         "comm": base.allreduce_calls * model.allreduce_seconds(
-                             base.allreduce_bytes, p),
-                         "speedup": speedup, "efficiency": eff, "oversubscribed": False,
-                         "model_efficiency": eff})
+            rows.append({"P": p, "source": "projection", "time": t, "compute": t - comm,
+                         "comm": comm, "speedup": speedup, "efficiency": eff,
+                         "oversubscribed": False, "model_time": t, "model_efficiency": eff})
     return rows
 
 

@@ -3,7 +3,12 @@
 Each step every rank computes the gradient of ``0.5/N * ||X w - y||^2`` on its rows
 (``g_r = X_r^T (X_r w - y_r)``, a real matrix-vector workload of ``2 * rows * features`` flops
 twice), sums the gradients with one ``Allreduce`` of ``features`` float64 values, and takes the
-step ``w <- w - lr * g / N``. This is synchronous data-parallel SGD with full batches, the
+step ``w <- w - lr * g / N``; then one allreduce of the loss (rank 0 appends it to
+``metrics.jsonl``) and one of the stop flag (:meth:`~hpcml.jobs.RunContext.stop_requested`),
+two small allreduces per step. The summary reports, per step and as the slowest rank's mean,
+the gradient's compute time, its Allreduce time, and the wall time of the whole step (all of
+the above, checkpoints and ``step_sleep`` excepted), which is what the scaling report compares
+its model with. This is synchronous data-parallel SGD with full batches, the
 computation/communication pattern whose weak and strong scaling the Sparse Allreduce paper
 (PAPERS.md section 1) reports.
 
@@ -36,6 +41,7 @@ from hpcml.jobs import JobKind, RunContext
 from hpcml.preemption import restart_count
 
 BLOCK = 256  # rows generated per seeded block, so row i never depends on the rank count
+SMALL_ALLREDUCES = 2  # per step besides the gradient's: the loss sum and the stop check
 
 
 @dataclasses.dataclass
@@ -120,7 +126,7 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
     if first:
         ctx.log(f"resuming at step {first} (restart {restart_count()})")
     grad = np.empty(cfg.features)
-    compute = comm_s = 0.0
+    compute = comm_s = wall = 0.0
     stopped, step = None, first
     for step in range(first, cfg.steps):
         t0 = time.perf_counter()
@@ -133,14 +139,17 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
         loss = comm.allreduce(float(np.sum((x @ w - y) ** 2)), op="sum") / (2 * n_total)
         if ctx.is_root:
             ctx.run_dir.log_metrics(step=step + 1, loss=loss, restart=restart_count())
+        t3 = time.perf_counter()
         if cfg.step_sleep:
             time.sleep(cfg.step_sleep)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             _save_checkpoint(ctx, w, step + 1)
+        t4 = time.perf_counter()
         if step + 1 < cfg.steps:  # a signal during the last step lets the run finish
             stopped = ctx.stop_requested()
-            if stopped:
-                break
+        wall += t3 - t0 + time.perf_counter() - t4  # the step without sleep and checkpoint
+        if stopped:
+            break
     done = step + 1 if cfg.steps > first else first
     if done != first and not (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
         _save_checkpoint(ctx, w, done)
@@ -152,6 +161,8 @@ def run(cfg: ScalingConfig, ctx: RunContext) -> dict[str, Any]:
         "features": cfg.features, "allreduce_bytes": 8 * cfg.features,
         "compute_s_per_step": comm.allreduce(compute / steps_here, op="max"),
         "allreduce_s_per_step": comm.allreduce(comm_s / steps_here, op="max"),
+        "step_s_per_step": comm.allreduce(wall / steps_here, op="max"),
+        "small_allreduces_per_step": SMALL_ALLREDUCES,
         "final_loss": comm.allreduce(float(np.sum((x @ w - y) ** 2)), op="sum") / (2 * n_total),
         "weight_error": err, "restarts": restart_count(),
     }
