@@ -11,7 +11,8 @@ that would hide this, as it does on a GPU.
 
 :func:`configure` raises the mmap threshold and the trim threshold to 1 GiB (``mallopt``), so
 freed blocks below that stay in the heap and the next step's allocations of the same sizes
-reuse them without faults. The cost: between steps the resident set stays at the step's
+reuse them without faults (after a few steps: while the heap's top grows, the first blocks may
+still be mapped anew). The cost: between steps the resident set stays at the step's
 high-water mark instead of falling back (the peak, ``VmHWM``, is what it was). Every hpcml job
 makes this choice when it starts (:func:`hpcml.launch.execute`) and states it in ``env.json``
 (``heap``); a malloc setting of the user's own (``GLIBC_TUNABLES`` naming ``glibc.malloc.``, or
