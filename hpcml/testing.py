@@ -153,17 +153,30 @@ def _run_in_process(body: Callable[..., Any], nranks: int, in_process: bool) -> 
     comm = world()
     if comm.size != nranks:
         pytest.skip(f"the {nranks}-rank case (this job has {comm.size} ranks)")
+    _run_fresh(body, comm)
+
+
+def _run_fresh(body: Callable[..., Any], comm: Any) -> None:
+    """``body(comm)`` then a barrier, in the state a process of its own would give it: the
+    ledger reset before, torch's thread count put back after (a body may set it). Collective."""
+    comm.ledger.reset()
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch else 0
     body(comm)
     comm.barrier()
+    if torch:
+        torch.set_num_threads(threads)
 
 
 _BATCHED: dict[str, bool] = {}   # nodeid -> passed in its batch (absent: not batched yet)
 
 
 def _batch_key(item: Any) -> tuple[str, str, int] | None:
-    """(file, body name, rank count) of an ``in_process`` ``mpi_test`` case, else None."""
+    """(file, body name, rank count) of an ``in_process`` ``mpi_test`` case that no marker may
+    skip or expect to fail (those run on their own), else None."""
     func = getattr(item, "function", None)
-    if not getattr(func, "in_process", False):
+    if not getattr(func, "in_process", False) or any(
+            item.get_closest_marker(m) for m in ("skip", "skipif", "xfail")):
         return None
     return func.body.__code__.co_filename, func.body.__name__, item.callspec.params["nranks"]
 
@@ -177,6 +190,8 @@ def _batch(items: Sequence[Any], nranks: int) -> list[Any]:
 def _passed_in_batch(request: Any, nranks: int) -> bool:
     """Whether this case passed in its batch; the first case of a batch launches it."""
     node = request.node
+    if _batch_key(node) is None:
+        return False
     if node.nodeid not in _BATCHED:
         batch = [item for item in _batch(request.session.items, nranks)
                  if item.nodeid not in _BATCHED]
@@ -219,9 +234,9 @@ def _launch_batch(nranks: int, bodies: Sequence[tuple[str, str]],
 
 
 def _run_bodies(bodies: Sequence[tuple[str, str]], progress: str | None = None) -> None:
-    """Run each ``(file, name)`` body on every rank with the world communicator, a barrier after
-    each; rank 0 appends ``file::name`` to ``progress`` (when given) once all ranks passed it.
-    Collective; any exception aborts the job."""
+    """Run each ``(file, name)`` body on every rank with the world communicator
+    (:func:`_run_fresh`); rank 0 appends ``file::name`` to ``progress`` (when given) once all
+    ranks passed it. Collective; any exception aborts the job."""
     from hpcml.comm import abort_on_error, world
 
     modules: dict[str, Any] = {}
@@ -235,8 +250,7 @@ def _run_bodies(bodies: Sequence[tuple[str, str]], progress: str | None = None) 
                 sys.path.insert(0, str(Path(file).parent))
                 spec.loader.exec_module(modules[file])
             func = getattr(modules[file], name)
-            getattr(func, "body", func)(comm)
-            comm.barrier()
+            _run_fresh(getattr(func, "body", func), comm)
             if progress is not None and comm.rank == 0:
                 with open(progress, "a") as f:
                     f.write(f"{file}::{name}\n")
