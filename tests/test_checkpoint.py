@@ -50,7 +50,7 @@ def same(a, b) -> bool:
     return a == b
 
 
-@mpi_test(ranks=[4])  # one rank: the in-process tests below
+@mpi_test(ranks=[4], in_process=True)  # one rank: the one-process tests below
 def test_save_and_read_round_trip(comm: Communicator):
     """Every rank's own payload and rank 0's shared payload come back equal (dtypes, tuples,
     optimizer state); a newer checkpoint replaces the pointer and removes the older directory."""

@@ -11,7 +11,7 @@ from hpcml.comm.buffers import stage
 from hpcml.testing import launch, mpi_test
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_ledger_counts_exact_bytes(comm):
     p, r = comm.size, comm.rank
     comm.ledger.reset()
@@ -38,7 +38,7 @@ def test_ledger_counts_exact_bytes(comm):
         assert sum(x["Allgather"]["bytes_received"] for x in per_rank) == 80 * p * p
 
 
-@mpi_test(ranks=[2, 4])
+@mpi_test(ranks=[2, 4], in_process=True)
 def test_point_to_point_bytes_count_what_arrived(comm):
     comm.ledger.reset()
     if comm.rank == 0:

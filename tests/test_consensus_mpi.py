@@ -7,7 +7,7 @@ import numpy as np
 from hpcml.testing import hpcml_cli, mpi_test
 
 
-@mpi_test(ranks=[1, 2, 4])
+@mpi_test(ranks=[1, 2, 4], in_process=True)
 def test_distributed_equals_simulation(comm):
     from hpcml.consensus import accounting, algorithm, mixing, tasks, topology
     from hpcml.privacy.noise import node_rngs, noise_rng

@@ -46,7 +46,7 @@ def train(opts, steps, comm=None):
     return model, mada
 
 
-@mpi_test(ranks=[1, 2, 4])
+@mpi_test(ranks=[1, 2, 4], in_process=True)
 def test_data_parallel_mada_coefficients_identical_on_all_ranks(comm):
     model, opt = train(OPTS, 12, comm)
     coeffs = comm.allgather(opt.coefficients)
@@ -63,7 +63,7 @@ def test_data_parallel_mada_coefficients_identical_on_all_ranks(comm):
     torch.testing.assert_close(flat(model), flat(ref_model), rtol=1e-4, atol=1e-5)
 
 
-@mpi_test(ranks=[2, 4])
+@mpi_test(ranks=[2, 4], in_process=True)
 def test_mada_inside_qsparse_keeps_coefficients_identical_with_averaged_hypergradient(comm):
     def train(reduce):
         model = mlp()

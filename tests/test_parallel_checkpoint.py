@@ -128,7 +128,7 @@ def assert_checkpoint_is_reference(state: dict, steps: int) -> None:
             close(saved["state"][name][key], adam.state[p][key], f"{name}.{key}")
 
 
-@mpi_test(ranks=[2, 4], timeout=240)
+@mpi_test(ranks=[2, 4], timeout=240, in_process=True)
 def test_checkpoints_move_between_layouts(comm):
     torch.set_num_threads(1)
     folder = Path(comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None))

@@ -225,7 +225,7 @@ def check_overlap_and_ledger(comm):
     assert torch.equal(buf, torch.full((1000,), float(comm.size)))
 
 
-@mpi_test(timeout=240)
+@mpi_test(timeout=240, in_process=True)
 def test_data_parallel_against_single_process(comm):
     check_accumulation_dtypes_unused_frozen(comm)
     check_no_sync_and_misuse(comm)

@@ -241,7 +241,7 @@ def check_data_parallel_misuse(comm) -> None:
         assert rel_err(p.grad, q.grad) <= 1e-6, n
 
 
-@mpi_test(ranks=[1, 2, 4], timeout=240)
+@mpi_test(ranks=[1, 2, 4], timeout=240, in_process=True)
 def test_ties_shard_reads_clipping_and_data_parallel_misuse(comm):
     check_ties(comm)
     check_shard_read_outside_its_module(comm)

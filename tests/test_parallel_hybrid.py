@@ -263,7 +263,7 @@ def check_pipeline_x_zero(comm, data: int) -> None:
         hp.PipelineModel(TiedLM(), mesh, sample=sample, data_reduction="zero")
 
 
-@mpi_test(ranks=[2, 4], timeout=240)
+@mpi_test(ranks=[2, 4], timeout=240, in_process=True)
 def test_hybrid_layouts_match_single_process(comm):
     if comm.size == 4:
         for schedule in ("gpipe", "1f1b"):

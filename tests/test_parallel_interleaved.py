@@ -70,7 +70,7 @@ def predict(model, x, lengths):
     return model(x, lengths)
 
 
-@mpi_test(ranks=[1, 2, 4], timeout=180)
+@mpi_test(ranks=[1, 2, 4], timeout=180, in_process=True)
 def test_interleaved_pipeline_matches_single_process(comm):
     for data, stages, chunks, micro in layouts(comm.size):
         torch.manual_seed(0)

@@ -203,7 +203,7 @@ def check_transformer(comm) -> None:
     assert_matches(pmodel, {n: p.grad for n, p in reference_model.named_parameters()})
 
 
-@mpi_test(ranks=[2, 4])
+@mpi_test(ranks=[2, 4], in_process=True)
 def test_pipeline_matches_single_process_and_checkpoints_load_anywhere(comm):
     torch.set_num_threads(1)
     for data, stages, schedule in layouts(comm.size):

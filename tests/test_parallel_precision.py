@@ -196,7 +196,7 @@ def check_refusals(comm) -> None:
     assert grow.scale == 32.0 and grow.state_dict()["good_steps"] == 2
 
 
-@mpi_test(ranks=[1, 2, 4], timeout=240)
+@mpi_test(ranks=[1, 2, 4], timeout=240, in_process=True)
 def test_mixed_precision_equals_the_one_process_recipe(comm):
     for dtype in (torch.bfloat16, torch.float16):
         check_data_parallel(comm, dtype)

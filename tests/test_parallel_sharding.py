@@ -42,7 +42,7 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).abs().max() / ref.abs().max())
 
 
-@mpi_test(ranks=[1, 2, 4], timeout=180)
+@mpi_test(ranks=[1, 2, 4], timeout=180, in_process=True)
 def test_sharded_optimizer_matches_unsharded(comm):
     d, steps = comm.size, 6
     for cls, kwargs, state_tensors in CASES:

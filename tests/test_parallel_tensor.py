@@ -82,7 +82,7 @@ def shards_of(model: nn.Module) -> dict:
             for p, s in getattr(m, "tp_shards", {}).items()}
 
 
-@mpi_test(ranks=[1, 2, 4], timeout=180)
+@mpi_test(ranks=[1, 2, 4], timeout=180, in_process=True)
 def test_tensor_parallel_matches_single_process(comm):
     # an MLP under the default plan (column, row, column, row) with a gathered-free chain
     ref, par = mlp(), parallelize(mlp(), comm)

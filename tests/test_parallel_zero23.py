@@ -167,7 +167,7 @@ def check_pipeline(comm, stage: int) -> None:
         assert rel_err(v, ref_params[name].detach()) <= 1e-5, (stage, name)
 
 
-@mpi_test(ranks=[1, 2, 4], timeout=240)
+@mpi_test(ranks=[1, 2, 4], timeout=240, in_process=True)
 def test_zero23_matches_one_process(comm):
     for stage in (2, 3):
         check_data_parallel(comm, stage, "twice", passes=2)

@@ -43,7 +43,7 @@ def _train(comm, model, optimizer, steps: int) -> None:
         train_step(comm, model, stream.batch(step), optimizer, 0.1, 0.5)
 
 
-@mpi_test(ranks=[1, 2])
+@mpi_test(ranks=[1, 2], in_process=True)
 def test_identity_h1_equals_data_parallel_sgd(comm):
     vocab = len(read_vocab(CORPUS))
     dense = _tiny_model(vocab)

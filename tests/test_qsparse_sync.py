@@ -99,7 +99,7 @@ def check_local_steps_and_compression_match_single_process_algorithm(comm):
         assert sent == qs.syncs * -(-c.bits(d, torch.float64) // 8)
 
 
-@mpi_test()
+@mpi_test(in_process=True)
 def test_sync_equals_single_process_references(comm):
     """One launch per rank count (each costs seconds): both checks above."""
     check_h1_identity_equals_plain_distributed_sgd(comm)
