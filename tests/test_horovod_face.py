@@ -390,6 +390,40 @@ def check_sync_batch_norm(n: int, r: int) -> None:
     assert torch.allclose(sbn(x[lo:hi]), ref(x)[lo:hi], atol=1e-12)
 
 
+def check_names_and_order(n: int, r: int) -> None:
+    """Horovod's names: a second pending operation of one name is refused on the submitting
+    rank (ValueError, no communication); ranks may submit asynchronous operations around a
+    blocking one or in different orders; operations that differ still fail on every rank."""
+    x = torch.full((3,), float(r))
+    total = torch.full((3,), float(sum(range(n))))
+    h = hvd.allreduce_async(x, name="dup", op=hvd.Sum)
+    expect_error(ValueError, "still pending", hvd.allreduce_async, x, name="dup")
+    expect_error(ValueError, "still pending", hvd.allgather_async, x, name="dup")
+    assert torch.equal(hvd.synchronize(h), total)
+    assert hvd.synchronize(hvd.allgather_async(x, name="dup")).shape == (3 * n,)  # free again
+    if n == 1:
+        return
+    # Horovod's own test pattern: rank 0 submits before a barrier, the others after it
+    if r == 0:
+        h = hvd.allgather_async(x, name="late")
+        assert not hvd.poll(h)  # waits, unposted, for the other ranks
+        expect_error(ValueError, "still pending", hvd.allgather_async, x, name="late")
+    hvd.barrier()
+    if r > 0:
+        h = hvd.allgather_async(x, name="late")
+    assert torch.equal(hvd.synchronize(h), torch.arange(n).double().repeat_interleave(3))
+    # opposite submission orders on even and odd ranks, synchronized in one order
+    rows = torch.full((n, 2), float(r))
+    submit = [lambda: hvd.reducescatter_async(rows, name="rs", op=hvd.Sum),
+              lambda: hvd.broadcast_async(x, root_rank=n - 1, name="bc")]
+    hs, hb = (submit[0](), submit[1]()) if r % 2 else reversed([submit[1](), submit[0]()])
+    assert torch.equal(hvd.synchronize(hs), torch.full((1, 2), float(sum(range(n)))))
+    assert torch.equal(hvd.synchronize(hb), torch.full((3,), float(n - 1)))
+    # asynchronous operations that differ between ranks raise on every rank when synchronized
+    h = hvd.allreduce_async(torch.zeros(r + 1), name="shape")
+    expect_error(hvd.HorovodInternalError, "differ in shapes", hvd.synchronize, h)
+
+
 @mpi_test(ranks=[1, 2, 4], timeout=180)
 def test_horovod_face(comm) -> None:
     expect_error(ValueError, "hvd.init()", hvd.size)
@@ -397,7 +431,8 @@ def test_horovod_face(comm) -> None:
     n, r = comm.size, comm.rank
     for check in (check_basics, check_allreduce, check_allgather, check_broadcast,
                   check_alltoall, check_reducescatter, check_training_sgd, check_training_adam,
-                  check_optimizer_misc, check_process_sets, check_sync_batch_norm):
+                  check_optimizer_misc, check_process_sets, check_sync_batch_norm,
+                  check_names_and_order):
         check(n, r)
     hvd.shutdown()
     assert not hvd.is_initialized()

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from hpcml.comm import Communicator
+from hpcml.comm import Communicator, Request
 from hpcml.horovod.basics import (
     MPI_OPS,
     Adasum,
@@ -41,9 +41,13 @@ from hpcml.horovod.basics import (
     new_handle,
     set_rank,
     synchronize,
+    take_name,
 )
 from hpcml.horovod.compression import Compression
-from hpcml.horovod.join import ALLREDUCE, negotiate
+from hpcml.horovod.join import ALLREDUCE, negotiate, submit
+
+# a posted operation: its requests and the function that makes its result once they complete
+_Started = tuple[list[Request], Callable[[], Any]]
 
 
 def _op(op: int | None, average: bool | None) -> int:
@@ -89,7 +93,7 @@ def _contiguous(what: str, tensor: torch.Tensor) -> torch.Tensor:
 
 # -- allreduce ------------------------------------------------------------------------------------
 def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, prescale: float,
-                     postscale: float, comm: Communicator) -> int:
+                     postscale: float, comm: Communicator) -> _Started:
     pre, post = _factors(op, prescale, postscale, comm.size)
     if output is not tensor:
         with torch.no_grad():
@@ -101,7 +105,7 @@ def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, presca
         _scale_(output, post)
         return output
 
-    return new_handle([request], finish)
+    return [request], finish
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -111,9 +115,10 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
     op = _op(op, average)
     comm = communicator(process_set)
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    negotiate("allreduce", process_set, ALLREDUCE, output, op)
-    return _allreduce_start(tensor.detach(), output, op, prescale_factor, postscale_factor,
-                            comm)
+    t = tensor.detach()
+    return submit("allreduce", process_set, name,
+                  lambda: _allreduce_start(t, output, op, prescale_factor, postscale_factor,
+                                           comm), ALLREDUCE, output, op)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -123,8 +128,9 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
     t = _contiguous("allreduce_", tensor)
     op = _op(op, average)
     comm = communicator(process_set)
-    negotiate("allreduce_", process_set, ALLREDUCE, t, op)
-    return _allreduce_start(t, t, op, prescale_factor, postscale_factor, comm)
+    return submit("allreduce_", process_set, name,
+                  lambda: _allreduce_start(t, t, op, prescale_factor, postscale_factor, comm),
+                  ALLREDUCE, t, op)
 
 
 class _Allreduce(torch.autograd.Function):
@@ -250,10 +256,18 @@ def allgather(tensor: torch.Tensor, name: str | None = None,
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None,
                     process_set: Any = None) -> int:
+    """Start :func:`allgather` (not differentiable): the rows are exchanged when the handle is
+    returned, the data travels by a non-blocking ``Iallgatherv``."""
     comm = communicator(process_set)
-    negotiate("allgather_async", process_set, tensor=tensor, rows_free=True)
-    out = _allgather(tensor, comm)[0]
-    return new_handle([], lambda: out)
+    t = tensor.detach().contiguous()
+
+    def start() -> _Started:
+        rows = _rows("allgather", t, comm)
+        out = torch.empty((sum(rows), *t.shape[1:]), dtype=t.dtype)
+        row = math.prod(t.shape[1:])
+        return [comm.Iallgatherv(t, out, [r * row for r in rows])], lambda: out
+
+    return submit("allgather_async", process_set, name, start, tensor=t, rows_free=True)
 
 
 def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
@@ -301,8 +315,13 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: Any = None) -> int:
-    out = broadcast_(tensor, root_rank, name, process_set)
-    return new_handle([], lambda: out)
+    """Start :func:`broadcast_` (``Ibcast``); ``tensor`` holds the root's after
+    ``synchronize``."""
+    comm = communicator(process_set)
+    root = _root(root_rank, process_set)
+    t = _contiguous("broadcast_async_", tensor).data
+    return submit("broadcast", process_set, name,
+                  lambda: ([comm.Ibcast(t, root=root)], lambda: tensor), tensor=t, op=root)
 
 
 class _Broadcast(torch.autograd.Function):
@@ -329,8 +348,9 @@ def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: Any = None) -> int:
-    out = broadcast(tensor.detach(), root_rank, process_set=process_set)
-    return new_handle([], lambda: out)
+    """Start :func:`broadcast` into a new tensor (not differentiable)."""
+    return broadcast_async_(tensor.detach().clone(memory_format=torch.contiguous_format),
+                            root_rank, name, process_set)
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
@@ -413,8 +433,10 @@ def alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None =
 
 def alltoall_async(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None,
                    name: str | None = None, process_set: Any = None) -> int:
+    """:func:`alltoall`, complete when its handle is returned."""
+    take_name(name)
     out = alltoall(tensor, splits, name, process_set)
-    return new_handle([], lambda: out)
+    return new_handle([], lambda: out, name)
 
 
 def reducescatter(tensor: torch.Tensor, name: str | None = None,
@@ -436,7 +458,11 @@ class _Reducescatter(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, op: int, prescale: float, postscale: float,
                 process_set: Any) -> torch.Tensor:
         ctx.args = (op, prescale, postscale, process_set)
-        return _reducescatter(tensor, op, prescale, postscale, process_set)
+        negotiate("reducescatter", process_set, tensor=tensor, op=op)
+        requests, finish = _reducescatter_start(tensor, op, prescale, postscale, process_set)
+        for request in requests:
+            request.wait()
+        return finish()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -447,10 +473,10 @@ class _Reducescatter(torch.autograd.Function):
         return _allgather(grad * factor, comm)[0], None, None, None, None
 
 
-def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
-                   postscale_factor: float, process_set: Any) -> torch.Tensor:
+def _reducescatter_start(tensor: torch.Tensor, op: int, prescale_factor: float,
+                         postscale_factor: float, process_set: Any) -> _Started:
+    """Post the reducescatter of ``tensor`` (``Ireduce_scatter``); its request and result."""
     comm = communicator(process_set)
-    negotiate("reducescatter", process_set, tensor=tensor, op=op)
     t = tensor.detach().contiguous()
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
@@ -463,17 +489,26 @@ def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
     rows = [q + (r < extra) for r in range(comm.size)]
     row = math.prod(t.shape[1:])
     out = torch.empty((rows[comm.rank], *t.shape[1:]), dtype=t.dtype)
-    comm.Reduce_scatter(t, out, [r * row for r in rows], op=MPI_OPS[op])
-    _scale_(out, post)
-    return out
+    request = comm.Ireduce_scatter(t, out, [r * row for r in rows], op=MPI_OPS[op])
+
+    def finish() -> torch.Tensor:
+        _scale_(out, post)
+        return out
+
+    return [request], finish
 
 
 def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int | None = Average,
                         process_set: Any = None, prescale_factor: float = 1.0,
                         postscale_factor: float = 1.0) -> int:
-    out = reducescatter(tensor, name, Compression.none, op, process_set, prescale_factor,
-                        postscale_factor)
-    return new_handle([], lambda: out)
+    """Start :func:`reducescatter` (``Ireduce_scatter``; not differentiable)."""
+    op = _op(op, None)
+    if tensor.dim() == 0:
+        raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
+                         "dimension (reshape it to (1,))")
+    return submit("reducescatter", process_set, name,
+                  lambda: _reducescatter_start(tensor, op, prescale_factor, postscale_factor,
+                                               process_set), tensor=tensor, op=op)
 
 
 def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = None,
