@@ -176,6 +176,8 @@ def check_reducescatter(n: int, r: int) -> None:
     got = hvd.reducescatter(x, op=hvd.Sum, prescale_factor=0.5, postscale_factor=4.0)
     assert torch.allclose(got, 2 * mine)
     assert torch.allclose(hvd.synchronize(hvd.reducescatter_async(x, op=hvd.Sum)), mine)
+    for call in (hvd.reducescatter, hvd.reducescatter_async):  # Horovod refuses Adasum here
+        expect_error(RuntimeError, "Adasum is not supported", call, x, op=hvd.Adasum)
     a, b = hvd.grouped_reducescatter([x, x], op=hvd.Sum)
     assert torch.allclose(a, mine) and torch.allclose(b, mine)
     # Horovod's gradient: the allgather of the blocks' gradients, times the size for Sum

@@ -448,9 +448,17 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
     one row more (Horovod's split). Differentiable as in Horovod: the gradient is the
     allgather of the blocks' gradients, times the size for ``Sum`` and times both factors."""
     compressed, ctx = compression.compress(tensor)
-    out = _Reducescatter.apply(compressed, _op(op, None), prescale_factor, postscale_factor,
-                               process_set)
+    out = _Reducescatter.apply(compressed, _reducescatter_op(op), prescale_factor,
+                               postscale_factor, process_set)
     return compression.decompress(out, ctx)
+
+
+def _reducescatter_op(op: int | None) -> int:
+    """``op`` for a reducescatter: Adasum is refused with ``RuntimeError``, as Horovod does."""
+    if op == Adasum:
+        raise RuntimeError("hpcml.horovod: reducescatter: op=Adasum is not supported (as in "
+                           "Horovod): use hvd.Average or hvd.Sum")
+    return _op(op, None)
 
 
 class _Reducescatter(torch.autograd.Function):
@@ -502,7 +510,7 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int |
                         process_set: Any = None, prescale_factor: float = 1.0,
                         postscale_factor: float = 1.0) -> int:
     """Start :func:`reducescatter` (``Ireduce_scatter``; not differentiable)."""
-    op = _op(op, None)
+    op = _reducescatter_op(op)
     if tensor.dim() == 0:
         raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
                          "dimension (reshape it to (1,))")
