@@ -67,7 +67,7 @@ def check_allreduce(n: int, r: int) -> None:
     assert torch.equal(hvd.allreduce(ints), torch.tensor([(n - 1) // 2, 1]))
     got = hvd.allreduce(torch.tensor([7, -7]), op=hvd.Sum, prescale_factor=0.5)
     assert torch.equal(got, torch.tensor([3 * n, -3 * n]))
-    expect_error(ValueError, "Adasum is not implemented", hvd.allreduce, x, op=hvd.Adasum)
+    check_adasum(n, r)
     expect_error(ValueError, "supersedes", hvd.allreduce, x, average=True, op=hvd.Sum)
     # fp16 on the wire, float32 back
     f = (base + 10 * r).float()
@@ -102,6 +102,37 @@ def check_allreduce(n: int, r: int) -> None:
     got = hvd.sparse_allreduce_async(dense.to_sparse(), op=hvd.Average)().to_dense()
     assert torch.allclose(got, hvd.allreduce(dense))
     assert torch.equal(a, expected[hvd.Min]) and torch.equal(b, expected[hvd.Min])
+
+
+def check_adasum(n: int, r: int) -> None:
+    """Adasum (n is a power of two here): orthogonal gradients add, equal ones stay, and in
+    general the binary tree of Horovod's pairwise rule, written out here."""
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(hvd.allreduce(3 * eye[r], op=hvd.Adasum), 3 * eye.sum(0))
+    same = torch.tensor([1.0, -2.0, 0.5])
+    assert torch.allclose(hvd.allreduce(same, op=hvd.Adasum), same)
+
+    def rule(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = torch.dot(a, b)
+        return (1 - d / (2 * torch.dot(a, a))) * a + (1 - d / (2 * torch.dot(b, b))) * b
+
+    grads = [torch.tensor([1.0 + k, 2.0 - k * k, 0.5 * k], dtype=torch.float64)
+             for k in range(n)]
+    level = grads
+    while len(level) > 1:
+        level = [rule(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    got = hvd.allreduce(grads[r], op=hvd.Adasum, postscale_factor=2.0)
+    assert torch.allclose(got, 2 * level[0], rtol=1e-12), (got, level[0])
+    y = grads[r].clone()
+    assert torch.allclose(hvd.synchronize(hvd.allreduce_async_(y, op=hvd.Adasum)), level[0])
+    expect_error(ValueError, "floating-point tensor", hvd.allreduce, torch.tensor([r]),
+                 op=hvd.Adasum)
+    ps = hvd.add_process_set(list(range(n - 1))) if n > 2 else None  # 3 ranks of 4
+    if ps is not None and ps.included():
+        expect_error(ValueError, "power-of-two", hvd.allreduce, same, op=hvd.Adasum,
+                     process_set=ps)
+    if ps is not None:
+        hvd.remove_process_set(ps)
 
 
 def check_allgather(n: int, r: int) -> None:

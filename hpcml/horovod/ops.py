@@ -44,23 +44,26 @@ from hpcml.horovod.basics import (
     take_name,
 )
 from hpcml.horovod.compression import Compression
-from hpcml.horovod.join import ALLREDUCE, negotiate, submit
+from hpcml.horovod.join import ALLREDUCE, OTHER, negotiate, submit
 
 # a posted operation: its requests and the function that makes its result once they complete
 _Started = tuple[list[Request], Callable[[], Any]]
 
 
-def _op(op: int | None, average: bool | None) -> int:
-    """Horovod's op from ``op`` and the deprecated ``average``; refuses what is not built."""
+def _op(op: int | None, average: bool | None, adasum: bool = False) -> int:
+    """Horovod's op from ``op`` and the deprecated ``average``; refuses what is not built
+    (``Adasum`` unless ``adasum``)."""
     if average is not None:
         if op is not None:
             raise ValueError("The op parameter supersedes average. Please provide only one of "
                              "them.")
         op = Average if average else Sum
     op = Average if op is None else op
+    if op == Adasum and adasum:
+        return op
     if op == Adasum:
-        raise ValueError("hpcml.horovod: op=Adasum is not implemented (use op=hvd.Average or "
-                         "hvd.Sum)")
+        raise ValueError("hpcml.horovod: op=Adasum is not implemented here (use op=hvd.Average "
+                         "or hvd.Sum)")
     if op not in MPI_OPS:
         raise ValueError(f"hpcml.horovod: op={op!r} is not one of hvd.Average, Sum, Min, Max, "
                          "Product")
@@ -92,8 +95,43 @@ def _contiguous(what: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 # -- allreduce ------------------------------------------------------------------------------------
+def adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Adasum of two gradients (arXiv 2006.02924, Horovod's ``adasum.h``):
+    ``(1 - a.b / 2|a|^2) a + (1 - a.b / 2|b|^2) b``, a coefficient staying 1 where its norm
+    squared is below sqrt(DBL_MIN). Orthogonal gradients add, equal ones stay as they are.
+    Pure function (float64 in, float64 out)."""
+    dot, aa, bb = float(a.flatten() @ b.flatten()), float(a.flatten() @ a.flatten()), \
+        float(b.flatten() @ b.flatten())
+    tiny = math.sqrt(2.2250738585072014e-308)
+    return (1 - dot / aa / 2 if aa >= tiny else 1.0) * a + \
+        (1 - dot / bb / 2 if bb >= tiny else 1.0) * b
+
+
+def _adasum_start(tensor: torch.Tensor, output: torch.Tensor, prescale: float,
+                  postscale: float, comm: Communicator) -> _Started:
+    """Horovod's Adasum allreduce into ``output``: the ranks' tensors combined pairwise up a
+    binary tree (ranks 2i and 2i+1, then pairs of pairs: Horovod's recursive order), in
+    float64 on every rank from one allgather, so every rank gets the same result. Requires a
+    power-of-two number of ranks and a floating-point tensor, as Horovod's CPU Adasum does."""
+    if comm.size & (comm.size - 1) or not tensor.dtype.is_floating_point:
+        raise ValueError(f"hpcml.horovod: op=Adasum needs a power-of-two number of ranks (not "
+                         f"{comm.size}) and a floating-point tensor (not {tensor.dtype}), as "
+                         "Horovod's; use op=hvd.Average")
+    mine = tensor.detach().contiguous().double() * prescale
+    parts = torch.empty((comm.size, *mine.shape), dtype=torch.float64)
+    comm.Allgather(mine, parts)
+    level = list(parts)
+    while len(level) > 1:
+        level = [adasum_pair(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    with torch.no_grad():
+        output.copy_(level[0] * postscale)
+    return [], lambda: output
+
+
 def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, prescale: float,
                      postscale: float, comm: Communicator) -> _Started:
+    if op == Adasum:
+        return _adasum_start(tensor, output, prescale, postscale, comm)
     pre, post = _factors(op, prescale, postscale, comm.size)
     if output is not tensor:
         with torch.no_grad():
@@ -108,17 +146,23 @@ def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, presca
     return [request], finish
 
 
+def _kind(op: int) -> int:
+    """The header kind of an allreduce: Adasum (an allgather) has no neutral contribution for
+    a rank inside ``join()``."""
+    return OTHER if op == Adasum else ALLREDUCE
+
+
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                     op: int | None = None, prescale_factor: float = 1.0,
                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
     """Start reducing ``tensor`` over the ranks into a new tensor; ``tensor`` is unchanged."""
-    op = _op(op, average)
+    op = _op(op, average, adasum=True)
     comm = communicator(process_set)
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
     t = tensor.detach()
     return submit("allreduce", process_set, name,
                   lambda: _allreduce_start(t, output, op, prescale_factor, postscale_factor,
-                                           comm), ALLREDUCE, output, op)
+                                           comm), _kind(op), output, op)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -126,11 +170,11 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      postscale_factor: float = 1.0, process_set: Any = None) -> int:
     """Start reducing ``tensor`` in place; its value is the result after ``synchronize``."""
     t = _contiguous("allreduce_", tensor)
-    op = _op(op, average)
+    op = _op(op, average, adasum=True)
     comm = communicator(process_set)
     return submit("allreduce_", process_set, name,
                   lambda: _allreduce_start(t, t, op, prescale_factor, postscale_factor, comm),
-                  ALLREDUCE, t, op)
+                  _kind(op), t, op)
 
 
 class _Allreduce(torch.autograd.Function):
@@ -152,8 +196,8 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
               process_set: Any = None) -> torch.Tensor:
     """The reduction of ``tensor`` over the ranks (same shape and dtype), differentiable."""
     compressed, ctx = compression.compress(tensor)
-    out = _Allreduce.apply(compressed, _op(op, average), prescale_factor, postscale_factor,
-                           process_set)
+    out = _Allreduce.apply(compressed, _op(op, average, adasum=True), prescale_factor,
+                           postscale_factor, process_set)
     return compression.decompress(out, ctx)
 
 
