@@ -71,7 +71,7 @@ class _Deferred:
     """An asynchronous operation this rank submitted while the other ranks posted something
     else: its header, its handle's state and how to start it."""
 
-    header: torch.Tensor
+    header: list[int]
     pending: Any
     start: Callable[[], tuple[list[Request], Callable[[], Any]]]
 
@@ -97,30 +97,29 @@ def _is_global(process_set: Any) -> bool:
 
 
 def _describe(kind: int, tensor: torch.Tensor | None, op: int, index: int, rows_free: bool,
-              name: str | None) -> torch.Tensor:
-    """A working rank's header for one operation (``_DEFER`` and the negated fields unset)."""
-    header = torch.full((FIELDS,), -1, dtype=torch.int64)
-    header[_JOINED], header[_WORKING], header[_KIND], header[_OP] = 0, 1, kind, op
-    header[_DTYPE] = header[_SHAPE] = header[_NUMEL] = 0
+              name: str | None) -> list[int]:
+    """A working rank's header fields for one operation (``_DEFER`` unset, no negated
+    fields). Plain integers: this runs once per operation (per step for the optimizer)."""
+    dtype = shape = numel = 0
     if tensor is not None:
-        header[_DTYPE], header[_NUMEL] = DTYPES.index(tensor.dtype), tensor.numel()
-        shape = tuple(tensor.shape)[1:] if rows_free else tuple(tensor.shape)
-        header[_SHAPE] = hash(shape) & (2**62 - 1)
-    header[_INDEX] = index
-    header[_NAME] = 0 if name is None else zlib.crc32(name.encode())
-    return header
+        dtype, numel = DTYPES.index(tensor.dtype), tensor.numel()
+        dims = tuple(tensor.shape)[1:] if rows_free else tuple(tensor.shape)
+        shape = hash(dims) & (2**62 - 1)
+    return [0, 1, kind, op, dtype, shape, numel, index, -1, 0,
+            0 if name is None else zlib.crc32(name.encode())]
 
 
-def _exchange(described: torch.Tensor, deferrable: bool) -> tuple[torch.Tensor, list[str]]:
+def _exchange(described: list[int], deferrable: bool) -> tuple[list[int], list[str]]:
     """One header round (collective over the job): the reduced header and the fields in which
     the working ranks differ."""
-    header = described.clone()
-    header[_DEFER] = int(deferrable)
-    header[_NEG:] = -header[_AGREE]
+    fields = list(described)
+    fields[_DEFER] = int(deferrable)
+    header = torch.tensor(fields + [-fields[f] for f in _AGREE], dtype=torch.int64)
     communicator(None).Allreduce(header, op="max")
+    got = header.tolist()
     names = ("operations", "ops or root ranks", "dtypes", "shapes", "names")
-    return header, [name for name, f, k in zip(names, _AGREE, range(_NEG, FIELDS), strict=True)
-                    if header[f] != -header[k]]
+    return got, [name for name, f, k in zip(names, _AGREE, range(_NEG, FIELDS), strict=True)
+                 if got[f] != -got[k]]
 
 
 def _mismatch(what: str, differ: list[str]) -> HorovodInternalError:
@@ -131,7 +130,7 @@ def _mismatch(what: str, differ: list[str]) -> HorovodInternalError:
         "in the same order)")
 
 
-def _check_joined(what: str, header: torch.Tensor) -> bool:
+def _check_joined(what: str, header: list[int]) -> bool:
     joined = bool(header[_JOINED] > 0)
     if joined and int(header[_KIND]) not in (ALLREDUCE, OPTIMIZER):
         raise RuntimeError(f"hpcml.horovod: {what} after a rank called join(): only allreduces "
@@ -146,7 +145,7 @@ def _post(entry: _Deferred) -> None:
     entry.pending.post = None
 
 
-def _settle(what: str, mine: torch.Tensor, entry: _Deferred | None) -> bool | None:
+def _settle(what: str, mine: list[int], entry: _Deferred | None) -> bool | None:
     """Header rounds until the ranks agree on this rank's operation ``mine``; this rank's
     deferred operations are offered first and started where every rank offers the same.
     Returns whether some rank has joined, or None when ``entry`` (this operation, which is

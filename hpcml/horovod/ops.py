@@ -2,12 +2,15 @@
 :class:`hpcml.comm.Communicator`, so every byte is in hpcml's ledger.
 
 Every operation is collective over its ``process_set`` (default: the job; ``root_rank`` is always
-a global rank): every rank of it calls it, **in the same order** (Horovod
-matches operations by name in a background thread, so its ranks may post them in different
-orders; MPI matches them by order, and ``name`` is accepted and ignored). Results are new
-tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensors are refused.
+a global rank): every rank of it calls it. Blocking operations are posted **in the same order**
+on every rank (MPI matches by order); asynchronous ones over the global set may come in other
+orders (Horovod matches by ``name``): see :func:`hpcml.horovod.join.submit`. A ``name`` pending
+on this rank may not be reused until synchronized (``ValueError``, as Horovod's). Results are
+new tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensors are
+refused.
 
-- ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``; ``Adasum`` is refused.
+- ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``, and for allreduces
+  ``Adasum`` (:func:`adasum_pair` up a binary tree; power-of-two sizes, floating point).
   ``prescale_factor`` multiplies each rank's tensor before the reduction and
   ``postscale_factor`` the result after it (with ``Average`` the division by the size is folded
   into the postscale factor, as Horovod does). Integer tensors are scaled as Horovod scales them:
@@ -18,8 +21,10 @@ tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensor
   the averaged gradient on the root and zeros elsewhere; of an alltoall, the gradients sent back
   where the rows came from; of a reducescatter, see :func:`reducescatter`.
 - The ``_async`` forms return a handle for :func:`~hpcml.horovod.basics.poll` and
-  :func:`~hpcml.horovod.basics.synchronize`: allreduces are non-blocking (``Iallreduce``); the
-  other operations complete before their handle is returned.
+  :func:`~hpcml.horovod.basics.synchronize`: allreduces (``Iallreduce``; Adasum completes at
+  once), allgathers (``Iallgatherv`` after a blocking exchange of row counts), broadcasts
+  (``Ibcast``) and reducescatters (``Ireduce_scatter``) are non-blocking; ``alltoall_async``
+  completes before its handle is returned.
 """
 
 from __future__ import annotations
