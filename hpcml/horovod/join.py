@@ -200,20 +200,18 @@ def submit(what: str, process_set: Any, name: str | None,
     rank posts it (or every rank raises :class:`HorovodInternalError` if none can wait)."""
     handle = new_handle([], lambda: None, name)
     p = pending(handle)
-    if not _is_global(process_set):
-        p.requests, p.finish = start()
-        return handle
-    mine = _describe(kind, tensor, op, 0, rows_free, name)
-    entry = _Deferred(mine, p, start)
     try:
-        joined = _settle(what, mine, entry)
+        if not _is_global(process_set):
+            p.requests, p.finish = start()
+            return handle
+        entry = _Deferred(_describe(kind, tensor, op, 0, rows_free, name), p, start)
+        if _settle(what, entry.header, entry) is None:
+            p.post = lambda: _force(what, entry)
+        else:
+            p.requests, p.finish = start()
     except BaseException:
-        synchronize(handle)  # releases the name
+        synchronize(handle)  # spends the handle and releases the name
         raise
-    if joined is None:
-        p.post = lambda: _force(what, entry)
-    else:
-        p.requests, p.finish = start()
     return handle
 
 
