@@ -37,6 +37,11 @@ def test_allgather_and_allgatherv(comm):
     recv_v = torch.empty(sum(counts), dtype=torch.float32)
     comm.Allgatherv(torch.full((r + 1,), float(r)), recv_v, counts)
     assert recv_v.tolist() == [float(q) for q in range(p) for _ in range(q + 1)]
+    half = torch.zeros(sum(counts), dtype=torch.bfloat16)  # staged: written back on wait()
+    req = comm.Iallgatherv(torch.full((r + 1,), r + 0.5, dtype=torch.bfloat16), half, counts)
+    req.wait()
+    assert half.tolist() == [q + 0.5 for q in range(p) for _ in range(q + 1)]
+    assert comm.ledger.totals()["Iallgatherv"]["bytes_received"] == 2 * sum(counts)
 
 
 @mpi_test(in_process=True)

@@ -67,7 +67,7 @@ def check_allreduce(n: int, r: int) -> None:
     assert torch.equal(hvd.allreduce(ints), torch.tensor([(n - 1) // 2, 1]))
     got = hvd.allreduce(torch.tensor([7, -7]), op=hvd.Sum, prescale_factor=0.5)
     assert torch.equal(got, torch.tensor([3 * n, -3 * n]))
-    expect_error(ValueError, "Adasum is not implemented", hvd.allreduce, x, op=hvd.Adasum)
+    check_adasum(n, r)
     expect_error(ValueError, "supersedes", hvd.allreduce, x, average=True, op=hvd.Sum)
     # fp16 on the wire, float32 back
     f = (base + 10 * r).float()
@@ -102,6 +102,37 @@ def check_allreduce(n: int, r: int) -> None:
     got = hvd.sparse_allreduce_async(dense.to_sparse(), op=hvd.Average)().to_dense()
     assert torch.allclose(got, hvd.allreduce(dense))
     assert torch.equal(a, expected[hvd.Min]) and torch.equal(b, expected[hvd.Min])
+
+
+def check_adasum(n: int, r: int) -> None:
+    """Adasum (n is a power of two here): orthogonal gradients add, equal ones stay, and in
+    general the binary tree of Horovod's pairwise rule, written out here."""
+    eye = torch.eye(n, dtype=torch.float64)
+    assert torch.allclose(hvd.allreduce(3 * eye[r], op=hvd.Adasum), 3 * eye.sum(0))
+    same = torch.tensor([1.0, -2.0, 0.5])
+    assert torch.allclose(hvd.allreduce(same, op=hvd.Adasum), same)
+
+    def rule(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        d = torch.dot(a, b)
+        return (1 - d / (2 * torch.dot(a, a))) * a + (1 - d / (2 * torch.dot(b, b))) * b
+
+    grads = [torch.tensor([1.0 + k, 2.0 - k * k, 0.5 * k], dtype=torch.float64)
+             for k in range(n)]
+    level = grads
+    while len(level) > 1:
+        level = [rule(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    got = hvd.allreduce(grads[r], op=hvd.Adasum, postscale_factor=2.0)
+    assert torch.allclose(got, 2 * level[0], rtol=1e-12), (got, level[0])
+    y = grads[r].clone()
+    assert torch.allclose(hvd.synchronize(hvd.allreduce_async_(y, op=hvd.Adasum)), level[0])
+    expect_error(ValueError, "floating-point tensor", hvd.allreduce, torch.tensor([r]),
+                 op=hvd.Adasum)
+    ps = hvd.add_process_set(list(range(n - 1))) if n > 2 else None  # 3 ranks of 4
+    if ps is not None and ps.included():
+        expect_error(ValueError, "power-of-two", hvd.allreduce, same, op=hvd.Adasum,
+                     process_set=ps)
+    if ps is not None:
+        hvd.remove_process_set(ps)
 
 
 def check_allgather(n: int, r: int) -> None:
@@ -176,6 +207,8 @@ def check_reducescatter(n: int, r: int) -> None:
     got = hvd.reducescatter(x, op=hvd.Sum, prescale_factor=0.5, postscale_factor=4.0)
     assert torch.allclose(got, 2 * mine)
     assert torch.allclose(hvd.synchronize(hvd.reducescatter_async(x, op=hvd.Sum)), mine)
+    for call in (hvd.reducescatter, hvd.reducescatter_async):  # Horovod refuses Adasum here
+        expect_error(RuntimeError, "Adasum is not supported", call, x, op=hvd.Adasum)
     a, b = hvd.grouped_reducescatter([x, x], op=hvd.Sum)
     assert torch.allclose(a, mine) and torch.allclose(b, mine)
     # Horovod's gradient: the allgather of the blocks' gradients, times the size for Sum
@@ -390,6 +423,40 @@ def check_sync_batch_norm(n: int, r: int) -> None:
     assert torch.allclose(sbn(x[lo:hi]), ref(x)[lo:hi], atol=1e-12)
 
 
+def check_names_and_order(n: int, r: int) -> None:
+    """Horovod's names: a second pending operation of one name is refused on the submitting
+    rank (ValueError, no communication); ranks may submit asynchronous operations around a
+    blocking one or in different orders; operations that differ still fail on every rank."""
+    x = torch.full((3,), float(r))
+    total = torch.full((3,), float(sum(range(n))))
+    h = hvd.allreduce_async(x, name="dup", op=hvd.Sum)
+    expect_error(ValueError, "still pending", hvd.allreduce_async, x, name="dup")
+    expect_error(ValueError, "still pending", hvd.allgather_async, x, name="dup")
+    assert torch.equal(hvd.synchronize(h), total)
+    assert hvd.synchronize(hvd.allgather_async(x, name="dup")).shape == (3 * n,)  # free again
+    if n == 1:
+        return
+    # Horovod's own test pattern: rank 0 submits before a barrier, the others after it
+    if r == 0:
+        h = hvd.allgather_async(x, name="late")
+        assert not hvd.poll(h)  # waits, unposted, for the other ranks
+        expect_error(ValueError, "still pending", hvd.allgather_async, x, name="late")
+    hvd.barrier()
+    if r > 0:
+        h = hvd.allgather_async(x, name="late")
+    assert torch.equal(hvd.synchronize(h), torch.arange(n).double().repeat_interleave(3))
+    # opposite submission orders on even and odd ranks, synchronized in one order
+    rows = torch.full((n, 2), float(r))
+    submit = [lambda: hvd.reducescatter_async(rows, name="rs", op=hvd.Sum),
+              lambda: hvd.broadcast_async(x, root_rank=n - 1, name="bc")]
+    hs, hb = (submit[0](), submit[1]()) if r % 2 else reversed([submit[1](), submit[0]()])
+    assert torch.equal(hvd.synchronize(hs), torch.full((1, 2), float(sum(range(n)))))
+    assert torch.equal(hvd.synchronize(hb), torch.full((3,), float(n - 1)))
+    # asynchronous operations that differ between ranks raise on every rank when synchronized
+    h = hvd.allreduce_async(torch.zeros(r + 1), name="shape")
+    expect_error(hvd.HorovodInternalError, "differ in shapes", hvd.synchronize, h)
+
+
 @mpi_test(ranks=[1, 2, 4], timeout=180)
 def test_horovod_face(comm) -> None:
     expect_error(ValueError, "hvd.init()", hvd.size)
@@ -397,7 +464,8 @@ def test_horovod_face(comm) -> None:
     n, r = comm.size, comm.rank
     for check in (check_basics, check_allreduce, check_allgather, check_broadcast,
                   check_alltoall, check_reducescatter, check_training_sgd, check_training_adam,
-                  check_optimizer_misc, check_process_sets, check_sync_batch_norm):
+                  check_optimizer_misc, check_process_sets, check_sync_batch_norm,
+                  check_names_and_order):
         check(n, r)
     hvd.shutdown()
     assert not hvd.is_initialized()

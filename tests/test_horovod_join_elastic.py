@@ -16,6 +16,7 @@ Preempted (exit 75) on every rank after writing.
 horovodrun: argument checks (one line, exit 2) and a 2-rank launch of examples/horovod_train.py.
 """
 
+import importlib.util
 import math
 import os
 import shutil
@@ -231,3 +232,46 @@ def test_horovodrun_runs_the_example() -> None:
                          capture_output=True, text=True, check=False, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "ranks 2" in res.stdout and "matches one process" in res.stdout
+
+
+FAKE_HOROVOD_TESTS = '''
+import unittest
+
+import horovod.torch as hvd
+from common import mpi_env_rank_and_size, skip_or_fail_gpu_test, temppath
+
+
+class T(unittest.TestCase):
+    def test_rank(self):
+        hvd.init()
+        assert (hvd.rank(), hvd.size()) == mpi_env_rank_and_size()
+        with temppath() as path:
+            open(path, "w").close()
+
+    def test_gpu(self):
+        skip_or_fail_gpu_test(self, "No GPUs available")
+
+    def test_fails_on_rank_1(self):
+        hvd.init()
+        assert hvd.rank() != 1
+'''
+
+
+def test_horovod_test_alias(tmp_path) -> None:
+    """examples/horovod_test_alias.py at 2 ranks on a Horovod-style test file: the alias and
+    the stand-in helpers work, and outcomes merge over the ranks (a failure on rank 1 only is a
+    failure)."""
+    fake = tmp_path / "test_fake.py"
+    fake.write_text(FAKE_HOROVOD_TESTS)
+    script = str(Path(EXAMPLE).with_name("horovod_test_alias.py"))
+    res = subprocess.run([sys.executable, "-m", "hpcml", "horovodrun", "-np", "2",
+                          sys.executable, script, str(fake)], capture_output=True, text=True,
+                         check=False, timeout=120, cwd=tmp_path)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    for line in ("pass  test_rank", "n.a.  test_gpu", "fail  test_fails_on_rank_1",
+                 "2 ranks: 1 pass, 1 fail, 1 n.a.; 1 of 2 applicable pass (50.0 %)"):
+        assert line in res.stdout, res.stdout[-3000:]
+    spec = importlib.util.spec_from_file_location("horovod_test_alias", script)
+    harness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(harness)
+    assert harness.main([str(tmp_path / "missing.py")]) == 2  # before any MPI or pytest run

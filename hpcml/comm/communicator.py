@@ -188,6 +188,19 @@ class Communicator:
         return self._start("Iallgather", self.mpi.Iallgather(src, dst), sent, received,
                            itemsize, back, (send, src, recv, dst))
 
+    def Iallgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Request:
+        """Start ``Allgatherv`` (same contract: rank r contributes ``counts[r]`` elements,
+        concatenated in rank order into ``recv``). Collective, non-blocking."""
+        src, dst = stage(send), stage(recv)
+        counts = self._check_counts("Iallgatherv", counts, dst.size)
+        if counts[self.rank] != src.size:
+            raise ValueError(f"Iallgatherv: counts[{self.rank}] = {counts[self.rank]} but this "
+                             f"rank sends {src.size} elements")
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        req = self.mpi.Iallgatherv(src.spec, dst.vector(counts, displs))
+        return self._start("Iallgatherv", req, src.nbytes, dst.nbytes, dst.itemsize,
+                           dst.write_back, (src, dst))
+
     def Igather(self, send: Any, recv: Any, root: int = 0) -> Request:
         """Start gathering every rank's ``send`` (same size everywhere) into ``root``'s ``recv``
         in rank order (``recv`` is ignored elsewhere). Collective, non-blocking."""

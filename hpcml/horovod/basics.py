@@ -134,8 +134,12 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None) -> None
 def shutdown() -> None:
     """Forget the Horovod state (MPI stays initialized, so ``init()`` may be called again)."""
     global _STATE
+    from hpcml.horovod.join import forget_deferred  # join builds on this module
+
     _STATE = None
     _HANDLES.clear()
+    _NAMES.clear()
+    forget_deferred()
 
 
 def is_initialized() -> bool:
@@ -240,31 +244,57 @@ def rocm_built() -> bool:
 @dataclasses.dataclass
 class _Pending:
     """An operation in flight: its ``requests`` (none when already complete) and ``finish``,
-    which turns the completed buffers into the operation's result."""
+    which turns the completed buffers into the operation's result; ``name`` (Horovod's, taken
+    until the handle is synchronized); ``post`` while the operation waits for the other ranks
+    to post it (see :func:`hpcml.horovod.join.submit`): calling it waits until they have and
+    starts it; ``members``: the handles of a grouped operation."""
 
     requests: list[Request]
     finish: Callable[[], Any]
+    name: str | None = None
+    post: Callable[[], None] | None = None
+    members: list[_Pending] = dataclasses.field(default_factory=list)
 
 
 _HANDLES: dict[int, _Pending] = {}
+_NAMES: dict[str, _Pending] = {}  # the names taken, with their operations
 _NEXT = itertools.count()
 
 
-def new_handle(requests: list[Request], finish: Callable[[], Any]) -> int:
+def take_name(name: str | None) -> None:
+    """Claim ``name`` for an operation about to be submitted on this rank; raises Horovod's
+    ``ValueError`` when an operation of that name is still pending (submitted, not yet
+    synchronized, and not posted on every rank before a later blocking operation) on this rank.
+    Not collective: checked before any communication."""
+    if name is not None and name in _NAMES:
+        raise ValueError(f"hpcml.horovod: an operation named {name!r} is still pending on this "
+                         "rank (Horovod's 'Requested to allreduce, allgather, or broadcast a "
+                         "tensor with the same name as another tensor that is currently being "
+                         "processed'): synchronize it first or use a different name")
+
+
+def new_handle(requests: list[Request], finish: Callable[[], Any], name: str | None = None,
+               members: list[_Pending] | None = None) -> int:
+    """A handle for an operation started with ``requests``; claims ``name`` (see
+    :func:`take_name`)."""
+    take_name(name)
     handle = next(_NEXT)
-    _HANDLES[handle] = _Pending(requests, finish)
+    _HANDLES[handle] = p = _Pending(requests, finish, name, None, members or [])
+    if name is not None:
+        _NAMES[name] = p
     return handle
 
 
-def group_handles(handles: list[int]) -> int:
-    """One handle for ``handles`` (which are spent): complete when all are; its result is the
-    list of theirs."""
-    pending = [_HANDLES.pop(h) for h in handles]
-    return new_handle([r for p in pending for r in p.requests],
-                      lambda: [p.finish() for p in pending])
+def release_posted_names() -> None:
+    """Free the names of the operations every rank has posted (called after a blocking
+    operation: Horovod has processed such an operation by then, even if its handle is never
+    synchronized)."""
+    for name in [n for n, p in _NAMES.items() if p.post is None]:
+        del _NAMES[name]
 
 
-def _pending(handle: int) -> _Pending:
+def pending(handle: int) -> _Pending:
+    """The operation of ``handle``; ``ValueError`` when unknown or spent."""
     try:
         return _HANDLES[handle]
     except KeyError:
@@ -272,16 +302,39 @@ def _pending(handle: int) -> _Pending:
                          "synchronized") from None
 
 
+def group_handles(handles: list[int]) -> int:
+    """One handle for ``handles`` (which are spent): complete when all are; its result is the
+    list of theirs."""
+    members = [_HANDLES.pop(h) for h in handles]
+    return new_handle([], lambda: [m.finish() for m in members], members=members)
+
+
+def _done(p: _Pending) -> bool:
+    return p.post is None and all(r.test() is not None for r in p.requests) and \
+        all(_done(m) for m in p.members)
+
+
+def _wait(p: _Pending) -> None:
+    if p.post is not None:
+        p.post()
+    for request in p.requests:
+        request.wait()
+    for m in p.members:
+        _wait(m)
+
+
 def poll(handle: int) -> bool:
-    """True when the operation of ``handle`` has completed (then ``synchronize`` won't block).
-    Not collective."""
-    return all(r.test() is not None for r in _pending(handle).requests)
+    """True when the operation of ``handle`` has completed (then ``synchronize`` won't block);
+    False while it is in flight or waits for the other ranks to post it. Not collective."""
+    return _done(pending(handle))
 
 
 def synchronize(handle: int) -> Any:
-    """Wait for the operation of ``handle`` and return its result; the handle is spent."""
-    pending = _pending(handle)
-    for request in pending.requests:
-        request.wait()
+    """Wait for the operation of ``handle`` and return its result; the handle (and its name)
+    is spent. Collective only for an operation still waiting for the other ranks."""
+    p = pending(handle)
+    _wait(p)
     del _HANDLES[handle]
-    return pending.finish()
+    if p.name is not None and _NAMES.get(p.name) is p:
+        del _NAMES[p.name]
+    return p.finish()

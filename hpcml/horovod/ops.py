@@ -2,12 +2,15 @@
 :class:`hpcml.comm.Communicator`, so every byte is in hpcml's ledger.
 
 Every operation is collective over its ``process_set`` (default: the job; ``root_rank`` is always
-a global rank): every rank of it calls it, **in the same order** (Horovod
-matches operations by name in a background thread, so its ranks may post them in different
-orders; MPI matches them by order, and ``name`` is accepted and ignored). Results are new
-tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensors are refused.
+a global rank): every rank of it calls it. Blocking operations are posted **in the same order**
+on every rank (MPI matches by order); asynchronous ones over the global set may come in other
+orders (Horovod matches by ``name``): see :func:`hpcml.horovod.join.submit`. A ``name`` pending
+on this rank may not be reused until synchronized (``ValueError``, as Horovod's). Results are
+new tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensors are
+refused.
 
-- ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``; ``Adasum`` is refused.
+- ``op``: ``Average`` (default), ``Sum``, ``Min``, ``Max``, ``Product``, and for allreduces
+  ``Adasum`` (:func:`adasum_pair` up a binary tree; power-of-two sizes, floating point).
   ``prescale_factor`` multiplies each rank's tensor before the reduction and
   ``postscale_factor`` the result after it (with ``Average`` the division by the size is folded
   into the postscale factor, as Horovod does). Integer tensors are scaled as Horovod scales them:
@@ -18,8 +21,10 @@ tensors unless the name ends in ``_`` (in place). Non-contiguous in-place tensor
   the averaged gradient on the root and zeros elsewhere; of an alltoall, the gradients sent back
   where the rows came from; of a reducescatter, see :func:`reducescatter`.
 - The ``_async`` forms return a handle for :func:`~hpcml.horovod.basics.poll` and
-  :func:`~hpcml.horovod.basics.synchronize`: allreduces are non-blocking (``Iallreduce``); the
-  other operations complete before their handle is returned.
+  :func:`~hpcml.horovod.basics.synchronize`: allreduces (``Iallreduce``; Adasum completes at
+  once), allgathers (``Iallgatherv`` after a blocking exchange of row counts), broadcasts
+  (``Ibcast``) and reducescatters (``Ireduce_scatter``) are non-blocking; ``alltoall_async``
+  completes before its handle is returned.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 import torch
 
-from hpcml.comm import Communicator
+from hpcml.comm import Communicator, Request
 from hpcml.horovod.basics import (
     MPI_OPS,
     Adasum,
@@ -41,22 +46,29 @@ from hpcml.horovod.basics import (
     new_handle,
     set_rank,
     synchronize,
+    take_name,
 )
 from hpcml.horovod.compression import Compression
-from hpcml.horovod.join import ALLREDUCE, negotiate
+from hpcml.horovod.join import ALLREDUCE, OTHER, negotiate, submit
+
+# a posted operation: its requests and the function that makes its result once they complete
+_Started = tuple[list[Request], Callable[[], Any]]
 
 
-def _op(op: int | None, average: bool | None) -> int:
-    """Horovod's op from ``op`` and the deprecated ``average``; refuses what is not built."""
+def _op(op: int | None, average: bool | None, adasum: bool = False) -> int:
+    """Horovod's op from ``op`` and the deprecated ``average``; refuses what is not built
+    (``Adasum`` unless ``adasum``)."""
     if average is not None:
         if op is not None:
             raise ValueError("The op parameter supersedes average. Please provide only one of "
                              "them.")
         op = Average if average else Sum
     op = Average if op is None else op
+    if op == Adasum and adasum:
+        return op
     if op == Adasum:
-        raise ValueError("hpcml.horovod: op=Adasum is not implemented (use op=hvd.Average or "
-                         "hvd.Sum)")
+        raise ValueError("hpcml.horovod: op=Adasum is not implemented here (use op=hvd.Average "
+                         "or hvd.Sum)")
     if op not in MPI_OPS:
         raise ValueError(f"hpcml.horovod: op={op!r} is not one of hvd.Average, Sum, Min, Max, "
                          "Product")
@@ -88,8 +100,43 @@ def _contiguous(what: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 # -- allreduce ------------------------------------------------------------------------------------
+def adasum_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Adasum of two gradients (arXiv 2006.02924, Horovod's ``adasum.h``):
+    ``(1 - a.b / 2|a|^2) a + (1 - a.b / 2|b|^2) b``, a coefficient staying 1 where its norm
+    squared is below sqrt(DBL_MIN). Orthogonal gradients add, equal ones stay as they are.
+    Pure function (float64 in, float64 out)."""
+    dot, aa, bb = float(a.flatten() @ b.flatten()), float(a.flatten() @ a.flatten()), \
+        float(b.flatten() @ b.flatten())
+    tiny = math.sqrt(2.2250738585072014e-308)
+    return (1 - dot / aa / 2 if aa >= tiny else 1.0) * a + \
+        (1 - dot / bb / 2 if bb >= tiny else 1.0) * b
+
+
+def _adasum_start(tensor: torch.Tensor, output: torch.Tensor, prescale: float,
+                  postscale: float, comm: Communicator) -> _Started:
+    """Horovod's Adasum allreduce into ``output``: the ranks' tensors combined pairwise up a
+    binary tree (ranks 2i and 2i+1, then pairs of pairs: Horovod's recursive order), in
+    float64 on every rank from one allgather, so every rank gets the same result. Requires a
+    power-of-two number of ranks and a floating-point tensor, as Horovod's CPU Adasum does."""
+    if comm.size & (comm.size - 1) or not tensor.dtype.is_floating_point:
+        raise ValueError(f"hpcml.horovod: op=Adasum needs a power-of-two number of ranks (not "
+                         f"{comm.size}) and a floating-point tensor (not {tensor.dtype}), as "
+                         "Horovod's; use op=hvd.Average")
+    mine = tensor.detach().contiguous().double() * prescale
+    parts = torch.empty((comm.size, *mine.shape), dtype=torch.float64)
+    comm.Allgather(mine, parts)
+    level = list(parts)
+    while len(level) > 1:
+        level = [adasum_pair(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    with torch.no_grad():
+        output.copy_(level[0] * postscale)
+    return [], lambda: output
+
+
 def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, prescale: float,
-                     postscale: float, comm: Communicator) -> int:
+                     postscale: float, comm: Communicator) -> _Started:
+    if op == Adasum:
+        return _adasum_start(tensor, output, prescale, postscale, comm)
     pre, post = _factors(op, prescale, postscale, comm.size)
     if output is not tensor:
         with torch.no_grad():
@@ -101,19 +148,26 @@ def _allreduce_start(tensor: torch.Tensor, output: torch.Tensor, op: int, presca
         _scale_(output, post)
         return output
 
-    return new_handle([request], finish)
+    return [request], finish
+
+
+def _kind(op: int) -> int:
+    """The header kind of an allreduce: Adasum (an allgather) has no neutral contribution for
+    a rank inside ``join()``."""
+    return OTHER if op == Adasum else ALLREDUCE
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                     op: int | None = None, prescale_factor: float = 1.0,
                     postscale_factor: float = 1.0, process_set: Any = None) -> int:
     """Start reducing ``tensor`` over the ranks into a new tensor; ``tensor`` is unchanged."""
-    op = _op(op, average)
+    op = _op(op, average, adasum=True)
     comm = communicator(process_set)
     output = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-    negotiate("allreduce", process_set, ALLREDUCE, output, op)
-    return _allreduce_start(tensor.detach(), output, op, prescale_factor, postscale_factor,
-                            comm)
+    t = tensor.detach()
+    return submit("allreduce", process_set, name,
+                  lambda: _allreduce_start(t, output, op, prescale_factor, postscale_factor,
+                                           comm), _kind(op), output, op)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -121,10 +175,11 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      postscale_factor: float = 1.0, process_set: Any = None) -> int:
     """Start reducing ``tensor`` in place; its value is the result after ``synchronize``."""
     t = _contiguous("allreduce_", tensor)
-    op = _op(op, average)
+    op = _op(op, average, adasum=True)
     comm = communicator(process_set)
-    negotiate("allreduce_", process_set, ALLREDUCE, t, op)
-    return _allreduce_start(t, t, op, prescale_factor, postscale_factor, comm)
+    return submit("allreduce_", process_set, name,
+                  lambda: _allreduce_start(t, t, op, prescale_factor, postscale_factor, comm),
+                  _kind(op), t, op)
 
 
 class _Allreduce(torch.autograd.Function):
@@ -146,8 +201,8 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
               process_set: Any = None) -> torch.Tensor:
     """The reduction of ``tensor`` over the ranks (same shape and dtype), differentiable."""
     compressed, ctx = compression.compress(tensor)
-    out = _Allreduce.apply(compressed, _op(op, average), prescale_factor, postscale_factor,
-                           process_set)
+    out = _Allreduce.apply(compressed, _op(op, average, adasum=True), prescale_factor,
+                           postscale_factor, process_set)
     return compression.decompress(out, ctx)
 
 
@@ -250,10 +305,18 @@ def allgather(tensor: torch.Tensor, name: str | None = None,
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None,
                     process_set: Any = None) -> int:
+    """Start :func:`allgather` (not differentiable): the rows are exchanged when the handle is
+    returned, the data travels by a non-blocking ``Iallgatherv``."""
     comm = communicator(process_set)
-    negotiate("allgather_async", process_set, tensor=tensor, rows_free=True)
-    out = _allgather(tensor, comm)[0]
-    return new_handle([], lambda: out)
+    t = tensor.detach().contiguous()
+
+    def start() -> _Started:
+        rows = _rows("allgather", t, comm)
+        out = torch.empty((sum(rows), *t.shape[1:]), dtype=t.dtype)
+        row = math.prod(t.shape[1:])
+        return [comm.Iallgatherv(t, out, [r * row for r in rows])], lambda: out
+
+    return submit("allgather_async", process_set, name, start, tensor=t, rows_free=True)
 
 
 def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
@@ -301,8 +364,13 @@ def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: Any = None) -> int:
-    out = broadcast_(tensor, root_rank, name, process_set)
-    return new_handle([], lambda: out)
+    """Start :func:`broadcast_` (``Ibcast``); ``tensor`` holds the root's after
+    ``synchronize``."""
+    comm = communicator(process_set)
+    root = _root(root_rank, process_set)
+    t = _contiguous("broadcast_async_", tensor).data
+    return submit("broadcast", process_set, name,
+                  lambda: ([comm.Ibcast(t, root=root)], lambda: tensor), tensor=t, op=root)
 
 
 class _Broadcast(torch.autograd.Function):
@@ -329,8 +397,9 @@ def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: Any = None) -> int:
-    out = broadcast(tensor.detach(), root_rank, process_set=process_set)
-    return new_handle([], lambda: out)
+    """Start :func:`broadcast` into a new tensor (not differentiable)."""
+    return broadcast_async_(tensor.detach().clone(memory_format=torch.contiguous_format),
+                            root_rank, name, process_set)
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
@@ -413,8 +482,10 @@ def alltoall(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None =
 
 def alltoall_async(tensor: torch.Tensor, splits: Sequence[int] | torch.Tensor | None = None,
                    name: str | None = None, process_set: Any = None) -> int:
+    """:func:`alltoall`, complete when its handle is returned."""
+    take_name(name)
     out = alltoall(tensor, splits, name, process_set)
-    return new_handle([], lambda: out)
+    return new_handle([], lambda: out, name)
 
 
 def reducescatter(tensor: torch.Tensor, name: str | None = None,
@@ -426,9 +497,17 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
     one row more (Horovod's split). Differentiable as in Horovod: the gradient is the
     allgather of the blocks' gradients, times the size for ``Sum`` and times both factors."""
     compressed, ctx = compression.compress(tensor)
-    out = _Reducescatter.apply(compressed, _op(op, None), prescale_factor, postscale_factor,
-                               process_set)
+    out = _Reducescatter.apply(compressed, _reducescatter_op(op), prescale_factor,
+                               postscale_factor, process_set)
     return compression.decompress(out, ctx)
+
+
+def _reducescatter_op(op: int | None) -> int:
+    """``op`` for a reducescatter: Adasum is refused with ``RuntimeError``, as Horovod does."""
+    if op == Adasum:
+        raise RuntimeError("hpcml.horovod: reducescatter: op=Adasum is not supported (as in "
+                           "Horovod): use hvd.Average or hvd.Sum")
+    return _op(op, None)
 
 
 class _Reducescatter(torch.autograd.Function):
@@ -436,7 +515,11 @@ class _Reducescatter(torch.autograd.Function):
     def forward(ctx: Any, tensor: torch.Tensor, op: int, prescale: float, postscale: float,
                 process_set: Any) -> torch.Tensor:
         ctx.args = (op, prescale, postscale, process_set)
-        return _reducescatter(tensor, op, prescale, postscale, process_set)
+        negotiate("reducescatter", process_set, tensor=tensor, op=op)
+        requests, finish = _reducescatter_start(tensor, op, prescale, postscale, process_set)
+        for request in requests:
+            request.wait()
+        return finish()
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -447,10 +530,10 @@ class _Reducescatter(torch.autograd.Function):
         return _allgather(grad * factor, comm)[0], None, None, None, None
 
 
-def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
-                   postscale_factor: float, process_set: Any) -> torch.Tensor:
+def _reducescatter_start(tensor: torch.Tensor, op: int, prescale_factor: float,
+                         postscale_factor: float, process_set: Any) -> _Started:
+    """Post the reducescatter of ``tensor`` (``Ireduce_scatter``); its request and result."""
     comm = communicator(process_set)
-    negotiate("reducescatter", process_set, tensor=tensor, op=op)
     t = tensor.detach().contiguous()
     if t.dim() == 0:
         raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
@@ -463,17 +546,26 @@ def _reducescatter(tensor: torch.Tensor, op: int, prescale_factor: float,
     rows = [q + (r < extra) for r in range(comm.size)]
     row = math.prod(t.shape[1:])
     out = torch.empty((rows[comm.rank], *t.shape[1:]), dtype=t.dtype)
-    comm.Reduce_scatter(t, out, [r * row for r in rows], op=MPI_OPS[op])
-    _scale_(out, post)
-    return out
+    request = comm.Ireduce_scatter(t, out, [r * row for r in rows], op=MPI_OPS[op])
+
+    def finish() -> torch.Tensor:
+        _scale_(out, post)
+        return out
+
+    return [request], finish
 
 
 def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: int | None = Average,
                         process_set: Any = None, prescale_factor: float = 1.0,
                         postscale_factor: float = 1.0) -> int:
-    out = reducescatter(tensor, name, Compression.none, op, process_set, prescale_factor,
-                        postscale_factor)
-    return new_handle([], lambda: out)
+    """Start :func:`reducescatter` (``Ireduce_scatter``; not differentiable)."""
+    op = _reducescatter_op(op)
+    if tensor.dim() == 0:
+        raise ValueError("hpcml.horovod: reducescatter: a 0-dimensional tensor has no first "
+                         "dimension (reshape it to (1,))")
+    return submit("reducescatter", process_set, name,
+                  lambda: _reducescatter_start(tensor, op, prescale_factor, postscale_factor,
+                                               process_set), tensor=tensor, op=op)
 
 
 def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = None,

@@ -24,7 +24,7 @@ resident memory per rank is each method's own:
   with the reason. Horovod reports neither buffers nor bytes: compare its peak RSS.
 - ``hpcml_horovod``: the ``horovod`` method's code (``HorovodPeer``) with ``hpcml.horovod``
   instead of ``horovod.torch`` (always available); its buffers and bytes are hpcml's (the
-  dense buckets, plus the 104-byte header of ``join()`` per step).
+  dense buckets, plus the 128-byte header of ``join()`` per step).
 
 Step time is each rank's median, then the slowest rank's; tokens/s = global target tokens per
 step / that time; ``vs_ddp`` = DDP step time / method step time (> 1: faster than DDP);
