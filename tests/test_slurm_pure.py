@@ -257,6 +257,13 @@ def test_a_fitted_model_names_the_link_its_bench_measured(tmp_path):
     model = fit_bench(tmp_path)
     assert model.link == "2 hosts (node1, node2) over ip network"
     assert model.beta == pytest.approx(8e-9) and model.alpha == pytest.approx(1e-5)
+    # Hockney's two points: a middle size faster than the line (a token bucket carrying part
+    # of it) changes the fit's error, not the line through the smallest and largest sizes
+    rows[1]["hpcml_us"] /= 2
+    (tmp_path / "summary.json").write_text(json.dumps({"ranks": 2, "rows": rows}))
+    bucket = fit_bench(tmp_path)
+    assert (bucket.alpha, bucket.beta) == pytest.approx((model.alpha, model.beta))
+    assert bucket.points == 3 and bucket.rms_rel_error == pytest.approx(1 / 3 ** 0.5)
     assert bench_link({"ranks_per_host": {"vm": 2}}) == "one host (vm), no network"
     # a second run of small sizes, its means (tail included) fitted rather than its medians
     small = tmp_path / "small"

@@ -167,12 +167,20 @@ def bench_link(env: dict[str, Any]) -> str:
 
 
 def fit_bench(*bench_dirs: str | Path) -> AlphaBeta:
-    """Fit alpha-beta to the Allreduce rows of one or more ``hpcml bench collectives`` run
+    """Alpha-beta from the Allreduce rows of one or more ``hpcml bench collectives`` run
     directories measured at the same P (e.g. one of small sizes for the latency, one of large
     sizes for the bandwidth), naming the link the first measured (:func:`bench_link`, when it
     has an ``env.json``). Each row's time is the slowest rank's mean per call
-    (``hpcml_mean_us``) where the bench recorded it, else its median. A one-line
-    ``UsageError`` when a directory is not such a run (with >= 2 ranks) or the P differ."""
+    (``hpcml_mean_us``) where the bench recorded it, else its median.
+
+    Hockney's two-point fit: alpha and beta go exactly through the smallest and the largest
+    size timed (``points`` and ``rms_rel_error`` describe all rows). A least-squares fit over
+    every size would let the middle sizes set beta, and on a real link the time per byte is not
+    constant: on a token-bucket link the bucket carries part of a 1 MiB message at memory
+    speed, so such a fit predicts a 4 MiB Allreduce 20-30 % too fast (measured:
+    ``docs/guide/multi-node-local-cluster.md``). Time the bench up to the size the job sends.
+    A one-line ``UsageError`` when a directory is not such a run (with >= 2 ranks) or the P
+    differ."""
     sizes: list[float] = []
     seconds: list[float] = []
     ranks = set()
@@ -193,10 +201,15 @@ def fit_bench(*bench_dirs: str | Path) -> AlphaBeta:
     if len(ranks) != 1:
         raise UsageError(f"--bench: the runs were measured at different P ({sorted(ranks)}); "
                          "give runs of one P")
+    p = ranks.pop()
+    lo, hi = sizes.index(min(sizes)), sizes.index(max(sizes))
     try:
-        model = fit(sizes, seconds, ranks.pop())
+        ends = fit([sizes[lo], sizes[hi]], [seconds[lo], seconds[hi]], p)
     except ValueError as exc:
         raise UsageError(f"--bench {bench_dirs[0]}: {exc}") from None
+    rel = [(ends.allreduce_seconds(n, p) - t) / t for n, t in zip(sizes, seconds, strict=True)]
+    model = dataclasses.replace(ends, points=len(sizes),
+                                rms_rel_error=math.sqrt(sum(r * r for r in rel) / len(rel)))
     env = Path(bench_dirs[0]) / "env.json"
     return dataclasses.replace(model, link=bench_link(_read(env.parent, "env.json"))
                                if env.is_file() else "")
