@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from hpcml.comm import watchdog
+from hpcml.comm import progress, watchdog
 from hpcml.comm.buffers import REDUCE_OPS, message, reduce_op, stage
 from hpcml.comm.ledger import ARRIVED, Ledger, OpTotals
 from hpcml.comm.persistent import Persistent, bind, persistent_request
@@ -578,9 +578,10 @@ def world() -> Communicator:
     MPI_COMM_WORLD itself, nor a user's own COMM_WORLD traffic (mpi4py's advice for libraries).
     On two or more ranks it also starts this rank's collective watchdog
     (:func:`hpcml.comm.watchdog.start`; raises ``UsageError`` for a bad
-    ``HPCML_WATCHDOG_TIMEOUT``)."""
+    ``HPCML_WATCHDOG_TIMEOUT`` or ``HPCML_WAIT_POLL``)."""
     global _WORLD
     if _WORLD is None:
+        progress.check()
         _WORLD = Communicator(MPI.COMM_WORLD.Dup())
         watchdog.start(_WORLD.ledger)
     return _WORLD

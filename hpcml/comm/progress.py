@@ -26,12 +26,17 @@ this rule; the throttle then costs a microsecond only after polls that found not
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import MutableMapping
 from typing import Any
 
+from hpcml.errors import UsageError
+
 THROTTLE = "MPIR_CVAR_CH4_PROGRESS_THROTTLE"
+WAIT_POLL = "HPCML_WAIT_POLL"  # seconds between tests in Request.wait; 0: MPI_Wait
+POLL_SECONDS = 5e-5  # hpcml's choice when ranks outnumber cores
 _LOCAL_COUNTS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
 
 
@@ -57,21 +62,54 @@ def node_cores(environ: MutableMapping[str, str]) -> int:
         return os.cpu_count() or 1
 
 
+def wait_poll(environ: MutableMapping[str, str], oversubscribed: bool) -> float:
+    """Seconds :meth:`hpcml.comm.Request.wait` sleeps between tests of a pending request (0:
+    it calls ``MPI_Wait``): ``HPCML_WAIT_POLL`` when set (a one-line ``ValueError`` naming it
+    when it is not a number >= 0), else :data:`POLL_SECONDS` when ranks outnumber cores, else 0.
+    Even throttled, ``MPI_Wait`` keeps a waiting rank on its core; a rank that sleeps gives the
+    core to a rank still computing its backward pass (at the NMT paper preset, 4 ranks on 2
+    cores: dense allreduce from 0.88x DDP's step time to 1.05-1.09x, docs/guide/mpi-progress.md)
+    for at most this much added latency."""
+    value = environ.get(WAIT_POLL, "").strip()
+    if not value:
+        return POLL_SECONDS if oversubscribed else 0.0
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:
+        raise ValueError(f"{WAIT_POLL}={value!r}: expected seconds >= 0 between tests of a "
+                         "pending request (0: MPI_Wait); unset it for hpcml's choice")
+    return seconds
+
+
+def check() -> None:
+    """Raise ``UsageError`` (one line) when this process's ``HPCML_WAIT_POLL`` was not valid
+    (its wait then falls back to ``MPI_Wait``). :func:`hpcml.comm.world` calls it."""
+    if _DECISION.get("wait_poll_error"):
+        raise UsageError(_DECISION["wait_poll_error"])
+
+
 def configure(environ: MutableMapping[str, str] = os.environ) -> dict[str, Any]:
     """Set ``MPIR_CVAR_CH4_PROGRESS_THROTTLE=1`` in ``environ`` when ranks on this node outnumber
     its cores and the user has not set it; returns the decision: ``local_ranks``, ``cores``,
-    ``oversubscribed``, ``progress_throttle`` (the value MPI starts with, None when unset) and
-    ``set_by`` (``"hpcml"``, ``"user"`` or None). Not collective.
-    This process's own decision is taken on ``os.environ`` when this module is first
-    imported, before MPI is initialized."""
+    ``oversubscribed``, ``progress_throttle`` (the value MPI starts with, None when unset),
+    ``set_by`` (``"hpcml"``, ``"user"`` or None) and ``wait_poll_s`` (:func:`wait_poll`).
+    Not collective. This process's own decision is taken on ``os.environ`` when this module is
+    first imported, before MPI is initialized."""
     ranks, cores = local_ranks(environ), node_cores(environ)
     oversubscribed = ranks is not None and ranks > cores
     set_by = "user" if THROTTLE in environ else None
     if oversubscribed and set_by is None:
         environ[THROTTLE] = "1"
         set_by = "hpcml"
-    return {"local_ranks": ranks, "cores": cores, "oversubscribed": oversubscribed,
-            "progress_throttle": environ.get(THROTTLE), "set_by": set_by}
+    decision = {"local_ranks": ranks, "cores": cores, "oversubscribed": oversubscribed,
+                "progress_throttle": environ.get(THROTTLE), "set_by": set_by}
+    try:
+        decision["wait_poll_s"] = wait_poll(environ, oversubscribed)
+    except ValueError as exc:  # reported by check() from world(), not at import
+        decision.update(wait_poll_s=0.0, wait_poll_error=str(exc))
+    return decision
 
 
 def record() -> dict[str, Any]:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from time import perf_counter
+from time import perf_counter, sleep
 from typing import Any
 
 from mpi4py import MPI
 
+from hpcml.comm import progress
 from hpcml.comm.ledger import ARRIVED, OpTotals
 from hpcml.comm.status import Status, new_status
 from hpcml.comm.watch import WATCH
 
 _BYTE = MPI.BYTE
 _STATUS = MPI.Status()  # filled by one wait/test and read at once (requests are not thread-safe)
+_POLL = progress.record()["wait_poll_s"]  # > 0: wait() tests and sleeps instead of MPI_Wait
 
 
 class Request:
@@ -86,12 +88,18 @@ class Request:
         return self._tag
 
     def wait(self) -> Status:
-        """Block until complete (a wait the watchdog watches); idempotent."""
+        """Block until complete (a wait the watchdog watches); idempotent. When ranks outnumber
+        cores (or ``HPCML_WAIT_POLL`` says so) it tests the request with short sleeps in
+        between instead of spinning in ``MPI_Wait`` (:func:`hpcml.comm.progress.wait_poll`)."""
         if self.status is None:
             since = WATCH.since = perf_counter()
             WATCH.what = self
             try:
-                self._req.Wait(_STATUS)
+                if _POLL:
+                    while not self._req.Test(_STATUS):
+                        sleep(_POLL)
+                else:
+                    self._req.Wait(_STATUS)
             finally:
                 WATCH.what = None
             return self._complete(_STATUS, since)
