@@ -191,13 +191,8 @@ class Communicator:
     def Iallgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Request:
         """Start ``Allgatherv`` (same contract: rank r contributes ``counts[r]`` elements,
         concatenated in rank order into ``recv``). Collective, non-blocking."""
-        src, dst = stage(send), stage(recv)
-        counts = self._check_counts("Iallgatherv", counts, dst.size)
-        if counts[self.rank] != src.size:
-            raise ValueError(f"Iallgatherv: counts[{self.rank}] = {counts[self.rank]} but this "
-                             f"rank sends {src.size} elements")
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        req = self.mpi.Iallgatherv(src.spec, dst.vector(counts, displs))
+        src, dst, vector = self._allgatherv_buffers("Iallgatherv", send, recv, counts)
+        req = self.mpi.Iallgatherv(src.spec, vector)
         return self._start("Iallgatherv", req, src.nbytes, dst.nbytes, dst.itemsize,
                            dst.write_back, (src, dst))
 
@@ -305,16 +300,24 @@ class Communicator:
 
     def Allgatherv(self, send: Any, recv: Any, counts: Sequence[int]) -> Any:
         """Like ``Allgather`` with rank r contributing ``counts[r]`` elements."""
-        src, dst = stage(send), stage(recv)
-        counts = self._check_counts("Allgatherv", counts, dst.size)
-        if counts[self.rank] != src.size:
-            raise ValueError(f"Allgatherv: counts[{self.rank}] = {counts[self.rank]} but this "
-                             f"rank sends {src.size} elements")
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        src, dst, vector = self._allgatherv_buffers("Allgatherv", send, recv, counts)
         self._timed("Allgatherv", src.nbytes, dst.nbytes,
-                    lambda: self.mpi.Allgatherv(src.spec, dst.vector(counts, displs)))
+                    lambda: self.mpi.Allgatherv(src.spec, vector))
         dst.finish()
         return recv
+
+    def _allgatherv_buffers(self, op: str, send: Any, recv: Any,
+                            counts: Sequence[int]) -> tuple[Any, Any, Any]:
+        """Staged ``send`` and ``recv`` and ``recv``'s vector spec for an allgather with rank r
+        contributing ``counts[r]`` elements; ``ValueError`` naming ``op`` when the counts do not
+        fit the buffers. Not collective."""
+        src, dst = stage(send), stage(recv)
+        counts = self._check_counts(op, counts, dst.size)
+        if counts[self.rank] != src.size:
+            raise ValueError(f"{op}: counts[{self.rank}] = {counts[self.rank]} but this "
+                             f"rank sends {src.size} elements")
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
+        return src, dst, dst.vector(counts, displs)
 
     def Alltoall(self, send: Any, recv: Any) -> Any:
         """Block j of ``send`` goes to rank j; block i of ``recv`` comes from rank i."""
