@@ -9,7 +9,10 @@ only *how* each tensor travels:
   set per dtype). A ``register_post_accumulate_grad_hook`` on each parameter copies its gradient
   into its bucket slot the moment autograd finishes it on the *last* of the declared
   ``passes`` backward passes (earlier passes accumulate in ``param.grad`` as usual; a sparse
-  gradient is densified), and a bucket whose slots are all filled is reduced with a non-blocking
+  gradient is densified; with the ``module`` given, a sparse parameter's gradient is densified
+  use by use as autograd computes it, :mod:`hpcml.parallel.uses`, instead of after autograd
+  concatenated the uses, and its ``.grad`` stays None until :meth:`synchronize`), and a bucket
+  whose slots are all filled is reduced with a non-blocking
   ``Iallreduce`` while backward goes on. Buckets are launched in index order only, so every rank
   posts the same collectives in the same order. At :meth:`GradientReducer.synchronize` the
   slots backward left empty (parameters with no gradient on the last pass: unused branches,
@@ -39,12 +42,14 @@ import functools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
+from torch import nn
 
 from hpcml.comm import Communicator, Request
 from hpcml.parallel.buckets import Bucket, build_buckets
 from hpcml.parallel.memory import ExchangeMemory
 from hpcml.parallel.reductions import ALLGATHER, Reduction
-from hpcml.parallel.sparse import allgather_sparse, densify_into
+from hpcml.parallel.sparse import add_into, allgather_sparse, densify_into
+from hpcml.parallel.uses import UseTaps
 
 
 class GradientReducer:
@@ -60,14 +65,17 @@ class GradientReducer:
     floating-point gradients travel in this dtype (Horovod's ``Compression.fp16``) and come back
     in their parameter's dtype. ``buckets``: a ready layout instead of :func:`build_buckets`
     (ZeRO's units, :class:`~hpcml.parallel.zero.ShardReducer`, which also overrides how a
-    bucket is filled, posted and delivered: :meth:`_fill`, :meth:`_post`, :meth:`_deliver`)."""
+    bucket is filled, posted and delivered: :meth:`_fill`, :meth:`_post`, :meth:`_deliver`).
+    ``module``: the model whose forward uses the parameters; given, each use's gradient of a
+    fused sparse parameter is added into its bucket slot where autograd computes it (see
+    :meth:`_take_use`)."""
 
     def __init__(self, comm: Communicator, params: Sequence[tuple[str, torch.Tensor]],
                  reduction: Reduction, *, bucket_bytes: int = 2**20,
                  sparse: frozenset[int] = frozenset(), passes: int = 1, average: bool = True,
                  on_choice: Callable[[str, str], None] | None = None,
                  predivide: float = 1.0, wire_dtype: torch.dtype | None = None,
-                 buckets: list[Bucket] | None = None) -> None:
+                 buckets: list[Bucket] | None = None, module: nn.Module | None = None) -> None:
         if passes < 1:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {passes}")
         self.comm, self.reduction, self.on_choice = comm, reduction, on_choice
@@ -95,6 +103,12 @@ class GradientReducer:
         self._handles = [h for _, p in params for h in (
             p.register_hook(functools.partial(self._before_grad, p)),
             p.register_post_accumulate_grad_hook(self._on_grad))]
+        tapped = [p for _, p in params if id(p) in sparse and id(p) in self._slot
+                  and self._bucket_of(p).buffer.dtype == p.dtype]
+        self._taps = (UseTaps(module, tapped, self._take_use)
+                      if module is not None and tapped else None)
+        self._taking: dict[int, tuple[int, bool]] = {}  # id -> (backward pass, taking its uses)
+        self._taken: set[int] = set()  # ids whose local gradient this step is in their slot
 
     @property
     def posted(self) -> int:
@@ -109,6 +123,11 @@ class GradientReducer:
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
+        if self._taps is not None:
+            self._taps.remove()
+
+    def _bucket_of(self, p: torch.Tensor) -> Bucket:
+        return self.buckets[self._slot[id(p)][0]]
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -138,7 +157,29 @@ class GradientReducer:
                                "number of micro-batches per step, wrap the extra passes in "
                                "no_sync(), or call step() after every pass")
 
+    def _take_use(self, p: torch.Tensor, grad: torch.Tensor) -> bool:
+        """Add one use's gradient of fused sparse ``p`` into its bucket slot (True), or leave it
+        to autograd (False). A backward pass takes all of its uses of ``p`` or none, decided at
+        the first: it takes them when it is the step's only counted pass (``passes == 1``, not
+        in :meth:`no_sync`) and ``p.grad`` is None, so the slot then holds exactly what
+        ``p.grad`` would (whatever autograd still brings is added in :meth:`_on_grad`)."""
+        pass_id = torch._C._current_graph_task_id()
+        decided = self._taking.get(id(p))
+        b, j = self._slot[id(p)]
+        bucket = self.buckets[b]
+        if decided is None or decided[0] != pass_id:
+            taking = (not self._skip and self.passes == 1 and self._count[id(p)] == 0
+                      and p.grad is None and j not in bucket.filled and bucket.request is None)
+            decided = self._taking[id(p)] = (pass_id, taking)
+            if taking:
+                bucket.view(j).zero_()
+        if decided[1]:
+            add_into(grad, bucket.view(j))
+        return decided[1]
+
     def _on_grad(self, p: torch.Tensor) -> None:
+        decided = self._taking.pop(id(p), None)  # a pass that ended in an error left one
+        taken = decided == (torch._C._current_graph_task_id(), True)
         if self._skip:
             self.synchronized = False  # a step() now reduces what accumulated
             return
@@ -153,7 +194,13 @@ class GradientReducer:
         if slot is None:
             return
         bucket = self.buckets[slot[0]]
-        self._fill(bucket, slot[1], p.grad)
+        if taken:  # the slot holds the uses' sum; add what autograd still summed
+            if p.grad is not None:
+                add_into(p.grad, bucket.view(slot[1]))
+                p.grad = None
+            self._taken.add(id(p))
+        else:
+            self._fill(bucket, slot[1], p.grad)
         bucket.filled.add(slot[1])
         self._launch_ready()
 
@@ -242,7 +289,8 @@ class GradientReducer:
         of its bucket for fused parameters, same dtype and device as the parameter).
         Collective; afterwards a new step's passes may begin."""
         params = [p for _, p in self.params]
-        used = torch.tensor([self._used(p) for p in params], dtype=torch.int32)
+        used = torch.tensor([id(p) in self._taken or self._used(p) for p in params],
+                            dtype=torch.int32)
         self._launch_ready(force=True)
         used_request = self.comm.Iallreduce(used)
         results = [(p, self._exchange_separate(name, p)) for name, p in self.separate]
@@ -259,5 +307,6 @@ class GradientReducer:
                 self._unused(p)
         self._next = 0
         self._count = dict.fromkeys(self._count, 0)
+        self._taken.clear()
         self._started = self._pending = False
         self.synchronized = True

@@ -150,7 +150,7 @@ class DistributedOptimizer(WrappedOptimizer):
                                passes=self.backward_passes_per_step,
                                average=self.op == "average", on_choice=self.on_choice,
                                predivide=self.gradient_predivide_factor,
-                               wire_dtype=self.wire_dtype)
+                               wire_dtype=self.wire_dtype, module=self.model)
 
     def _added(self, params: list[torch.Tensor]) -> None:
         if self.reducer.pending:

@@ -76,3 +76,12 @@ def densify_into(grad: torch.Tensor, out: torch.Tensor) -> None:
         out.view(grad.shape).index_add_(0, grad._indices()[0], grad._values().to(out.dtype))
     else:
         out.copy_(grad.reshape(-1))
+
+
+def add_into(grad: torch.Tensor, out: torch.Tensor) -> None:
+    """``out += grad`` for ``grad`` dense or sparse COO (possibly uncoalesced) of ``out``'s
+    shape; a COO gradient of whole rows is added by one ``index_add_``."""
+    if grad.is_sparse and grad.sparse_dim() == 1:
+        out.index_add_(0, grad._indices()[0], grad._values().to(out.dtype))
+    else:
+        out.add_(grad.to(out.dtype))
