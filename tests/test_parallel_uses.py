@@ -116,6 +116,12 @@ def test_a_pass_that_is_not_the_steps_never_writes_into_the_bucket():
     h = net.mix(net.emb(IDS[0]))
     (g,) = torch.autograd.grad((h @ net.emb.weight.t()).sum(), [h])
     assert g.shape == h.shape and torch.equal(net.emb.weight.grad, kept)
+    # autograd.grad of the parameter itself: autograd sums the uses and hands the sum back
+    (g,) = torch.autograd.grad(loss(net, IDS), [net.emb.weight])
+    torch.testing.assert_close(g.to_dense(), reference(IDS)["emb.weight"], rtol=1e-6, atol=1e-6)
+    loss(net, IDS).backward(inputs=[net.mix.weight])  # a backward for another parameter
+    opt.synchronize()
+    assert torch.equal(net.emb.weight.grad, kept)
     # a backward that fails after the first use was taken: the next step is still exact
     out = loss(net, IDS)
     boom = net.mix.bias.register_hook(lambda _: (_ for _ in ()).throw(RuntimeError("boom")))

@@ -12,8 +12,9 @@ outputs, finds the nodes that feed a watched parameter's ``AccumulateGrad`` and 
 post-hook on each (the hooks live as long as that graph). When such a node has run, the hook
 offers the gradient on that edge to ``take(param, grad)``; if ``take`` returns True the edge
 carries no gradient on to autograd, so autograd sums nothing for that use. ``take`` is only
-called in a backward pass that will run the parameter's ``AccumulateGrad`` (not, e.g., in an
-``autograd.grad`` for other inputs); the parameter's own hooks (``register_hook``,
+called in a backward pass that will run the parameter's ``AccumulateGrad`` (not in
+``autograd.grad``, which returns the parameter's gradient whole, nor in a ``backward(inputs=)``
+without the parameter); the parameter's own hooks (``register_hook``,
 ``register_post_accumulate_grad_hook``) still run once per pass, after every use, with
 whatever was not taken (``None`` when all was).
 
@@ -78,12 +79,23 @@ class UseTaps:
             out, taken = list(grad_inputs), False
             for i, acc in edges:
                 grad = out[i]
-                if grad is not None and torch._C._will_engine_execute_node(acc) \
-                        and take(accumulators[acc], grad):
+                if grad is not None and _accumulates(acc) and take(accumulators[acc], grad):
                     out[i], taken = None, True
             return tuple(out) if taken else None
 
         return hook
+
+
+def _accumulates(accumulator: Any) -> bool:
+    """Whether the running backward pass will run ``accumulator`` (an ``AccumulateGrad``
+    node): not in a ``backward(inputs=...)`` without its parameter, nor in ``autograd.grad``,
+    which hands leaf gradients back instead of accumulating them."""
+    try:
+        return torch._C._will_engine_execute_node(accumulator)
+    except RuntimeError as exc:  # torch refuses the question for a leaf in autograd.grad()
+        if "autograd.grad" in str(exc):
+            return False
+        raise
 
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
