@@ -95,6 +95,15 @@ def test_uses_left_to_autograd_when_the_pass_cannot_take_them():
     loss(net, IDS).backward()
     opt.synchronize()
     assert_grads({n: p.grad for n, p in net.named_parameters()}, reference(IDS))
+    # backward(create_graph=True): autograd keeps the graph of the summed gradient
+    net3 = Tied()
+    opt3 = DistributedOptimizer(torch.optim.SGD(net3.parameters(), lr=0.0), net3)
+    opt3.zero_grad()
+    with pytest.warns(UserWarning, match="create_graph"):  # torch's note on the cycle
+        loss(net3, IDS).backward(create_graph=True)
+    assert net3.emb.weight.grad.requires_grad
+    opt3.synchronize()
+    assert_grads({n: p.grad for n, p in net3.named_parameters()}, reference(IDS))
     # two passes per step: the first accumulates in .grad, so neither pass takes
     net2 = Tied()
     opt2 = DistributedOptimizer(torch.optim.SGD(net2.parameters(), lr=0.0), net2,

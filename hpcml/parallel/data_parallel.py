@@ -161,14 +161,16 @@ class GradientReducer:
         """Add one use's gradient of fused sparse ``p`` into its bucket slot (True), or leave it
         to autograd (False). A backward pass takes all of its uses of ``p`` or none, decided at
         the first: it takes them when it is the step's only counted pass (``passes == 1``, not
-        in :meth:`no_sync`) and ``p.grad`` is None, so the slot then holds exactly what
-        ``p.grad`` would (whatever autograd still brings is added in :meth:`_on_grad`)."""
+        in :meth:`no_sync`, not building a graph of the gradient) and ``p.grad`` is None, so
+        the slot then holds exactly what ``p.grad`` would (whatever autograd still brings is
+        added in :meth:`_on_grad`)."""
         pass_id = torch._C._current_graph_task_id()
         decided = self._taking.get(id(p))
         b, j = self._slot[id(p)]
         bucket = self.buckets[b]
         if decided is None or decided[0] != pass_id:
-            taking = (not self._skip and self.passes == 1 and self._count[id(p)] == 0
+            taking = (not torch.is_grad_enabled()  # not a backward(create_graph=True)
+                      and not self._skip and self.passes == 1 and self._count[id(p)] == 0
                       and p.grad is None and j not in bucket.filled and bucket.request is None)
             decided = self._taking[id(p)] = (pass_id, taking)
             if taking:
