@@ -5,8 +5,14 @@ ledger must stay exact over many small calls."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mpi4py import MPI
 
 from hpcml.comm.buffers import message
+from hpcml.comm.communicator import ANY_TAG, Communicator
+from hpcml.comm.ledger import Ledger
+from hpcml.comm.status import Status
 from hpcml.testing import mpi_test
 
 
@@ -132,3 +138,119 @@ def test_ledger_is_exact_after_many_small_calls(comm):
     if calls:
         op, key = ("Send", "bytes_sent") if r % 2 == 0 else ("Recv", "bytes_received")
         assert (totals[op]["calls"], totals[op][key]) == (256, 4 * 256 * 257 // 2)
+
+
+# -- the inline fast paths of Allreduce, Send and Recv against an independent reference ----------
+DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int32: np.int32,
+          torch.int64: np.int64, torch.bfloat16: np.int16}  # bfloat16 moves as 16-bit words
+SAME_SIZE = {torch.float32: torch.int32, torch.int32: torch.float32, torch.float64: torch.int64,
+             torch.int64: torch.float64, torch.bfloat16: torch.int16, torch.int16: torch.bfloat16}
+CHANGES = ("fresh", "resize", "set", "data_dtype", "data_transposed", "t_", "contiguous")
+
+
+def change(t: torch.Tensor, how: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` changed in one of the ways that keep or move its address (the object may stay)."""
+    if how == "fresh":
+        return torch.zeros(n, dtype=dtype)
+    if how == "resize":
+        return t.resize_(n)
+    if how == "set":
+        return t.set_(torch.zeros(n, dtype=t.dtype).untyped_storage())
+    if how == "data_dtype" and t.is_contiguous():
+        t.data = t.view(SAME_SIZE[t.dtype])  # same address and bytes, _version unchanged
+    elif how == "data_transposed" and t.is_contiguous() and t.numel() % 2 == 0:
+        t.data = t.view(2, -1).t()  # same address, bytes and dtype; not contiguous
+    elif how == "t_" and t.is_contiguous() and t.numel() % 2 == 0:
+        t.data = t.view(2, -1)
+        t.t_()
+    elif how == "contiguous":
+        t.data = t.contiguous()
+    return t
+
+
+def words(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.int16) else t
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(CHANGES), st.integers(1, 40),
+                          st.sampled_from(sorted(DTYPES, key=str)), st.integers(0, 3)),
+                min_size=1, max_size=20))
+def test_fast_paths_never_describe_a_stale_buffer_and_the_ledger_stays_exact(steps):
+    """Random changes to one reused tensor between plain Allreduce, Send and Recv calls on
+    COMM_SELF: every call moves the tensor's current bytes (or refuses a non-contiguous one),
+    Recv's Status says what arrived, and the ledger equals an independent count."""
+    comm = Communicator(MPI.COMM_SELF, ledger=Ledger())
+    mpi = comm.mpi
+    t = torch.zeros(8)
+    count = {"Allreduce": [0, 0], "Send": [0, 0], "Recv": [0, 0]}  # calls, bytes
+    for i, (how, n, dtype, tag) in enumerate(steps):
+        t = change(t, how, n, dtype)
+        if t.dtype not in DTYPES:
+            t = torch.zeros(n, dtype=dtype)
+        t.copy_((torch.arange(t.numel()) * 3 + i).reshape(t.shape) % 100)
+        if not t.is_contiguous():  # refused; a peer's call is posted, so none can hang
+            with pytest.raises(ValueError, match="non-contiguous"):
+                comm.Allreduce(t)
+            sink = np.zeros(t.numel(), dtype=DTYPES[t.dtype])
+            req = mpi.Irecv(sink, 0, tag)
+            with pytest.raises(ValueError, match="non-contiguous"):
+                comm.Send(t, 0, tag)
+            mpi.Send(sink.copy(), 0, tag)
+            req.Wait()
+            req = mpi.Isend(sink, 0, tag)
+            with pytest.raises(ValueError, match="non-contiguous"):
+                comm.Recv(t, 0, tag)
+            mpi.Recv(sink.copy(), 0, tag)
+            req.Wait()
+            continue
+        before, size = t.clone(), t.numel() * t.element_size()
+        out = torch.empty_like(t)
+        assert comm.Allreduce(t, out) is out  # one rank: the sum is the input
+        assert torch.equal(words(out), words(before))
+        reduced = t.numel() * 4 if t.dtype == torch.bfloat16 else size  # staged via float32
+        count["Allreduce"][0] += 1
+        count["Allreduce"][1] += reduced
+        got = np.zeros(t.numel(), dtype=DTYPES[t.dtype])
+        req = mpi.Irecv(got, 0, tag)
+        comm.Send(t, 0, tag)
+        req.Wait()
+        assert got.tobytes() == words(before).numpy().tobytes()
+        count["Send"][0] += 1
+        count["Send"][1] += size
+        k = 1 + (i + n) % t.numel()  # a message no longer than the buffer
+        payload = np.arange(k, dtype=DTYPES[t.dtype]) + 7
+        req = mpi.Isend(payload, 0, tag)
+        status = comm.Recv(t, 0, tag if i % 2 else ANY_TAG)
+        req.Wait()
+        assert status == Status(0, tag, k, k * t.element_size())
+        arrived = words(t).reshape(-1)[:k].clone()  # a copy: t itself stays resizable
+        assert arrived.numpy().tobytes() == payload.tobytes()
+        count["Recv"][0] += 1
+        count["Recv"][1] += k * t.element_size()
+    totals = comm.ledger.totals()
+    for op, (calls, nbytes) in count.items():
+        key = "bytes_received" if op == "Recv" else "bytes_sent"
+        assert (totals.get(op, {}).get("calls", 0), totals.get(op, {}).get(key, 0)) == \
+            (calls, nbytes)
+    if "Allreduce" in totals:
+        assert totals["Allreduce"]["bytes_received"] == count["Allreduce"][1]
+
+
+def test_recv_hands_back_its_last_status_only_when_it_says_the_same():
+    comm = Communicator(MPI.COMM_SELF, ledger=Ledger())
+    seen = []
+    for payload, buf, tag in [(np.ones(2, np.float32), torch.zeros(4), 1),
+                              (np.ones(2, np.float32), torch.zeros(4), 1),  # the same again
+                              (np.ones(1, np.float64), torch.zeros(4, dtype=torch.float64), 1),
+                              (np.ones(1, np.float64), torch.zeros(4, dtype=torch.float64), 2),
+                              (np.ones(3, np.float64), np.zeros(3), 2)]:
+        req = comm.mpi.Isend(payload, 0, tag)
+        seen.append(comm.Recv(buf, 0, ANY_TAG))
+        req.Wait()
+    assert seen == [Status(0, 1, 2, 8), Status(0, 1, 2, 8), Status(0, 1, 1, 8),
+                    Status(0, 2, 1, 8), Status(0, 2, 3, 24)]
+    assert seen[1] is seen[0]
+    assert comm.ledger.totals()["Recv"] == {"calls": 5, "bytes_sent": 0, "bytes_received": 56,
+                                            "seconds": pytest.approx(0, abs=1),
+                                            "outstanding_seconds": 0.0}

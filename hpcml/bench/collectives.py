@@ -1,8 +1,11 @@
 """``hpcml bench collectives``: hpcml.comm against raw mpi4py on the same buffers, same run,
 and for torch buffers torch.distributed on the ``"hpcml"`` backend (:mod:`hpcml.distributed`).
 
-For each operation and message size the paths take turns call by call, each going first equally
-often (so drift in machine load and cache warmth hit all alike); each rank takes the median time
+For each operation and message size the paths take turns call by call, in the orders of a
+balanced Latin square (:func:`call_orders`): over each cycle every path goes first equally often
+and directly follows every other path equally often, so drift in machine load, cache warmth and
+what the previous call left behind (one rank finishing a collective before the other, a
+persistent request's progress) hit all alike; each rank takes the median time
 per path and the slowest rank's median is reported. The slowest rank's mean of the hpcml path
 is kept beside it (``hpcml_mean_us``, tail included: what a loop of such calls takes on
 average; :func:`hpcml.report.scaling.fit_bench` fits it).
@@ -199,19 +202,34 @@ def _ping_pong(comm: Communicator, send_once: Any, recv_once: Any) -> Any:
     return lambda: (recv_once(), send_once())
 
 
+def call_orders(n: int) -> list[list[int]]:
+    """The orders in which :func:`_time_paths` calls ``n`` paths, one per round, cycling: a
+    Williams design (a balanced Latin square; for odd ``n`` with its rows reversed too), in
+    which each path takes each position equally often and each ordered pair of distinct paths
+    stands side by side equally often."""
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(k + r) % n for k in first] for r in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def _time_paths(comm: Communicator, paths: list[Any], calls: int,
                 warmup: int) -> tuple[list[float], list[float]]:
     """Slowest rank's median and slowest rank's mean seconds per call of each path (two lists);
-    call i starts with path i mod n. Collective."""
+    call i runs the paths in the order ``call_orders(len(paths))[i % len(...)]``. Collective."""
     for _ in range(warmup):
         for fn in paths:
             fn()
     times: list[list[float]] = [[] for _ in paths]
-    timed = list(zip(paths, times, strict=True))
+    orders = [[(paths[k], times[k]) for k in row] for row in call_orders(len(paths))]
     comm.barrier()
     for i in range(calls):
-        k = i % len(timed)
-        for fn, out in timed[k:] + timed[:k]:
+        for fn, out in orders[i % len(orders)]:
             start = time.perf_counter()
             fn()
             out.append(time.perf_counter() - start)

@@ -26,6 +26,7 @@ REDUCE_OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD,
               "land": MPI.LAND, "lor": MPI.LOR, "lxor": MPI.LXOR}
 _from_address = MPI.buffer.fromaddress
 _NDARRAY = np.ndarray
+_HALF = np.dtype(np.float16)  # the native one (the only one a program makes without asking)
 
 
 class Staged:
@@ -118,19 +119,24 @@ def message(obj: Any, reduce: bool = False) -> tuple[Any, int, int, Callable[[],
     A tensor's answer is remembered under its address (:data:`_SPECS`) and reused only while
     address, byte size and dtype all match: the answer is a function of those three alone (for
     a contiguous CPU tensor, checked on every call), so it can never describe a stale buffer,
-    even after the tensor was resized or re-allocated in place or freed and another one took
-    its address."""
+    even after the tensor was resized or re-allocated in place, pointed elsewhere (``set_``,
+    ``.data =``, which leave ``_version`` alone, so no check can rest on it), or freed and
+    another one took its address. The plain ``Allreduce``, ``Send`` and ``Recv`` of
+    :class:`~hpcml.comm.Communicator` inline this function's two fast answers (the same checks,
+    in the same order) and call it for everything else; change them together."""
     tp = type(obj)
     if tp is _NDARRAY:
-        if obj.flags.c_contiguous and obj.dtype.char != "e":
+        if obj.flags.c_contiguous and obj.dtype is not _HALF:
             return obj, obj.nbytes, obj.itemsize, None
     elif tp is _TORCH_TENSOR or (_TORCH_TENSOR is None and _torch_types() is tp):
-        dtype = obj.dtype
-        if obj.is_cpu and obj.is_contiguous():
-            ptr, nbytes = obj.data_ptr(), obj.nbytes
+        if obj.is_contiguous():  # first: a sparse tensor is not, and has no data_ptr()
+            ptr = obj.data_ptr()
             known = _specs_get(ptr)
-            if known is not None and known[0] == nbytes and known[1] is dtype:
+            if (known is not None and known[0] == obj.nbytes and known[1] is obj.dtype
+                    and obj.is_cpu):
                 return known[2]
+        if obj.is_cpu and obj.is_contiguous():
+            ptr, dtype, nbytes = obj.data_ptr(), obj.dtype, obj.nbytes
             entry = _MPI_TYPES.get(dtype)
             remember = entry is not None  # then the answer holds for reduce=False and True
             if not remember and not reduce:
