@@ -73,7 +73,7 @@ def densify_into(grad: torch.Tensor, out: torch.Tensor) -> None:
     """Write ``grad`` (dense, or sparse COO possibly uncoalesced) into ``out`` (same numel)."""
     if grad.is_sparse:
         out.zero_()
-        out.view(grad.shape).index_add_(0, grad._indices()[0], grad._values().to(out.dtype))
+        add_into(grad, out.view(grad.shape))
     else:
         out.copy_(grad.reshape(-1))
 
