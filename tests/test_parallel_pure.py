@@ -6,13 +6,15 @@ import io
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hpcml.comm import world
 from hpcml.parallel import DistributedOptimizer, ExchangeMemory, plan_buckets
 from hpcml.parallel.buckets import build_buckets
 from hpcml.parallel.reductions import allgather_bytes, allgather_cheaper, allreduce_bytes
-from hpcml.parallel.sparse import densify_into
+from hpcml.parallel.sparse import add_into, densify_into
 
 
 def test_plan_buckets():
@@ -29,6 +31,40 @@ def test_densify_uncoalesced_sparse():
     out = torch.full((8,), 7.0)
     densify_into(g, out)
     assert out.view(4, 2).tolist() == [[3, 4], [0, 0], [6, 8], [0, 0]]
+
+
+def _gradient(values, rows, sparse):
+    """A (rows x 2) gradient from ``values``: dense, or sparse COO with repeated row indices."""
+    vals = torch.tensor(values, dtype=torch.float32).view(-1, 2)
+    if not sparse:
+        return vals[:rows].clone() if len(vals) >= rows else torch.cat(
+            [vals, torch.zeros(rows - len(vals), 2)])
+    idx = torch.tensor([[(3 * i) % 2 for i in range(len(vals))]])  # rows 0 and 1, repeated
+    return torch.sparse_coo_tensor(idx, vals, (rows, 2), check_invariants=False)
+
+
+normal = st.floats(min_value=1e-30, max_value=1e30).flatmap(
+    lambda m: st.sampled_from([m, -m]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(normal, min_size=2, max_size=12).filter(
+    lambda v: len(v) % 2 == 0), st.booleans()), min_size=1, max_size=4),
+    st.sampled_from([2, 4, 8, 1024]), st.sampled_from([torch.float32, torch.bfloat16]))
+def test_writing_gradients_scaled_by_a_power_of_two_equals_scaling_their_sum(uses, ranks,
+                                                                              dtype):
+    """The reducer's fused averaging (GradientReducer._fill_scale): writing each use's
+    gradient times 1/P into a slot and adding the next ones the same way gives bit for bit the
+    unscaled slot divided by P, for dense and uncoalesced sparse uses, in the bucket's dtype."""
+    rows = 5
+    grads = [_gradient(values, rows, sparse) for values, sparse in uses]
+    scaled, plain = torch.full((rows * 2,), 7.0, dtype=dtype), torch.zeros(rows * 2, dtype=dtype)
+    densify_into(grads[0], scaled, 1 / ranks)
+    densify_into(grads[0], plain)
+    for g in grads[1:]:
+        add_into(g, scaled.view(rows, 2), 1 / ranks)
+        add_into(g, plain.view(rows, 2))
+    assert torch.equal(scaled, plain / ranks)
 
 
 def test_cost_model():

@@ -72,6 +72,28 @@ def test_reduced_gradients_equal_global_batch_gradient(comm):
     check_exchange_memory(comm)
 
 
+@mpi_test(in_process=True)
+def test_averaging_is_the_sum_divided_by_p_bit_for_bit(comm):
+    """At P = 1, 2, 4 the average is written into the buckets already divided by P (exact for
+    a power of two): the result equals the summed exchange divided by P in every bit, for the
+    tied sparse embedding (each use written as autograd computes it) and the dense parameters,
+    in float32 and over a bfloat16 wire."""
+    batch = rank_batch(comm)
+    tokens, _ = global_counts(comm, batch.tokens)
+    for wire in (None, torch.bfloat16):
+        grads = {}
+        for op in ("average", "sum"):
+            model = tiny()
+            dist = DistributedOptimizer(torch.optim.SGD(model.parameters()), model, comm=comm,
+                                        bucket_kib=4, op=op, wire_dtype=wire)
+            backward(model, batch, 0.1, tokens, comm.size)
+            dist.synchronize()
+            grads[op] = {n: p.grad.clone() for n, p in model.named_parameters()}
+            dist.reducer.remove_hooks()
+        for name, summed in grads["sum"].items():
+            assert torch.equal(grads["average"][name], summed / comm.size), (wire, name)
+
+
 def run_steps(comm, strategy, steps=3, adam=False):
     """Parameters after ``steps`` steps of SGD with momentum (linear in the gradient, so float
     rounding differences between exchanges stay at rounding size; Adam's first steps are

@@ -8,12 +8,14 @@ only *how* each tensor travels:
 - **fused dense allreduce**: parameters sit in fused buckets (:mod:`hpcml.parallel.buckets`, one
   set per dtype). A ``register_post_accumulate_grad_hook`` on each parameter copies its gradient
   into its bucket slot the moment autograd finishes it on the *last* of the declared
-  ``passes`` backward passes (earlier passes accumulate in ``param.grad`` as usual; a sparse
-  gradient is densified; with the ``module`` given, a sparse parameter's gradient is densified
-  use by use as autograd computes it, :mod:`hpcml.parallel.uses`, instead of after autograd
-  concatenated the uses, and its ``.grad`` stays None until :meth:`synchronize`), and a bucket
-  whose slots are all filled is reduced with a non-blocking
-  ``Iallreduce`` while backward goes on. Buckets are launched in index order only, so every rank
+  ``passes`` backward passes, divided by P on the way when averaging over a power-of-two P
+  (exact, as torch DDP divides while copying: no pass over the reduced bucket,
+  :meth:`GradientReducer._fill_scale`; earlier passes accumulate in ``param.grad`` as usual; a
+  sparse gradient is densified; with the ``module`` given, a sparse parameter's gradient is
+  densified use by use as autograd computes it, :mod:`hpcml.parallel.uses`, instead of after
+  autograd concatenated the uses, and its ``.grad`` stays None until :meth:`synchronize`), and
+  a bucket whose slots are all filled is reduced with a non-blocking ``Iallreduce`` while
+  backward goes on. Buckets are launched in index order only, so every rank
   posts the same collectives in the same order. At :meth:`GradientReducer.synchronize` the
   slots backward left empty (parameters with no gradient on the last pass: unused branches,
   parameters used only in earlier micro-batches) are filled from ``param.grad``, or with zeros
@@ -80,6 +82,11 @@ class GradientReducer:
             raise ValueError(f"backward_passes_per_step must be >= 1, got {passes}")
         self.comm, self.reduction, self.on_choice = comm, reduction, on_choice
         self.passes, self.average, self.predivide = passes, average, predivide
+        size = comm.size
+        # Averaging over a power-of-two P: divide while writing the slots (exact, see
+        # _fill_scale), as DDP does, instead of a pass over every reduced bucket.
+        self._prescale = (1.0 / size if average and predivide == 1.0 and size > 1
+                          and size & (size - 1) == 0 else 1.0)
         self.memory = ExchangeMemory()
         self.params = list(params)
         self.names = {id(p): n for n, p in params}
@@ -173,10 +180,11 @@ class GradientReducer:
                       and not self._skip and self.passes == 1 and self._count[id(p)] == 0
                       and p.grad is None and j not in bucket.filled and bucket.request is None)
             decided = self._taking[id(p)] = (pass_id, taking)
-            if taking:
-                bucket.view(j).zero_()
+            if taking:  # the first use writes the slot, the others add to it
+                densify_into(grad, bucket.view(j).view(-1), self._fill_scale(bucket))
+                return True
         if decided[1]:
-            add_into(grad, bucket.view(j))
+            add_into(grad, bucket.view(j), self._fill_scale(bucket))
         return decided[1]
 
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -198,7 +206,7 @@ class GradientReducer:
         bucket = self.buckets[slot[0]]
         if taken:  # the slot holds the uses' sum; add what autograd still summed
             if p.grad is not None:
-                add_into(p.grad, bucket.view(slot[1]))
+                add_into(p.grad, bucket.view(slot[1]), self._fill_scale(bucket))
                 p.grad = None
             self._taken.add(id(p))
         else:
@@ -207,11 +215,22 @@ class GradientReducer:
         self._launch_ready()
 
     def _fill(self, bucket: Bucket, j: int, grad: torch.Tensor | None) -> None:
-        """Copy ``grad`` (zeros when None) into slot ``j`` of ``bucket``."""
+        """Write ``grad`` times :meth:`_fill_scale` (zeros when None) into slot ``j``."""
         if grad is None:
             bucket.view(j).zero_()
         else:
-            densify_into(grad, bucket.view(j).view(-1))
+            densify_into(grad, bucket.view(j).view(-1), self._fill_scale(bucket))
+
+    def _fill_scale(self, bucket: Bucket) -> float:
+        """The factor every gradient is multiplied by as it is written into ``bucket``'s slots:
+        ``1 / P`` when averaging over a power-of-two number P of ranks (no ``predivide``) and
+        the bucket is floating point but not float16 (which :meth:`_predivide` handles), else
+        1. Dividing by a power of two is exact and commutes with every rounding of the sum, so
+        the result is bit for bit the sum divided by P afterwards (except where an entry falls
+        below float32's normal range, ~1e-38 x P) and no pass over the reduced bucket is
+        needed; for other P the division stays after the sum (:meth:`_deliver`)."""
+        dtype = bucket.buffer.dtype
+        return self._prescale if dtype.is_floating_point and dtype != torch.float16 else 1.0
 
     def _post(self, bucket: Bucket) -> Request:
         """Start the reduction of a filled bucket (collective, in bucket order)."""
@@ -219,8 +238,10 @@ class GradientReducer:
 
     def _deliver(self, bucket: Bucket) -> None:
         """After the bucket's reduction: the averaged gradient into its parameters' ``.grad``."""
-        if self.average and not self._predivide(bucket):
-            bucket.buffer.div_(self.comm.size / self.predivide)
+        divisor = self.comm.size / self.predivide
+        if (self.average and not self._predivide(bucket) and self._fill_scale(bucket) == 1.0
+                and divisor != 1.0):
+            bucket.buffer.div_(divisor)
         for j, p in enumerate(bucket.params):
             view = bucket.view(j)
             p.grad = view if view.dtype == p.dtype else view.to(p.dtype)

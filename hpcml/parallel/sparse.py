@@ -69,19 +69,27 @@ def allgather_sparse(comm: Communicator, grad: torch.Tensor,
     return summed
 
 
-def densify_into(grad: torch.Tensor, out: torch.Tensor) -> None:
-    """Write ``grad`` (dense, or sparse COO possibly uncoalesced) into ``out`` (same numel)."""
+def densify_into(grad: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
+    """Write ``scale * grad`` (``grad`` dense, or sparse COO possibly uncoalesced) into ``out``
+    (same numel), in one pass over ``out`` for a dense ``grad``."""
     if grad.is_sparse:
         out.zero_()
-        add_into(grad, out.view(grad.shape))
-    else:
+        add_into(grad, out.view(grad.shape), scale)
+    elif scale == 1.0:
         out.copy_(grad.reshape(-1))
-
-
-def add_into(grad: torch.Tensor, out: torch.Tensor) -> None:
-    """``out += grad`` for ``grad`` dense or sparse COO (possibly uncoalesced) of ``out``'s
-    shape; a COO gradient of whole rows is added by one ``index_add_``."""
-    if grad.is_sparse and grad.sparse_dim() == 1:
-        out.index_add_(0, grad._indices()[0], grad._values().to(out.dtype))
     else:
+        torch.mul(grad.reshape(-1), scale, out=out)
+
+
+def add_into(grad: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
+    """``out += scale * grad`` for ``grad`` dense or sparse COO (possibly uncoalesced) of
+    ``out``'s shape; a COO gradient of whole rows is added by one ``index_add_``."""
+    if grad.is_sparse and grad.sparse_dim() == 1:
+        # The values are scaled first: bfloat16's index_add_(alpha=) rounds otherwise than the
+        # unscaled sum scaled afterwards, even for alpha = 1/2.
+        values = grad._values().to(out.dtype)
+        out.index_add_(0, grad._indices()[0], values if scale == 1.0 else values * scale)
+    elif scale == 1.0:  # no alpha: an integer ``out`` refuses a float one
         out.add_(grad.to(out.dtype))
+    else:
+        out.add_(grad.to(out.dtype), alpha=scale)

@@ -236,6 +236,11 @@ class ShardReducer(GradientReducer):
             self.memory.alloc(p.grad.nbytes)
         super()._on_grad(p)
 
+    def _fill_scale(self, bucket: Bucket) -> float:
+        """1: a shard is divided after its reduce-scatter (:meth:`_deliver`, 1/P of the
+        bucket), so the full bucket is written as is."""
+        return 1.0
+
     def _post(self, bucket: Bucket) -> Request:
         """Start the bucket's reduce-scatter, after finishing (and freeing) the buckets
         posted more than ``IN_FLIGHT`` before it."""
