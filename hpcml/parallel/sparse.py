@@ -77,8 +77,8 @@ def densify_into(grad: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> N
         add_into(grad, out.view(grad.shape), scale)
     elif scale == 1.0:
         out.copy_(grad.reshape(-1))
-    else:
-        torch.mul(grad.reshape(-1), scale, out=out)
+    else:  # detached: out= refuses a gradient with a graph (backward(create_graph=True))
+        torch.mul(grad.detach().reshape(-1), scale, out=out)
 
 
 def add_into(grad: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> None:
