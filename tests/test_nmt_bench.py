@@ -6,7 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from hpcml.nmt.bench import HOROVOD, METHODS, schedule
 from hpcml.nmt.corpus import generate
 from hpcml.testing import hpcml_cli
 
@@ -25,6 +28,21 @@ def args(tmp_path, corpus, *extra):
                f"runs_dir={tmp_path / 'runs'}", f"results={tmp_path / 'rows.jsonl'}", *extra]:
         out += ["--set", kv]
     return out
+
+
+@given(st.permutations(METHODS).flatmap(lambda ms: st.integers(1, len(ms)).map(
+    lambda k: list(ms[:k]))), st.booleans())
+def test_horovod_methods_step_last_and_alone(methods, interleave):
+    """Whatever the order asked for, every method is measured once, Horovod's after all others
+    and each alone (its background thread outlives its steps); the others alternate in the
+    order given when interleaved and step alone otherwise."""
+    groups = schedule(methods, interleave)
+    assert sorted(m for g in groups for m in g) == sorted(methods)
+    others = [m for m in methods if m not in HOROVOD]
+    horovod = [m for m in methods if m in HOROVOD]
+    assert groups[len(groups) - len(horovod):] == [[m] for m in horovod]
+    head = groups[:len(groups) - len(horovod)]
+    assert head == ([others] if interleave and others else [[m] for m in others])
 
 
 def test_bench_reduction_two_ranks(tmp_path, corpus):

@@ -8,7 +8,8 @@ tokens per rank (``scaling = "weak"``) or per step in total (``"strong"``). With
 the methods alternate step by step on the same batch (in an order rotated every step), so that
 drift in machine load hits them alike; without it they run one after the other, each alone in
 the process with its peak RSS reset first (:mod:`hpcml.bench.rss`), so that the process's peak
-resident memory per rank is each method's own:
+resident memory per rank is each method's own. Horovod's methods step last, each alone, either
+way (:func:`schedule`: its background thread would slow the others):
 
 - ``sparse_allgather`` / ``dense_allreduce`` / ``auto``: the reductions of
   :class:`hpcml.parallel.DistributedOptimizer`; exchange memory is their measured peak of
@@ -324,6 +325,19 @@ def _measure_alone(cfg: ReductionConfig, ctx: RunContext, method: str, vocab: in
     return _row(cfg, ctx.comm, runner)
 
 
+def schedule(methods: list[str], interleave: bool) -> list[list[str]]:
+    """The groups of ``methods`` in the order they are measured; a group of several alternates
+    step by step, a group of one steps alone (pure). With ``interleave`` the methods other than
+    Horovod's form one group; without, each is alone. Horovod's methods always come last, each
+    alone: ``hvd.init()`` starts a background thread that lives until the process ends and runs
+    Horovod's negotiation (MPI collectives) every few milliseconds, which slows every method
+    stepping beside it (paper preset, 4 ranks on 2 cores: ``dense_allreduce`` and DDP 1.9x
+    slower when they alternate with ``horovod``)."""
+    others = [m for m in methods if m not in HOROVOD]
+    groups = [others] if interleave and others else [[m] for m in others]
+    return groups + [[m] for m in methods if m in HOROVOD]
+
+
 def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
     comm = ctx.comm
     vocab, stream = _stream(cfg, comm)
@@ -337,12 +351,17 @@ def run(cfg: ReductionConfig, ctx: RunContext) -> dict[str, Any]:
                 ctx.log(f"  {method}: skipped ({skipped[method]}); build it with make horovod")
                 continue
         methods.append(method)
-    if cfg.interleave:
-        runners = [_setup(cfg, ctx, method, vocab) for method in methods]
+    rows = []
+    for group in schedule(methods, cfg.interleave):
+        if len(group) == 1:
+            rows.append(_measure_alone(cfg, ctx, group[0], vocab, stream))
+            continue
+        runners = [_setup(cfg, ctx, method, vocab) for method in group]
         _measure(cfg, ctx, runners, stream)
-        rows = [_row(cfg, comm, r) for r in runners]
-    else:
-        rows = [_measure_alone(cfg, ctx, method, vocab, stream) for method in methods]
+        rows += [_row(cfg, comm, r) for r in runners]
+    if cfg.interleave and any(m in HOROVOD for m in methods):
+        ctx.log("  Horovod stepped after the others, alone: its background thread would slow "
+                "every method it alternates with")
     for row in rows:
         ctx.log(f"  {row['method']:<17} P={comm.size}: {row['step_ms']:.1f} ms/step")
     comm.ledger.reset()
