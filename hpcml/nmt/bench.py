@@ -94,7 +94,8 @@ class ReductionConfig(JobConfig):
     batch_tokens: int = option(0, min=0, help="target tokens per rank (weak) or per step "
                                               "(strong) of synthetic batches")
     interleave: bool = option(True, help="alternate the methods step by step (else one after "
-                                         "the other, each with its own peak RSS)")
+                                         "the other, each with its own peak RSS); Horovod's "
+                                         "always step last, alone")
     projection: ProjectionConfig = option(ProjectionConfig())
     steps: int = option(30, min=1, help="timed steps per method")
     warmup: int = option(5, min=0, help="untimed steps per method first")
